@@ -1,0 +1,39 @@
+"""The single attention dispatch point: picks a paged-attention implementation per platform.
+
+`impl`: "reference" (pure jnp under XLA: the CPU path), "pallas" (the compiled kernel for the
+platform; interpret mode on CPU), or "auto" (pallas on GPU/TPU, reference on CPU).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxserve.kernels import reference
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "reference"
+    if impl not in ("reference", "pallas"):
+        raise ValueError(f"attention impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
+    return impl
+
+
+def paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+                    decode_only: bool, impl: str = "reference", soft_cap=None, sliding_window=None):
+    """q [T, Hq, D] packed queries; kv_pages one layer `[P, page_size, 2*Hkv, D]`.
+
+    `decode_only` (static) promises every live sequence has exactly one query and T == S; the decode
+    path is then used."""
+    if impl == "pallas":
+        from jaxserve.kernels import pallas_dispatch  # imported lazily: Pallas pulls in backend code
+        return pallas_dispatch.paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                               sm_scale=sm_scale, decode_only=decode_only,
+                                               soft_cap=soft_cap, sliding_window=sliding_window)
+    if decode_only:
+        return reference.decode_paged_attention_xla(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
+                                                    soft_cap=soft_cap, sliding_window=sliding_window)
+    return reference.ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                                sm_scale=sm_scale, soft_cap=soft_cap,
+                                                sliding_window=sliding_window)

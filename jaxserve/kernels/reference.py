@@ -1,0 +1,182 @@
+"""Pure-jnp paged attention: the oracle every kernel is tested against, and the engine's CPU path.
+
+KV layout (DESIGN.md §3): kv_pages `[num_pages, page_size, 2 * num_kv_heads, head_dim]`, K of kv head h at
+index 2h and V at 2h + 1 of axis 2. Query i of a sequence with `kv_len` keys and `q_len` queries sits at
+position `kv_len - q_len + i` and sees keys 0..that position (semantics of JAX's
+`ref_ragged_paged_attention`).
+
+Three functions share that contract:
+- `ref_ragged_paged_attention`: per-token gather; obviously correct, memory-hungry; tests only.
+- `ragged_paged_attention_xla`: the same result, computed per query tile of one sequence under `lax.map`,
+  so memory stays O(tile x context); the engine's path for mixed prefill/decode steps on CPU.
+- `decode_paged_attention_xla`: one query per sequence, batched; the engine's path for decode-only steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _split_kv(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., 2*Hkv, D] -> K [..., Hkv, D], V [..., Hkv, D]."""
+    return kv[..., 0::2, :], kv[..., 1::2, :]
+
+
+def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_window, soft_cap):
+    """q [Q, Hq, D]; k, v [K, Hkv, D]; q_pos [Q]; k_pos [K]; k_valid [K] -> (out [Q, Hq, D], lse [Q, Hq])."""
+    num_q, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qg = q.reshape(num_q, num_kv_heads, group, head_dim)
+    s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if sliding_window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    s = jnp.where(mask[None, None], s, MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    p = jnp.where(mask[None, None], p, 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    has_key = denom > 0
+    out = jnp.einsum("hgqk,khd->qhgd", (p / jnp.where(has_key, denom, 1.0)).astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, denom, 1.0)), -jnp.inf)[..., 0]  # [Hkv, G, Q]
+    out = out.reshape(num_q, num_q_heads, head_dim).astype(q.dtype)
+    return out, lse.reshape(num_q_heads, num_q).T
+
+
+def _seq_of_token(cu_q_lens, num_seqs, num_tokens):
+    """Sequence index of each packed query token, and whether the token belongs to a live sequence."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+    live = (seq < num_seqs[0]) & (t < cu_q_lens[jnp.minimum(num_seqs[0], cu_q_lens.shape[0] - 1)])
+    return jnp.minimum(seq, cu_q_lens.shape[0] - 2), live
+
+
+def _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+    if q.ndim != 3 or kv_pages.ndim != 4:
+        raise ValueError(f"q must be [T, Hq, D] and kv_pages [P, page_size, 2*Hkv, D]; got {q.shape}, "
+                         f"{kv_pages.shape}")
+    if kv_pages.shape[2] % 2 or q.shape[1] % (kv_pages.shape[2] // 2):
+        raise ValueError(f"kv_pages axis 2 ({kv_pages.shape[2]}) must be 2*Hkv with Hq ({q.shape[1]}) a "
+                         "multiple of Hkv")
+    if q.shape[2] != kv_pages.shape[3]:
+        raise ValueError(f"head_dim mismatch: q {q.shape[2]} vs kv_pages {kv_pages.shape[3]}")
+    num_seqs_max = page_indices.shape[0]
+    if kv_lens.shape != (num_seqs_max,) or cu_q_lens.shape != (num_seqs_max + 1,) or num_seqs.shape != (1,):
+        raise ValueError(f"kv_lens must be [S], cu_q_lens [S+1], num_seqs [1] with S={num_seqs_max}; got "
+                         f"{kv_lens.shape}, {cu_q_lens.shape}, {num_seqs.shape}")
+
+
+def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
+                               sliding_window=None, soft_cap=None, return_lse=False):
+    """Oracle. q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] when `return_lse`); rows of no live
+    sequence are zero (lse -inf)."""
+    _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    num_tokens = q.shape[0]
+    page_size = kv_pages.shape[1]
+    seq, live = _seq_of_token(cu_q_lens, num_seqs, num_tokens)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    kv_len = kv_lens[seq]
+    q_pos = kv_len - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
+    kv_tok = kv_pages[page_indices[seq]]  # [T, P, ps, 2Hkv, D]
+    kv_tok = kv_tok.reshape(num_tokens, -1, *kv_pages.shape[2:])
+    k_pos = jnp.arange(kv_tok.shape[1])
+
+    def one(qt, kvt, qp, kl, lv):
+        k, v = _split_kv(kvt)
+        o, l = _scores_to_output(qt[None], k, v, qp[None], k_pos, (k_pos < kl) & lv, sm_scale=sm_scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
+        return o[0], l[0]
+
+    out, lse = jax.vmap(one)(q, kv_tok, q_pos, kv_len, live)
+    out = jnp.where(live[:, None, None], out, 0).astype(q.dtype)
+    del page_size
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q"))
+def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
+                               sliding_window=None, soft_cap=None, return_lse=False, block_q=16):
+    """Same contract as the oracle. Queries are cut into tiles of `block_q` rows that never cross a
+    sequence boundary; each tile attends to its own sequence's pages only, so work is
+    O((T + S * block_q) x context) rather than O(T x S x context)."""
+    _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    num_tokens, num_q_heads, head_dim = q.shape
+    max_seqs, pages_per_seq = page_indices.shape
+    page_size = kv_pages.shape[1]
+    seq_ids = jnp.arange(max_seqs)
+    q_lens = jnp.where(seq_ids < num_seqs[0], cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    tiles_per_seq = (q_lens + block_q - 1) // block_q
+    tile_end = jnp.cumsum(tiles_per_seq)
+    max_tiles = -(-num_tokens // block_q) + max_seqs
+    tile_ids = jnp.arange(max_tiles)
+    tile_seq = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
+    tile_live = tile_seq < max_seqs
+    tile_seq = jnp.minimum(tile_seq, max_seqs - 1)
+    first_tile = tile_end[tile_seq] - tiles_per_seq[tile_seq]
+    row0 = cu_q_lens[tile_seq] + (tile_ids - first_tile) * block_q
+    q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
+    k_pos = jnp.arange(pages_per_seq * page_size)
+
+    def tile(args):
+        seq, r0, live = args
+        rows = r0 + jnp.arange(block_q)
+        row_live = live & (rows < cu_q_lens[seq + 1])
+        qt = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=0)
+        q_pos = kv_lens[seq] - q_lens[seq] + rows - cu_q_lens[seq]
+        kv = kv_pages[page_indices[seq]].reshape(pages_per_seq * page_size, *kv_pages.shape[2:])
+        k, v = _split_kv(kv)
+        o, l = _scores_to_output(qt, k, v, q_pos, k_pos, k_pos < kv_lens[seq], sm_scale=sm_scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
+        return jnp.where(row_live[:, None, None], o, 0), jnp.where(row_live[:, None], l, -jnp.inf), row_live
+
+    out_t, lse_t, live_t = jax.lax.map(tile, (tile_seq, row0, tile_live))
+    # Scatter tile rows back to packed token order; dead rows go to a sink row past the end.
+    rows = (row0[:, None] + jnp.arange(block_q)[None, :])
+    rows = jnp.where(live_t, rows, num_tokens).reshape(-1)
+    out = jnp.zeros((num_tokens + 1, num_q_heads, head_dim), q.dtype).at[rows].set(
+        out_t.reshape(-1, num_q_heads, head_dim))[:num_tokens]
+    if not return_lse:
+        return out
+    lse = jnp.full((num_tokens + 1, num_q_heads), -jnp.inf, jnp.float32).at[rows].set(
+        lse_t.reshape(-1, num_q_heads))[:num_tokens]
+    return out, lse
+
+
+def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
+                               soft_cap=None, return_lse=False):
+    """One query per sequence (position kv_len - 1). q [S, Hq, D] -> out [S, Hq, D]; sequences with
+    kv_len 0 give zeros."""
+    max_seqs, pages_per_seq = page_indices.shape
+    kv = kv_pages[page_indices].reshape(max_seqs, pages_per_seq * kv_pages.shape[1], *kv_pages.shape[2:])
+    k_pos = jnp.arange(kv.shape[1])
+
+    def one(qs, kvs, kl):
+        k, v = _split_kv(kvs)
+        o, l = _scores_to_output(qs[None], k, v, (kl - 1)[None], k_pos, k_pos < kl, sm_scale=sm_scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
+        return o[0], l[0]
+
+    out, lse = jax.vmap(one)(q, kv, kv_lens)
+    return (out, lse) if return_lse else out
+
+
+decode_paged_attention_xla = jax.jit(
+    ref_decode_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse"))
+
+
+def write_kv(kv_cache: jax.Array, layer: int, k: jax.Array, v: jax.Array, slot_pages: jax.Array,
+             slot_offsets: jax.Array) -> jax.Array:
+    """Scatter new tokens' K, V ([T, Hkv, D] each) into layer `layer` of the stacked cache
+    `[L, P, page_size, 2*Hkv, D]` at (slot_pages[t], slot_offsets[t]). Under a jit that donates the
+    cache, XLA updates it in place. Padding tokens must point at reserved page 0."""
+    kv = jnp.stack([k, v], axis=2).reshape(k.shape[0], 2 * k.shape[1], k.shape[2]).astype(kv_cache.dtype)
+    return kv_cache.at[layer, slot_pages, slot_offsets].set(kv, mode="promise_in_bounds")
