@@ -119,24 +119,33 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     max_tiles = -(-num_tokens // block_q) + max_seqs
     tile_ids = jnp.arange(max_tiles)
     tile_seq = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
-    tile_live = tile_seq < max_seqs
+    tile_live = (tile_seq < max_seqs) & (tile_ids < tile_end[-1])
     tile_seq = jnp.minimum(tile_seq, max_seqs - 1)
     first_tile = tile_end[tile_seq] - tiles_per_seq[tile_seq]
     row0 = cu_q_lens[tile_seq] + (tile_ids - first_tile) * block_q
     q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
     k_pos = jnp.arange(pages_per_seq * page_size)
 
-    def tile(args):
-        seq, r0, live = args
+    def live_tile(seq, r0, row_live):
         rows = r0 + jnp.arange(block_q)
-        row_live = live & (rows < cu_q_lens[seq + 1])
         qt = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=0)
         q_pos = kv_lens[seq] - q_lens[seq] + rows - cu_q_lens[seq]
         kv = kv_pages[page_indices[seq]].reshape(pages_per_seq * page_size, *kv_pages.shape[2:])
         k, v = _split_kv(kv)
         o, l = _scores_to_output(qt, k, v, q_pos, k_pos, k_pos < kv_lens[seq], sm_scale=sm_scale,
                                  sliding_window=sliding_window, soft_cap=soft_cap)
-        return jnp.where(row_live[:, None, None], o, 0), jnp.where(row_live[:, None], l, -jnp.inf), row_live
+        return jnp.where(row_live[:, None, None], o, 0), jnp.where(row_live[:, None], l, -jnp.inf)
+
+    def dead_tile(seq, r0, row_live):
+        return (jnp.zeros((block_q, num_q_heads, head_dim), q.dtype),
+                jnp.full((block_q, num_q_heads), -jnp.inf, jnp.float32))
+
+    def tile(args):
+        seq, r0, live = args
+        row_live = live & (r0 + jnp.arange(block_q) < cu_q_lens[seq + 1])
+        # Padding tiles (unused sequence slots of a shape bucket) skip the attention entirely.
+        o, l = jax.lax.cond(live, live_tile, dead_tile, seq, r0, row_live)
+        return o, l, row_live
 
     out_t, lse_t, live_t = jax.lax.map(tile, (tile_seq, row0, tile_live))
     # Scatter tile rows back to packed token order; dead rows go to a sink row past the end.

@@ -1,0 +1,315 @@
+"""Client library for the jaxserve scheduler: `Client` (blocking) and `AsyncClient` (asyncio), over gRPC.
+
+    with Client("127.0.0.1:50050") as client:
+        print(client.generate("Hello", max_tokens=32).text)
+        for delta in client.stream("Hello", max_tokens=32):
+            print(delta.text, end="", flush=True)
+
+`generate` returns the whole completion, `stream` yields deltas as they arrive. `timeout_s` is the deadline
+of the whole call, retries included; a call that fails with UNAVAILABLE before its first token is retried
+with exponential backoff (after the first token it is not: the tokens would repeat). Leaving a stream early
+cancels the request, and the instance frees its pages. Imports grpcio and protobuf only, never jax."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = ["AsyncClient", "Client", "ClientError", "Completion", "Delta", "RetryPolicy", "Usage",
+           "tls_credentials"]
+
+_FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                   common_pb2.FINISH_REASON_ABORT: "abort"}
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the grpc.StatusCode, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE before the first token: attempts in all, and the backoff between them."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each backoff is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError(f"need 0 <= initial_backoff_s <= max_backoff_s, got {self.initial_backoff_s}, "
+                             f"{self.max_backoff_s}")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def backoff(self, retry: int) -> float:
+        base = min(self.initial_backoff_s * self.multiplier ** retry, self.max_backoff_s)
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    queue_time_s: float
+    e2e_s: float
+    instance_id: str
+    prefill_instance_id: str
+    num_migrations: int
+
+    @classmethod
+    def from_proto(cls, u: scheduler_pb2.Usage) -> "Usage":
+        return cls(u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.ttft_s, u.queue_time_s, u.e2e_s,
+                   u.instance_id, u.prefill_instance_id, u.num_migrations)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New tokens and text; the last delta of a stream has finish_reason ("stop" | "length" | "abort")
+    and usage."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    usage: Usage | None
+    request_id: str
+
+
+def tls_credentials(root_certificates: bytes | None = None, private_key: bytes | None = None,
+                    certificate_chain: bytes | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials (system roots when root_certificates is None; the key and chain for mTLS)."""
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None, temperature: float = 0.0,
+                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                  stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                  session_id: str = "", request_id: str = "") -> scheduler_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments; the server validates them."""
+    sampling = common_pb2.SamplingParams(temperature=temperature, stop=[stop] if isinstance(stop, str) else stop,
+                                         stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+    if top_p is not None:
+        sampling.top_p = top_p
+    if top_k is not None:
+        sampling.top_k = top_k
+    if seed is not None:
+        sampling.seed = seed
+    request = scheduler_pb2.GenerateRequest(sampling=sampling, session_id=session_id, request_id=request_id)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    return request
+
+
+def _delta(resp: scheduler_pb2.GenerateResponse) -> Delta:
+    return Delta(text=resp.text, token_ids=tuple(resp.token_ids),
+                 finish_reason=_FINISH_REASONS.get(resp.finish_reason),
+                 usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=resp.request_id)
+
+
+def _join(deltas: list[Delta]) -> Completion:
+    last = deltas[-1] if deltas else Delta("", ())
+    return Completion(text="".join(d.text for d in deltas), token_ids=tuple(t for d in deltas for t in d.token_ids),
+                      finish_reason=last.finish_reason, usage=last.usage, request_id=last.request_id)
+
+
+def _channel_args(options):
+    return [("grpc.max_receive_message_length", 64 << 20), *(options or [])]
+
+
+class _Deadline:
+    def __init__(self, timeout_s: float | None):
+        self.at = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(self.at - time.monotonic(), 0.0)
+
+    def allows(self, sleep_s: float) -> bool:
+        return self.at is None or time.monotonic() + sleep_s < self.at
+
+
+class Client:
+    """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None):
+        self.timeout_s = timeout_s
+        self.retry = retry
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=_channel_args(options))
+        else:
+            self._channel = grpc.insecure_channel(target, options=_channel_args(options))
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **kwargs) -> Iterator[Delta]:
+        """Yield deltas; the keyword arguments are build_request's. Closing the iterator early cancels."""
+        request = build_request(prompt, **kwargs)
+        deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        attempt = 0
+        while True:
+            call = self._stub.Generate(request, timeout=deadline.remaining())
+            started = False
+            try:
+                for resp in call:
+                    started = True
+                    yield _delta(resp)
+                return
+            except grpc.RpcError as e:
+                code = e.code()
+                attempt += 1
+                backoff = self.retry.backoff(attempt - 1)
+                if (code == grpc.StatusCode.UNAVAILABLE and not started and attempt < self.retry.max_attempts
+                        and deadline.allows(backoff)):
+                    time.sleep(backoff)
+                    continue
+                raise ClientError(code, e.details()) from None
+            finally:
+                call.cancel()  # no-op when finished; frees the request when the caller stopped early
+
+    def generate(self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **kwargs) -> Completion:
+        return _join(list(self.stream(prompt, timeout_s=timeout_s, **kwargs)))
+
+    def _unary(self, method, request, timeout_s):
+        try:
+            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+        except grpc.RpcError as e:
+            raise ClientError(e.code(), e.details()) from None
+
+    def tokenize(self, text: str, timeout_s: float | None = None) -> list[int]:
+        return list(self._unary(self._stub.Tokenize, scheduler_pb2.TokenizeRequest(text=text), timeout_s).token_ids)
+
+    def list_instances(self, timeout_s: float | None = None) -> list[scheduler_pb2.InstanceInfo]:
+        return list(self._unary(self._stub.ListInstances, scheduler_pb2.ListInstancesRequest(), timeout_s).instances)
+
+    def stats(self, timeout_s: float | None = None) -> scheduler_pb2.SchedulerStats:
+        return self._unary(self._stub.GetStats, scheduler_pb2.SchedulerStatsRequest(), timeout_s)
+
+    def drain_instance(self, instance_id: str, drain_timeout_s: float = 0.0, timeout_s: float | None = None) -> int:
+        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s)
+        return self._unary(self._stub.DrainInstance, request, timeout_s).num_unfinished
+
+    def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
+        """The server's health status name ("SERVING", "NOT_SERVING", ...)."""
+        resp = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncClient:
+    """asyncio client; the same calls as Client, awaited. Create it inside the event loop that uses it."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None):
+        self.timeout_s = timeout_s
+        self.retry = retry
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=_channel_args(options))
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=_channel_args(options))
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
+                     **kwargs) -> AsyncIterator[Delta]:
+        request = build_request(prompt, **kwargs)
+        deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        attempt = 0
+        while True:
+            call = self._stub.Generate(request, timeout=deadline.remaining())
+            started = False
+            try:
+                async for resp in call:
+                    started = True
+                    yield _delta(resp)
+                return
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                attempt += 1
+                backoff = self.retry.backoff(attempt - 1)
+                if (code == grpc.StatusCode.UNAVAILABLE and not started and attempt < self.retry.max_attempts
+                        and deadline.allows(backoff)):
+                    await asyncio.sleep(backoff)
+                    continue
+                raise ClientError(code, e.details()) from None
+            finally:
+                call.cancel()
+
+    async def generate(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
+                       **kwargs) -> Completion:
+        return _join([d async for d in self.stream(prompt, timeout_s=timeout_s, **kwargs)])
+
+    async def _unary(self, method, request, timeout_s):
+        try:
+            return await method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise ClientError(e.code(), e.details()) from None
+
+    async def tokenize(self, text: str, timeout_s: float | None = None) -> list[int]:
+        resp = await self._unary(self._stub.Tokenize, scheduler_pb2.TokenizeRequest(text=text), timeout_s)
+        return list(resp.token_ids)
+
+    async def list_instances(self, timeout_s: float | None = None) -> list[scheduler_pb2.InstanceInfo]:
+        resp = await self._unary(self._stub.ListInstances, scheduler_pb2.ListInstancesRequest(), timeout_s)
+        return list(resp.instances)
+
+    async def stats(self, timeout_s: float | None = None) -> scheduler_pb2.SchedulerStats:
+        return await self._unary(self._stub.GetStats, scheduler_pb2.SchedulerStatsRequest(), timeout_s)
+
+    async def drain_instance(self, instance_id: str, drain_timeout_s: float = 0.0,
+                             timeout_s: float | None = None) -> int:
+        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s)
+        return (await self._unary(self._stub.DrainInstance, request, timeout_s)).num_unfinished
+
+    async def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
+        resp = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

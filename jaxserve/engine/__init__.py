@@ -1,0 +1,1 @@
+"""One instance's runtime: requests, continuous batching, jitted steps, sampling, offline API."""

@@ -1,0 +1,165 @@
+"""One serving instance's runtime on one mesh: MemPool + scheduler + model runner, stepped in a loop."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import jax
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.request import Request, Status
+from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.kernels.dispatch import resolve_impl
+from jaxserve.mempool import MemPool
+from jaxserve.model.llama import kv_cache_partition_spec, param_partition_specs
+
+
+def make_mesh(tp: int, device_ids=None) -> jax.sharding.Mesh:
+    devices = jax.devices()
+    if device_ids is not None:
+        by_id = {d.id: d for d in devices}
+        missing = [i for i in device_ids if i not in by_id]
+        if missing:
+            raise ValueError(f"device ids {missing} not found; available: {sorted(by_id)}")
+        chosen = [by_id[i] for i in device_ids]
+    else:
+        if tp > len(devices):
+            raise ValueError(f"tp={tp} needs {tp} devices but only {len(devices)} are visible")
+        chosen = devices[:tp]
+    return jax.sharding.Mesh(np.asarray(chosen), ("tp",))
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, params, config: EngineConfig, *, eos_token_ids=(),
+                 detokenize=None):
+        self.model_config = model_config
+        self.config = config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if config.max_model_len and config.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({model_config.max_position_embeddings})")
+        tp = config.mesh.tp
+        if model_config.num_kv_heads % tp:
+            raise ValueError(f"tp={tp} must divide num_kv_heads={model_config.num_kv_heads}")
+        self.mesh = make_mesh(tp, config.mesh.device_ids)
+        specs = param_partition_specs(model_config)
+        self.params = jax.tree.map(
+            lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
+        kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())
+        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding)
+        self.attention_impl = resolve_impl(config.attention_impl)
+        self.runner = ModelRunner(model_config, self.params, self.pool,
+                                  max_num_seqs=config.scheduler.max_num_seqs,
+                                  max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, attention_impl=self.attention_impl)
+        self.scheduler = Scheduler(config.scheduler, self.pool,
+                                   enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.detokenize = detokenize
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_prefill_tokens_computed = 0
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids, params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty: at least one token is required")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, but the maximum model length is {self.max_model_len} "
+                             f"(the prompt must leave room for at least one new token)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        usable = (self.pool.num_pages - 1) * self.pool.page_size
+        if min(n + params.max_tokens, self.max_model_len) > usable:
+            raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs more KV "
+                             f"memory than the pool holds ({usable} tokens = {self.pool.num_pages - 1} pages "
+                             f"of {self.pool.page_size}); raise num_pages or lower max_tokens")
+
+    def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None) -> Request:
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        self.validate(prompt_token_ids, params)
+        idx = next(self._ids)
+        request_id = request_id if request_id is not None else str(idx)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
+        req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+            req.finish_time = time.perf_counter()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping -----------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that got a new token (finished ones included)."""
+        batch = self.scheduler.schedule()
+        if not batch.entries:
+            if self.scheduler.waiting and not self.scheduler.running:
+                req = self.scheduler.waiting[0]
+                raise RuntimeError(f"request {req.request_id} cannot be scheduled: the KV pool has "
+                                   f"{self.pool.num_free_pages()} free pages")
+            return []
+        tokens = self.runner.run(batch)
+        self.num_steps += 1
+        now = time.perf_counter()
+        updated = []
+        for (req, n), tok in zip(batch.entries, tokens):
+            if not (n == 1 and req.output_token_ids and req.num_uncomputed == 1):  # not a plain decode
+                self.num_prefill_tokens_computed += n
+            req.num_computed += n
+            self.scheduler.index_computed_pages(req)
+            if req.num_computed < req.num_tokens:
+                continue  # a prefill chunk: no token yet
+            req.output_token_ids.append(int(tok))
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, int(tok))
+            if reason:
+                self.scheduler.finish(req, reason)
+                req.finish_time = now
+            updated.append(req)
+        return updated
+
+    def _stop_reason(self, req: Request, tok: int) -> str | None:
+        p = req.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            return "stop"
+        if p.stop and self.detokenize is not None:
+            text = self.detokenize(req.output_token_ids)
+            for s in p.stop:
+                at = text.find(s, max(0, len(req.text) - len(s)))
+                if at >= 0:
+                    req.stop_text_len = at if req.stop_text_len is None else min(at, req.stop_text_len)
+            req.text = text
+            if req.stop_text_len is not None:
+                return "stop"
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= req.max_total_len:
+            return "length"
+        return None
+
+    def stats(self) -> dict:
+        s = dict(self.pool.stats())
+        s.update(num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+                 num_compilations=self.runner.num_compilations,
+                 num_prefill_tokens_computed=self.num_prefill_tokens_computed,
+                 num_deferred_for_shared_prefix=self.scheduler.num_deferred_for_shared_prefix)
+        return s

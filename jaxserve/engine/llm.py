@@ -1,0 +1,113 @@
+"""Offline API in the manner of vLLM's `LLM`: load a model, generate for a list of prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from jaxserve.config import CacheConfig, EngineConfig, MeshConfig, ModelConfig, SchedulerConfig
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import Request
+from jaxserve.engine.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    ttft_s: float
+    e2e_s: float
+    finish_reason: str
+    num_preemptions: int
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """JAX's persistent compilation cache: a restarted server skips recompiling the buckets it has seen."""
+    import jax
+    path = path or os.environ.get("JAXSERVE_COMPILATION_CACHE",
+                                  os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"))
+    if not path or path == "off":
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLM:
+    """`LLM(model="demo" | HF folder | Orbax folder | ModelConfig (random weights), ...)`."""
+
+    def __init__(self, model="demo", *, page_size: int = 16, num_pages: int = 512, num_host_pages: int = 0,
+                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
+                 enable_chunked_prefill: bool = True, tp: int = 1, device_ids=None, attention_impl: str = "auto",
+                 max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
+                 compilation_cache: str | None = None):
+        from jaxserve import model as model_lib
+        enable_compilation_cache(compilation_cache)
+        if isinstance(model, ModelConfig):
+            import jax
+            from jaxserve.model.llama import init_params
+            from jaxserve.model.tokenizer import ByteTokenizer
+            cfg = model if dtype is None else dataclasses.replace(model, dtype=dtype)
+            params, tokenizer = init_params(cfg, jax.random.PRNGKey(seed)), ByteTokenizer()
+        else:
+            cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
+        self.model_config = cfg
+        self.tokenizer = tokenizer
+        config = EngineConfig(
+            cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      enable_chunked_prefill=enable_chunked_prefill),
+            mesh=MeshConfig(tp=tp, device_ids=tuple(device_ids) if device_ids else None),
+            attention_impl=attention_impl, max_model_len=max_model_len, seed=seed)
+        eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.engine = Engine(cfg, params, config, eos_token_ids=eos, detokenize=tokenizer.decode)
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for toks, sp in zip(encoded, params):  # validate all before queueing any
+            self.engine.validate(toks, sp)
+        reqs = [self.engine.add_request(t, sp) for t, sp in zip(encoded, params)]
+        while any(not r.finished for r in reqs):
+            self.engine.step()
+        return [self._output(r) for r in reqs]
+
+    def _output(self, req: Request) -> RequestOutput:
+        self.engine.requests.pop(req.request_id, None)
+        text = self._text(req)
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids), text=text, num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=req.num_cached_tokens, ttft_s=req.first_token_time - req.arrival_time,
+            e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
+            finish_reason=req.finish_reason, num_preemptions=req.num_preemptions)
+
+    def _text(self, req: Request) -> str:
+        ids = req.output_token_ids
+        eos = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(self.engine.eos_token_ids))
+        if req.finish_reason == "stop" and ids and ids[-1] in eos:
+            ids = ids[:-1]  # the stop token itself is not part of the text
+        text = self.tokenizer.decode(ids)
+        if req.stop_text_len is not None:
+            text = text[:req.stop_text_len]
+        return text
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,100 @@
+"""Turns a scheduled batch into padded device arrays and runs the jitted model step + sampler.
+
+Shapes come from a small set of buckets so the number of compilations stays bounded:
+- decode-only steps: S = T = next power of two of the batch size;
+- mixed steps: T = next power of two of the token count (>= 16), S = max_num_seqs (padding sequence slots
+  cost nothing: the attention skips their tiles);
+- pages per sequence: next power of two of the longest sequence's pages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine.sampling import sample_tokens, sampling_arrays
+from jaxserve.engine.scheduler import ScheduledBatch
+from jaxserve.model.batch import AttentionBatch
+from jaxserve.model.llama import Llama
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class ModelRunner:
+    def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, attention_impl: str):
+        self.model_config = model_config
+        self.params = params
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens_bucket = next_pow2(max_num_batched_tokens, 16)
+        self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
+        self.shapes_seen: set[tuple] = set()
+        model = Llama(model_config, attention_impl=attention_impl)
+
+        def step(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
+            logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
+                                           decode_only=decode_only, logits_indices=logits_indices)
+            return sample_tokens(logits, **sampling), kv_cache
+
+        self._step = jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
+
+    @property
+    def num_compilations(self) -> int:
+        return len(self.shapes_seen)
+
+    def run(self, batch: ScheduledBatch) -> np.ndarray:
+        """Run one step; returns the sampled token of each entry (meaningful where the entry reached the
+        end of its known tokens)."""
+        entries = batch.entries
+        decode_only = batch.decode_only
+        ps = self.page_size
+        if decode_only:
+            num_slots = next_pow2(len(entries))
+            num_tokens = num_slots
+        else:
+            num_slots = self.max_num_seqs
+            num_tokens = min(next_pow2(batch.num_tokens, 16), self.max_tokens_bucket)
+        pages_per_seq = min(next_pow2(max(len(r.pages) for r, _ in entries)), self.max_pages_bucket)
+
+        token_ids = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        slot_pages = np.zeros(num_tokens, np.int32)   # padding writes go to reserved page 0
+        slot_offsets = np.zeros(num_tokens, np.int32)
+        kv_lens = np.zeros(num_slots, np.int32)
+        page_indices = np.zeros((num_slots, pages_per_seq), np.int32)
+        cu_q_lens = np.zeros(num_slots + 1, np.int32)
+        logits_indices = np.zeros(num_slots, np.int32)
+        t = 0
+        for s, (req, n) in enumerate(entries):
+            start = req.num_computed
+            toks = req.all_token_ids[start:start + n]
+            pos = np.arange(start, start + n)
+            token_ids[t:t + n] = toks
+            positions[t:t + n] = pos
+            pages = np.asarray(req.pages, np.int32)
+            slot_pages[t:t + n] = pages[pos // ps]
+            slot_offsets[t:t + n] = pos % ps
+            kv_lens[s] = start + n
+            page_indices[s, :len(pages)] = pages
+            t += n
+            cu_q_lens[s + 1] = t
+            logits_indices[s] = t - 1
+        cu_q_lens[len(entries) + 1:] = t
+        attn = AttentionBatch(slot_pages=slot_pages, slot_offsets=slot_offsets, kv_lens=kv_lens,
+                              page_indices=page_indices, cu_q_lens=cu_q_lens,
+                              num_seqs=np.array([len(entries)], np.int32))
+        reqs = [r for r, _ in entries]
+        sampling = sampling_arrays([r.params for r in reqs], [r.seed for r in reqs],
+                                   [len(r.output_token_ids) for r in reqs], num_slots)
+        self.shapes_seen.add((decode_only, num_tokens, num_slots, pages_per_seq))
+        tokens, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, token_ids, positions, attn,
+                                                logits_indices, sampling, decode_only=decode_only)
+        return np.asarray(tokens)[:len(entries)]

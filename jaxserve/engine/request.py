@@ -1,0 +1,59 @@
+"""One request's life inside an engine: its tokens, pages, progress and timings."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from jaxserve.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_total_len: int                      # prompt + output may not exceed this (the model's context)
+    arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    pages: list[int] = dataclasses.field(default_factory=list)  # device pages, in order; each holds one ref
+    num_computed: int = 0                   # tokens whose KV is in `pages`
+    num_indexed_pages: int = 0              # leading pages already offered to the prompt index
+    num_cached_tokens: int = 0              # prompt tokens reused from the cache at first admission
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None        # "stop" | "length" | "abort"
+    text: str = ""
+    stop_text_len: int | None = None        # where a stop string cut the text
+    admitted_once: bool = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still computing prompt tokens (or re-computing after preemption): more than one token to go."""
+        return self.num_uncomputed > 1 or (not self.output_token_ids and self.num_uncomputed > 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,173 @@
+"""Continuous batching: each step spends a token budget on running requests first (decodes and
+prefill chunks), then admits waiting ones; preempts by recompute when the MemPool runs out of pages.
+
+Prefix reuse happens at admission: a request `match`es its tokens in the MemPool's prompt index and only
+its uncached suffix is computed. Full pages are offered to the index as soon as they are computed, so a
+request admitted behind another that shares an uncached prefix is deferred until that prefix is in the
+index, then reuses it instead of computing it a second time."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from jaxserve.config import SchedulerConfig
+from jaxserve.engine.request import Request, Status
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    entries: list[tuple[Request, int]]  # (request, tokens computed for it this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(n == 1 for _, n in self.entries)
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool, *, enable_prefix_caching: bool):
+        self.config = config
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_deferred_for_shared_prefix = 0
+
+    # -- queue --------------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    # -- one step -----------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        entries: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed, budget)
+            if n < req.num_uncomputed and not self.config.enable_chunked_prefill:
+                i += 1
+                continue
+            need = self._pages_for(req.num_computed + n) - len(req.pages)
+            while need > 0 and not self.pool.can_alloc(need):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue  # req preempted itself; the list shrank, `i` now names the next one
+            if need > 0:
+                req.pages.extend(self.pool.alloc(need))
+            entries.append((req, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit(entries, budget)
+        return ScheduledBatch(entries)
+
+    def _admit(self, entries, budget: int) -> int:
+        deferred = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            tokens = req.all_token_ids
+            n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
+            # At least one token must be computed to get logits for the next one.
+            cap = (len(tokens) - 1) // self.page_size * self.page_size
+            if n_cached > cap:
+                keep = cap // self.page_size
+                self.pool.free(pages[keep:])
+                pages, n_cached = pages[:keep], cap
+            if self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached):
+                self.pool.free(pages)
+                deferred.append(self.waiting.popleft())
+                self.num_deferred_for_shared_prefix += 1
+                continue
+            n = len(tokens) - n_cached
+            if n > budget and not self.config.enable_chunked_prefill:
+                self.pool.free(pages)
+                break
+            n = min(n, budget)
+            new_pages = self.pool.alloc(self._pages_for(n_cached + n) - len(pages))
+            if new_pages is None:
+                self.pool.free(pages)
+                break
+            self.waiting.popleft()
+            req.pages = pages + new_pages
+            req.num_computed = n_cached
+            req.num_indexed_pages = len(pages)
+            if not req.admitted_once:
+                req.num_cached_tokens = n_cached
+                req.admitted_once = True
+            req.status = Status.RUNNING
+            self.running.append(req)
+            entries.append((req, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        return budget
+
+    def _shares_prefix_in_flight(self, tokens: list[int], n_cached: int) -> bool:
+        """True when a running request is still computing whole pages this one could reuse later."""
+        for other in self.running:
+            if other.num_computed >= len(other.prompt_token_ids):
+                continue
+            shared = common_prefix_len(other.all_token_ids, tokens)
+            shared = min(shared, len(tokens) - 1) // self.page_size * self.page_size
+            if shared > n_cached and other.num_computed < shared:
+                return True
+        return False
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def index_computed_pages(self, req: Request) -> None:
+        """Offer newly completed full pages to the prompt index (no-op without prefix caching)."""
+        full = req.num_computed // self.page_size
+        if not self.enable_prefix_caching or full <= req.num_indexed_pages:
+            return
+        self.pool.insert(req.all_token_ids[: full * self.page_size], req.pages[:full])
+        req.num_indexed_pages = full
+
+    def preempt(self, req: Request) -> None:
+        """Recompute-style preemption: drop the request's pages (full ones stay indexed) and requeue it
+        at the front."""
+        self.index_computed_pages(req)
+        self.running.remove(req)
+        self.pool.free(req.pages)
+        req.pages, req.num_computed, req.num_indexed_pages = [], 0, 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is Status.RUNNING:
+            self.index_computed_pages(req)
+            self.running.remove(req)
+            self.pool.free(req.pages)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        req.pages = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason

@@ -1,0 +1,209 @@
+from jaxserve.proto.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InstanceGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "session_id", "expected_cached_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: _common_pb2.SamplingParams
+    session_id: str
+    expected_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., expected_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class InstanceGenerateResponse(_message.Message):
+    __slots__ = ("token_ids", "finish_reason", "usage")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.InstanceUsage
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ...) -> None: ...
+
+class KvTarget(_message.Message):
+    __slots__ = ("instance_id", "address")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    address: str
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request", "decode_target")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TARGET_FIELD_NUMBER: _ClassVar[int]
+    request: InstanceGenerateRequest
+    decode_target: KvTarget
+    def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., decode_target: _Optional[_Union[KvTarget, _Mapping]] = ...) -> None: ...
+
+class PrefillResponse(_message.Message):
+    __slots__ = ("first_token_id", "finish_reason", "usage", "transferred_tokens", "kv_handle")
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    first_token_id: int
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.InstanceUsage
+    transferred_tokens: int
+    kv_handle: str
+    def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., transferred_tokens: _Optional[int] = ..., kv_handle: _Optional[str] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("request", "kv_handle", "prefill_instance_id")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    request: InstanceGenerateRequest
+    kv_handle: str
+    prefill_instance_id: str
+    def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., kv_handle: _Optional[str] = ..., prefill_instance_id: _Optional[str] = ...) -> None: ...
+
+class PrepareKvTransferRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "page_size", "source_instance_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    page_size: int
+    source_instance_id: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., source_instance_id: _Optional[str] = ...) -> None: ...
+
+class PrepareKvTransferResponse(_message.Message):
+    __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_address")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    cached_tokens: int
+    num_pages_reserved: int
+    receiver_address: str
+    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_address: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("shape", "dtype")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class CommitKvTransferRequest(_message.Message):
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PULL_UUID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    INSERT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    request_id: str
+    start_token: int
+    num_tokens: int
+    source_address: str
+    pull_uuid: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    insert: bool
+    first_token_id: int
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+
+class CommitKvTransferResponse(_message.Message):
+    __slots__ = ("received_tokens", "inserted_tokens")
+    RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INSERTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    received_tokens: int
+    inserted_tokens: int
+    def __init__(self, received_tokens: _Optional[int] = ..., inserted_tokens: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("points", "repeats")
+    class Point(_message.Message):
+        __slots__ = ("prompt_len", "cached_len")
+        PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+        CACHED_LEN_FIELD_NUMBER: _ClassVar[int]
+        prompt_len: int
+        cached_len: int
+        def __init__(self, prompt_len: _Optional[int] = ..., cached_len: _Optional[int] = ...) -> None: ...
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[ProfileRequest.Point]
+    repeats: int
+    def __init__(self, points: _Optional[_Iterable[_Union[ProfileRequest.Point, _Mapping]]] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("samples",)
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileSample]
+    def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ...) -> None: ...
+
+class InstanceStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InstanceStats(_message.Message):
+    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: _common_pb2.Role
+    load: _common_pb2.Load
+    num_requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    cached_pages: int
+    draining: bool
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("timeout_s",)
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    timeout_s: float
+    def __init__(self, timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("num_unfinished",)
+    NUM_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    num_unfinished: int
+    def __init__(self, num_unfinished: _Optional[int] = ...) -> None: ...

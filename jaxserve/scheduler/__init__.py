@@ -1,0 +1,21 @@
+"""The global scheduler (control plane, no jax): tokenizes and validates requests, routes them with global
+prompt trees and a policy, proxies the instances' token streams, and keeps the fleet healthy.
+
+Entry points: `Scheduler(GlobalSchedulerConfig(...), load_model_info(model))` (in-process; `await
+scheduler.start()`), `python -m launch.scheduler` (a process). Instance servers plug in through
+`InstanceReporter` (Register + ReportEvents) and by serving `jaxserve.v1.Instance`; `fake_instance` is a
+stand-in for tests and benchmarks."""
+
+from jaxserve.scheduler.config import GlobalSchedulerConfig
+from jaxserve.scheduler.cost_model import CostModel
+from jaxserve.scheduler.policies import POLICIES, LoadGuard, make_policy
+from jaxserve.scheduler.prompt_tree import PromptTree
+from jaxserve.scheduler.reporter import InstanceReporter
+from jaxserve.scheduler.router import InstanceRecord, RouteDecision, Router
+from jaxserve.scheduler.server import Scheduler
+from jaxserve.scheduler.tokenizer import ModelInfo, load_model_info
+
+__all__ = [
+    "POLICIES", "CostModel", "GlobalSchedulerConfig", "InstanceRecord", "InstanceReporter", "LoadGuard",
+    "ModelInfo", "PromptTree", "RouteDecision", "Router", "Scheduler", "load_model_info", "make_policy",
+]

@@ -1,0 +1,387 @@
+"""A fake instance server for tests and benchmarks: the real Instance gRPC service (any role) and the
+registration protocol, without an engine. Tokens are a deterministic function of their position, so a
+request moved to another instance continues with exactly the tokens it would have had; a per-instance LRU
+page cache stands in for the MemPool index and reports its inserts and evictions to the scheduler.
+
+Failure injection: `kill()` (the server goes away, like a crash), `freeze()` (it stops answering, health
+checks included), `set_serving(False)` (health NOT_SERVING)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+import uuid
+from typing import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
+from jaxserve.scheduler.cost_model import CostModel
+from jaxserve.scheduler.reporter import InstanceReporter
+
+EOS = 257  # the byte tokenizer's
+
+
+def fake_token(position: int, seed: int = 0) -> int:
+    """The token a fake instance emits at sequence position `position`: a lowercase ASCII letter."""
+    return 97 + (position * 7 + seed * 13) % 26
+
+
+def expected_tokens(context_len: int, n: int, seed: int = 0) -> list[int]:
+    """What a fake instance generates after a context of context_len tokens."""
+    return [fake_token(context_len + i, seed) for i in range(n)]
+
+
+class PageCache:
+    """LRU cache of KV pages keyed by their prefix (a hash chain over page contents). Touching a path walks
+    it deepest first, so an ancestor is always more recent than its descendants and the LRU entry is always
+    a leaf, as in a radix-tree cache that evicts leaves."""
+
+    def __init__(self, page_size: int, capacity_pages: int,
+                 on_event: Callable[[int, Sequence[int]], None] = lambda kind, tokens: None):
+        self.page_size = page_size
+        self.capacity = capacity_pages
+        self.on_event = on_event
+        # key -> [parent key, tokens it was inserted with, end offset, number of children]
+        self._pages: collections.OrderedDict[int, list] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def _keys(self, tokens: Sequence[int]):
+        key = 0
+        for start in range(0, len(tokens) // self.page_size * self.page_size, self.page_size):
+            key = hash((key, tuple(tokens[start:start + self.page_size])))
+            yield key, start + self.page_size
+
+    def _touch(self, keys: list[int]) -> None:
+        for key in reversed(keys):
+            self._pages.move_to_end(key)
+
+    def match(self, tokens: Sequence[int]) -> int:
+        """Cached prefix length; at least one token is left to compute (its logits are needed)."""
+        keys = []
+        for key, end in self._keys(tokens):
+            if key not in self._pages:
+                break
+            keys.append(key)
+        self._touch(keys)
+        usable = (len(tokens) - 1) // self.page_size * self.page_size
+        return min(len(keys) * self.page_size, usable)
+
+    def insert(self, tokens: Sequence[int]) -> int:
+        """Index every whole page of tokens; returns the pages added."""
+        tokens = tuple(tokens)
+        keys, parent, added = [], 0, 0
+        for key, end in self._keys(tokens):
+            if key not in self._pages:
+                self._pages[key] = [parent, tokens, end, 0]
+                if parent:
+                    self._pages[parent][3] += 1
+                added += 1
+            keys.append(key)
+            parent = key
+        self._touch(keys)
+        if added:
+            self.on_event(common_pb2.IndexEvent.INSERT, tokens[:len(keys) * self.page_size])
+        while len(self._pages) > self.capacity:
+            key = next(k for k, v in self._pages.items() if v[3] == 0)  # the first is a leaf (see above)
+            parent, seq, end, _ = self._pages.pop(key)
+            if parent in self._pages:
+                self._pages[parent][3] -= 1
+            self.on_event(common_pb2.IndexEvent.EVICT, seq[:end])
+        return added
+
+    def snapshot(self) -> list[tuple]:
+        """One token sequence per leaf: inserting them all rebuilds the cache's contents."""
+        return [seq[:end] for _, seq, end, children in self._pages.values() if children == 0]
+
+
+class _Health(health_pb2_grpc.HealthServicer):
+    def __init__(self, fake: "FakeInstance"):
+        self.fake = fake
+
+    async def Check(self, request, context):
+        if not self.fake._health_ignores_freeze:
+            await self.fake._unfrozen.wait()
+        status = (health_pb2.HealthCheckResponse.SERVING if self.fake.serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+class FakeInstance(instance_pb2_grpc.InstanceServicer):
+    def __init__(self, role: int = common_pb2.ROLE_COLOCATED, *, scheduler_address: str | None = None,
+                 instance_id: str = "", page_size: int = 16, cache_pages: int = 4096, max_model_len: int = 0,
+                 vocab_size: int = 258, token_delay_s: float = 0.0, tokens_per_message: int = 1,
+                 eos_after: int | None = None, cost_model: CostModel = CostModel(),
+                 simulate_prefill: bool = False, report_profile: bool = False,
+                 scheduler_credentials: grpc.ChannelCredentials | None = None):
+        self.role = role
+        self.scheduler_address = scheduler_address
+        self.instance_id = instance_id
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.token_delay_s = token_delay_s
+        self.tokens_per_message = tokens_per_message
+        self.eos_after = eos_after            # emit EOS as the n-th output token
+        self.cost_model = cost_model          # what Profile reports (and prefill sleeps, if simulated)
+        self.simulate_prefill = simulate_prefill
+        self.report_profile = report_profile  # send the profile with Register instead of answering Profile
+        self.scheduler_credentials = scheduler_credentials
+        self.cache = PageCache(page_size, cache_pages, self._on_cache_event)
+        self.reporter: InstanceReporter | None = None
+        self.serving = True
+        self.draining = False
+        self._unfrozen = asyncio.Event()
+        self._unfrozen.set()
+        self._prefill_lock = asyncio.Lock()
+        self._health_ignores_freeze = False
+        self._server: grpc.aio.Server | None = None
+        self._peers: dict[str, grpc.aio.Channel] = {}
+        self._pending_kv: dict[str, tuple] = {}
+        self.port: int | None = None
+        # What happened, for tests.
+        self.requests: list = []              # every Generate / Prefill / Decode request
+        self.cancelled: set[str] = set()      # request ids whose call was cancelled (client, deadline)
+        self.finished: set[str] = set()
+        self.running = 0
+        self.profiled = 0
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_generated = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> "FakeInstance":
+        self._server = grpc.aio.server()
+        instance_pb2_grpc.add_InstanceServicer_to_server(self, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(_Health(self), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        if self.scheduler_address:
+            registration = scheduler_pb2.RegisterRequest(
+                instance_id=self.instance_id, address=self.address, role=self.role, model="fake",
+                page_size=self.page_size, max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+                num_pages=self.cache.capacity)
+            if self.report_profile:
+                registration.profile.extend(self._profile([(n, c) for n in (64, 256, 1024) for c in (0, n // 2)]))
+            self.reporter = InstanceReporter(self.scheduler_address, registration, snapshot=self.cache.snapshot,
+                                             load=self.load, credentials=self.scheduler_credentials,
+                                             retry_interval_s=0.1, max_retry_interval_s=0.5)
+            await self.reporter.start()
+            self.instance_id = self.reporter.instance_id
+        return self
+
+    async def stop(self) -> None:
+        """A clean exit: deregister, then stop serving."""
+        if self.reporter is not None:
+            await self.reporter.stop(deregister=True)
+        await self._shutdown()
+
+    async def kill(self) -> None:
+        """A crash: the server and the report stream vanish without a word."""
+        if self.reporter is not None:
+            await self.reporter.stop(deregister=False)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._unfrozen.set()  # let blocked handlers run into the server's cancellation
+        if self._server is not None:
+            await self._server.stop(0)
+        for channel in self._peers.values():
+            await channel.close()
+
+    def freeze(self, streams_only: bool = False) -> None:
+        """Stop answering anything (a hung process whose connections stay open); streams_only: health
+        checks still say SERVING (a hung engine behind a live server)."""
+        self._health_ignores_freeze = streams_only
+        self._unfrozen.clear()
+        if self.reporter is not None and not streams_only:
+            self.reporter.pause()
+
+    def unfreeze(self) -> None:
+        self._health_ignores_freeze = False
+        self._unfrozen.set()
+        if self.reporter is not None:
+            self.reporter.resume()
+
+    def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+
+    def load(self) -> common_pb2.Load:
+        return common_pb2.Load(num_running_requests=self.running, num_free_pages=self.cache.capacity - len(self.cache),
+                               num_total_pages=self.cache.capacity)
+
+    def _on_cache_event(self, kind: int, tokens: Sequence[int]) -> None:
+        if self.reporter is not None:
+            (self.reporter.insert if kind == common_pb2.IndexEvent.INSERT else self.reporter.evict)(tokens)
+
+    def _profile(self, points) -> list[common_pb2.ProfileSample]:
+        return [common_pb2.ProfileSample(prompt_len=p, cached_len=c, seconds=self.cost_model.exec(p, c))
+                for p, c in points]
+
+    # ------------------------------------------------------------------------------------ generation
+    async def _prefill(self, context_ids: Sequence[int]) -> tuple[int, float]:
+        """(cached tokens, seconds queued). Simulated prefills run one at a time, as an engine's would, so
+        work routed to a busy instance waits."""
+        await self._unfrozen.wait()
+        t0 = time.monotonic()
+        async with self._prefill_lock if self.simulate_prefill else contextlib.nullcontext():
+            queued = time.monotonic() - t0
+            cached = self.cache.match(context_ids)
+            self.num_prompt_tokens += len(context_ids)
+            self.num_cached_tokens += cached
+            if self.simulate_prefill:
+                await asyncio.sleep(self.cost_model.exec(len(context_ids), cached))
+        return cached, queued
+
+    async def _decode(self, request, context_ids: list[int], first_index: int, cached: int, t0: float,
+                      queued: float = 0.0):
+        """Stream tokens (as InstanceGenerateResponse) after context_ids; output index starts at first_index."""
+        seed = request.sampling.seed if request.sampling.HasField("seed") else 0
+        out: list[int] = []
+        batch: list[int] = []
+        finish = common_pb2.FINISH_REASON_UNSPECIFIED
+        ttft = None
+        for i in range(request.max_tokens):
+            await self._unfrozen.wait()
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            if self.eos_after is not None and first_index + i + 1 >= self.eos_after and not request.sampling.ignore_eos:
+                token = EOS
+                finish = common_pb2.FINISH_REASON_STOP
+            else:
+                token = fake_token(len(context_ids) + i, seed)
+            ttft = ttft if ttft is not None else time.monotonic() - t0
+            out.append(token)
+            batch.append(token)
+            if finish:
+                break
+            if len(batch) >= self.tokens_per_message and i + 1 < request.max_tokens:
+                yield instance_pb2.InstanceGenerateResponse(token_ids=batch)
+                batch = []
+        self.num_generated += len(out)
+        self.cache.insert([*context_ids, *out])
+        self.finished.add(request.request_id)
+        yield instance_pb2.InstanceGenerateResponse(
+            token_ids=batch, finish_reason=finish or common_pb2.FINISH_REASON_LENGTH,
+            usage=common_pb2.InstanceUsage(prompt_tokens=len(context_ids), cached_tokens=cached,
+                                           completion_tokens=len(out), ttft_s=ttft or 0.0, queue_time_s=queued))
+
+    async def _serve_stream(self, request, context, role: int, first_index: int):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "instance is draining")
+        if self.role != role:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this instance's role is {self.role}")
+        self.requests.append(request)
+        self.running += 1
+        t0 = time.monotonic()
+        try:
+            context_ids = [*request.prompt_token_ids, *request.generated_token_ids]
+            if role == common_pb2.ROLE_COLOCATED:
+                cached, queued = await self._prefill(context_ids)
+            else:
+                cached, queued = self.cache.match(context_ids), 0.0
+            async for response in self._decode(request, context_ids, first_index, cached, t0, queued):
+                yield response
+        except asyncio.CancelledError:
+            self.cancelled.add(request.request_id)
+            raise
+        finally:
+            self.running -= 1
+
+    async def Generate(self, request, context):
+        async for response in self._serve_stream(request, context, common_pb2.ROLE_COLOCATED,
+                                                 len(request.generated_token_ids)):
+            yield response
+
+    async def Decode(self, request, context):
+        inner = request.request
+        async for response in self._serve_stream(inner, context, common_pb2.ROLE_DECODE,
+                                                 len(inner.generated_token_ids)):
+            yield response
+
+    async def Prefill(self, request, context):
+        inner = request.request
+        if self.role != common_pb2.ROLE_PREFILL:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this instance's role is {self.role}")
+        self.requests.append(request)
+        self.running += 1
+        t0 = time.monotonic()
+        try:
+            context_ids = [*inner.prompt_token_ids, *inner.generated_token_ids]
+            cached, queued = await self._prefill(context_ids)
+            seed = inner.sampling.seed if inner.sampling.HasField("seed") else 0
+            first = fake_token(len(context_ids), seed)
+            self.cache.insert(context_ids)  # PD-Caching: the prefill side keeps its prompt KV
+            finish = common_pb2.FINISH_REASON_LENGTH if inner.max_tokens <= 1 else 0
+            transferred, handle = 0, ""
+            if not finish:
+                target = request.decode_target.address
+                if target not in self._peers:
+                    self._peers[target] = grpc.aio.insecure_channel(target)
+                peer = instance_pb2_grpc.InstanceStub(self._peers[target])
+                prep = await peer.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
+                    request_id=inner.request_id, token_ids=context_ids, page_size=self.page_size,
+                    source_instance_id=self.instance_id), timeout=context.time_remaining())
+                transferred = len(context_ids) - prep.cached_tokens
+                await peer.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                    transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=prep.cached_tokens,
+                    num_tokens=transferred, insert=True, first_token_id=first), timeout=context.time_remaining())
+                handle = prep.transfer_id
+            self.num_generated += 1
+            return instance_pb2.PrefillResponse(
+                first_token_id=first, finish_reason=finish, transferred_tokens=transferred, kv_handle=handle,
+                usage=common_pb2.InstanceUsage(prompt_tokens=len(context_ids), cached_tokens=cached,
+                                               completion_tokens=1, ttft_s=time.monotonic() - t0,
+                                               queue_time_s=queued))
+        except asyncio.CancelledError:
+            self.cancelled.add(inner.request_id)
+            raise
+        finally:
+            self.running -= 1
+
+    # ------------------------------------------------------------------------------- KV transfer control
+    async def PrepareKvTransfer(self, request, context):
+        transfer_id = uuid.uuid4().hex
+        self._pending_kv[transfer_id] = tuple(request.token_ids)
+        cached = self.cache.match(request.token_ids) // self.page_size * self.page_size
+        return instance_pb2.PrepareKvTransferResponse(transfer_id=transfer_id, cached_tokens=cached,
+                                                      receiver_address=self.address)
+
+    async def CommitKvTransfer(self, request, context):
+        tokens = self._pending_kv.pop(request.transfer_id, None)
+        if tokens is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer {request.transfer_id}")
+        if request.insert:
+            self.cache.insert(tokens)
+        return instance_pb2.CommitKvTransferResponse(received_tokens=request.num_tokens,
+                                                     inserted_tokens=len(tokens) if request.insert else 0)
+
+    # ------------------------------------------------------------------------------------ operations
+    async def Abort(self, request, context):
+        return instance_pb2.AbortResponse(found=False)
+
+    async def Profile(self, request, context):
+        self.profiled += 1
+        return instance_pb2.ProfileResponse(samples=self._profile((p.prompt_len, p.cached_len) for p in request.points))
+
+    async def GetStats(self, request, context):
+        return instance_pb2.InstanceStats(
+            instance_id=self.instance_id, role=self.role, load=self.load(), num_requests=len(self.requests),
+            prompt_tokens=self.num_prompt_tokens, cached_tokens=self.num_cached_tokens,
+            generated_tokens=self.num_generated, cached_pages=len(self.cache), draining=self.draining)
+
+    async def Drain(self, request, context):
+        self.draining = True
+        self.serving = False
+        deadline = time.monotonic() + (request.timeout_s or float("inf"))
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return instance_pb2.DrainResponse(num_unfinished=self.running)

@@ -1,0 +1,169 @@
+"""Routing policies: given a request, the candidate instances (one role) with their load, and the prefix
+each holds (from the prompt tree), pick one. Pure and synchronous, so the simulator runs the same code.
+
+- `locality`: the shortest estimated time to first token: queued prefill work on the instance plus the
+  cost model's exec(prompt_len, cached_len) there; a load guard first removes instances with far more
+  requests than the average, so one hot prefix cannot pile every request onto the instance holding it.
+- `least_load`: fewest requests in flight, then least queued prefill work; ties rotate.
+- `round_robin`: each candidate in turn.
+- `session`: the instance that served the session before, while the load guard allows; new sessions
+  (and requests without a session id) go by locality."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Mapping, Protocol, Sequence
+
+from jaxserve.scheduler.cost_model import CostModel
+
+POLICIES = ("locality", "least_load", "round_robin", "session")
+
+
+class InstanceLoad(Protocol):
+    """What a policy reads about an instance (the scheduler's InstanceRecord, or a simulator's)."""
+
+    instance_id: str
+    in_flight_requests: int   # routed here and not finished
+    pending_prefill_s: float  # estimated prefill work routed here that has not produced its first token
+    cost_model: CostModel
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteRequest:
+    prompt_len: int
+    session_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadGuard:
+    """An instance is overloaded when its requests in flight exceed factor x the candidates' mean + slack."""
+
+    factor: float = 1.5
+    slack: float = 2.0
+
+    def __post_init__(self):
+        if self.factor < 1.0:
+            raise ValueError(f"load guard factor must be >= 1, got {self.factor}")
+        if self.slack < 0:
+            raise ValueError(f"load guard slack must be >= 0, got {self.slack}")
+
+    def limit(self, candidates: Sequence[InstanceLoad]) -> float:
+        mean = sum(c.in_flight_requests for c in candidates) / len(candidates)
+        return self.factor * mean + self.slack
+
+    def allows(self, candidate: InstanceLoad, candidates: Sequence[InstanceLoad]) -> bool:
+        return candidate.in_flight_requests <= self.limit(candidates)
+
+
+class Policy:
+    name = ""
+
+    def choose(self, request: RouteRequest, candidates: Sequence[InstanceLoad],
+               matched: Mapping[str, int]) -> InstanceLoad:
+        """candidates: non-empty, in a stable order; matched: instance id -> cached prefix tokens."""
+        raise NotImplementedError
+
+    def forget(self, instance_id: str) -> None:
+        """The instance left."""
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self):
+        self._next = 0
+
+    def choose(self, request, candidates, matched):
+        pick = candidates[self._next % len(candidates)]
+        self._next += 1
+        return pick
+
+
+class LeastLoad(Policy):
+    name = "least_load"
+
+    def __init__(self):
+        self._turn = 0
+
+    def choose(self, request, candidates, matched):
+        best = min((c.in_flight_requests, c.pending_prefill_s) for c in candidates)
+        tied = [c for c in candidates if (c.in_flight_requests, c.pending_prefill_s) == best]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+class Locality(Policy):
+    name = "locality"
+
+    def __init__(self, guard: LoadGuard = LoadGuard()):
+        self.guard = guard
+        self._turn = 0
+
+    def choose(self, request, candidates, matched):
+        limit = self.guard.limit(candidates)
+        prompt_len = request.prompt_len
+        best, tied = None, []
+        uncached: dict[int, float] = {}  # exec(prompt_len, 0) per cost model: most candidates hold nothing
+        for c in candidates:
+            if c.in_flight_requests > limit:
+                continue
+            cached = matched.get(c.instance_id, 0)
+            if cached:
+                cost = c.cost_model.exec(prompt_len, min(cached, prompt_len - 1))
+            else:
+                cost = uncached.get(id(c.cost_model))
+                if cost is None:
+                    cost = uncached[id(c.cost_model)] = c.cost_model.exec(prompt_len, 0)
+            key = (c.pending_prefill_s + cost, c.in_flight_requests)
+            if best is None or key < best:
+                best, tied = key, [c]
+            elif key == best:
+                tied.append(c)
+        if not tied:  # everyone is over the limit (cannot happen with factor >= 1, but stay total)
+            tied = list(candidates)
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+class Session(Policy):
+    name = "session"
+
+    def __init__(self, guard: LoadGuard = LoadGuard(), max_sessions: int = 1 << 20):
+        self.guard = guard
+        self._fallback = Locality(guard)
+        self._sessions: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._max_sessions = max_sessions
+
+    def choose(self, request, candidates, matched):
+        sid = request.session_id
+        if sid:
+            owner = self._sessions.get(sid)
+            if owner is not None:
+                for c in candidates:
+                    if c.instance_id == owner and self.guard.allows(c, candidates):
+                        self._sessions.move_to_end(sid)
+                        return c
+        pick = self._fallback.choose(request, candidates, matched)
+        if sid:
+            self._sessions[sid] = pick.instance_id
+            self._sessions.move_to_end(sid)
+            while len(self._sessions) > self._max_sessions:
+                self._sessions.popitem(last=False)
+        return pick
+
+    def forget(self, instance_id):
+        for sid in [s for s, owner in self._sessions.items() if owner == instance_id]:
+            del self._sessions[sid]
+
+
+def make_policy(name: str, guard: LoadGuard = LoadGuard()) -> Policy:
+    if name == "locality":
+        return Locality(guard)
+    if name == "least_load":
+        return LeastLoad()
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "session":
+        return Session(guard)
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

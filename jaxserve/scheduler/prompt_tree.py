@@ -1,0 +1,248 @@
+"""Global prompt tree: a page-aligned radix tree over token ids whose nodes record which instances hold that
+prefix's KV cache. Built from the instances' index events; `match` finds every instance's cached prefix.
+
+Invariant: an instance that holds a node holds all its ancestors (instances evict leaves first, and an
+EVICT drops the whole subtree), so the holders of a child are a subset of its parent's. Every non-root node
+has at least one holder; edges are whole pages; children are keyed by their first page, so `match` and
+`insert` cost grows with the prompt (pages walked, edges compared in C), not with the number of sequences."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class _Node:
+    __slots__ = ("tokens", "children", "holders", "parent", "depth")
+
+    def __init__(self, tokens: tuple, parent: "_Node | None", depth: int, holders: set):
+        self.tokens = tokens      # edge label from the parent; a whole number of pages
+        self.children: dict[tuple, _Node] = {}
+        self.holders = holders    # instance ids holding every token from the root through this node
+        self.parent = parent
+        self.depth = depth        # tokens from the root through the end of this node
+
+
+class PromptTree:
+    def __init__(self, page_size: int):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self._root = _Node((), None, 0, set())
+        self.num_nodes = 0
+        self.num_tokens = 0                     # distinct tokens in the tree (sum of edge lengths)
+        self._held_tokens: dict[str, int] = {}  # tokens each instance holds (its indexed cache)
+        self.nodes_visited = 0                  # nodes walked by the last match (for cost tests)
+
+    # ------------------------------------------------------------------------------------------- queries
+    def match(self, token_ids: Sequence[int]) -> dict[str, int]:
+        """instance id -> length of the longest page-aligned prefix of token_ids it holds (absent: 0)."""
+        tokens = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+        ps = self.page_size
+        result: dict[str, int] = {}
+        node, pos, visited = self._root, 0, 0
+        while True:
+            child = node.children.get(tokens[pos:pos + ps])
+            if child is None:
+                break
+            visited += 1
+            m = self._common(child.tokens, tokens, pos)
+            for holder in child.holders:
+                result[holder] = pos + m  # deeper nodes overwrite: holders shrink going down
+            if m < len(child.tokens):
+                break
+            node, pos = child, pos + m
+        self.nodes_visited = visited
+        return result
+
+    def held_tokens(self, instance_id: str) -> int:
+        return self._held_tokens.get(instance_id, 0)
+
+    def instances(self) -> set[str]:
+        return set(self._held_tokens)
+
+    # ------------------------------------------------------------------------------------------- updates
+    def insert(self, instance_id: str, token_ids: Sequence[int]) -> int:
+        """The instance holds every page of token_ids (a trailing partial page is ignored); returns the
+        tokens it newly holds."""
+        ps = self.page_size
+        n = len(token_ids) // ps * ps
+        if n == 0:
+            return 0
+        tokens = tuple(token_ids[:n])
+        gained = 0
+        node, pos = self._root, 0
+        while pos < n:
+            key = tokens[pos:pos + ps]
+            child = node.children.get(key)
+            if child is None:
+                child = _Node(tokens[pos:], node, n, {instance_id})
+                node.children[key] = child
+                self.num_nodes += 1
+                self.num_tokens += n - pos
+                gained += n - pos
+                break
+            m = self._common(child.tokens, tokens, pos)
+            if m < len(child.tokens):
+                if pos + m == n and instance_id in child.holders:
+                    break  # already holds the whole node, so this prefix of it too
+                child = self._split(child, m)
+            if instance_id not in child.holders:
+                child.holders.add(instance_id)
+                gained += m
+            node, pos = child, pos + m
+        if gained:
+            self._held_tokens[instance_id] = self._held_tokens.get(instance_id, 0) + gained
+        return gained
+
+    def evict(self, instance_id: str, token_ids: Sequence[int]) -> int:
+        """The instance dropped the last page of token_ids and everything extending it; returns the tokens
+        it no longer holds."""
+        ps = self.page_size
+        n = len(token_ids) // ps * ps
+        if n == 0:
+            return 0
+        tokens = tuple(token_ids[:n])
+        start = n - ps  # the evicted page begins here
+        node, pos = self._root, 0
+        while True:
+            child = node.children.get(tokens[pos:pos + ps])
+            if child is None or instance_id not in child.holders:
+                return 0
+            m = self._common(child.tokens, tokens, pos)
+            if pos + m <= start:
+                if m < len(child.tokens):
+                    return 0  # the path diverges before the evicted page: it was never indexed
+                node, pos = child, pos + m
+                continue
+            # The evicted page lies inside this node: cut the node so that a node begins at `start`.
+            if start > pos:
+                upper = self._split(child, start - pos)
+                child = next(iter(upper.children.values()))
+            lost = self._drop_subtree(child, instance_id)
+            self._held_tokens[instance_id] -= lost
+            if not self._held_tokens[instance_id]:
+                del self._held_tokens[instance_id]
+            self._compact(child)
+            return lost
+
+    def remove_instance(self, instance_id: str) -> int:
+        """Forget everything the instance holds (it left, or it cleared its cache); returns the tokens."""
+        if instance_id not in self._held_tokens:
+            return 0
+        lost = 0
+        for child in list(self._root.children.values()):
+            if instance_id in child.holders:
+                lost += self._drop_subtree(child, instance_id)
+                self._compact(child)
+        self._held_tokens.pop(instance_id, None)
+        return lost
+
+    def clear(self) -> None:
+        self._root = _Node((), None, 0, set())
+        self.num_nodes = self.num_tokens = 0
+        self._held_tokens.clear()
+
+    # ----------------------------------------------------------------------------------------- internals
+    def _common(self, edge: tuple, tokens: tuple, pos: int) -> int:
+        """Length of the page-aligned common prefix of `edge` and tokens[pos:] (the first page is known
+        to match)."""
+        length = len(edge)
+        if tokens[pos:pos + length] == edge:
+            return length
+        ps = self.page_size
+        m = ps
+        while m < length and tokens[pos + m:pos + m + ps] == edge[m:m + ps]:
+            m += ps
+        return m
+
+    def _split(self, node: _Node, m: int) -> _Node:
+        """Cut `node` after m tokens; returns the new upper node (node keeps the lower part)."""
+        parent = node.parent
+        upper = _Node(node.tokens[:m], parent, node.depth - len(node.tokens) + m, set(node.holders))
+        parent.children[node.tokens[:self.page_size]] = upper
+        node.tokens = node.tokens[m:]
+        node.parent = upper
+        upper.children[node.tokens[:self.page_size]] = node
+        self.num_nodes += 1
+        return upper
+
+    def _drop_subtree(self, top: _Node, instance_id: str) -> int:
+        """Remove the instance from `top` and every descendant it holds; unlink nodes nobody holds."""
+        lost = 0
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            node.holders.discard(instance_id)
+            if node.holders:
+                lost += len(node.tokens)
+                stack.extend(c for c in node.children.values() if instance_id in c.holders)
+            else:
+                # Nobody holds it, so nobody holds its descendants either: unlink the whole subtree.
+                del node.parent.children[node.tokens[:self.page_size]]
+                lost += self._forget(node)
+        return lost
+
+    def _forget(self, node: _Node) -> int:
+        """Account for an unlinked subtree; returns its tokens."""
+        tokens = 0
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            self.num_nodes -= 1
+            self.num_tokens -= len(n.tokens)
+            tokens += len(n.tokens)
+            stack.extend(n.children.values())
+            n.children = {}
+        return tokens
+
+    def _compact(self, node: _Node) -> None:
+        """Merge `node`'s parent with its only child where the two have the same holders (undoing splits
+        that no longer separate anything), so the tree does not fragment over time."""
+        parent = node.parent
+        for candidate in (parent, node):
+            if candidate is None or candidate is self._root or candidate.parent is None:
+                continue
+            if candidate.parent.children.get(candidate.tokens[:self.page_size]) is not candidate:
+                continue  # unlinked
+            if len(candidate.children) == 1:
+                (only,) = candidate.children.values()
+                if only.holders == candidate.holders:
+                    candidate.tokens = candidate.tokens + only.tokens
+                    candidate.depth = only.depth
+                    candidate.children = only.children
+                    for grandchild in candidate.children.values():
+                        grandchild.parent = candidate
+                    self.num_nodes -= 1
+
+    # ---------------------------------------------------------------------------------------- debugging
+    def iter_sequences(self) -> Iterable[tuple[tuple, frozenset]]:
+        """(prefix tokens, holders) of every node, root first."""
+        stack = [((), c) for c in self._root.children.values()]
+        while stack:
+            prefix, node = stack.pop()
+            full = prefix + node.tokens
+            yield full, frozenset(node.holders)
+            stack.extend((full, c) for c in node.children.values())
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError when the structure is inconsistent (tests)."""
+        nodes = tokens = 0
+        held: dict[str, int] = {}
+        stack = list(self._root.children.items())
+        while stack:
+            key, node = stack.pop()
+            nodes += 1
+            tokens += len(node.tokens)
+            assert node.tokens and len(node.tokens) % self.page_size == 0, "edge not page aligned"
+            assert key == node.tokens[:self.page_size], "child keyed by the wrong page"
+            assert node.holders, "a node nobody holds"
+            assert node.parent is self._root or node.holders <= node.parent.holders, "holders not downward closed"
+            assert node.depth == node.parent.depth + len(node.tokens), "depth"
+            for h in node.holders:
+                held[h] = held.get(h, 0) + len(node.tokens)
+            for k, c in node.children.items():
+                assert c.parent is node, "parent link"
+                stack.append((k, c))
+        assert nodes == self.num_nodes, f"num_nodes {self.num_nodes} != {nodes}"
+        assert tokens == self.num_tokens, f"num_tokens {self.num_tokens} != {tokens}"
+        assert held == self._held_tokens, f"held tokens {self._held_tokens} != {held}"

@@ -1,0 +1,236 @@
+"""The scheduler's jax-free view of a model: its tokenizer, context length and vocabulary, plus incremental
+detokenization with stop strings for the token streams it proxies.
+
+`jaxserve.model` imports jax, so this module reads the same folder formats on its own: `tokenizer.json`
+(Hugging Face `tokenizers`) if present, else `byte_tokenizer.json` (bytes 0-255, BOS 256, EOS 257); the
+context length and vocabulary come from `model_config.json` (our Orbax folders) or `config.json` (HF)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Protocol, Sequence
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_IDS_FILE = "special_token_ids.json"
+MODEL_CONFIG_FILE = "model_config.json"
+HF_CONFIG_FILE = "config.json"
+
+# Bundled models by short name (the same folder `jaxserve.model` resolves "demo" to).
+_NAMED_MODELS = {"demo": Path(__file__).resolve().parent.parent / "assets" / "demo_model"}
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i of the UTF-8 text, 256 is BOS, 257 EOS; ids beyond decode to nothing."""
+
+    NUM_BYTES = 256
+
+    def __init__(self, vocab_size: int = 258, add_bos: bool = True):
+        if vocab_size < self.NUM_BYTES + 2:
+            raise ValueError(f"a byte tokenizer needs vocab_size >= 258 (256 bytes + BOS + EOS), got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.add_bos = add_bos
+        self.bos_token_id = self.NUM_BYTES
+        self.eos_token_ids = (self.NUM_BYTES + 1,)
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if self.add_bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < self.NUM_BYTES).decode("utf-8", errors="replace")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` from `tokenizer.json`; BOS/EOS as `jaxserve.model` finds them (our
+    special_token_ids.json first, then tokenizer_config.json, generation_config.json, config.json)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from tokenizers import Tokenizer as RustTokenizer  # only HF-tokenizer users pay for the import
+
+        folder = Path(folder)
+        self._tok = RustTokenizer.from_file(str(folder / HF_TOKENIZER_FILE))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ours = _read_json(folder / SPECIAL_IDS_FILE)
+        if ours:
+            self.bos_token_id = ours.get("bos_token_id")
+            self.eos_token_ids = tuple(ours.get("eos_token_ids", ()))
+            return
+        bos, eos = None, []
+        tok_config = _read_json(folder / "tokenizer_config.json")
+        for key in ("bos_token", "eos_token"):
+            token = tok_config.get(key)
+            content = token.get("content") if isinstance(token, dict) else token
+            token_id = self._tok.token_to_id(content) if content else None
+            if token_id is not None:
+                if key == "bos_token":
+                    bos = token_id
+                else:
+                    eos.append(token_id)
+        for name in ("generation_config.json", HF_CONFIG_FILE):
+            d = _read_json(folder / name)
+            eos.extend(_id_list(d.get("eos_token_id")))
+            if bos is None and _id_list(d.get("bos_token_id")):
+                bos = _id_list(d.get("bos_token_id"))[0]
+        self.bos_token_id = bos
+        self.eos_token_ids = tuple(dict.fromkeys(eos))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    folder = Path(folder)
+    if (folder / HF_TOKENIZER_FILE).exists():
+        return HFTokenizer(folder)
+    if (folder / BYTE_TOKENIZER_FILE).exists():
+        spec = _read_json(folder / BYTE_TOKENIZER_FILE)
+        return ByteTokenizer(vocab_size=int(spec.get("vocab_size", 258)), add_bos=bool(spec.get("add_bos", True)))
+    raise FileNotFoundError(f"no tokenizer in {folder}: expected {HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the scheduler needs to know about the served model to tokenize and validate requests."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int  # ids in [0, vocab_size) are valid prompt tokens
+    tokenizer: Tokenizer | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (one prompt and one output token), got {self.max_model_len}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+
+    @classmethod
+    def byte_level(cls, max_model_len: int, vocab_size: int = 258, name: str = "byte") -> "ModelInfo":
+        """The demo model's tokenizer without a folder (tests, benchmarks)."""
+        return cls(name=name, max_model_len=max_model_len, vocab_size=vocab_size,
+                   tokenizer=ByteTokenizer(vocab_size=vocab_size))
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    if isinstance(model, str) and model in _NAMED_MODELS:
+        return _NAMED_MODELS[model]
+    return Path(model)
+
+
+def load_model_info(model: str | os.PathLike, max_model_len: int | None = None) -> ModelInfo:
+    """ModelInfo from a model folder (or a bundled name such as "demo"). `max_model_len` caps the model's
+    own context length (max_position_embeddings)."""
+    folder = resolve_model_path(model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {str(model)!r}: {folder} is not a directory")
+    config = _read_json(folder / MODEL_CONFIG_FILE) or _read_json(folder / HF_CONFIG_FILE)
+    if not config:
+        raise FileNotFoundError(f"{folder} has neither {MODEL_CONFIG_FILE} nor {HF_CONFIG_FILE}")
+    model_len = int(config.get("max_position_embeddings", 2048))
+    if max_model_len is not None:
+        if max_model_len > model_len:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {model_len}")
+        model_len = max_model_len
+    try:
+        tokenizer = load_tokenizer(folder)
+    except FileNotFoundError:
+        tokenizer = None  # token-id prompts only
+    vocab = int(config.get("vocab_size", 0)) or (tokenizer.vocab_size if tokenizer else 0)
+    if tokenizer is not None:
+        # A model's embedding table is often padded past the tokenizer's vocabulary; those rows mean nothing.
+        vocab = min(vocab, tokenizer.vocab_size)
+    return ModelInfo(name=str(model), max_model_len=model_len, vocab_size=vocab, tokenizer=tokenizer)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token sequence into text deltas. A token that ends inside a multi-byte character (the
+    decode ends in U+FFFD) waits for the next; a few prompt tokens give the first output token its context
+    (SentencePiece drops the leading space of a sequence's first token)."""
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self._tok = tokenizer
+        self._ids = list(prompt_ids[-(self.CONTEXT + 1):])
+        self._prefix = max(len(self._ids) - self.CONTEXT, 0)
+        self._read = len(self._ids)
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        if not token_ids:
+            return ""
+        self._ids.extend(token_ids)
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        full_text = self._tok.decode(self._ids[self._prefix:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            delta = full_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+            if self._prefix > 64:  # drop what no later decode looks at (amortised)
+                del self._ids[:self._prefix]
+                self._read -= self._prefix
+                self._prefix = 0
+            return delta
+        return ""
+
+
+class TextStream:
+    """Incremental text of one request with stop strings: the text ends before the first stop string, and
+    the last len(longest stop) - 1 characters are held back until they cannot start one."""
+
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int] = (), stop: Sequence[str] = ()):
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+        self._stop = tuple(stop)
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Feed new tokens; returns the text that may be sent now (sets `stopped` on a stop string)."""
+        if self._detok is None or self.stopped:
+            return ""
+        old_len = len(self.text)
+        self.text += self._detok.add(token_ids)
+        if self._stop and len(self.text) > old_len:
+            start = max(old_len - self._hold, 0)
+            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        upto = len(self.text) if self.stopped else len(self.text) - self._hold
+        if upto <= self._sent:
+            return ""
+        delta = self.text[self._sent:upto]
+        self._sent = upto
+        return delta
+
+    def flush(self) -> str:
+        """The held-back rest, at the end of the stream."""
+        delta = self.text[self._sent:]
+        self._sent = len(self.text)
+        return delta

@@ -1,0 +1,90 @@
+"""Request validation: tokenizes the prompt and checks every field against the model's limits. Messages
+follow vLLM's wording and name the limit, so clients can fix the request without reading our code."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxserve.proto.v1 import common_pb2, scheduler_pb2
+from jaxserve.scheduler.tokenizer import ModelInfo
+
+SEED_LIMIT = 2**32
+
+
+class InvalidRequest(ValueError):
+    """A request the scheduler refuses with INVALID_ARGUMENT; str() is the message for the client."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: common_pb2.SamplingParams
+    session_id: str
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return tuple(self.sampling.stop)
+
+
+def check_sampling(sampling: common_pb2.SamplingParams, vocab_size: int) -> None:
+    t = sampling.temperature
+    if not t >= 0 or math.isinf(t):  # also rejects NaN
+        raise InvalidRequest(f"temperature must be non-negative, got {t}.")
+    if sampling.HasField("top_p") and not 0.0 < sampling.top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}.")
+    if sampling.HasField("top_k") and (sampling.top_k < -1 or sampling.top_k == 0):
+        raise InvalidRequest(f"top_k must be -1 (disable), or at least 1, got {sampling.top_k}.")
+    if sampling.HasField("seed") and not 0 <= sampling.seed < SEED_LIMIT:
+        raise InvalidRequest(f"seed must be in [0, 2**32), got {sampling.seed}.")
+    if any(not s for s in sampling.stop):
+        raise InvalidRequest("stop strings must be non-empty.")
+    for t in sampling.stop_token_ids:
+        if not 0 <= t < vocab_size:
+            raise InvalidRequest(f"stop_token_ids must be in the vocabulary [0, {vocab_size}), got {t}.")
+
+
+def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
+             default_max_tokens: int, request_id: str) -> ValidRequest:
+    """Raises InvalidRequest with the client-facing message."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("The request has no prompt: set either text or token_ids.")
+    if request.HasField("max_tokens") and request.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}.")
+    check_sampling(request.sampling, model.vocab_size)
+
+    if kind == "text":
+        if not request.text:
+            raise InvalidRequest("The prompt cannot be empty.")
+        if model.tokenizer is None:
+            raise InvalidRequest(f"This scheduler has no tokenizer for model {model.name!r}: send the prompt "
+                                 "as token_ids.")
+        prompt = tuple(model.tokenizer.encode(request.text))
+    else:
+        prompt = tuple(request.token_ids.ids)
+        if not prompt:
+            raise InvalidRequest("The prompt cannot be empty.")
+        bad = next((t for t in prompt if not 0 <= t < model.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is out of vocabulary: this model's vocabulary has "
+                                 f"{model.vocab_size} tokens (valid ids are 0 to {model.vocab_size - 1}).")
+
+    n = len(prompt)
+    if n >= max_model_len:
+        raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                             f"requested {n} tokens in the messages, which leaves no room for the completion. "
+                             "Please reduce the length of the messages.")
+    if request.HasField("max_tokens"):
+        max_tokens = request.max_tokens
+        if n + max_tokens > max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). Please reduce "
+                "the length of the messages or completion.")
+    else:
+        max_tokens = min(default_max_tokens, max_model_len - n)
+    return ValidRequest(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
+                        sampling=request.sampling, session_id=request.session_id)

@@ -1,0 +1,1 @@
+"""absl-flag launchers: thin `main`s that wire configs to objects."""

@@ -1,0 +1,171 @@
+"""Offline engine benchmark: shared-prefix workload with prefix caching off vs on, and decode throughput
+at several batch sizes beside Hugging Face transformers' `generate` on the same weights.
+
+    python -m launch.bench_offline --out=out/bench_offline.json
+
+Prints tables and writes JSON. Timings are ratios within one run; the machine is shared and noisy."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("groups", 4, "shared-prefix groups")
+flags.DEFINE_integer("prompts_per_group", 4, "prompts per group")
+flags.DEFINE_integer("system_len", 768, "shared system-prompt tokens")
+flags.DEFINE_integer("question_len", 32, "per-prompt question tokens")
+flags.DEFINE_integer("output_len", 8, "new tokens per request in the shared-prefix workload")
+flags.DEFINE_integer("layers", 8, "random model layers")
+flags.DEFINE_integer("hidden", 512, "random model hidden size")
+flags.DEFINE_list("decode_batches", ["1", "8", "32"], "decode throughput batch sizes")
+flags.DEFINE_integer("decode_prompt_len", 64, "prompt tokens for the decode benchmark")
+flags.DEFINE_integer("decode_tokens", 32, "new tokens per sequence in the decode benchmark")
+flags.DEFINE_bool("hf", True, "also time transformers' generate when it is installed")
+flags.DEFINE_string("out", "out/bench_offline.json", "JSON output")
+FLAGS = flags.FLAGS
+
+
+def make_hf_model(folder, layers, hidden):
+    """A random-weight Llama saved as a Hugging Face checkpoint, so both engines load the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                      max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float32")
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def workload(rng, groups, per_group, system_len, question_len, vocab):
+    prompts = []
+    for _ in range(groups):
+        system = list(rng.integers(0, vocab, system_len))
+        prompts += [system + list(rng.integers(0, vocab, question_len)) for _ in range(per_group)]
+    return prompts
+
+
+def run_setting(llm, prompts, params, sequential):
+    """sequential: one request at a time (TTFT = its own prefill); else all submitted at once."""
+    t0 = time.perf_counter()
+    outs = [llm.generate([p], params)[0] for p in prompts] if sequential else llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    return dict(
+        ttft_mean_s=statistics.mean(o.ttft_s for o in outs),
+        ttft_p50_s=statistics.median(o.ttft_s for o in outs),
+        jct_mean_s=statistics.mean(o.e2e_s for o in outs),
+        throughput_tok_s=sum(o.num_prompt_tokens + len(o.token_ids) for o in outs) / wall,
+        hit_rate=sum(o.num_cached_tokens for o in outs) / sum(o.num_prompt_tokens for o in outs),
+        wall_s=wall), [o.token_ids for o in outs]
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    from jaxserve import LLM, SamplingParams
+
+    results = dict(machine=os.uname().nodename, cpus=os.cpu_count())
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model = make_hf_model(folder, FLAGS.layers, FLAGS.hidden)
+        rng = np.random.default_rng(0)
+        prompts = workload(rng, FLAGS.groups, FLAGS.prompts_per_group, FLAGS.system_len, FLAGS.question_len, 32000)
+        warm = workload(np.random.default_rng(1), 1, 2, FLAGS.system_len, FLAGS.question_len, 32000)
+        params = SamplingParams(max_tokens=FLAGS.output_len)
+        rows, tokens = {}, {}
+        for caching in (False, True):
+            llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024, max_num_batched_tokens=512,
+                      max_num_seqs=32, page_size=16)
+            for sequential in (True, False):
+                run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
+                name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
+                rows[name], tokens[name] = run_setting(llm, prompts, params, sequential)
+                rows[name]["prefill_tokens_computed"] = None
+            del llm
+        # Ideal TTFT ratio: prefill tokens computed without vs with caching (sequential arrival).
+        total = len(prompts) * (FLAGS.system_len + FLAGS.question_len)
+        with_cache = FLAGS.groups * FLAGS.system_len + len(prompts) * FLAGS.question_len
+        ideal = total / with_cache
+        summary = {}
+        for mode in ("sequential", "batched"):
+            off, on = rows[f"off/{mode}"], rows[f"on/{mode}"]
+            measured = off["ttft_mean_s"] / on["ttft_mean_s"]
+            summary[mode] = dict(ttft_ratio_off_on=measured, ideal_ratio=ideal, fraction_of_ideal=measured / ideal,
+                                 jct_ratio_off_on=off["jct_mean_s"] / on["jct_mean_s"],
+                                 throughput_ratio_on_off=on["throughput_tok_s"] / off["throughput_tok_s"])
+            assert tokens[f"off/{mode}"] == tokens[f"on/{mode}"], "caching changed greedy output"
+        results["shared_prefix"] = dict(rows=rows, summary=summary, config=dict(
+            groups=FLAGS.groups, prompts_per_group=FLAGS.prompts_per_group, system_len=FLAGS.system_len,
+            question_len=FLAGS.question_len, output_len=FLAGS.output_len, layers=FLAGS.layers,
+            hidden=FLAGS.hidden))
+        print(f"\nShared-prefix workload ({FLAGS.groups} groups x {FLAGS.prompts_per_group}, system "
+              f"{FLAGS.system_len} + question {FLAGS.question_len} tokens; Llama {FLAGS.layers}L/{FLAGS.hidden}H "
+              f"random weights, f32)")
+        print(f"{'setting':22s} {'TTFT mean ms':>13s} {'TTFT p50 ms':>12s} {'JCT mean ms':>12s} "
+              f"{'tok/s':>8s} {'hit rate':>9s}")
+        for name, r in rows.items():
+            print(f"{name:22s} {r['ttft_mean_s'] * 1e3:13.1f} {r['ttft_p50_s'] * 1e3:12.1f} "
+                  f"{r['jct_mean_s'] * 1e3:12.1f} {r['throughput_tok_s']:8.0f} {r['hit_rate']:9.1%}")
+        for mode, s in summary.items():
+            print(f"{mode}: TTFT off/on {s['ttft_ratio_off_on']:.2f}x, ideal {s['ideal_ratio']:.2f}x "
+                  f"({s['fraction_of_ideal']:.0%} of ideal); JCT off/on {s['jct_ratio_off_on']:.2f}x; "
+                  f"throughput on/off {s['throughput_ratio_on_off']:.2f}x")
+
+        results["decode"] = decode_bench(folder, hf_model)
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {FLAGS.out}")
+
+
+def decode_bench(folder, hf_model):
+    import numpy as np
+    from jaxserve import LLM, SamplingParams
+    batches = [int(b) for b in FLAGS.decode_batches]
+    llm = LLM(model=folder, enable_prefix_caching=False, num_pages=1024, max_num_seqs=max(batches),
+              max_num_batched_tokens=max(512, max(batches)), page_size=16)
+    rng = np.random.default_rng(2)
+    params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
+    rows = []
+    print(f"\nDecode throughput (prompt {FLAGS.decode_prompt_len}, {FLAGS.decode_tokens} new tokens, greedy)")
+    print(f"{'batch':>5s} {'jaxserve tok/s':>15s} {'transformers tok/s':>19s} {'ratio':>6s}")
+    for b in batches:
+        prompts = [list(rng.integers(0, 32000, FLAGS.decode_prompt_len)) for _ in range(b)]
+        llm.generate(prompts, params)  # compile
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        ours = b * FLAGS.decode_tokens / dt
+        theirs = hf_generate(hf_model, prompts, FLAGS.decode_tokens) if FLAGS.hf else None
+        same = None
+        if theirs is not None:
+            theirs, hf_tokens = theirs
+            same = sum(o.token_ids == h for o, h in zip(outs, hf_tokens)) / b
+        rows.append(dict(batch=b, jaxserve_tok_s=ours, transformers_tok_s=theirs, greedy_agreement=same))
+        ratio = f"{ours / theirs:6.2f}" if theirs else "   n/a"
+        print(f"{b:5d} {ours:15.1f} {theirs or float('nan'):19.1f} {ratio}  (same greedy tokens: {same})")
+    return rows
+
+
+def hf_generate(model, prompts, n):
+    try:
+        import torch
+    except ImportError:
+        return None
+    x = torch.tensor(prompts)
+    with torch.no_grad():
+        model.generate(x[:, :8], max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False)
+        dt = time.perf_counter() - t0
+    return len(prompts) * n / dt, [row[len(prompts[0]):].tolist() for row in y]
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,69 @@
+"""Run the global scheduler as a process.
+
+    python -m launch.scheduler --model=demo --port=50050 --policy=locality
+
+Instances register themselves with it (Scheduler.Register); clients use `jaxserve.client`. Stops cleanly on
+SIGINT / SIGTERM (health goes NOT_SERVING, running requests get `--shutdown_grace_s` to finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from absl import app, flags, logging
+
+from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
+from jaxserve.scheduler.config import MODES
+
+flags.DEFINE_string("model", "demo", "model folder (or a bundled name) for the tokenizer and context length")
+flags.DEFINE_integer("max_model_len", None, "cap on the model's context length")
+flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 to accept remote clients)")
+flags.DEFINE_integer("port", 50050, "port to bind (0: any free port)")
+flags.DEFINE_enum("policy", "locality", POLICIES, "routing policy")
+flags.DEFINE_enum("mode", "auto", MODES, "deployment mode (auto: colocated if any colocated instance)")
+flags.DEFINE_integer("max_queued_requests", 1024, "admission limit in requests")
+flags.DEFINE_integer("max_queued_tokens", 1 << 22, "admission limit in tokens (prompt + max_tokens)")
+flags.DEFINE_integer("default_max_tokens", 16, "max_tokens when a request leaves it out")
+flags.DEFINE_float("load_guard_factor", 1.5, "locality/session: skip instances above factor x mean load + slack")
+flags.DEFINE_float("load_guard_slack", 2.0, "locality/session: load guard slack, in requests")
+flags.DEFINE_float("health_interval_s", 1.0, "seconds between health probes of each instance")
+flags.DEFINE_float("health_timeout_s", 1.0, "health probe timeout")
+flags.DEFINE_integer("unhealthy_after", 2, "failed probes in a row before an instance is taken out")
+flags.DEFINE_integer("max_migrations", 2, "times a request may move after instance failures")
+flags.DEFINE_float("stall_timeout_s", None, "a started stream silent this long counts as a failure")
+flags.DEFINE_float("no_instance_wait_s", 5.0, "how long a request waits for an instance to come up")
+flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model with Instance.Profile")
+flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
+flags.DEFINE_string("tls_cert_file", None, "server certificate chain (PEM) for TLS")
+flags.DEFINE_string("tls_key_file", None, "server private key (PEM) for TLS")
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> GlobalSchedulerConfig:
+    names = ("host", "port", "policy", "mode", "max_queued_requests", "max_queued_tokens", "default_max_tokens",
+             "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
+             "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
+             "shutdown_grace_s", "tls_cert_file", "tls_key_file")
+    return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
+
+
+async def serve(config: GlobalSchedulerConfig) -> None:
+    scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len))
+    await scheduler.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.info("scheduler ready on %s", scheduler.address)
+    await stop.wait()
+    logging.info("shutting down")
+    await scheduler.stop()
+
+
+def main(argv):
+    del argv
+    asyncio.run(serve(config_from_flags()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,343 @@
+"""Pallas paged-attention kernels against the pure-jnp oracle (jaxserve/kernels/reference.py).
+
+Everything runs on CPU: the GPU variant in Pallas interpret mode, the TPU variant under the TPU
+interpreter; GPU (Triton) and TPU (Mosaic) lowering is checked by cross-lowering without executing.
+
+Inputs are hostile on purpose: page tables are permuted, every page slot and page tail that holds no
+valid key is NaN, and query rows past cu_q_lens[num_seqs] are NaN, so any read the kernel should not make
+(or any masked value it fails to neutralise) shows up as NaN. The oracle itself is not NaN-safe (it
+multiplies zero probabilities by V of unused pages), so it is fed the same pool with NaN replaced by 0:
+its answer must not depend on those values either.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.kernels import dispatch, reference
+from jaxserve.kernels.decode_attention import decode_paged_attention
+from jaxserve.kernels.ragged_paged_attention import merge_attention, ragged_paged_attention
+
+# Tolerances per dtype (outputs compared in f32). f32: both sides accumulate in f32 in a different
+# order. bf16: outputs are rounded to bf16 (ulp 2^-8 relative) and the kernel feeds unnormalised
+# probabilities to the P.V matmul in bf16 where the oracle feeds normalised ones.
+TOL = {
+    jnp.float32: dict(atol=2e-5, rtol=2e-5),
+    jnp.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+LSE_TOL = {
+    jnp.float32: dict(atol=2e-5, rtol=2e-5),
+    jnp.bfloat16: dict(atol=2e-3, rtol=2e-3),
+}
+
+
+# The oracles, jitted (eager op-by-op dispatch of the vmapped oracle is slow on 2 cores).
+_STATIC = ("sm_scale", "sliding_window", "soft_cap", "return_lse")
+ref_ragged = jax.jit(reference.ref_ragged_paged_attention, static_argnames=_STATIC)
+ref_decode = jax.jit(reference.ref_decode_paged_attention, static_argnames=_STATIC)
+
+
+# ------------------------------------------------------------------------------------------------
+# input construction
+
+
+def make_batch(rng, seqs, *, num_kv_heads, group, head_dim, page_size, dtype, pad_tokens=3, extra_seqs=0,
+               spare_pages=3):
+    """seqs: [(q_len, kv_len)] of live sequences. Returns (args for the kernel, args for the oracle).
+
+    `extra_seqs` dead sequence slots (index >= num_seqs) get garbage lengths and out-of-range page ids."""
+    num_live = len(seqs)
+    max_seqs = num_live + extra_seqs
+    pages_per_seq = max(-(-kv // page_size) for _, kv in seqs) + 1  # one spare slot per row
+    num_pages = num_live * pages_per_seq + spare_pages
+    perm = rng.permutation(num_pages)
+    page_indices = np.zeros((max_seqs, pages_per_seq), np.int32)
+    page_indices[:num_live] = perm[:num_live * pages_per_seq].reshape(num_live, pages_per_seq)
+    page_indices[num_live:] = 10 ** 6  # dead rows: must never be dereferenced unclipped
+    kv = rng.standard_normal((num_pages, page_size, 2 * num_kv_heads, head_dim)).astype(np.float32)
+    valid = np.zeros((num_pages, page_size), bool)
+    for s, (_, kv_len) in enumerate(seqs):
+        for tok in range(kv_len):
+            valid[page_indices[s, tok // page_size], tok % page_size] = True
+    kv[~valid] = np.nan
+    q_lens = np.array([q for q, _ in seqs] + [2] * extra_seqs, np.int32)
+    kv_lens = np.array([k for _, k in seqs] + [7] * extra_seqs, np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_tokens = int(cu[num_live]) + pad_tokens
+    q = rng.standard_normal((num_tokens, num_kv_heads * group, head_dim)).astype(np.float32)
+    q[cu[num_live]:] = np.nan
+    args = (jnp.asarray(q, dtype), jnp.asarray(kv, dtype), jnp.asarray(kv_lens), jnp.asarray(page_indices),
+            jnp.asarray(cu), jnp.asarray([num_live], jnp.int32))
+    clean_kv = jnp.where(jnp.isnan(args[1]), jnp.zeros((), dtype), args[1])
+    clean_pi = jnp.where(args[3] >= num_pages, 0, args[3])
+    oracle_args = (args[0], clean_kv, args[2], clean_pi) + args[4:]
+    return args, oracle_args
+
+
+def random_mix(rng, page_size, max_tokens=40):
+    """A shuffled mix: pure prefill, prefill after a cached prefix, decode on and off a page boundary,
+    with random lengths on and off page boundaries."""
+    pure = int(rng.choice([page_size, 2 * page_size, rng.integers(2, 2 * page_size)]))
+    prefix = int(rng.choice([page_size, rng.integers(1, 3 * page_size)]))
+    chunk = int(rng.integers(2, 12))
+    dec_on = page_size * int(rng.integers(1, 4))
+    dec_off = int(rng.integers(2, 4 * page_size))
+    if dec_off % page_size == 0:
+        dec_off += 1
+    seqs = [(pure, pure), (chunk, prefix + chunk), (1, dec_on), (1, dec_off)]
+    while sum(q for q, _ in seqs) > max_tokens:  # keep the interpreter fast
+        seqs[0] = (seqs[0][0] // 2, seqs[0][0] // 2)
+    order = rng.permutation(len(seqs))
+    return [seqs[i] for i in order]
+
+
+def assert_close(out, ref, dtype, tol=None):
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    assert not np.isnan(out).any(), "kernel output has NaN: it read or failed to mask invalid data"
+    np.testing.assert_allclose(out, ref, **(tol or TOL[dtype]))
+
+
+def assert_lse_close(lse, ref_lse, dtype):
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], **LSE_TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
+# ragged kernel, GPU variant (Pallas interpret mode)
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (1, 128), (4, 64), (8, 128)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_ragged_matches_oracle(dtype, group, head_dim):
+    rng = np.random.default_rng([group, head_dim, 0 if dtype == jnp.float32 else 1])
+    page_size = 8 if head_dim == 64 else 16
+    num_kv_heads = 2 if group < 8 else 1
+    seqs = random_mix(rng, page_size)
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                                   page_size=page_size, dtype=dtype)
+    sm_scale = head_dim ** -0.5
+    out, lse = ragged_paged_attention(*args, sm_scale=sm_scale, return_lse=True, block_q=8, pages_per_block=2)
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=sm_scale, return_lse=True)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    live_end = int(args[4][len(seqs)])
+    assert np.all(np.asarray(out[live_end:], np.float32) == 0)  # rows of no live sequence
+
+
+@pytest.mark.parametrize("kw", [dict(soft_cap=5.0), dict(sliding_window=11)], ids=["soft_cap", "window"])
+def test_ragged_soft_cap_and_sliding_window(kw):
+    rng = np.random.default_rng(7)
+    seqs = [(13, 13), (6, 30), (1, 24), (1, 9)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=4, head_dim=64, page_size=8,
+                                   dtype=jnp.float32)
+    out, lse = ragged_paged_attention(*args, sm_scale=0.3, return_lse=True, block_q=4, pages_per_block=1, **kw)
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **kw)
+    assert_close(out, ref, jnp.float32)
+    assert_lse_close(lse, ref_lse, jnp.float32)
+
+
+@pytest.mark.parametrize("block_q,pages_per_block", [(None, None), (1, 1), (16, 4)])
+def test_ragged_tilings_dead_sequences_and_empty_queries(block_q, pages_per_block):
+    """Tile / KV-block sizes that do and do not divide the lengths; a live sequence with q_len 0;
+    dead sequence slots (>= num_seqs) with garbage lengths and out-of-range page ids; a GQA group that
+    is not a power of two (padded inside)."""
+    rng = np.random.default_rng(11)
+    seqs = [(9, 9), (0, 5), (4, 20), (1, 16)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=1, group=3, head_dim=64, page_size=8,
+                                   dtype=jnp.float32, extra_seqs=2, pad_tokens=5)
+    out = ragged_paged_attention(*args, sm_scale=0.125, block_q=block_q, pages_per_block=pages_per_block)
+    ref = ref_ragged(*oracle_args, sm_scale=0.125)
+    assert_close(out, ref, jnp.float32)
+
+
+def test_merge_attention_of_two_kv_halves_equals_whole():
+    """Split one sequence's keys at a page boundary into a cached prefix A and a new chunk B. Attention
+    of the chunk's queries over A (each query as its own one-query sequence with kv_len = |A|, which sees
+    all of A) merged with causal attention over B (a pure-prefill sequence on B's pages) must equal
+    attention over A u B."""
+    rng = np.random.default_rng(3)
+    ps, hkv, group, d = 8, 2, 4, 64
+    len_a, len_b = 16, 5
+    (q, kv, _, pi, _, _), _ = make_batch(rng, [(len_b, len_a + len_b)], num_kv_heads=hkv, group=group,
+                                         head_dim=d, page_size=ps, dtype=jnp.float32, pad_tokens=0)
+    kv = jnp.where(jnp.isnan(kv), 0.0, kv)
+    whole, whole_lse = ragged_paged_attention(q, kv, jnp.array([len_a + len_b], jnp.int32), pi,
+                                              jnp.array([0, len_b], jnp.int32), jnp.array([1], jnp.int32),
+                                              sm_scale=0.125, return_lse=True)
+    pages_a = jnp.tile(pi[:, : len_a // ps], (len_b, 1))
+    out_a, lse_a = ragged_paged_attention(q, kv, jnp.full((len_b,), len_a, jnp.int32), pages_a,
+                                          jnp.arange(len_b + 1, dtype=jnp.int32), jnp.array([len_b], jnp.int32),
+                                          sm_scale=0.125, return_lse=True)
+    out_b, lse_b = ragged_paged_attention(q, kv, jnp.array([len_b], jnp.int32), pi[:, len_a // ps:],
+                                          jnp.array([0, len_b], jnp.int32), jnp.array([1], jnp.int32),
+                                          sm_scale=0.125, return_lse=True)
+    merged, merged_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    assert_close(merged, whole, jnp.float32)
+    np.testing.assert_allclose(merged_lse, whole_lse, atol=1e-5, rtol=1e-5)
+    # merging with an empty range (lse -inf) is the identity
+    empty = jnp.full_like(lse_a, -jnp.inf)
+    same, same_lse = merge_attention(whole, whole_lse, jnp.zeros_like(whole), empty)
+    assert_close(same, whole, jnp.float32)
+    np.testing.assert_allclose(same_lse, whole_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# flash-decoding kernel
+
+
+@pytest.mark.parametrize("group,head_dim,num_kv_splits", [(1, 128, None), (4, 64, 3), (8, 64, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_decode_matches_oracle(dtype, group, head_dim, num_kv_splits):
+    rng = np.random.default_rng([group, head_dim, 5])
+    ps = 8 if head_dim == 64 else 16
+    kv_lens = [1, 2 * ps, 3 * ps + 5, 0]  # one token, on a boundary, off a boundary, empty
+    rng.shuffle(kv_lens)
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, _, _, _) = make_batch(
+        rng, [(1, k) for k in kv_lens], num_kv_heads=2, group=group, head_dim=head_dim, page_size=ps,
+        dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), 2 * group, head_dim)), dtype)
+    out, lse = decode_paged_attention(q, kv, lens, pi, sm_scale=head_dim ** -0.5, return_lse=True,
+                                      num_kv_splits=num_kv_splits, pages_per_block=1)
+    ref, ref_lse = ref_decode(q, kv_clean, lens, pi, sm_scale=head_dim ** -0.5,
+                                                        return_lse=True)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("kw", [dict(soft_cap=4.0), dict(sliding_window=10)], ids=["soft_cap", "window"])
+def test_decode_soft_cap_and_sliding_window(kw):
+    rng = np.random.default_rng(2)
+    seqs = [(1, 37), (1, 8), (1, 3)]
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, _, _, _) = make_batch(
+        rng, seqs, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((3, 6, 64)), jnp.float32)
+    out = decode_paged_attention(q, kv, lens, pi, sm_scale=0.2, num_kv_splits=2, pages_per_block=2, **kw)
+    ref = ref_decode(q, kv_clean, lens, pi, sm_scale=0.2, **kw)
+    assert_close(out, ref, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU (Mosaic) variant under the TPU interpreter
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,kw", [
+    (jnp.float32, 4, 64, dict(return_lse=True)),
+    (jnp.bfloat16, 1, 128, dict(sliding_window=9, soft_cap=6.0)),
+], ids=["f32-gqa4-d64-lse", "bf16-mha-d128-window-cap"])
+def test_tpu_variant_under_tpu_interpreter(dtype, group, head_dim, kw):
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng([group, head_dim, 9])
+    ps = 8 if head_dim == 64 else 16
+    seqs = [(7, 7), (3, ps + 3), (1, 2 * ps)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=ps,
+                                   dtype=dtype)
+    with pltpu.force_tpu_interpret_mode():
+        res = ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", interpret=False, block_q=4,
+                                     pages_per_block=2, **kw)
+    ref = ref_ragged(*oracle_args, sm_scale=0.1, **kw)
+    if kw.get("return_lse"):
+        assert_close(res[0], ref[0], dtype)
+        assert_lse_close(res[1], ref[1], dtype)
+    else:
+        assert_close(res, ref, dtype)
+
+
+def test_tpu_variant_decode_under_tpu_interpreter():
+    rng = np.random.default_rng(4)
+    seqs = [(1, 19), (1, 8)]
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, _, _, _) = make_batch(
+        rng, seqs, num_kv_heads=2, group=4, head_dim=64, page_size=8, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
+    out = decode_paged_attention(q, kv, lens, pi, sm_scale=0.2, backend="tpu", interpret=True, pages_per_block=2)
+    ref = ref_decode(q, kv_clean, lens, pi, sm_scale=0.2)
+    assert_close(out, ref, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# lowering for the real backends (no execution: no GPU / TPU here)
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_kernels_lower_for_gpu_and_tpu(platform, backend):
+    """Pallas -> Triton IR (CUDA) and Pallas -> Mosaic MLIR (TPU) succeed at serving-like shapes, so no
+    primitive or shape the backends reject is left. Backend compilation itself needs the device."""
+    sds = jax.ShapeDtypeStruct
+    t, hq, hkv, d, p, ps, s, pps = 64, 16, 2, 128, 128, 16, 8, 16
+    ragged_args = (sds((t, hq, d), jnp.bfloat16), sds((p, ps, 2 * hkv, d), jnp.bfloat16), sds((s,), jnp.int32),
+                   sds((s, pps), jnp.int32), sds((s + 1,), jnp.int32), sds((1,), jnp.int32))
+    for kw in (dict(), dict(sliding_window=64, soft_cap=30.0, return_lse=True)):
+        f = functools.partial(ragged_paged_attention, sm_scale=0.1, interpret=False, backend=backend, **kw)
+        text = jax.jit(f).trace(*ragged_args).lower(lowering_platforms=(platform,)).as_text()
+        assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
+        g = functools.partial(decode_paged_attention, sm_scale=0.1, interpret=False, backend=backend, **kw)
+        text = jax.jit(g).trace(sds((s, hq, d), jnp.bfloat16), *ragged_args[1:4]).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+
+
+@pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode_only"])
+def test_dispatch_pallas_equals_reference(decode_only):
+    rng = np.random.default_rng(6)
+    seqs = [(1, 20), (1, 8), (1, 1)] if decode_only else [(10, 10), (4, 21), (1, 8)]
+    _, args = make_batch(rng, seqs, num_kv_heads=2, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                         pad_tokens=0 if decode_only else 2)
+    args = (jnp.where(jnp.isnan(args[0]), 0.0, args[0]),) + args[1:]
+    kw = dict(sm_scale=0.125, decode_only=decode_only, soft_cap=None, sliding_window=None)
+    out = dispatch.paged_attention(*args, impl="pallas", **kw)
+    ref = dispatch.paged_attention(*args, impl="reference", **kw)
+    assert_close(out, ref, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV write path: the donated cache is updated in place
+
+
+def test_write_kv_under_donation_reuses_the_cache_buffer():
+    cache = jnp.zeros((2, 16, 8, 4, 64), jnp.float32)
+    k = jnp.ones((3, 2, 64), jnp.float32)
+    v = 2 * jnp.ones((3, 2, 64), jnp.float32)
+    pages, offs = jnp.array([1, 1, 5], jnp.int32), jnp.array([0, 1, 7], jnp.int32)
+    write = jax.jit(reference.write_kv, static_argnums=1, donate_argnums=0)
+    hlo = write.lower(cache, 1, k, v, pages, offs).compile().as_text()
+    assert "input_output_alias={ {}: (0, {}" in hlo  # output 0 aliases parameter 0
+    shape = "f32[2,16,8,4,64]"
+    assert not [line for line in hlo.splitlines() if f"= {shape}" in line and " copy(" in line]
+    ptr = cache.unsafe_buffer_pointer()
+    new = write(cache, 1, k, v, pages, offs)
+    assert cache.is_deleted()
+    assert new.unsafe_buffer_pointer() == ptr  # same device buffer: no copy of the pool
+    np.testing.assert_array_equal(new[1, 5, 7, 0::2], k[2])
+    np.testing.assert_array_equal(new[1, 5, 7, 1::2], v[2])
+    assert float(jnp.abs(new[0]).sum()) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark smoke run
+
+
+def test_bench_tiny_configuration_runs(tmp_path):
+    from jaxserve.kernels import bench
+
+    cfg = bench.BenchConfig(**{**bench.QUICK, "batches": (2,), "contexts": (32,), "iters": 1})
+    report = bench.run_bench(cfg, str(tmp_path / "bench.json"), log=lambda *_: None)
+    impls = {(r["mode"], r["impl"]) for r in report["results"] if "error" not in r}
+    assert {("decode", "decode"), ("decode", "ragged"), ("decode", "xla"), ("prefill", "ragged"),
+            ("prefill", "xla")} <= impls
+    for r in report["results"]:
+        assert "error" not in r and r["max_abs_err"] < 5e-2
+    assert (tmp_path / "bench.json").exists()
