@@ -78,8 +78,8 @@ def test_greedy_matches_dense_reference():
     dict(),                                                        # caching on, chunked
     dict(enable_chunked_prefill=False, max_num_batched_tokens=128),
     dict(max_num_batched_tokens=16, max_num_seqs=4),              # tiny budget: many chunks
-    dict(num_pages=12),                                            # tiny pool: preemption
-    dict(num_pages=12, num_host_pages=16),                         # host tier takes evicted prefixes
+    dict(num_pages=10),                                            # tiny pool: preemption
+    dict(num_pages=10, num_host_pages=16),                         # host tier takes evicted prefixes
 ])
 def test_cached_runs_match_uncached(variant):
     rng = np.random.default_rng(1)
@@ -94,7 +94,7 @@ def test_cached_runs_match_uncached(variant):
         if round_ == 1 and variant.get("num_pages", 128) > 12:
             assert all(o.num_cached_tokens >= 24 for o in got)
         turns = [t + o.token_ids + list(rng.integers(0, 256, 3)) for t, o in zip(turns, ref)]
-    if variant.get("num_pages") == 12:
+    if "num_pages" in variant:
         assert llm.stats()["num_preemptions"] > 0
     assert_no_leak(llm)
 

@@ -170,16 +170,21 @@ def test_merge_attention_of_two_kv_halves_equals_whole():
     (q, kv, _, pi, _, _), _ = make_batch(rng, [(len_b, len_a + len_b)], num_kv_heads=hkv, group=group,
                                          head_dim=d, page_size=ps, dtype=jnp.float32, pad_tokens=0)
     kv = jnp.where(jnp.isnan(kv), 0.0, kv)
-    whole, whole_lse = ragged_paged_attention(q, kv, jnp.array([len_a + len_b], jnp.int32), pi,
-                                              jnp.array([0, len_b], jnp.int32), jnp.array([1], jnp.int32),
-                                              sm_scale=0.125, return_lse=True)
-    pages_a = jnp.tile(pi[:, : len_a // ps], (len_b, 1))
-    out_a, lse_a = ragged_paged_attention(q, kv, jnp.full((len_b,), len_a, jnp.int32), pages_a,
-                                          jnp.arange(len_b + 1, dtype=jnp.int32), jnp.array([len_b], jnp.int32),
-                                          sm_scale=0.125, return_lse=True)
-    out_b, lse_b = ragged_paged_attention(q, kv, jnp.array([len_b], jnp.int32), pi[:, len_a // ps:],
-                                          jnp.array([0, len_b], jnp.int32), jnp.array([1], jnp.int32),
-                                          sm_scale=0.125, return_lse=True)
+    pages = pi[0, :3]  # A = pages[:2] (16 keys), B = pages[2] (5 keys)
+    # All three calls use len_b sequence slots and 3-page tables, so they share one compilation.
+    one_seq = (jnp.array([0] + [len_b] * len_b, jnp.int32), jnp.array([1], jnp.int32))
+    per_query = (jnp.arange(len_b + 1, dtype=jnp.int32), jnp.array([len_b], jnp.int32))
+
+    def table(row0):
+        return jnp.zeros((len_b, 3), jnp.int32).at[0].set(row0)
+
+    run = functools.partial(ragged_paged_attention, sm_scale=0.125, return_lse=True)
+    whole, whole_lse = run(q, kv, jnp.array([len_a + len_b] + [0] * (len_b - 1), jnp.int32), table(pages),
+                           *one_seq)
+    out_a, lse_a = run(q, kv, jnp.full((len_b,), len_a, jnp.int32),
+                       jnp.tile(jnp.concatenate([pages[:2], pages[:1]])[None], (len_b, 1)), *per_query)
+    out_b, lse_b = run(q, kv, jnp.array([len_b] + [0] * (len_b - 1), jnp.int32),
+                       table(jnp.array([pages[2], 0, 0], jnp.int32)), *one_seq)
     merged, merged_lse = merge_attention(out_a, lse_a, out_b, lse_b)
     assert_close(merged, whole, jnp.float32)
     np.testing.assert_allclose(merged_lse, whole_lse, atol=1e-5, rtol=1e-5)

@@ -93,7 +93,7 @@ def assert_same(a, b):
 
 
 def finish_all_and_check_no_leak(pool, live):
-    for _, pages in live:
+    for _, pages, _ in live:
         pool.free(pages)
     live.clear()
     pool.check_invariants()
@@ -161,11 +161,12 @@ def test_pool_free_rejects_double_free_and_freeing_the_index_reference():
 
 # ====================================================================== randomized workloads
 class Sim:
-    """Simulated requests (match -> alloc -> prefill writes -> insert -> free) with checks after each step."""
+    """Simulated requests (match -> alloc -> prefill writes -> insert, possibly while still running -> free)
+    with every check after each step."""
 
     def __init__(self, pool):
         self.pool = pool
-        self.live = []          # (tokens, pages) of running requests
+        self.live = []          # [tokens, pages, {page-key prefix: page the index held for it}] per request
         self.cached = set()     # page-key prefixes cached on either tier, as told by the pool's events
         self.ever = set()
         pool.set_event_listener(self.on_event)
@@ -177,10 +178,14 @@ class Sim:
             self.cached.update(keys[:i + 1] for i in range(len(keys)))
         else:
             assert kind == "evict" and keys in self.cached
-            held = {tuple(page_keys(t)[:i + 1]) for t, p in self.live for i in range(len(p))}
-            gone = {q for q in self.cached if q[:len(keys)] == keys}
-            assert not (gone & held & set(tree_map(self.pool))), "evicted a prefix a running request holds"
-            self.cached -= gone
+            self.cached -= {q for q in self.cached if q[:len(keys)] == keys}
+
+    def _note_indexed(self, req):
+        """Remembers which of the request's pages the index holds: they must stay there while it runs."""
+        tokens, pages, held = req
+        for i, p in enumerate(pages[:len(tokens) // PS]):
+            if self.pool._indexed[p]:
+                held[tuple(page_keys(tokens)[:i + 1])] = p
 
     def start(self, tokens):
         pool, keys = self.pool, page_keys(tokens)
@@ -202,19 +207,30 @@ class Sim:
             pool.free(pages)
             return
         write(pool, new, tokens, first=len(pages))
-        self.live.append((tokens, pages + new))
+        req = [tokens, pages + new, {}]
+        self._note_indexed(req)
+        self.live.append(req)
+
+    def insert(self, k, upto=None):
+        """Indexes a running request's whole pages (all, or the first `upto` tokens' worth)."""
+        if not self.live:
+            return
+        req = self.live[k % len(self.live)]
+        tokens = req[0] if upto is None else req[0][:upto]
+        keys = page_keys(tokens)
+        pre = set(self.cached)
+        added = self.pool.insert(tokens, req[1])
+        assert added == (len(keys) - longest_cached(pre, keys)) * PS
+        assert all(tuple(keys[:i + 1]) in self.cached for i in range(len(keys)))
+        self.ever.update(tuple(keys[:i + 1]) for i in range(len(keys)))
+        self._note_indexed(req)
 
     def finish(self, k, insert):
         if not self.live:
             return
-        tokens, pages = self.live.pop(k % len(self.live))
         if insert:
-            keys = page_keys(tokens)
-            pre = set(self.cached)
-            added = self.pool.insert(tokens, pages)
-            assert added == (len(keys) - longest_cached(pre, keys)) * PS
-            assert all(tuple(keys[:i + 1]) in self.cached for i in range(len(keys)))
-            self.ever.update(tuple(keys[:i + 1]) for i in range(len(keys)))
+            self.insert(k)
+        tokens, pages, _ = self.live.pop(k % len(self.live))
         self.pool.free(pages)
 
     def check(self):
@@ -223,13 +239,15 @@ class Sim:
         kv = np.asarray(pool.kv_cache)
         rc = pool.allocator.refcount
         expect_rc = pool._indexed.astype(np.int64)
-        for tokens, pages in self.live:
+        tree = tree_map(pool)
+        for tokens, pages, held in self.live:
             for i, p in enumerate(pages):
                 expect_rc[p] += 1
-                # a running request's pages are never evicted, freed or overwritten
+                # a running request's pages are never freed or overwritten...
                 assert np.array_equal(kv[:, p], as_dtype(pool, page_content(tokens, i))), f"live page {p} changed"
+            for prefix, p in held.items():  # ...nor evicted from the index, nor moved
+                assert tree.get(prefix) == (DEVICE, p), f"page {p} of a running request left the index"
         assert np.array_equal(rc, expect_rc), "refcounts != index references + running requests' references"
-        tree = tree_map(pool)
         assert set(tree) == self.cached and self.cached <= self.ever
         for prefix, (tier, page) in tree.items():  # every cached page, either tier, holds its prefix's KV
             toks = [t for chunk in prefix for t in chunk]
@@ -249,8 +267,9 @@ def docs_st(draw, n_tokens=26):
 
 _start = st.tuples(st.just("start"), st.integers(0, 3), st.integers(1, 26))
 _finish = st.tuples(st.just("finish"), st.integers(0, 7), st.sampled_from([True, True, True, False]))
-op_st = st.one_of(  # mostly requests; now and then an explicit evict or delete
+op_st = st.one_of(  # mostly requests; now and then a mid-request insert, an explicit evict or delete
     _start, _start, _start, _finish, _finish, _finish,
+    st.tuples(st.just("insert"), st.integers(0, 7), st.integers(0, 26)),
     st.tuples(st.just("evict"), st.integers(1, 6), st.none()),
     st.tuples(st.just("delete"), st.integers(0, 3), st.integers(1, 26)),
 )
@@ -267,6 +286,8 @@ def test_random_request_workload(host, docs, ops):
             sim.start(docs[op[1] % len(docs)][:op[2]])
         elif op[0] == "finish":
             sim.finish(op[1], op[2])
+        elif op[0] == "insert":
+            sim.insert(op[1], op[2])
         elif op[0] == "evict":
             assert pool.evict(op[1]) <= op[1]
         else:
@@ -287,8 +308,10 @@ def test_long_seeded_workload(host):
         if r < 0.5:
             prompt = systems[rng.integers(3)] + list(rng.integers(0, 4, rng.integers(0, 14)))
             sim.start(prompt)
-        elif r < 0.9:
+        elif r < 0.75:
             sim.finish(int(rng.integers(8)), bool(rng.random() < 0.9))
+        elif r < 0.9:
+            sim.insert(int(rng.integers(8)), int(rng.integers(4, 24)))  # after a prefill chunk
         elif r < 0.95:
             pool.evict(int(rng.integers(1, 4)))
         else:
@@ -379,6 +402,25 @@ def test_referenced_pages_are_never_evicted():
     for i, p in enumerate(held):
         assert np.array_equal(kv[:, p], page_content(a, i))
     pool.free(again + held + rest)
+    pool.check_invariants()
+
+
+def test_unreferenced_parent_of_a_referenced_leaf_is_not_evictable():
+    pool = make_pool(num_pages=16)
+    prompt, longer = list(range(8)), list(range(8)) + list(range(50, 58))
+    # two running requests computed the shared prompt concurrently; r1 indexed it first
+    r1, r2 = pool.alloc(2), pool.alloc(4)
+    write(pool, r1, prompt)
+    write(pool, r2, longer)
+    assert pool.insert(prompt, r1) == 8
+    assert pool.insert(longer, r2) == 8  # the tree keeps r1's pages for the prompt and takes r2's tail
+    pool.free(r1)  # r1's pages are now held by the index alone, but r2's indexed tail hangs below them
+    assert pool.num_evictable_pages() == 0 and not pool.can_alloc(pool.num_free_pages() + 1)
+    before = snapshot(pool)
+    assert pool.evict(10) == 0 and pool.alloc(pool.num_free_pages() + 1) is None
+    assert_same(before, snapshot(pool))
+    pool.free(r2)
+    assert pool.num_evictable_pages() == 4 and pool.evict(10) == 4
     pool.check_invariants()
 
 

@@ -107,7 +107,7 @@ def test_tree_matches_brute_force(docs, ops):
             pages = [next(next_page) for _ in keys]
             matched = longest_cached(model, keys)
             path, last, new = index.insert(keys, pages)
-            assert (len(new) if new else 0) == len(keys) - matched
+            assert new == pages[matched:]
             for i in range(matched, len(keys)):
                 model[tuple(keys[:i + 1])] = pages[i]
         elif kind == "match":
@@ -133,7 +133,8 @@ def test_tree_matches_brute_force(docs, ops):
 def test_split_keeps_structure_and_lru_candidates():
     index = PromptIndex(PS)
     keys = page_keys([1, 1, 2, 2, 0, 0, 1, 2])
-    _, _, node = index.insert(keys, [10, 11, 12, 13])
+    index.insert(keys, [10, 11, 12, 13])
+    node = index.root.children[keys[0]]
     head = index.split(node, 1)
     assert head.pages == [10] and node.pages == [11, 12, 13] and node.parent is head
     index.check()
@@ -145,9 +146,22 @@ def test_split_keeps_structure_and_lru_candidates():
     assert index.pop_lru(DEVICE) is head and index.pop_lru(HOST) is node
 
 
+def test_growing_sequence_extends_its_leaf():
+    index = PromptIndex(PS)
+    keys = page_keys(list(range(12)))
+    for n in range(1, 7):  # a decoding request indexes each page as it fills
+        assert index.insert(keys[:n], list(range(1, n + 1)))[2] == [n]
+    assert index.num_nodes == 1 and index.walk(keys)[1] == 6
+    index.insert(page_keys([0, 1, 2, 3, 9, 9]), [7, 8, 9])  # a branch still splits it
+    assert index.num_nodes == 3
+    index.check()
+
+
 def test_lru_order_follows_access():
     index = PromptIndex(PS)
-    leaves = [index.insert(page_keys([i, i]), [i + 1])[2] for i in range(3)]
+    for i in range(3):
+        index.insert(page_keys([i, i]), [i + 1])
+    leaves = [index.root.children[(i, i)] for i in range(3)]
     index.match_prefix(page_keys([0, 0]))  # 0 becomes most recent
     assert [index.pop_lru(DEVICE) for _ in range(3)] == [leaves[1], leaves[2], leaves[0]]
     assert index.pop_lru(DEVICE) is None

@@ -26,6 +26,20 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_step(model_config, attention_impl: str):
+    """One jitted step per (model shape, attention impl), shared by every engine in the process, so a
+    second engine with the same model reuses the first one's compilations."""
+    model = Llama(model_config, attention_impl=attention_impl)
+
+    def step(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
+        logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
+                                       decode_only=decode_only, logits_indices=logits_indices)
+        return sample_tokens(logits, **sampling), kv_cache
+
+    return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
+
+
 class ModelRunner:
     def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, attention_impl: str):
@@ -37,14 +51,7 @@ class ModelRunner:
         self.max_tokens_bucket = next_pow2(max_num_batched_tokens, 16)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.shapes_seen: set[tuple] = set()
-        model = Llama(model_config, attention_impl=attention_impl)
-
-        def step(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
-            logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
-                                           decode_only=decode_only, logits_indices=logits_indices)
-            return sample_tokens(logits, **sampling), kv_cache
-
-        self._step = jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
+        self._step = jitted_step(model_config, attention_impl)
 
     @property
     def num_compilations(self) -> int:

@@ -58,15 +58,19 @@ QUICK = dict(batches=(1, 2), contexts=(64, 128), gqa=("4:1",), head_dim=64, page
              max_prefill_tokens=256)
 
 
-def _time(fn, args, warmup, iters):
+def _time(fn, args, warmup, iters, repeats=3):
+    """Seconds per call: `iters` calls dispatched back to back, one sync at the end (so host dispatch
+    overlaps device work, as in a serving loop); the median of `repeats` such runs."""
     out = None
     for _ in range(max(1, warmup)):
         out = jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(iters):
+            res = fn(*args)
+        jax.block_until_ready(res)
+        times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times), out
 
 
@@ -153,7 +157,7 @@ def run_bench(cfg: BenchConfig, out_path: str | None = None, log=print):
                     results += _bench_one(cfg, rng, mode, batch, context, hq, hkv, dtype, q_len, kv_bytes,
                                           interpret, jax_gpu, copy_bw, mm_flops, log)
     report = dict(device=jax.devices()[0].device_kind, platform=platform, jax_version=jax.__version__,
-                  host=_platform.node(), interpret=interpret, copy_bandwidth_Bps=copy_bw,
+                  python=_platform.python_version(), interpret=interpret, copy_bandwidth_Bps=copy_bw,
                   matmul_flops=mm_flops, config=dataclasses.asdict(cfg), results=results)
     if out_path:
         with open(out_path, "w") as f:

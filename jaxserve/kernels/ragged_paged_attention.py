@@ -40,7 +40,8 @@ Variants
   supports the dynamic page gather a paged kernel needs with ordinary ref indexing; Mosaic GPU
   (Hopper/Blackwell only) wants TMA/`copy_gmem_to_smem` pipelines and `plgpu.kernel`, i.e. a separate
   kernel, and `pl.pallas_call` for Mosaic GPU is itself deprecated. Triton requires power-of-two
-  array sizes: page_size, head_dim and pages_per_block must be powers of two; the group is padded.
+  array sizes: page_size and head_dim must be powers of two (checked); block_q and pages_per_block are
+  rounded up to powers of two and the GQA group is padded; its dot needs M, N >= 16 (enforced).
   Verified here: interpret mode against the oracle, and that it *lowers* to Triton IR for CUDA
   (cross-lowering on CPU). Not verified without a GPU: Triton's own compilation to PTX, run-time
   results and speed.
@@ -48,8 +49,11 @@ Variants
   table in SMEM; grid (kv head blocks, tiles, KV blocks) with the KV axis "arbitrary"; each KV block is
   `pages_per_block` BlockSpec inputs of one page each whose index maps read the page table, so the
   Pallas TPU pipeline double-buffers the page DMAs; KV steps past the tile's last block repeat the
-  previous block index (no new DMA) and skip compute. K and V of a kv head are strided sublane loads
-  from the page (they are interleaved on axis 2). m / l live lane-replicated in VMEM scratch.
+  previous block index (no new DMA) and skip compute. K and V of kv head h are read as
+  `page[:, 2h, :]` / `page[:, 2h + 1, :]` (sublane-strided: they are interleaved on axis 2), one page
+  block holds all kv heads of the head block so a page is one contiguous DMA. Every KV block is
+  masked (no interior fast path). m / l live lane-replicated ([rows, 128]) in VMEM scratch; rows =
+  block_q * Gp is rounded up to whole sublane tiles.
   Verified here: the TPU interpreter (`pltpu.InterpretParams` / `force_tpu_interpret_mode`) against the
   oracle and lowering to Mosaic MLIR for TPU. Not verified without a TPU: Mosaic's layout passes (notably
   strided loads of packed bf16 rows, which may need a u32-bitcast split), VMEM limits, speed.
@@ -372,8 +376,8 @@ def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
     bk = pages_per_block * page_size
     plan = _tile_plan(kv_lens, cu_q_lens, num_seqs, num_tokens, block_q)
     blk_lo, blk_full, blk_hi, n_pages = _kv_block_ranges(plan, bk, page_size, sliding_window)
-    meta = jnp.stack([plan["seq"], plan["qpos0"], plan["kv_len"], blk_lo, blk_full, blk_hi, n_pages,
-                      plan["nrows"]], axis=1).astype(jnp.int32)
+    meta = jnp.stack([plan["seq"], plan["qpos0"], plan["kv_len"], blk_lo, blk_full, blk_hi, n_pages],
+                     axis=1).astype(jnp.int32)
     pt = _page_table(page_indices, num_pages, pages_per_block)
     qt = _q_tiles(q, plan, block_q, num_kv_heads, group_pad)
     max_tiles = plan["max_tiles"]

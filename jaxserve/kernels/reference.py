@@ -43,6 +43,8 @@ def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_windo
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     p = jnp.where(mask[None, None], p, 0.0)
+    # Invisible slots (unused pages, page tails) may hold anything, NaN included: 0 * NaN would leak.
+    v = jnp.where(k_valid[:, None, None], v, 0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     has_key = denom > 0
     out = jnp.einsum("hgqk,khd->qhgd", (p / jnp.where(has_key, denom, 1.0)).astype(v.dtype), v,

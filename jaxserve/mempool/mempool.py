@@ -234,11 +234,11 @@ class MemPool:
             raise ValueError(f"insert of {n} whole pages of tokens with only {len(pages)} pages")
         pages = [int(p) for p in pages[:n]]
         self._validate_insert(keys, pages)
-        path, last, new = self.index.insert(keys, pages)
+        path, last, new_pages = self.index.insert(keys, pages)
         off = 0
         for j, node in enumerate(path):
             covered = last if j == len(path) - 1 else len(node)
-            if False:
+            if node.tier == HOST:
                 if covered < len(node):
                     node = self.index.split(node, covered)
                 mine = pages[off:off + covered]
@@ -246,13 +246,11 @@ class MemPool:
                 self.index.set_tier(node, DEVICE, mine)
                 self._adopt(mine)
             off += covered
-        n_new = 0
-        if new is not None:
-            self._adopt(new.pages)
-            n_new = len(new) * self.page_size
+        if new_pages:
+            self._adopt(new_pages)
             self._event("insert", tuple(itertools.chain.from_iterable(keys)))
         self._emit()
-        return n_new
+        return len(new_pages) * self.page_size
 
     def delete(self, tokens: Sequence[int]) -> int:
         """Removes this sequence's unshared cached suffix (from the end of its cached path up to the nearest

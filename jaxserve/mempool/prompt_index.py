@@ -48,6 +48,9 @@ class Node:
     def __len__(self) -> int:
         return len(self.chunks)
 
+    def __bool__(self) -> bool:  # a node is never "empty" (the root has no pages but is still a node)
+        return True
+
     def __repr__(self) -> str:
         return (f"Node({self.tier}, pages={self.pages}, first={self.chunks[0] if self.chunks else None}, "
                 f"t={self.last_access}, children={len(self.children)}, pin={self.pin})")
@@ -205,28 +208,36 @@ class PromptIndex:
             self.note(node)
 
     # ------------------------------------------------------------------ structure
-    def insert(self, keys: Sequence[PageKey], pages: Sequence[int]) -> tuple[list[Node], int, Node | None]:
+    def insert(self, keys: Sequence[PageKey], pages: Sequence[int]) -> tuple[list[Node], int, list[int]]:
         """Indexes `keys` with `pages[i]` holding `keys[i]` where the tree has no page for it yet.
 
-        Where a prefix is already indexed the tree keeps its own pages and tier. Returns the path of
-        pre-existing nodes covering the already-indexed prefix, how many pages of the last of them are
-        covered, and the new leaf holding the rest (None if nothing was new). The new leaf is a device
-        node; if its ancestors are host nodes the caller must bring them to device (MemPool promotes them
-        with the caller's own pages).
+        Where a prefix is already indexed the tree keeps its own pages and tier. Returns the path of nodes
+        covering the already-indexed prefix, how many pages of the last of them it covers, and the page ids
+        newly indexed (on device). New pages extend the path's last node in place when it is a device
+        leaf ending exactly there (a request inserting page by page as it decodes keeps one node, not one
+        per page), else they form a new leaf. If the path holds host nodes the caller must bring them to
+        device, since device nodes may not hang below host nodes (MemPool promotes them with the caller's
+        own pages).
         """
         if len(pages) < len(keys):
             raise ValueError(f"{len(keys)} pages of tokens but only {len(pages)} page ids")
         path, last = self.walk(keys)
         matched = sum(len(node) for node in path[:-1]) + last if path else 0
-        new = None
-        if matched < len(keys):
-            if path and last < len(path[-1]):
-                path[-1] = self.split(path[-1], last)
-            parent = path[-1] if path else self.root
-            new = self._add_child(parent, list(keys[matched:]), [int(p) for p in pages[matched:len(keys)]],
-                                  DEVICE)
-        self._touch(path + [new] if new is not None else path)
-        return path, last, new
+        new_pages = [int(p) for p in pages[matched:len(keys)]]
+        touched = path
+        if new_pages:
+            tail = path[-1] if path else None
+            if tail is not None and last == len(tail) and not tail.children and tail.tier == DEVICE:
+                tail.chunks.extend(keys[matched:])
+                tail.pages.extend(new_pages)
+                self.num_pages[DEVICE] += len(new_pages)
+            else:
+                if tail is not None and last < len(tail):
+                    path[-1] = self.split(tail, last)
+                parent = path[-1] if path else self.root
+                touched = path + [self._add_child(parent, list(keys[matched:]), new_pages, DEVICE)]
+        self._touch(touched)
+        return path, last, new_pages
 
     def _add_child(self, parent: Node, chunks: list[PageKey], pages: list[int], tier: str) -> Node:
         assert chunks and len(chunks) == len(pages) and chunks[0] not in parent.children
