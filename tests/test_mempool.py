@@ -645,3 +645,17 @@ def test_gather_and_scatter_compile_once_per_bucket():
     assert mempool_mod._gather_pages._cache_size() - gather0 <= 5
     assert scatter._cache_size() - scatter0 <= 5
     pool.check_invariants()
+
+
+def test_token_arrays_are_accepted():
+    pool = make_pool(num_pages=9)
+    a = np.arange(12, dtype=np.int32)
+    pages = pool.alloc(3)
+    write(pool, pages, a.tolist())
+    assert pool.insert(a, pages) == 12
+    pool.free(pages)
+    n, got = pool.match(jnp.asarray(a))
+    assert n == 12 and got == pages
+    assert pool.match(a.tolist()[:10]) == (8, pages[:2])
+    pool.free(got + pages[:2])
+    pool.check_invariants()

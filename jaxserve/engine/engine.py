@@ -86,24 +86,60 @@ class Engine:
                              f"memory than the pool holds ({usable} tokens = {self.pool.num_pages - 1} pages "
                              f"of {self.pool.page_size}); raise num_pages or lower max_tokens")
 
-    def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None) -> Request:
+    def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None, *,
+                    prefill_only: bool = False) -> Request:
+        """Queues a request. `prefill_only`: stop after the first token and keep the KV pages (finish_reason
+        "prefilled") until `release(request_id)`, so a disaggregated decode instance can receive them."""
+        req = self._new_request(prompt_token_ids, params, request_id)
+        req.prefill_only = bool(prefill_only)
+        self.scheduler.add(req)
+        return req
+
+    def add_prefilled_request(self, prompt_token_ids, output_token_ids, params: SamplingParams, pages, *,
+                              num_computed: int, num_indexed_pages: int = 0, request_id: str | None = None,
+                              seed: int | None = None) -> Request:
+        """Queues a request whose first `num_computed` tokens already have their KV in `pages` (e.g. received
+        from a prefill instance); the engine takes over the callers' references to `pages`. It continues from
+        there (typically: decode after the first token the prefill side sampled)."""
+        req = self._new_request(prompt_token_ids, params, request_id, seed=seed)
+        req.output_token_ids = [int(t) for t in output_token_ids]
+        ps = self.pool.page_size
+        if not 0 < num_computed < req.num_tokens or len(pages) != -(-num_computed // ps):
+            self.requests.pop(req.request_id)
+            raise ValueError(f"{len(pages)} pages for {num_computed} computed of {req.num_tokens} tokens")
+        req.pages, req.num_computed, req.num_indexed_pages = list(pages), int(num_computed), int(num_indexed_pages)
+        req.preloaded = True
+        self.scheduler.add(req)
+        return req
+
+    def _new_request(self, prompt_token_ids, params, request_id, seed=None) -> Request:
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.validate(prompt_token_ids, params)
         idx = next(self._ids)
         request_id = request_id if request_id is not None else str(idx)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
+        if seed is None:
+            seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
         req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len)
         self.requests[request_id] = req
-        self.scheduler.add(req)
         return req
+
+    def release(self, request_id: str) -> None:
+        """Frees the pages a prefill-only request kept (after its KV was transferred, or gave up on)."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and req.pages:
+            self.pool.free(req.pages)
+            req.pages = []
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.finished:
             self.scheduler.finish(req, "abort")
             req.finish_time = time.perf_counter()
+        elif req is not None and req.pages:  # a prefill-only request still holding its KV
+            self.pool.free(req.pages)
+            req.pages = []
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -136,6 +172,8 @@ class Engine:
             if reason:
                 self.scheduler.finish(req, reason)
                 req.finish_time = now
+            elif req.prefill_only:
+                self.scheduler.hold(req)
             updated.append(req)
         return updated
 

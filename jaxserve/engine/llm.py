@@ -24,6 +24,9 @@ class RequestOutput:
     e2e_s: float
     finish_reason: str
     num_preemptions: int
+    error: str | None = None            # disaggregated: why the request failed (finish_reason "error")
+    transferred_tokens: int = 0         # disaggregated: prompt tokens whose KV moved prefill -> decode
+    returned_tokens: int = 0            # disaggregated caching3: tokens whose KV moved decode -> prefill
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -45,7 +48,9 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
                  enable_chunked_prefill: bool = True, tp: int = 1, device_ids=None, attention_impl: str = "auto",
                  max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
-                 compilation_cache: str | None = None):
+                 compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
+                 decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
+                 pd_mode: str = "basic"):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -58,15 +63,44 @@ class LLM:
             cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
         self.model_config = cfg
         self.tokenizer = tokenizer
-        config = EngineConfig(
-            cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill),
-            mesh=MeshConfig(tp=tp, device_ids=tuple(device_ids) if device_ids else None),
-            attention_impl=attention_impl, max_model_len=max_model_len, seed=seed)
+        def engine_config(caching, tp, device_ids):
+            return EngineConfig(
+                cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
+                                  enable_prefix_caching=caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                          max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
+                mesh=MeshConfig(tp=tp, device_ids=tuple(device_ids) if device_ids else None),
+                attention_impl=attention_impl, max_model_len=max_model_len, seed=seed)
+
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.engine = Engine(cfg, params, config, eos_token_ids=eos, detokenize=tokenizer.decode)
+        self.pair = None
+        if not disaggregated:
+            self.engine = Engine(cfg, params, engine_config(enable_prefix_caching, tp, device_ids),
+                                 eos_token_ids=eos, detokenize=tokenizer.decode)
+            return
+        # Disaggregated: prefill and decode engines on disjoint meshes; caching per PD mode (DESIGN §2).
+        from jaxserve.engine.disagg import DisaggregatedPair, mode_caching
+        import jax
+        n_dev = len(jax.devices())
+        prefill_devices = list(prefill_devices if prefill_devices is not None else range(n_dev // 2))
+        decode_devices = list(decode_devices if decode_devices is not None else range(n_dev // 2, n_dev))
+        p_cache, d_cache = mode_caching(pd_mode)
+
+        def pick_tp(tp_, devices):
+            if tp_ is None:  # the largest degree the devices and the KV heads allow
+                tp_ = max(t for t in range(1, len(devices) + 1) if cfg.num_kv_heads % t == 0)
+            if tp_ > len(devices):
+                raise ValueError(f"tp={tp_} needs {tp_} devices but {len(devices)} were given: {devices}")
+            return tp_, devices[:tp_]
+
+        ptp, pdev = pick_tp(prefill_tp, prefill_devices)
+        dtp, ddev = pick_tp(decode_tp, decode_devices)
+        prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev), eos_token_ids=eos,
+                         detokenize=tokenizer.decode)
+        decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev), eos_token_ids=eos,
+                        detokenize=tokenizer.decode)
+        self.pair = DisaggregatedPair(prefill, decode, pd_mode)
+        self.engine = decode
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -84,14 +118,29 @@ class LLM:
         encoded = [self.encode(p) for p in prompts]
         for toks, sp in zip(encoded, params):  # validate all before queueing any
             self.engine.validate(toks, sp)
+        if self.pair is not None:
+            reqs = [self.pair.add_request(t, sp) for t, sp in zip(encoded, params)]
+            while any(not r.finished for r in reqs):
+                self.pair.step()
+            return [self._output(r) for r in reqs]
         reqs = [self.engine.add_request(t, sp) for t, sp in zip(encoded, params)]
         while any(not r.finished for r in reqs):
             self.engine.step()
         return [self._output(r) for r in reqs]
 
-    def _output(self, req: Request) -> RequestOutput:
+    def _output(self, req) -> RequestOutput:
         self.engine.requests.pop(req.request_id, None)
         text = self._text(req)
+        if self.pair is not None:  # a DisaggRequest
+            p = req.prefill
+            first = req.first_token_time or time.perf_counter()
+            return RequestOutput(
+                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=req.output_token_ids,
+                text=text, num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=p.num_cached_tokens,
+                ttft_s=first - req.arrival_time, e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
+                finish_reason=req.finish_reason,
+                num_preemptions=(req.decode or p).num_preemptions,  # the decode side starts from the prefill's
+                error=req.error, transferred_tokens=req.transferred_tokens, returned_tokens=req.returned_tokens)
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=list(req.output_token_ids), text=text, num_prompt_tokens=len(req.prompt_token_ids),
@@ -99,7 +148,7 @@ class LLM:
             e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
             finish_reason=req.finish_reason, num_preemptions=req.num_preemptions)
 
-    def _text(self, req: Request) -> str:
+    def _text(self, req) -> str:
         ids = req.output_token_ids
         eos = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(self.engine.eos_token_ids))
         if req.finish_reason == "stop" and ids and ids[-1] in eos:
@@ -110,4 +159,4 @@ class LLM:
         return text
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        return self.engine.stats() if self.pair is None else self.pair.stats()

@@ -36,6 +36,12 @@ class Request:
     text: str = ""
     stop_text_len: int | None = None        # where a stop string cut the text
     admitted_once: bool = False
+    # Disaggregation hooks. prefill_only: stop after the first token and keep the pages (status FINISHED,
+    # finish_reason "prefilled") until the engine `release`s them, e.g. after a transfer. preloaded: the
+    # request arrives with `pages` already holding the KV of its first `num_computed` tokens.
+    prefill_only: bool = False
+    preloaded: bool = False
+    error: str | None = None                # why a request failed (finish_reason "error")
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -93,6 +93,11 @@ class Scheduler:
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.preloaded:
+                if not self._admit_preloaded(req, entries, budget):
+                    break
+                budget -= entries[-1][1]
+                continue
             tokens = req.all_token_ids
             n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
             # At least one token must be computed to get logits for the next one.
@@ -129,6 +134,27 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return budget
 
+    def _admit_preloaded(self, req: Request, entries, budget: int) -> bool:
+        """Admits a request whose first `num_computed` tokens' KV is already in `req.pages` (received from a
+        prefill instance). If it cannot run now it stays first in line and keeps its pages."""
+        n = req.num_uncomputed
+        if n > budget and not self.config.enable_chunked_prefill:
+            return False
+        n = min(n, budget)
+        new_pages = self.pool.alloc(max(0, self._pages_for(req.num_computed + n) - len(req.pages)))
+        if new_pages is None:
+            return False
+        self.waiting.popleft()
+        req.pages = req.pages + new_pages
+        req.preloaded = False
+        if not req.admitted_once:
+            req.num_cached_tokens = req.num_computed
+            req.admitted_once = True
+        req.status = Status.RUNNING
+        self.running.append(req)
+        entries.append((req, n))
+        return True
+
     def _shares_prefix_in_flight(self, tokens: list[int], n_cached: int) -> bool:
         """True when a running request is still computing whole pages this one could reuse later."""
         for other in self.running:
@@ -161,6 +187,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def hold(self, req: Request) -> None:
+        """Prefill-only request done: leaves the batch like a finished one, but keeps its pages (full ones are
+        indexed as usual) until `finish` releases them."""
+        self.index_computed_pages(req)
+        self.running.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "prefilled"
+
     def finish(self, req: Request, reason: str) -> None:
         if req.status is Status.RUNNING:
             self.index_computed_pages(req)
@@ -168,6 +202,9 @@ class Scheduler:
             self.pool.free(req.pages)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+            self.pool.free(req.pages)  # a preloaded request's received pages (empty otherwise)
+        elif req.pages:  # held after a prefill-only run
+            self.pool.free(req.pages)
         req.pages = []
         req.status = Status.FINISHED
         req.finish_reason = reason

@@ -283,6 +283,78 @@ class MemPool:
         Moving between device and host tiers is not reported: the prefix stays cached."""
         self._listener = fn
 
+    # ================================================================== transfer
+    def transfer(self, dst, src_pages: Sequence[int], dst_pages: Sequence[int], *,
+                 timeout: float | None = None, request_id: str = "") -> None:
+        """Copies the KV of `src_pages` (held by the caller) into `dst_pages` of `dst` (held by the
+        caller there): one gather for all layers, one move, one in-place scatter. `dst` is a MemPool of this
+        process (any mesh; resharded by `device_put`) or a `transfer.RemotePool`. Raises TransferError on
+        failure; `dst_pages` stay the caller's to free."""
+        from jaxserve.mempool import transfer as tr
+        src_pages = [int(p) for p in self._check_pages(src_pages, "transfer")]
+        if isinstance(dst, MemPool):
+            dst_pages = [int(p) for p in dst._check_pages(dst_pages, "transfer")]
+            tr.local_transfer(self, dst, src_pages, dst_pages)
+        else:
+            dst.push(self, src_pages, dst_pages=dst_pages, request_id=request_id, timeout=timeout)
+
+    def transfer_with_insert(self, dst, tokens: Sequence[int], src_pages: Sequence[int], *, start_page: int = 0,
+                             timeout: float | None = None, request_id: str = "") -> list[int]:
+        """Sends pages `start_page, start_page + 1, ...` of `tokens` (their KV in `src_pages`) to `dst`, which
+        allocates pages for them, receives, and indexes `tokens` in one step (MemServe: one round trip
+        fewer). The receiver must already cache the first `start_page` pages (see `cached_prefix_pages`).
+        Returns the receiver's pages for all of `tokens`' KV (the first `start_page` from its index), each
+        with one reference owned by the caller on the receiving side. On failure raises TransferError with
+        nothing allocated or indexed on the receiver."""
+        from jaxserve.mempool import transfer as tr
+        src_pages = [int(p) for p in self._check_pages(src_pages, "transfer_with_insert")]
+        if isinstance(dst, MemPool):
+            return dst.receive_with_insert(
+                tokens, start_page, len(src_pages), lambda pages: tr.local_transfer(self, dst, src_pages, pages))
+        return dst.push(self, src_pages, tokens=tokens, start_page=start_page, request_id=request_id,
+                        timeout=timeout)
+
+    def cached_prefix_pages(self, tokens: Sequence[int]) -> int:
+        """How many leading whole pages of `tokens` the index holds (either tier); takes no references and
+        changes nothing. What a sender asks first so it sends only what this pool lacks."""
+        if not self.cache_cfg.enable_prefix_caching:
+            return 0
+        path, last = self.index.walk(self.index.page_keys(tokens))
+        return sum(len(n) for n in path[:-1]) + (last if path else 0)
+
+    def receive_with_insert(self, tokens: Sequence[int], start_page: int, n_pages: int,
+                            fill: Callable[[list[int]], None]) -> list[int]:
+        """Receive side of `transfer_with_insert`: takes references to the cached first `start_page` pages of
+        `tokens`, allocates `n_pages` more, lets `fill(new_pages)` write them, then indexes the whole pages
+        of `tokens` (a trailing partial page is received but not indexed). Returns all pages, caller-owned.
+        If anything fails, every reference taken here is dropped before TransferError is raised, and
+        nothing half-received was indexed."""
+        from jaxserve.mempool.transfer import TransferError, _maybe_fail
+        tokens = [int(t) for t in tokens]
+        ps = self.page_size
+        if not (start_page + n_pages - 1) * ps < len(tokens) <= (start_page + n_pages) * ps:
+            raise ValueError(f"{len(tokens)} tokens do not fill pages {start_page}..{start_page + n_pages - 1}")
+        prefix: list[int] = []
+        if start_page:
+            got, prefix = self.match(tokens[:start_page * ps])
+            if got < start_page * ps:
+                self.free(prefix)
+                raise TransferError(f"receiver holds {got // ps} of the {start_page} pages the sender skipped")
+        new = self.alloc(n_pages)
+        if new is None:
+            self.free(prefix)
+            raise TransferError(f"receiver cannot allocate {n_pages} pages ({self.num_free_pages()} free)")
+        try:
+            fill(new)
+            _maybe_fail("insert")
+        except Exception as e:
+            self.free(prefix + new)
+            if isinstance(e, TransferError):
+                raise
+            raise TransferError(f"receive failed: {type(e).__name__}: {e}") from e
+        self.insert(tokens, prefix + new)
+        return prefix + new
+
     # ================================================================== reporting
     def stats(self) -> dict:
         free = self.allocator.num_free
@@ -455,8 +527,8 @@ class MemPool:
     def _flush_offloads(self) -> None:
         if not self._pending:
             return
-        dev = [p for d, _, _ in self._pending for p in d]
-        host = [h for _, h, _ in self._pending for h in h]
+        dev = [p for ds, _, _ in self._pending for p in ds]
+        host = [h for _, hs, _ in self._pending for h in hs]
         # The freed device pages cannot have been reused yet: nothing allocates during an eviction pass.
         self.host_cache[host] = self._gather(dev)
         for _, h, node in self._pending:

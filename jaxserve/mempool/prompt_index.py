@@ -349,7 +349,8 @@ class PromptIndex:
             for key, child in node.children.items():
                 assert child.parent is node, f"child {child} does not point back to {node}"
                 assert child.chunks and child.chunks[0] == key, f"child {child} stored under key {key}"
-                assert len(child.chunks) == len(child.pages), f"{child}: {len(child.chunks)} chunks, {len(child.pages)} pages"
+                assert len(child.chunks) == len(child.pages), \
+                    f"{child}: {len(child.chunks)} chunks, {len(child.pages)} pages"
                 assert all(len(c) == ps for c in child.chunks), f"{child}: a chunk is not one page of tokens"
                 assert child.tier in (DEVICE, HOST), child
                 assert not (node.tier == HOST and child.tier == DEVICE), f"device node {child} under host node {node}"
@@ -361,7 +362,8 @@ class PromptIndex:
                 count += 1
                 pages[child.tier] += len(child.pages)
                 stack.append(child)
-            assert node.num_device_children == n_dev, f"{node}: num_device_children {node.num_device_children} != {n_dev}"
+            assert node.num_device_children == n_dev, \
+                f"{node}: num_device_children {node.num_device_children} != {n_dev}"
             for tier, is_cand in ((DEVICE, self._is_device_candidate), (HOST, self._is_host_candidate)):
                 if node is not root and is_cand(node):
                     assert id(node) in live[tier], f"eviction candidate {node} missing from the {tier} LRU heap"

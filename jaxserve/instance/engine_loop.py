@@ -1,0 +1,367 @@
+"""The one thread that owns an `Engine`: it takes commands (add, abort, profile, stats) from a thread-safe
+queue, steps the engine while it has work, and hands each request's new tokens, finish or error to that
+request's sink. Also mirrors the MemPool's prompt index (for the reporter's snapshots) and publishes a load
+snapshot after every step, so other threads never touch the engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import zlib
+from typing import Callable, Sequence
+
+import grpc
+import numpy as np
+
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import Request
+from jaxserve.engine.sampling import SamplingParams
+
+log = logging.getLogger("jaxserve.instance")
+
+# Consecutive failed engine steps after which the engine counts as broken (health NOT_SERVING).
+_BROKEN_AFTER = 3
+
+
+class Sink:
+    """Where one request's events go. Called on the engine thread; implementations must be thread-safe.
+    Events: ("tokens", [ids]), ("finish", reason, usage dict, [last ids]), ("error", grpc.StatusCode, message)."""
+
+    def push(self, event: tuple) -> None:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class _Live:
+    req: Request
+    external_id: str
+    sink: Sink
+    num_resumed: int        # output tokens that came with the request (a migrated request's stream so far)
+    arrival: float          # perf_counter when the instance got the request
+    sent: int = 0           # output tokens already pushed (the resumed ones count as sent)
+    scheduled_at: float | None = None
+
+
+class IndexMirror:
+    """The set of page-aligned prefixes the MemPool's index holds, rebuilt from its insert/evict events (a
+    trie of pages), so the reporter can take a snapshot from any thread without touching the pool."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self._root: dict = {}
+        self._lock = threading.Lock()
+
+    def _pages(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        return [tuple(tokens[i:i + ps]) for i in range(0, len(tokens) // ps * ps, ps)]
+
+    def insert(self, tokens: Sequence[int]) -> None:
+        with self._lock:
+            node = self._root
+            for page in self._pages(tokens):
+                node = node.setdefault(page, {})
+
+    def evict(self, tokens: Sequence[int]) -> None:
+        pages = self._pages(tokens)
+        if not pages:
+            return
+        with self._lock:
+            node = self._root
+            for page in pages[:-1]:
+                node = node.get(page)
+                if node is None:
+                    return
+            node.pop(pages[-1], None)
+
+    def snapshot(self) -> list[tuple[int, ...]]:
+        """One token sequence per leaf: inserting them all rebuilds the index's prefix set."""
+        with self._lock:
+            out, stack = [], [((), self._root)]
+            while stack:
+                prefix, node = stack.pop()
+                if not node and prefix:
+                    out.append(prefix)
+                for page, child in node.items():
+                    stack.append((prefix + page, child))
+            return out
+
+    def num_pages(self) -> int:
+        with self._lock:
+            n, stack = 0, [self._root]
+            while stack:
+                node = stack.pop()
+                n += len(node)
+                stack.extend(node.values())
+            return n
+
+
+_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class EngineLoop:
+    """Owns `engine` on a background thread. `on_index_event(kind, tokens)` is called on that thread for
+    every index insert/evict (after the mirror is updated)."""
+
+    def __init__(self, engine: Engine, on_index_event: Callable[[str, tuple], None] | None = None,
+                 idle_poll_s: float = 0.5):
+        self.engine = engine
+        self.mirror = IndexMirror(engine.pool.page_size)
+        self._on_index_event = on_index_event
+        self._idle_poll_s = idle_poll_s
+        self._commands: queue.Queue = queue.Queue()
+        self._live: dict[str, _Live] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failed_steps = 0
+        self.broken: str | None = None    # why the engine stopped working, once it has
+        self.load: dict = {}              # replaced (never mutated) after each step: safe to read anywhere
+        self.counters = dict(num_requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        engine.pool.set_event_listener(self._index_event)
+        self._update_load()
+
+    # ---------------------------------------------------------------------------- any thread
+    def start(self) -> "EngineLoop":
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread; requests still running end with UNAVAILABLE."""
+        self._stopping = True
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn() on the engine thread; its result (or exception) lands in the returned future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            future.set_exception(RuntimeError("the engine loop is stopped"))
+            return future
+        self._commands.put((fn, future))
+        return future
+
+    def add(self, internal_id: str, external_id: str, prompt: Sequence[int], generated: Sequence[int],
+            params: SamplingParams, sink: Sink, arrival: float) -> None:
+        """Queue a request; everything about it (including a refusal) comes back through `sink`."""
+        self.submit(lambda: self._add(internal_id, external_id, list(prompt), list(generated), params, sink,
+                                      arrival))
+
+    def abort(self, internal_id: str) -> concurrent.futures.Future:
+        return self.submit(lambda: self._abort(internal_id))
+
+    def abort_external(self, external_id: str) -> concurrent.futures.Future:
+        """Abort every request with this external (scheduler) id; the future says whether any was found."""
+        def run():
+            ids = [i for i, live in self._live.items() if live.external_id == external_id]
+            for i in ids:
+                self._abort(i)
+            return bool(ids)
+        return self.submit(run)
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    # ---------------------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            try:
+                item = self._commands.get(block=not busy, timeout=None if busy else self._idle_poll_s)
+            except queue.Empty:
+                item = False
+            while item is not False:
+                if item is None:  # stop
+                    self._shutdown()
+                    return
+                fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - the caller gets it through the future
+                        future.set_exception(e)
+                try:
+                    item = self._commands.get_nowait()
+                except queue.Empty:
+                    item = False
+            if self.engine.has_unfinished():
+                self._step()
+            self._update_load()
+
+    def _shutdown(self) -> None:
+        for internal_id in list(self._live):
+            self._fail(internal_id, grpc.StatusCode.UNAVAILABLE, "the instance is shutting down")
+        while True:  # commands that raced the stop get an answer rather than a hang
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].set_exception(RuntimeError("the engine loop is stopped"))
+
+    def _add(self, internal_id, external_id, prompt, generated, params: SamplingParams, sink: Sink,
+             arrival: float) -> None:
+        if self.broken:
+            sink.push(("error", grpc.StatusCode.UNAVAILABLE, f"the engine is broken: {self.broken}"))
+            return
+        context_len = len(prompt) + len(generated)
+        remaining = params.max_tokens - len(generated)
+        if remaining <= 0 or context_len >= self.engine.max_model_len:
+            # Nothing left to generate (a resumed request at its limit): done without touching the engine.
+            sink.push(("finish", "length", dict(prompt_tokens=context_len, cached_tokens=0, completion_tokens=0,
+                                                ttft_s=0.0, queue_time_s=0.0, prefill_time_s=0.0), []))
+            return
+        try:
+            # Validate the whole context (prompt + resumed tokens) as the prompt it effectively is.
+            self.engine.validate(prompt + generated, dataclasses.replace(params, max_tokens=remaining))
+            req = self.engine.add_request(prompt, params, request_id=internal_id)
+        except ValueError as e:
+            sink.push(("error", grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            return
+        if generated:
+            # A resumed request starts exactly like one preempted after emitting `generated`: its context is
+            # prompt + generated, nothing computed yet, and sampling continues at output index
+            # len(generated) (the sampler keys on the output index, so a seeded request resumes its sequence).
+            req.output_token_ids = list(generated)
+        self._live[internal_id] = _Live(req, external_id, sink, len(generated), arrival, sent=len(generated))
+        self.counters["num_requests"] += 1
+
+    def _abort(self, internal_id: str) -> bool:
+        live = self._live.pop(internal_id, None)
+        self.engine.abort(internal_id)  # frees its pages (full ones stay in the index)
+        return live is not None
+
+    def _fail(self, internal_id: str, code: grpc.StatusCode, message: str) -> None:
+        live = self._live.pop(internal_id, None)
+        try:
+            self.engine.abort(internal_id)
+        except Exception:  # noqa: BLE001 - the engine may be in a bad state; the request is failed anyway
+            log.exception("abort of %s after a failure", internal_id)
+        if live is not None:
+            live.sink.push(("error", code, message))
+
+    def _step(self) -> list[Request]:
+        t0 = time.perf_counter()
+        try:
+            updated = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - every request must end, never hang
+            self._step_failed(e)
+            return []
+        self._failed_steps = 0
+        for live in self._live.values():
+            if live.scheduled_at is None and live.req.admitted_once:
+                live.scheduled_at = t0
+        for req in updated:
+            live = self._live.get(req.request_id)
+            if live is None:
+                continue  # a profiling request
+            new = req.output_token_ids[live.sent:]
+            live.sent = len(req.output_token_ids)
+            self.counters["generated_tokens"] += len(new)
+            if req.finished:
+                self._finish(live, new)
+            elif new:
+                live.sink.push(("tokens", new))
+        return updated
+
+    def _step_failed(self, e: Exception) -> None:
+        sched = self.engine.scheduler
+        if isinstance(e, RuntimeError) and "cannot be scheduled" in str(e) and sched.waiting and not sched.running:
+            # The head of the queue can never fit: fail it alone, the engine itself is fine.
+            head = sched.waiting[0].request_id
+            log.warning("request %s: %s", head, e)
+            self._fail(head, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            if head not in self._live:
+                self.engine.abort(head)
+            return
+        self._failed_steps += 1
+        log.exception("engine step failed (%d in a row); failing %d requests", self._failed_steps, len(self._live))
+        if self._failed_steps >= _BROKEN_AFTER:
+            self.broken = f"{type(e).__name__}: {e}"
+        for internal_id in list(self._live):
+            self._fail(internal_id, grpc.StatusCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}")
+        for req in list(sched.running) + list(sched.waiting):  # profiling requests, if any
+            self.engine.abort(req.request_id)
+
+    def _finish(self, live: _Live, new: list[int]) -> None:
+        req = live.req
+        del self._live[req.request_id]
+        self.engine.requests.pop(req.request_id, None)
+        first = req.first_token_time or time.perf_counter()
+        scheduled = live.scheduled_at or live.arrival
+        context_len = len(req.prompt_token_ids) + live.num_resumed
+        self.counters["prompt_tokens"] += context_len
+        self.counters["cached_tokens"] += req.num_cached_tokens
+        live.sink.push(("finish", _REASONS.get(req.finish_reason, "length"), dict(
+            prompt_tokens=context_len, cached_tokens=req.num_cached_tokens,
+            completion_tokens=len(req.output_token_ids) - live.num_resumed,
+            ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),
+            prefill_time_s=max(first - scheduled, 0.0)), new))
+
+    def _index_event(self, kind: str, tokens: tuple) -> None:
+        (self.mirror.insert if kind == "insert" else self.mirror.evict)(tokens)
+        if self._on_index_event is not None:
+            self._on_index_event(kind, tokens)
+
+    def _update_load(self) -> None:
+        sched, pool = self.engine.scheduler, self.engine.pool
+        self.load = dict(
+            num_running_requests=len(sched.running), num_queued_requests=len(sched.waiting),
+            num_running_tokens=sum(r.num_tokens for r in sched.running),
+            num_queued_tokens=sum(r.num_tokens for r in sched.waiting),
+            num_free_pages=pool.num_free_pages() + pool.num_evictable_pages(),
+            num_total_pages=pool.num_pages - 1, cached_pages=pool.stats()["cached_pages"])
+
+    # ---------------------------------------------------------------------------- profiling
+    def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3, seed: int = 0
+                ) -> list[tuple[int, int, float]]:
+        """Engine thread only (use `submit`). Median seconds from adding a request with prompt_len tokens, of
+        which the first cached_len are in the index, to its first token, per point. One extra run per point
+        warms the jit buckets. Points the engine cannot hold are skipped; live requests keep being served
+        (and share the steps, as they would in production). The random prompts are deleted from the index
+        afterwards."""
+        engine = self.engine
+        ps = engine.pool.page_size
+        capacity = (engine.pool.num_pages - 1) * ps
+        rng = np.random.default_rng(seed)
+        vocab = min(engine.model_config.vocab_size, 256)
+        out = []
+        for prompt_len, cached_len in points:
+            prompt_len, cached_len = int(prompt_len), int(cached_len)
+            if not 1 <= prompt_len < engine.max_model_len or prompt_len + 1 > capacity or cached_len >= prompt_len:
+                continue
+            times = []
+            for r in range(max(repeats, 1) + 1):
+                tokens = [int(t) for t in rng.integers(0, vocab, prompt_len)]
+                if cached_len // ps:
+                    self._run_to_end(tokens[:cached_len // ps * ps + 1])
+                t0 = time.perf_counter()
+                self._run_to_end(tokens)
+                if r:
+                    times.append(time.perf_counter() - t0)
+                engine.pool.delete(tokens)
+                engine.pool.delete(tokens[:cached_len // ps * ps + 1])
+            out.append((prompt_len, cached_len, float(np.median(times))))
+        return out
+
+    def _run_to_end(self, tokens: list[int]) -> Request:
+        req = self.engine.add_request(tokens, SamplingParams(max_tokens=1, ignore_eos=True))
+        try:
+            while not req.finished:
+                self._step()
+                if req.request_id not in self.engine.requests:
+                    raise RuntimeError("profiling request was aborted (engine step failed)")
+        finally:
+            self.engine.requests.pop(req.request_id, None)
+        return req
+
+
+def default_seed(request_id: str) -> int | None:
+    """Seed for a request that came without one: derived from its id, so a request moved to another
+    instance (same id) draws the same random numbers there."""
+    return zlib.crc32(request_id.encode()) if request_id else None

@@ -1,0 +1,432 @@
+"""KV transfer between MemPools (MemServe §3, transfer API), two backends behind one interface.
+
+A request's KV moves as one block holding its pages for every layer (MemServe's huge-page aggregation): one
+gather `kv_cache[:, pages]`, one move, one donated in-place scatter into the destination pool, whatever the
+number of layers. Page counts are padded to powers of two (padding reads/writes page 0, the pool's reserved
+sink) so the number of compilations stays O(log num_pages).
+
+Backends (both reached through `MemPool.transfer(dst, ...)` / `MemPool.transfer_with_insert(dst, ...)`):
+
+- local: `dst` is a MemPool in this process, usually on another mesh. The block goes through
+  `jax.device_put` to the destination pool's sharding, which also reshards between tensor-parallel degrees.
+- remote: `dst` is a `RemotePool`, a handle on a pool in another process served by a `KVReceiver`. The sender
+  parks the gathered block in its `jax.experimental.transfer` server (`await_pull`); a small JSON control
+  message (request id, transfer id, shape, dtype, server address, destination pages or tokens) goes over a
+  loopback TCP socket; the receiver `pull`s the block straight into its own devices, scatters it and answers.
+  The KV itself never crosses the control socket, and nothing is pickled. The transfer server only moves
+  arrays whose shard layout matches on both sides, so the receiver pulls into a staging layout with the
+  sender's number of shards and reshards locally with `device_put`.
+
+Failure: a transfer that fails or times out raises `TransferError`; receive-side helpers free every page they
+allocated before re-raising, and a block is indexed only after it has fully arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+class TransferError(RuntimeError):
+    """A KV transfer failed or timed out; whatever it allocated has been freed."""
+
+
+# Array operations issued by transfers, for tests and benchmarks (aggregation: a constant per request).
+OP_COUNTS = dict(gather=0, device_put=0, scatter=0, pull=0)
+
+_FAULT: dict[str, str | None] = dict(stage=None)
+
+
+@contextlib.contextmanager
+def inject_failure(stage: str):
+    """Test hook: the next transfer that reaches `stage` ("send", "receive" or "insert") raises TransferError."""
+    _FAULT["stage"] = stage
+    try:
+        yield
+    finally:
+        _FAULT["stage"] = None
+
+
+def _maybe_fail(stage: str) -> None:
+    if _FAULT["stage"] == stage:
+        _FAULT["stage"] = None
+        raise TransferError(f"injected failure at stage {stage!r}")
+
+
+def bucket(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def padded_index(pages: Sequence[int]) -> np.ndarray:
+    idx = np.zeros(bucket(len(pages)), np.int32)  # padding names page 0: read harmlessly, written to the sink
+    idx[:len(pages)] = pages
+    return idx
+
+
+# ------------------------------------------------------------------------------------------- array operations
+@jax.jit
+def _gather(kv: jax.Array, idx: jax.Array) -> jax.Array:
+    return kv[:, idx]  # [layers, pages, page_size, 2*Hkv, D], still sharded on the head axis
+
+
+@functools.lru_cache(maxsize=None)
+def _scatter_fn(sharding):
+    def scatter(kv, idx, block):
+        return kv.at[:, idx].set(block.astype(kv.dtype))
+    if sharding is None:
+        return jax.jit(scatter, donate_argnums=0)
+    return jax.jit(scatter, donate_argnums=0, out_shardings=sharding)
+
+
+@jax.jit
+def _gather_layer(kv: jax.Array, layer: jax.Array, idx: jax.Array, kv_half: jax.Array) -> jax.Array:
+    # Layer-by-layer baseline: one layer's K (kv_half=0) or V (kv_half=1) of the pages, heads interleaved.
+    x = jax.lax.dynamic_index_in_dim(kv, layer, 0, keepdims=False)[idx]
+    return jax.lax.dynamic_slice_in_dim(x.reshape(x.shape[:2] + (-1, 2, x.shape[-1])), kv_half, 1, axis=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _scatter_layer_fn(sharding):
+    def scatter(kv, layer, idx, kv_half, part):
+        shape = kv.shape
+        x = kv.reshape(shape[:3] + (-1, 2, shape[-1]))
+        cur = x[layer, idx]
+        cur = jax.lax.dynamic_update_slice_in_dim(cur, part.astype(kv.dtype), kv_half, axis=3)
+        return x.at[layer, idx].set(cur).reshape(shape)
+    if sharding is None:
+        return jax.jit(scatter, donate_argnums=0)
+    return jax.jit(scatter, donate_argnums=0, out_shardings=sharding)
+
+
+def pool_sharding(pool) -> jax.sharding.Sharding:
+    return pool.sharding if pool.sharding is not None else pool.kv_cache.sharding
+
+
+def gather_block(pool, pages: Sequence[int]) -> jax.Array:
+    """One gather of `pages` for all layers: [layers, bucket(n), page_size, 2*Hkv, D] on the pool's devices."""
+    OP_COUNTS["gather"] += 1
+    return _gather(pool.kv_cache, padded_index(pages))
+
+
+def scatter_block(pool, pages: Sequence[int], block: jax.Array) -> None:
+    """One donated in-place scatter of a gathered block (padding rows land in page 0)."""
+    OP_COUNTS["scatter"] += 1
+    idx = padded_index(pages)
+    if block.shape[1] != idx.size:
+        raise TransferError(f"block holds {block.shape[1]} pages, expected bucket {idx.size} for {len(pages)}")
+    pool.kv_cache = _scatter_fn(pool.sharding)(pool.kv_cache, idx, block)
+
+
+def local_transfer(src, dst, src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
+    """Aggregated same-process transfer: gather, device_put (reshards), scatter: three array operations."""
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destination pages")
+    if not src_pages:
+        return
+    _check_compatible(src, dst)
+    block = gather_block(src, src_pages)
+    _maybe_fail("send")
+    OP_COUNTS["device_put"] += 1
+    block = jax.device_put(block, pool_sharding(dst))
+    _maybe_fail("receive")
+    scatter_block(dst, dst_pages, block)
+
+
+def local_transfer_layerwise(src, dst, src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
+    """Baseline without aggregation: K and V of each layer move separately (2 x layers gathers, device_puts
+    and scatters), as a system whose cache is one array per layer and per K/V would do."""
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destination pages")
+    if not src_pages:
+        return
+    _check_compatible(src, dst)
+    sidx, didx = padded_index(src_pages), padded_index(dst_pages)
+    scatter = _scatter_layer_fn(dst.sharding)
+    target = pool_sharding(dst)
+    for layer in range(src.kv_cache.shape[0]):
+        for half in (0, 1):
+            OP_COUNTS["gather"] += 1
+            part = _gather_layer(src.kv_cache, np.int32(layer), sidx, np.int32(half))
+            OP_COUNTS["device_put"] += 1
+            part = jax.device_put(part, target)
+            OP_COUNTS["scatter"] += 1
+            dst.kv_cache = scatter(dst.kv_cache, np.int32(layer), didx, np.int32(half), part)
+
+
+def _check_compatible(src, dst) -> None:
+    if src.page_shape != dst.page_shape:
+        raise ValueError(f"page shapes differ: {src.page_shape} vs {dst.page_shape}")
+
+
+# ------------------------------------------------------------------------------------------- cross-process
+def _send_msg(sock: socket.socket, msg: dict) -> None:
+    sock.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+
+def _recv_msg(reader) -> dict:
+    line = reader.readline()
+    if not line:
+        raise TransferError("control connection closed by peer")
+    return json.loads(line)
+
+
+class TransferServer:
+    """This process's `jax.experimental.transfer` server plus a cache of connections to peers."""
+
+    _uuids = itertools.count(int(time.time() * 1000) % 10**9 * 1000)
+
+    def __init__(self, client=None, address: str = "127.0.0.1:0"):
+        from jax.experimental import transfer as jtransfer
+        client = client if client is not None else jax.local_devices()[0].client
+        host = address.rsplit(":", 1)[0]
+        self._server = jtransfer.start_transfer_server(client, address, [f"{host}:0"])
+        self._conns: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self._server.address()
+
+    def next_uuid(self) -> int:
+        return next(self._uuids)
+
+    def offer(self, uuid: int, arrays: list[jax.Array]) -> None:
+        self._server.await_pull(uuid, arrays)
+
+    def pull(self, address: str, uuid: int, specs: list[jax.ShapeDtypeStruct],
+             timeout: float | None = None) -> list[jax.Array]:
+        with self._lock:
+            conn = self._conns.get(address)
+            if conn is None:
+                conn = self._conns[address] = self._server.connect(address)
+        OP_COUNTS["pull"] += 1
+        if timeout is None:
+            return conn.pull(uuid, specs)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        return conn.pull(uuid, specs, timeout=deadline)
+
+
+class RemotePool:
+    """Sender-side handle on a MemPool in another process, served there by `KVReceiver.serve`.
+
+    `MemPool.transfer(remote, ...)` and `MemPool.transfer_with_insert(remote, ...)` land in `push`.
+    """
+
+    def __init__(self, host: str, port: int, server: TransferServer, *, timeout: float = 30.0):
+        self.server = server
+        self.timeout = timeout
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._reader = self._sock.makefile("rb")
+        self._lock = threading.Lock()
+        info = self.call(dict(op="hello"))
+        self.page_shape = tuple(info["page_shape"])
+        self.dtype = info["dtype"]
+        self.tp = int(info["tp"])
+
+    def call(self, msg: dict, timeout: float | None = None) -> dict:
+        with self._lock:
+            self._sock.settimeout(timeout if timeout is not None else self.timeout)
+            try:
+                _send_msg(self._sock, msg)
+                reply = _recv_msg(self._reader)
+            except (OSError, ValueError) as e:  # socket.timeout is an OSError
+                raise TransferError(f"control message {msg.get('op')!r} failed: {e}") from e
+        if not reply.get("ok"):
+            raise TransferError(f"remote {msg.get('op')!r} failed: {reply.get('error')}")
+        return reply
+
+    def cached_prefix_pages(self, tokens: Sequence[int]) -> int:
+        return int(self.call(dict(op="lookup", tokens=[int(t) for t in tokens]))["pages"])
+
+    def alloc(self, n: int, request_id: str = "") -> list[int]:
+        return self.call(dict(op="alloc", n=int(n), request_id=request_id))["pages"]
+
+    def release(self, request_id: str) -> None:
+        self.call(dict(op="release", request_id=request_id))
+
+    def push(self, src, src_pages: Sequence[int], *, dst_pages: Sequence[int] | None = None,
+             tokens: Sequence[int] | None = None, start_page: int = 0, request_id: str = "",
+             timeout: float | None = None) -> list[int]:
+        """Parks the gathered block on the transfer server and asks the receiver to pull it. With `tokens`,
+        the receiver allocates, receives and indexes (transfer_with_insert) and returns all pages holding
+        `tokens`; else it writes into `dst_pages`."""
+        if tuple(src.page_shape) != self.page_shape:
+            raise ValueError(f"page shapes differ: {src.page_shape} vs remote {self.page_shape}")
+        block = gather_block(src, list(src_pages))
+        _maybe_fail("send")
+        uuid = self.server.next_uuid()
+        self.server.offer(uuid, [block])
+        msg = dict(op="receive", request_id=request_id, uuid=uuid, address=self.server.address,
+                   shape=list(block.shape), dtype=str(block.dtype), n_pages=len(src_pages),
+                   src_shards=_num_head_shards(block), timeout=timeout or self.timeout)
+        if tokens is not None:
+            msg.update(tokens=[int(t) for t in tokens], start_page=int(start_page))
+        else:
+            msg.update(dst_pages=[int(p) for p in dst_pages])
+        return self.call(msg, timeout=(timeout or self.timeout) + 5.0)["pages"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _num_head_shards(block: jax.Array) -> int:
+    s = block.sharding
+    if isinstance(s, NamedSharding):
+        ax = s.spec[3] if len(s.spec) > 3 else None
+        if ax is None:
+            return 1
+        names = ax if isinstance(ax, tuple) else (ax,)
+        return int(np.prod([s.mesh.shape[n] for n in names]))
+    return 1
+
+
+def _wait_ready(x: jax.Array, timeout: float | None) -> None:
+    """`block_until_ready` with a deadline. On CPU with jax 0.10.2 the pull's own `timeout` does not fire when
+    the sender never offers the transfer id (the array just never becomes ready), so the wait happens on a
+    helper thread; after a timeout that thread and the unfilled buffer are abandoned (never scattered)."""
+    if timeout is None:
+        x.block_until_ready()
+        return
+    err: list[BaseException] = []
+    done = threading.Event()
+
+    def wait():
+        try:
+            x.block_until_ready()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            err.append(e)
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    if not done.wait(timeout):
+        raise TransferError(f"pull did not complete within {timeout:.1f}s")
+    if err:
+        raise TransferError(f"pull failed: {err[0]}") from err[0]
+
+
+class KVReceiver:
+    """Receive side of the cross-process backend: serves one MemPool to `RemotePool` peers.
+
+    Pages it allocates for a request are held under the request id until `take(request_id)` hands them to
+    the local engine or the peer `release`s them; a failed receive frees them before answering."""
+
+    def __init__(self, pool, server: TransferServer):
+        self.pool = pool
+        self.server = server
+        self.held: dict[str, list[int]] = {}
+        self.handlers: dict[str, Callable[[dict], dict]] = dict(
+            hello=self._hello, lookup=self._lookup, alloc=self._alloc, release=self._release,
+            receive=self._receive)
+        self._lock = threading.Lock()
+
+    def take(self, request_id: str) -> list[int]:
+        return self.held.pop(request_id)
+
+    def handle(self, msg: dict) -> dict:
+        fn = self.handlers.get(msg.get("op"))
+        if fn is None:
+            return dict(ok=False, error=f"unknown op {msg.get('op')!r}")
+        try:
+            with self._lock:
+                return dict(ok=True, **fn(msg))
+        except Exception as e:  # surfaced to the peer; local state was cleaned up by the handler
+            return dict(ok=False, error=f"{type(e).__name__}: {e}")
+
+    def serve(self, listener: socket.socket, stop: threading.Event | None = None) -> None:
+        """Answers control messages from each accepted connection until the peer closes it."""
+        while stop is None or not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with conn:
+            while True:
+                line = reader.readline()
+                if not line:
+                    return
+                try:
+                    msg = json.loads(line)
+                except ValueError as e:
+                    _send_msg(conn, dict(ok=False, error=f"bad control message: {e}"))
+                    continue
+                _send_msg(conn, self.handle(msg))
+
+    # -- handlers
+    def _hello(self, msg):
+        return dict(page_shape=list(self.pool.page_shape), dtype=str(self.pool.dtype),
+                    tp=_num_head_shards(self.pool.kv_cache))
+
+    def _lookup(self, msg):
+        return dict(pages=self.pool.cached_prefix_pages(msg["tokens"]))
+
+    def _alloc(self, msg):
+        pages = self.pool.alloc(int(msg["n"]))
+        if pages is None:
+            raise MemoryError(f"cannot allocate {msg['n']} pages")
+        self.held.setdefault(msg.get("request_id", ""), []).extend(pages)
+        return dict(pages=pages)
+
+    def _release(self, msg):
+        self.pool.free(self.held.pop(msg["request_id"], []))
+        return {}
+
+    def _pull(self, msg) -> jax.Array:
+        shards = int(msg["src_shards"])
+        mine = list(pool_sharding(self.pool).device_set)
+        devices = sorted(mine, key=lambda d: d.id)
+        if len(devices) < shards:
+            devices = [d for d in jax.local_devices() if d in mine] + \
+                      [d for d in jax.local_devices() if d not in mine]
+        if len(devices) < shards:
+            raise TransferError(f"sender has {shards} shards but this process has {len(devices)} devices")
+        staging = NamedSharding(jax.sharding.Mesh(np.asarray(devices[:shards]), ("tp",)),
+                                PartitionSpec(None, None, None, "tp", None))
+        spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=staging)
+        block = self.server.pull(msg["address"], int(msg["uuid"]), [spec], timeout=msg.get("timeout"))[0]
+        _wait_ready(block, msg.get("timeout"))  # raises on failure or timeout, before anything is written
+        _maybe_fail("receive")
+        OP_COUNTS["device_put"] += 1
+        return jax.device_put(block, pool_sharding(self.pool))
+
+    def _receive(self, msg):
+        n = int(msg["n_pages"])
+        rid = msg.get("request_id", "")
+        pulled = []
+
+        def fill(pages):
+            pulled.append(True)
+            scatter_block(self.pool, pages, self._pull(msg))
+
+        try:
+            if "tokens" in msg:
+                pages = self.pool.receive_with_insert(msg["tokens"], int(msg.get("start_page", 0)), n, fill)
+                self.held.setdefault(rid, []).extend(pages)
+                return dict(pages=pages)
+            pages = [int(p) for p in msg["dst_pages"]]
+            if len(pages) != n:
+                raise ValueError(f"{n} pages sent but {len(pages)} destination pages named")
+            fill(pages)
+            return dict(pages=pages)
+        except Exception:
+            if not pulled:  # failed before pulling: drain the block so the sender's server lets go of it
+                with contextlib.suppress(Exception):
+                    self._pull(msg).delete()
+            raise

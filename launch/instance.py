@@ -1,0 +1,79 @@
+"""Run one serving instance (an engine behind the Instance gRPC service) as a process.
+
+    python -m launch.instance --role=colocated --scheduler=127.0.0.1:50050 --port=0 --model=demo
+
+Registers with the scheduler and reports its index events and load; prints `instance ready on HOST:PORT`
+once registered. Stops cleanly on SIGINT / SIGTERM (NOT_SERVING, deregister, running requests get
+`--shutdown_grace_s` to finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from absl import app, flags, logging
+
+from jaxserve.instance.server import ROLES, InstanceConfig, InstanceServer, build_engine
+
+flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does (prefill/decode: not yet)")
+flags.DEFINE_string("scheduler", None, "host:port of the global scheduler (unset: serve unregistered)")
+flags.DEFINE_string("host", "127.0.0.1", "address to bind")
+flags.DEFINE_integer("port", 0, "port to bind (0: any free port)")
+flags.DEFINE_string("instance_id", "", "id to register under ('': the scheduler assigns one)")
+flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
+flags.DEFINE_integer("page_size", 16, "tokens per KV page")
+flags.DEFINE_integer("num_pages", 512, "device KV pages")
+flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
+flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
+flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
+flags.DEFINE_bool("chunked_prefill", True, "split long prefills across steps")
+flags.DEFINE_integer("tp", 1, "tensor-parallel degree")
+flags.DEFINE_list("device_ids", None, "devices of the mesh (default: the first tp)")
+flags.DEFINE_string("attention_impl", "auto", "attention implementation")
+flags.DEFINE_integer("max_model_len", None, "cap on the context length")
+flags.DEFINE_string("dtype", None, "cast the weights (float32 | bfloat16)")
+flags.DEFINE_integer("seed", 0, "engine seed (random weights, unseeded sampling)")
+flags.DEFINE_string("compilation_cache", None, "persistent XLA cache folder ('off' to disable)")
+flags.DEFINE_bool("profile_at_start", False, "time the cost-model points before registering")
+flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
+FLAGS = flags.FLAGS
+
+
+def engine_kwargs_from_flags() -> dict:
+    return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
+                enable_prefix_caching=FLAGS.prefix_caching, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
+                device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
+                attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
+                seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache)
+
+
+def config_from_flags() -> InstanceConfig:
+    return InstanceConfig(role=FLAGS.role, host=FLAGS.host, port=FLAGS.port, scheduler_address=FLAGS.scheduler,
+                          instance_id=FLAGS.instance_id, model_name=FLAGS.model,
+                          profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s)
+
+
+async def serve(server: InstanceServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"instance ready on {server.address} as {server.instance_id or '-'}", flush=True)
+    await stop.wait()
+    logging.info("shutting down")
+    await server.stop()
+
+
+def main(argv):
+    del argv
+    if FLAGS.role != "colocated":
+        logging.warning("role %s: Prefill/Decode answer UNIMPLEMENTED until disaggregation lands", FLAGS.role)
+    engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
+    asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+
+
+if __name__ == "__main__":
+    app.run(main)

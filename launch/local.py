@@ -1,0 +1,184 @@
+"""A whole cluster on one machine: the global scheduler (in this process) plus N colocated instances, each its
+own process (`launch.instance`), pinned to its own core when there are enough of them.
+
+    python -m launch.local --model=demo --num_instances=2 --port=50050
+
+Prints `cluster ready: scheduler at HOST:PORT` once every instance has registered. Ctrl-C / SIGTERM stops the
+instances (SIGTERM, then SIGKILL after --shutdown_timeout_s) and the scheduler; instances also die with this
+process if it is killed outright (PR_SET_PDEATHSIG), so nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
+
+flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
+flags.DEFINE_integer("num_instances", 2, "colocated instances")
+flags.DEFINE_string("host", "127.0.0.1", "scheduler address to bind")
+flags.DEFINE_integer("port", 50050, "scheduler port (0: any free port)")
+flags.DEFINE_enum("policy", "locality", POLICIES, "routing policy")
+flags.DEFINE_bool("pin", True, "pin instance k to core k (mod the cores available) when there are 2+ cores")
+flags.DEFINE_integer("page_size", 16, "tokens per KV page")
+flags.DEFINE_integer("num_pages", 512, "device KV pages per instance")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
+flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
+flags.DEFINE_integer("max_model_len", None, "cap on the context length")
+flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model (Instance.Profile)")
+flags.DEFINE_float("ready_timeout_s", 300.0, "how long instances get to start and register")
+flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long instances get to exit before SIGKILL")
+FLAGS = flags.FLAGS
+
+ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Own process group: a terminal's Ctrl-C reaches the launcher only, which then stops instances in order.
+    os.setpgrp()
+
+
+class LocalCluster:
+    """Scheduler in this process, instances as child processes. `async with LocalCluster(...) as c:` starts
+    everything and waits until every instance has registered; `c.address` is the scheduler's address."""
+
+    def __init__(self, model: str = "demo", num_instances: int = 2, *, host: str = "127.0.0.1", port: int = 0,
+                 policy: str = "locality", pin: bool = True, instance_flags: dict | None = None,
+                 scheduler_config: dict | None = None, max_model_len: int | None = None,
+                 ready_timeout_s: float = 300.0, shutdown_timeout_s: float = 10.0, quiet: bool = False):
+        self.model = model
+        self.num_instances = num_instances
+        self.config = GlobalSchedulerConfig(host=host, port=port, policy=policy, **(scheduler_config or {}))
+        self.max_model_len = max_model_len
+        self.pin = pin
+        self.instance_flags = dict(instance_flags or {})
+        self.ready_timeout_s = ready_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.quiet = quiet
+        self.scheduler: Scheduler | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return self.scheduler.address
+
+    def _cores(self) -> list[int]:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        return cores if self.pin and len(cores) > 1 else []
+
+    def _spawn(self, k: int) -> subprocess.Popen:
+        flags_ = {"role": "colocated", "scheduler": self.address, "host": "127.0.0.1", "port": 0,
+                  "instance_id": f"colocated-{k}", "model": self.model, **self.instance_flags}
+        if self.max_model_len:
+            flags_.setdefault("max_model_len", self.max_model_len)
+        cmd = [sys.executable, "-m", "launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
+        cores = self._cores()
+        if cores and _has_taskset():
+            cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
+        out = subprocess.DEVNULL if self.quiet else None
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent)
+
+    async def start(self) -> "LocalCluster":
+        self.scheduler = Scheduler(self.config, load_model_info(self.model, self.max_model_len))
+        await self.scheduler.start()
+        try:
+            self.procs = [self._spawn(k) for k in range(self.num_instances)]
+            deadline = time.monotonic() + self.ready_timeout_s
+            while len(self.scheduler.router.instances) < self.num_instances:
+                dead = [p for p in self.procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"instance process {dead[0].args[-1] if dead[0].args else ''} exited with "
+                                       f"code {dead[0].returncode} before registering")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(self.scheduler.router.instances)} of {self.num_instances} instances "
+                                       f"registered within {self.ready_timeout_s:g} s")
+                await asyncio.sleep(0.1)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def stop(self) -> None:
+        """SIGTERM every instance, SIGKILL the ones still there after shutdown_timeout_s, stop the scheduler."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for p in self.procs:
+            if p.poll() is None:
+                logging.warning("instance pid %d did not exit in %.0f s: killing it", p.pid, self.shutdown_timeout_s)
+                p.kill()
+                p.wait()
+        if self.scheduler is not None:
+            await self.scheduler.stop(0)
+
+    async def __aenter__(self) -> "LocalCluster":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def _has_taskset() -> bool:
+    from shutil import which
+    return which("taskset") is not None
+
+
+def cluster_from_flags(**overrides) -> LocalCluster:
+    kw = dict(model=FLAGS.model, num_instances=FLAGS.num_instances, host=FLAGS.host, port=FLAGS.port,
+              policy=FLAGS.policy, pin=FLAGS.pin, max_model_len=FLAGS.max_model_len,
+              instance_flags=dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
+                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                  max_num_seqs=FLAGS.max_num_seqs),
+              scheduler_config=dict(profile_instances=FLAGS.profile_instances),
+              ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s)
+    kw.update(overrides)
+    return LocalCluster(**kw)
+
+
+async def serve(cluster: LocalCluster) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # A signal while instances are still starting cancels the start, which stops what did start.
+    starting = asyncio.ensure_future(cluster.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()
+    try:
+        print(f"cluster ready: scheduler at {cluster.address} ({cluster.num_instances} instances, model "
+              f"{cluster.model})", flush=True)
+        await stopping
+        logging.info("shutting down")
+    finally:
+        await cluster.stop()
+
+
+def main(argv):
+    del argv
+    asyncio.run(serve(cluster_from_flags()))
+
+
+if __name__ == "__main__":
+    app.run(main)

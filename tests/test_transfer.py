@@ -1,0 +1,241 @@
+"""MemPool transfer API: same-process transfer between meshes (resharding included), aggregation (a constant
+number of array operations per request whatever the number of layers), transfer_with_insert, failure
+cleanup, and the cross-process backend (jax.experimental.transfer + JSON control messages) between two
+processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.config import CacheConfig, ModelConfig
+from jaxserve.mempool import MemPool
+from jaxserve.mempool import transfer as tr
+
+PAGE = 4
+
+
+def cfg(layers=2):
+    return ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+                       num_kv_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=256,
+                       eos_token_id=(257,))
+
+
+def make_pool(device_ids, *, layers=2, num_pages=32, caching=True):
+    from jaxserve.model.llama import kv_cache_partition_spec
+    by_id = {d.id: d for d in jax.devices()}
+    mesh = jax.sharding.Mesh(np.asarray([by_id[i] for i in device_ids]), ("tp",))
+    sharding = jax.sharding.NamedSharding(mesh, kv_cache_partition_spec())
+    return MemPool(cfg(layers), CacheConfig(page_size=PAGE, num_pages=num_pages, enable_prefix_caching=caching),
+                   sharding=sharding, dtype="float32")
+
+
+def fill_random(pool, pages, seed=0) -> np.ndarray:
+    data = np.random.default_rng(seed).standard_normal(
+        (pool.page_shape[0], len(pages)) + pool.page_shape[1:]).astype(np.float32)
+    idx = tr.padded_index(pages)
+    block = np.zeros((data.shape[0], idx.size) + data.shape[2:], np.float32)
+    block[:, :len(pages)] = data
+    tr.scatter_block(pool, pages, jax.device_put(block, pool.sharding))
+    return data
+
+
+def read(pool, pages) -> np.ndarray:
+    return np.asarray(pool.kv_cache)[:, list(pages)]
+
+
+def assert_clean(pool, outside=0):
+    pool.check_invariants()
+    assert pool.num_free_pages() + pool.num_evictable_pages() == pool.num_pages - 1 - outside
+
+
+def need_devices(n):
+    if len(jax.devices()) < n:
+        pytest.skip(f"needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+
+
+@pytest.mark.parametrize("src_devs,dst_devs", [((0, 1), (4, 5)), ((0, 1), (4,)), ((0,), (4, 5, 6, 7)),
+                                               ((0, 1, 2, 3), (6, 7))])
+def test_same_process_transfer_reshards(src_devs, dst_devs):
+    need_devices(8)
+    src, dst = make_pool(src_devs), make_pool(dst_devs)
+    sp, dp = src.alloc(5), dst.alloc(5)
+    data = fill_random(src, sp)
+    src.transfer(dst, sp, dp)
+    np.testing.assert_array_equal(read(dst, dp), data)
+    assert dst.kv_cache.sharding == dst.sharding  # stays where the engine's step expects it
+    assert {d.id for d in dst.kv_cache.sharding.device_set} == set(dst_devs)
+    src.free(sp)
+    dst.free(dp)
+    assert_clean(src)
+    assert_clean(dst)
+
+
+def test_aggregated_transfer_uses_constant_array_ops():
+    need_devices(8)
+    counts = {}
+    for layers in (2, 6):
+        src, dst = make_pool((0, 1), layers=layers), make_pool((4,), layers=layers)
+        sp, dp = src.alloc(7), dst.alloc(7)
+        data = fill_random(src, sp, seed=layers)
+        before = dict(tr.OP_COUNTS)
+        src.transfer(dst, sp, dp)
+        counts[layers] = {k: tr.OP_COUNTS[k] - before[k] for k in before}
+        np.testing.assert_array_equal(read(dst, dp), data)
+        # The layer-by-layer baseline moves the same bytes with 2 x layers of each operation.
+        dp2 = dst.alloc(7)
+        before = dict(tr.OP_COUNTS)
+        tr.local_transfer_layerwise(src, dst, sp, dp2)
+        per_layer = {k: tr.OP_COUNTS[k] - before[k] for k in before}
+        np.testing.assert_array_equal(read(dst, dp2), data)
+        assert per_layer == dict(gather=2 * layers, device_put=2 * layers, scatter=2 * layers, pull=0)
+    assert counts[2] == counts[6] == dict(gather=1, device_put=1, scatter=1, pull=0)
+
+
+def test_transfer_with_insert_indexes_and_skips_what_the_receiver_holds():
+    need_devices(8)
+    src, dst = make_pool((0, 1)), make_pool((4, 5, 6, 7))
+    tokens = list(range(1, 23))                       # 5 whole pages + 2 tokens
+    sp = src.alloc(6)
+    data = fill_random(src, sp)
+    # First 3 pages only.
+    got = src.transfer_with_insert(dst, tokens[:12], sp[:3])
+    assert dst.cached_prefix_pages(tokens) == 3 and len(got) == 3
+    dst.free(got)
+    # The rest: the sender asks what the receiver holds and sends only pages 3..5.
+    start = dst.cached_prefix_pages(tokens)
+    before = tr.OP_COUNTS["scatter"]
+    got = src.transfer_with_insert(dst, tokens, sp[start:], start_page=start)
+    assert tr.OP_COUNTS["scatter"] == before + 1
+    assert len(got) == 6 and dst.cached_prefix_pages(tokens) == 5  # the partial last page is not indexed
+    np.testing.assert_array_equal(read(dst, got), data)
+    n, pages = dst.match(tokens)
+    assert n == 20 and pages == got[:5]
+    dst.free(pages + got)
+    src.free(sp)
+    assert_clean(src)
+    assert_clean(dst)
+
+
+@pytest.mark.parametrize("stage", ["send", "receive", "insert"])
+def test_failed_transfer_frees_and_never_indexes(stage):
+    need_devices(8)
+    src, dst = make_pool((0, 1)), make_pool((4,))
+    tokens = list(range(1, 17))
+    sp = src.alloc(4)
+    fill_random(src, sp)
+    free_before = dst.num_free_pages()
+    with tr.inject_failure(stage), pytest.raises(tr.TransferError, match="injected"):
+        src.transfer_with_insert(dst, tokens, sp)
+    assert dst.num_free_pages() == free_before
+    assert dst.cached_prefix_pages(tokens) == 0 and dst.match(tokens) == (0, [])
+    assert_clean(dst)
+    # Skipping pages the receiver does not hold fails cleanly too.
+    with pytest.raises(tr.TransferError, match="receiver holds 0 of the 2 pages"):
+        src.transfer_with_insert(dst, tokens, sp[2:], start_page=2)
+    assert_clean(dst)
+    # A receiver without room fails before anything moves.
+    small = make_pool((5,), num_pages=3)
+    with pytest.raises(tr.TransferError, match="cannot allocate"):
+        src.transfer_with_insert(small, tokens, sp)
+    assert_clean(small)
+    src.free(sp)
+    assert_clean(src)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def _child(port_file: str) -> None:
+    """Receiver process: a MemPool on 2 devices behind a KVReceiver; extra ops let the test inspect it."""
+    pool = make_pool((0, 1))
+    recv = tr.KVReceiver(pool, tr.TransferServer())
+
+    def digest(msg):
+        return dict(data=read(pool, msg["pages"]).tolist())
+
+    def check(msg):
+        pool.check_invariants()
+        return dict(free=pool.num_free_pages(), evictable=pool.num_evictable_pages(),
+                    cached=pool.cached_prefix_pages(msg["tokens"]), held=sum(map(len, recv.held.values())))
+
+    recv.handlers.update(digest=digest, check=check)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(listener.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    recv.serve(listener)
+
+
+def test_cross_process_transfer(tmp_path):
+    need_devices(4)
+    port_file = str(tmp_path / "port")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    child = subprocess.Popen([sys.executable, __file__, "child", port_file], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        import time
+        deadline = time.time() + 60
+        while not os.path.exists(port_file):
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "receiver did not start"
+            time.sleep(0.1)
+        port = int(open(port_file).read())
+        src = make_pool((0, 1, 2, 3))  # sender tp=4, receiver tp=2: the receiver reshards after the pull
+        remote = tr.RemotePool("127.0.0.1", port, tr.TransferServer(), timeout=30)
+        assert remote.page_shape == src.page_shape and remote.tp == 2
+        tokens = list(range(1, 27))    # 6 whole pages + 2 tokens
+        sp = src.alloc(7)
+        data = fill_random(src, sp, seed=3)
+
+        # transfer into pages the sender reserved on the receiver
+        dp = remote.alloc(3, request_id="a")
+        before = tr.OP_COUNTS["gather"]
+        src.transfer(remote, sp[:3], dp, request_id="a")
+        assert tr.OP_COUNTS["gather"] == before + 1
+        got = np.asarray(remote.call(dict(op="digest", pages=dp))["data"], np.float32)
+        np.testing.assert_array_equal(got, data[:, :3])
+        remote.release("a")
+
+        # transfer_with_insert in two parts: the second sends only what the receiver lacks
+        first = src.transfer_with_insert(remote, tokens[:8], sp[:2], request_id="b")
+        assert remote.cached_prefix_pages(tokens) == 2 and len(first) == 2
+        start = remote.cached_prefix_pages(tokens)
+        pages = src.transfer_with_insert(remote, tokens, sp[start:], start_page=start, request_id="c")
+        assert len(pages) == 7 and pages[:2] == first
+        got = np.asarray(remote.call(dict(op="digest", pages=pages))["data"], np.float32)
+        np.testing.assert_array_equal(got, data)
+        remote.release("b")
+        remote.release("c")
+
+        # a failing receive (prefix not held) frees what it took; nothing is indexed
+        other = list(range(100, 126))
+        with pytest.raises(tr.TransferError, match="receiver holds 0 of the 3 pages"):
+            src.transfer_with_insert(remote, other, sp[3:], start_page=3, request_id="d")
+        # a pull that never gets its data (unknown transfer id) times out and surfaces as an error
+        with pytest.raises(tr.TransferError):
+            remote.call(dict(op="receive", request_id="e", uuid=123456789, address=remote.server.address,
+                             shape=[2, 4, PAGE, 4, 8], dtype="float32", n_pages=3, src_shards=4, timeout=2,
+                             tokens=other[:12], start_page=0), timeout=20)
+        st = remote.call(dict(op="check", tokens=other))
+        assert st["cached"] == 0 and st["held"] == 0
+        assert st["free"] + st["evictable"] == 31  # every page free or held by the index only
+        assert remote.call(dict(op="check", tokens=tokens))["cached"] == 6
+        remote.close()
+        src.free(sp)
+        assert_clean(src)
+    finally:
+        child.kill()
+        child.wait()
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "child":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _child(sys.argv[2])
