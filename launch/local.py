@@ -34,7 +34,7 @@ flags.DEFINE_integer("num_pages", 512, "device KV pages per instance")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
 flags.DEFINE_integer("max_model_len", None, "cap on the context length")
-flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model (Instance.Profile)")
+flags.DEFINE_bool("profile_instances", True, "instances time the cost-model points before registering")
 flags.DEFINE_float("ready_timeout_s", 300.0, "how long instances get to start and register")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long instances get to exit before SIGKILL")
 FLAGS = flags.FLAGS
@@ -144,7 +144,10 @@ def cluster_from_flags(**overrides) -> LocalCluster:
               policy=FLAGS.policy, pin=FLAGS.pin, max_model_len=FLAGS.max_model_len,
               instance_flags=dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
                                   max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                  max_num_seqs=FLAGS.max_num_seqs),
+                                  max_num_seqs=FLAGS.max_num_seqs,
+                                  # Profiling before registering keeps it from delaying the first requests
+                                  # (the scheduler then takes the profile from the registration).
+                                  profile_at_start=FLAGS.profile_instances),
               scheduler_config=dict(profile_instances=FLAGS.profile_instances),
               ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s)
     kw.update(overrides)

@@ -124,7 +124,7 @@ def test_failed_transfer_is_an_error_and_leaks_nothing(sessions):
 def test_stop_at_first_token_and_abort_leave_no_pages(sessions):
     turns, refs = sessions
     llm = make_pair("caching3", prefill_devices=[0], decode_devices=[1])
-    out = llm.generate(turns[0][0], SamplingParams(max_tokens=1))[0]
+    out = llm.generate([turns[0][0]], SamplingParams(max_tokens=1))[0]
     assert out.token_ids == refs[0][0][:1] and out.transferred_tokens == 0
     pair = llm.pair
     a = pair.add_request(turns[0][0], GREEDY)
@@ -132,9 +132,16 @@ def test_stop_at_first_token_and_abort_leave_no_pages(sessions):
     pair.step()                # a and b prefilled and handed over
     pair.abort(a.request_id)
     pair.abort(b.request_id)
-    c = pair.add_request(turns[0][1], GREEDY)
-    pair.step()                # c prefilled only: holds its pages on the prefill side
-    pair.abort(c.request_id)
+    # Engine hook: a prefill-only request keeps its pages after the first token until released or aborted.
+    eng = pair.prefill
+    for end in ("release", "abort"):
+        req = eng.add_request(turns[0][1], GREEDY, f"held-{end}", prefill_only=True)
+        while not req.finished:
+            eng.step()
+        assert req.finish_reason == "prefilled" and len(req.pages) == -(-len(turns[0][1]) // PAGE)
+        assert req.output_token_ids == refs[0][1][:1]
+        getattr(eng, end)(req.request_id)
+        assert not req.pages
     assert_no_leak_both(llm)
 
 

@@ -192,6 +192,16 @@ def test_health_drain_profile_and_unimplemented_roles():
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Prefill(instance_pb2.PrefillRequest())
                 assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                # An engine failure ends the request with a clear error, never a hang.
+                def broken_step():
+                    raise RuntimeError("device lost")
+                server.engine.step = broken_step
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Generate(instance_pb2.InstanceGenerateRequest(
+                        request_id="doomed", prompt_token_ids=[1, 2, 3], max_tokens=2), timeout=20).read()
+                assert e.value.code() == grpc.StatusCode.INTERNAL and "device lost" in e.value.details()
+                del server.engine.step
+                assert server.loop_thread.num_live == 0 and not server.loop_thread.broken
                 stats = await stub.GetStats(instance_pb2.InstanceStatsRequest())
                 assert stats.instance_id == "inst-0" and stats.load.num_total_pages == 127 and not stats.draining
                 assert (await stub.Drain(instance_pb2.DrainRequest(timeout_s=5))).num_unfinished == 0
@@ -238,8 +248,10 @@ def test_killed_instance_process_ends_in_migrated_or_failed_request():
                     assert last.finish_reason == "length" and last.usage.num_migrations == 1
                     assert last.usage.instance_id != victim
                     assert tokens == list(reference.token_ids)  # the stream just continued
+                    print("migrated to", last.usage.instance_id, "from", victim)
                 except ClientError as e:
                     assert e.code == grpc.StatusCode.UNAVAILABLE, e
+                    print("failed clearly:", e)
                 assert victim is not None and time.monotonic() - t0 < 30
         finally:
             for p in procs.values():

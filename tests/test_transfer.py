@@ -82,7 +82,7 @@ def test_aggregated_transfer_uses_constant_array_ops():
     need_devices(8)
     counts = {}
     for layers in (2, 6):
-        src, dst = make_pool((0, 1), layers=layers), make_pool((4,), layers=layers)
+        src, dst = make_pool((0, 1), layers=layers), make_pool((4, 5), layers=layers)
         sp, dp = src.alloc(7), dst.alloc(7)
         data = fill_random(src, sp, seed=layers)
         before = dict(tr.OP_COUNTS)

@@ -93,6 +93,9 @@ class LLM:
                 raise ValueError(f"tp={tp_} needs {tp_} devices but {len(devices)} were given: {devices}")
             return tp_, devices[:tp_]
 
+        shared = sorted(set(prefill_devices) & set(decode_devices))
+        if shared:
+            raise ValueError(f"prefill and decode meshes share devices {shared}")
         ptp, pdev = pick_tp(prefill_tp, prefill_devices)
         dtp, ddev = pick_tp(decode_tp, decode_devices)
         prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev), eos_token_ids=eos,

@@ -189,9 +189,13 @@ class EngineLoop:
                     item = self._commands.get_nowait()
                 except queue.Empty:
                     item = False
-            if self.engine.has_unfinished():
-                self._step()
-            self._update_load()
+            try:
+                if self.engine.has_unfinished():
+                    self._step()
+                self._update_load()
+            except Exception as e:  # noqa: BLE001 - a dead engine thread would hang every request
+                log.exception("engine loop error")
+                self._step_failed(e)
 
     def _shutdown(self) -> None:
         for internal_id in list(self._live):

@@ -156,6 +156,8 @@ def local_transfer_layerwise(src, dst, src_pages: Sequence[int], dst_pages: Sequ
     sidx, didx = padded_index(src_pages), padded_index(dst_pages)
     scatter = _scatter_layer_fn(dst.sharding)
     target = pool_sharding(dst)
+    if isinstance(target, NamedSharding):  # a part is [pages, page_size, Hkv, 1, D]: heads on axis 2
+        target = NamedSharding(target.mesh, PartitionSpec(None, None, target.spec[3], None, None))
     for layer in range(src.kv_cache.shape[0]):
         for half in (0, 1):
             OP_COUNTS["gather"] += 1
