@@ -87,16 +87,19 @@ class CacheConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Devices of one instance and its tensor-parallel degree (KV heads are split over `tp`)."""
+    """Devices of one instance: tensor-parallel degree (KV heads are split over `tp`) and sequence-parallel
+    degree (`seq` > 1: a 2-D mesh `seq` x `tp`; long prefills are split along the sequence over `seq`)."""
 
     tp: int = 1
-    device_ids: tuple[int, ...] | None = None  # None: the first `tp` devices
+    device_ids: tuple[int, ...] | None = None  # None: the first `seq * tp` devices
+    seq: int = 1
 
     def __post_init__(self):
         _require(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
+        _require(self.seq >= 1, f"seq must be >= 1, got {self.seq}")
         if self.device_ids is not None:
-            _require(len(self.device_ids) == self.tp,
-                     f"device_ids has {len(self.device_ids)} entries but tp is {self.tp}")
+            _require(len(self.device_ids) == self.tp * self.seq,
+                     f"device_ids has {len(self.device_ids)} entries but seq x tp is {self.seq * self.tp}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +129,12 @@ class EngineConfig:
     attention_impl: str = "auto"  # auto: Pallas on GPU/TPU, jnp on CPU
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
+    # With mesh.seq > 1: a waiting request whose uncached suffix has at least this many tokens is prefilled
+    # alone, sequence-parallel over `seq`, in one step; shorter ones take the normal batched path.
+    sp_threshold: int = 512
 
     def __post_init__(self):
+        _require(self.sp_threshold >= 1, f"sp_threshold must be >= 1, got {self.sp_threshold}")
         _require(self.attention_impl in ATTENTION_IMPLS,
                  f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.max_model_len is not None:

@@ -13,6 +13,7 @@ flags.DEFINE_integer("sessions", 3, "concurrent chat sessions")
 flags.DEFINE_integer("turns", 4, "turns per session")
 flags.DEFINE_integer("max_tokens", 48, "new tokens per turn")
 flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes across turns")
+flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
 FLAGS = flags.FLAGS
 
 SYSTEM = ('"""A small utility module.\n\nThis module provides helpers for reading configuration files,\n'
@@ -34,7 +35,10 @@ def main(argv):
     llm = LLM(model=FLAGS.model, enable_prefix_caching=FLAGS.prefix_caching, num_pages=256,
               max_num_batched_tokens=256)
     print(f"loaded {FLAGS.model!r} in {time.perf_counter() - t0:.1f}s")
-    params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=0.0, stop=("\n\n\n",))
+    # Seeded sampling: reproducible, and a small byte-level model reads better sampled than greedy (greedy
+    # falls into loops).
+    params = [SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=0.95, seed=s,
+                             stop=("\n\n\n",)) for s in range(FLAGS.sessions)]
     histories = [USERS[i % len(USERS)] + SYSTEM for i in range(FLAGS.sessions)]
     rows = []
     for turn in range(FLAGS.turns):

@@ -1,6 +1,12 @@
 """Run one serving instance (an engine behind the Instance gRPC service) as a process.
 
     python -m launch.instance --role=colocated --scheduler=127.0.0.1:50050 --port=0 --model=demo
+    python -m launch.instance --role=prefill --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
+    python -m launch.instance --role=decode --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
+
+Roles prefill and decode serve the disaggregated path (the scheduler pairs them); every instance of a
+disaggregated cluster should use the same --pd_mode, which sets their prefix caching (prefill: caching1+,
+decode: caching2+); --prefix_caching applies to role colocated only.
 
 Registers with the scheduler and reports its index events and load; prints `instance ready on HOST:PORT`
 once registered. Stops cleanly on SIGINT / SIGTERM (NOT_SERVING, deregister, running requests get
@@ -13,9 +19,13 @@ import signal
 
 from absl import app, flags, logging
 
-from jaxserve.instance.server import ROLES, InstanceConfig, InstanceServer, build_engine
+from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
 
-flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does (prefill/decode: not yet)")
+flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
+flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
+                  "disaggregated roles: MemServe PD mode (what the prefill and decode sides cache)")
+flags.DEFINE_float("kv_transfer_timeout_s", 30.0, "deadline of each KV transfer step (prepare->commit, pull, "
+                   "commit->decode); past it the pages are freed and the request fails")
 flags.DEFINE_string("scheduler", None, "host:port of the global scheduler (unset: serve unregistered)")
 flags.DEFINE_string("host", "127.0.0.1", "address to bind")
 flags.DEFINE_integer("port", 0, "port to bind (0: any free port)")
@@ -42,7 +52,7 @@ FLAGS = flags.FLAGS
 
 def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
-                enable_prefix_caching=FLAGS.prefix_caching, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                 max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
                 device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
                 attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
@@ -52,7 +62,8 @@ def engine_kwargs_from_flags() -> dict:
 def config_from_flags() -> InstanceConfig:
     return InstanceConfig(role=FLAGS.role, host=FLAGS.host, port=FLAGS.port, scheduler_address=FLAGS.scheduler,
                           instance_id=FLAGS.instance_id, model_name=FLAGS.model,
-                          profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s)
+                          profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
+                          pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s)
 
 
 async def serve(server: InstanceServer) -> None:
@@ -69,8 +80,6 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
-    if FLAGS.role != "colocated":
-        logging.warning("role %s: Prefill/Decode answer UNIMPLEMENTED until disaggregation lands", FLAGS.role)
     engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
     asyncio.run(serve(InstanceServer(engine, config_from_flags())))
 

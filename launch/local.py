@@ -1,7 +1,9 @@
-"""A whole cluster on one machine: the global scheduler (in this process) plus N colocated instances, each its
-own process (`launch.instance`), pinned to its own core when there are enough of them.
+"""A whole cluster on one machine: the global scheduler (in this process) plus N colocated instances, or P
+prefill and D decode instances (disaggregated), each its own process (`launch.instance`), pinned to its own
+core when there are enough of them.
 
     python -m launch.local --model=demo --num_instances=2 --port=50050
+    python -m launch.local --model=demo --prefill_instances=1 --decode_instances=1 --pd_mode=caching2
 
 Prints `cluster ready: scheduler at HOST:PORT` once every instance has registered. Ctrl-C / SIGTERM stops the
 instances (SIGTERM, then SIGKILL after --shutdown_timeout_s) and the scheduler; instances also die with this
@@ -24,7 +26,13 @@ from absl import app, flags, logging
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
-flags.DEFINE_integer("num_instances", 2, "colocated instances")
+flags.DEFINE_integer("num_instances", 2, "colocated instances (ignored when --prefill_instances/--decode_instances "
+                     "are set)")
+flags.DEFINE_integer("prefill_instances", 0, "disaggregated: prefill instances (needs --decode_instances too)")
+flags.DEFINE_integer("decode_instances", 0, "disaggregated: decode instances (needs --prefill_instances too)")
+flags.DEFINE_enum("pd_mode", "caching2", ["basic", "caching1", "caching2", "caching3"],
+                  "disaggregated: MemServe PD mode of every instance")
+flags.DEFINE_float("kv_transfer_timeout_s", 30.0, "disaggregated: deadline of each KV transfer step")
 flags.DEFINE_string("host", "127.0.0.1", "scheduler address to bind")
 flags.DEFINE_integer("port", 50050, "scheduler port (0: any free port)")
 flags.DEFINE_enum("policy", "locality", POLICIES, "routing policy")
@@ -58,9 +66,22 @@ class LocalCluster:
     def __init__(self, model: str = "demo", num_instances: int = 2, *, host: str = "127.0.0.1", port: int = 0,
                  policy: str = "locality", pin: bool = True, instance_flags: dict | None = None,
                  scheduler_config: dict | None = None, max_model_len: int | None = None,
-                 ready_timeout_s: float = 300.0, shutdown_timeout_s: float = 10.0, quiet: bool = False):
+                 ready_timeout_s: float = 300.0, shutdown_timeout_s: float = 10.0, quiet: bool = False,
+                 prefill_instances: int = 0, decode_instances: int = 0, pd_mode: str = "caching2",
+                 env: dict | None = None):
+        if bool(prefill_instances) != bool(decode_instances):
+            raise ValueError(f"a disaggregated cluster needs prefill and decode instances, got "
+                             f"{prefill_instances} prefill and {decode_instances} decode")
         self.model = model
-        self.num_instances = num_instances
+        # One role per instance process: colocated-k, or prefill-k then decode-k.
+        if prefill_instances:
+            self.roles = [("prefill", k) for k in range(prefill_instances)] + \
+                         [("decode", k) for k in range(decode_instances)]
+        else:
+            self.roles = [("colocated", k) for k in range(num_instances)]
+        self.num_instances = len(self.roles)
+        self.pd_mode = pd_mode
+        self.env = env
         self.config = GlobalSchedulerConfig(host=host, port=port, policy=policy, **(scheduler_config or {}))
         self.max_model_len = max_model_len
         self.pin = pin
@@ -80,8 +101,11 @@ class LocalCluster:
         return cores if self.pin and len(cores) > 1 else []
 
     def _spawn(self, k: int) -> subprocess.Popen:
-        flags_ = {"role": "colocated", "scheduler": self.address, "host": "127.0.0.1", "port": 0,
-                  "instance_id": f"colocated-{k}", "model": self.model, **self.instance_flags}
+        role, index = self.roles[k]
+        flags_ = {"role": role, "scheduler": self.address, "host": "127.0.0.1", "port": 0,
+                  "instance_id": f"{role}-{index}", "model": self.model, **self.instance_flags}
+        if role != "colocated":
+            flags_.setdefault("pd_mode", self.pd_mode)
         if self.max_model_len:
             flags_.setdefault("max_model_len", self.max_model_len)
         cmd = [sys.executable, "-m", "launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
@@ -89,7 +113,8 @@ class LocalCluster:
         if cores and _has_taskset():
             cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
         out = subprocess.DEVNULL if self.quiet else None
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent)
+        env = dict(os.environ, **(self.env or {})) if self.env is not None else None
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent, env=env)
 
     async def start(self) -> "LocalCluster":
         self.scheduler = Scheduler(self.config, load_model_info(self.model, self.max_model_len))
@@ -149,7 +174,11 @@ def cluster_from_flags(**overrides) -> LocalCluster:
                                   # (the scheduler then takes the profile from the registration).
                                   profile_at_start=FLAGS.profile_instances),
               scheduler_config=dict(profile_instances=FLAGS.profile_instances),
-              ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s)
+              ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s,
+              prefill_instances=FLAGS.prefill_instances, decode_instances=FLAGS.decode_instances,
+              pd_mode=FLAGS.pd_mode)
+    if FLAGS.prefill_instances:
+        kw["instance_flags"]["kv_transfer_timeout_s"] = FLAGS.kv_transfer_timeout_s
     kw.update(overrides)
     return LocalCluster(**kw)
 
@@ -170,8 +199,10 @@ async def serve(cluster: LocalCluster) -> None:
         return
     starting.result()
     try:
-        print(f"cluster ready: scheduler at {cluster.address} ({cluster.num_instances} instances, model "
-              f"{cluster.model})", flush=True)
+        roles = sorted({r for r, _ in cluster.roles})
+        print(f"cluster ready: scheduler at {cluster.address} ({cluster.num_instances} instances: "
+              f"{', '.join(f'{sum(r == x for x, _ in cluster.roles)} {x}' for x in roles)}, model {cluster.model}"
+              + (f", pd_mode {cluster.pd_mode}" if roles != ['colocated'] else "") + ")", flush=True)
         await stopping
         logging.info("shutting down")
     finally:

@@ -1,13 +1,18 @@
 """Run the global scheduler as a process.
 
-    python -m launch.scheduler --model=demo --port=50050 --policy=locality
+    python -m launch.scheduler --model=demo --port=50050 --policy=locality --http_port=8000
 
 Instances register themselves with it (Scheduler.Register); clients use `jaxserve.client`. Stops cleanly on
-SIGINT / SIGTERM (health goes NOT_SERVING, running requests get `--shutdown_grace_s` to finish)."""
+SIGINT / SIGTERM (health goes NOT_SERVING, running requests get `--shutdown_grace_s` to finish).
+
+With `--http_port` the same process also serves the OpenAI-compatible HTTP API and Prometheus `/metrics`
+(`jaxserve.scheduler.http_front`); `--api_key` (or $JAXSERVE_API_KEY) guards every HTTP route but /health.
+gRPC is not covered by the API key."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 from absl import app, flags, logging
@@ -36,6 +41,12 @@ flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost mod
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
 flags.DEFINE_string("tls_cert_file", None, "server certificate chain (PEM) for TLS")
 flags.DEFINE_string("tls_key_file", None, "server private key (PEM) for TLS")
+flags.DEFINE_integer("http_port", None, "port of the OpenAI-compatible HTTP API and /metrics (unset: no HTTP; "
+                     "0: any free port)")
+flags.DEFINE_string("http_host", None, "address the HTTP API binds (default: --host)")
+flags.DEFINE_string("api_key", None, "HTTP API key (Authorization: Bearer); default $JAXSERVE_API_KEY, unset: none")
+flags.DEFINE_list("served_model_name", None, "model names the HTTP API answers to (default: --model)")
+flags.DEFINE_string("chat_template", None, "chat template (a file or the template text) instead of the model's")
 FLAGS = flags.FLAGS
 
 
@@ -50,6 +61,16 @@ def config_from_flags() -> GlobalSchedulerConfig:
 async def serve(config: GlobalSchedulerConfig) -> None:
     scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len))
     await scheduler.start()
+    front = None
+    if FLAGS.http_port is not None:
+        from jaxserve.scheduler.http_front import HttpFront  # aiohttp and prometheus-client only when asked
+
+        front = HttpFront(scheduler, host=FLAGS.http_host or config.host, port=FLAGS.http_port,
+                          api_key=FLAGS.api_key or os.environ.get("JAXSERVE_API_KEY"),
+                          served_model_names=FLAGS.served_model_name, chat_template=FLAGS.chat_template,
+                          shutdown_grace_s=config.shutdown_grace_s)
+        await front.start()
+        logging.info("OpenAI HTTP API and /metrics on %s", front.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,6 +78,8 @@ async def serve(config: GlobalSchedulerConfig) -> None:
     logging.info("scheduler ready on %s", scheduler.address)
     await stop.wait()
     logging.info("shutting down")
+    if front is not None:
+        await front.stop()
     await scheduler.stop()
 
 

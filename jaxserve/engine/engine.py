@@ -18,7 +18,8 @@ from jaxserve.mempool import MemPool
 from jaxserve.model.llama import kv_cache_partition_spec, param_partition_specs
 
 
-def make_mesh(tp: int, device_ids=None) -> jax.sharding.Mesh:
+def make_mesh(tp: int, device_ids=None, seq: int = 1) -> jax.sharding.Mesh:
+    """1-D mesh ("tp",) or, with seq > 1, 2-D ("seq", "tp") (tp neighbours adjacent)."""
     devices = jax.devices()
     if device_ids is not None:
         by_id = {d.id: d for d in devices}
@@ -27,9 +28,11 @@ def make_mesh(tp: int, device_ids=None) -> jax.sharding.Mesh:
             raise ValueError(f"device ids {missing} not found; available: {sorted(by_id)}")
         chosen = [by_id[i] for i in device_ids]
     else:
-        if tp > len(devices):
-            raise ValueError(f"tp={tp} needs {tp} devices but only {len(devices)} are visible")
-        chosen = devices[:tp]
+        if seq * tp > len(devices):
+            raise ValueError(f"seq={seq} x tp={tp} needs {seq * tp} devices but only {len(devices)} are visible")
+        chosen = devices[:seq * tp]
+    if seq > 1:
+        return jax.sharding.Mesh(np.asarray(chosen).reshape(seq, tp), ("seq", "tp"))
     return jax.sharding.Mesh(np.asarray(chosen), ("tp",))
 
 
@@ -45,7 +48,7 @@ class Engine:
         tp = config.mesh.tp
         if model_config.num_kv_heads % tp:
             raise ValueError(f"tp={tp} must divide num_kv_heads={model_config.num_kv_heads}")
-        self.mesh = make_mesh(tp, config.mesh.device_ids)
+        self.mesh = make_mesh(tp, config.mesh.device_ids, config.mesh.seq)
         specs = param_partition_specs(model_config)
         self.params = jax.tree.map(
             lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
@@ -56,8 +59,13 @@ class Engine:
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, attention_impl=self.attention_impl)
+        self.sp = None
+        if config.mesh.seq > 1:  # sequence-parallel prefill of long prompts (engine/seq_parallel.py)
+            from jaxserve.engine.seq_parallel import SequenceParallelPrefill
+            self.sp = SequenceParallelPrefill(model_config, self.params, self.pool, self.mesh)
         self.scheduler = Scheduler(config.scheduler, self.pool,
-                                   enable_prefix_caching=config.cache.enable_prefix_caching)
+                                   enable_prefix_caching=config.cache.enable_prefix_caching,
+                                   sp_threshold=config.sp_threshold if self.sp is not None else None)
         self.eos_token_ids = tuple(eos_token_ids)
         self.detokenize = detokenize
         self.requests: dict[str, Request] = {}
@@ -154,7 +162,7 @@ class Engine:
                 raise RuntimeError(f"request {req.request_id} cannot be scheduled: the KV pool has "
                                    f"{self.pool.num_free_pages()} free pages")
             return []
-        tokens = self.runner.run(batch)
+        tokens = self.sp.run(batch) if batch.sequence_parallel else self.runner.run(batch)
         self.num_steps += 1
         now = time.perf_counter()
         updated = []
@@ -199,5 +207,6 @@ class Engine:
         s.update(num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
                  num_compilations=self.runner.num_compilations,
                  num_prefill_tokens_computed=self.num_prefill_tokens_computed,
-                 num_deferred_for_shared_prefix=self.scheduler.num_deferred_for_shared_prefix)
+                 num_deferred_for_shared_prefix=self.scheduler.num_deferred_for_shared_prefix,
+                 num_sequence_parallel_prefills=self.sp.num_prefills if self.sp is not None else 0)
         return s

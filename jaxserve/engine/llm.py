@@ -50,7 +50,7 @@ class LLM:
                  max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
-                 pd_mode: str = "basic"):
+                 pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -63,19 +63,19 @@ class LLM:
             cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
         self.model_config = cfg
         self.tokenizer = tokenizer
-        def engine_config(caching, tp, device_ids):
+        def engine_config(caching, tp, device_ids, seq=1):
             return EngineConfig(
                 cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
                                   enable_prefix_caching=caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
-                mesh=MeshConfig(tp=tp, device_ids=tuple(device_ids) if device_ids else None),
-                attention_impl=attention_impl, max_model_len=max_model_len, seed=seed)
+                mesh=MeshConfig(tp=tp, seq=seq, device_ids=tuple(device_ids) if device_ids else None),
+                attention_impl=attention_impl, max_model_len=max_model_len, seed=seed, sp_threshold=sp_threshold)
 
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.pair = None
         if not disaggregated:
-            self.engine = Engine(cfg, params, engine_config(enable_prefix_caching, tp, device_ids),
+            self.engine = Engine(cfg, params, engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel),
                                  eos_token_ids=eos, detokenize=tokenizer.decode)
             return
         # Disaggregated: prefill and decode engines on disjoint meshes; caching per PD mode (DESIGN §2).
@@ -86,19 +86,21 @@ class LLM:
         decode_devices = list(decode_devices if decode_devices is not None else range(n_dev // 2, n_dev))
         p_cache, d_cache = mode_caching(pd_mode)
 
-        def pick_tp(tp_, devices):
+        def pick_tp(tp_, devices, seq=1):
             if tp_ is None:  # the largest degree the devices and the KV heads allow
-                tp_ = max(t for t in range(1, len(devices) + 1) if cfg.num_kv_heads % t == 0)
-            if tp_ > len(devices):
-                raise ValueError(f"tp={tp_} needs {tp_} devices but {len(devices)} were given: {devices}")
-            return tp_, devices[:tp_]
+                tp_ = max(t for t in range(1, max(len(devices) // seq, 1) + 1) if cfg.num_kv_heads % t == 0)
+            if tp_ * seq > len(devices):
+                raise ValueError(f"seq={seq} x tp={tp_} needs {seq * tp_} devices but {len(devices)} were "
+                                 f"given: {devices}")
+            return tp_, devices[:tp_ * seq]
 
         shared = sorted(set(prefill_devices) & set(decode_devices))
         if shared:
             raise ValueError(f"prefill and decode meshes share devices {shared}")
-        ptp, pdev = pick_tp(prefill_tp, prefill_devices)
+        # Sequence parallelism applies to the prefill side (the decode engine never prefills long prompts).
+        ptp, pdev = pick_tp(prefill_tp, prefill_devices, sequence_parallel)
         dtp, ddev = pick_tp(decode_tp, decode_devices)
-        prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev), eos_token_ids=eos,
+        prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev, sequence_parallel), eos_token_ids=eos,
                          detokenize=tokenizer.decode)
         decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev), eos_token_ids=eos,
                         detokenize=tokenizer.decode)

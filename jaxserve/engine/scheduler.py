@@ -20,6 +20,7 @@ from jaxserve.engine.request import Request, Status
 @dataclasses.dataclass
 class ScheduledBatch:
     entries: list[tuple[Request, int]]  # (request, tokens computed for it this step)
+    sequence_parallel: bool = False     # one request's whole uncached suffix, prefilled over the `seq` axis
 
     @property
     def num_tokens(self) -> int:
@@ -39,7 +40,8 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool, *, enable_prefix_caching: bool):
+    def __init__(self, config: SchedulerConfig, pool, *, enable_prefix_caching: bool,
+                 sp_threshold: int | None = None):
         self.config = config
         self.pool = pool
         self.page_size = pool.page_size
@@ -48,6 +50,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_deferred_for_shared_prefix = 0
+        self.sp_threshold = sp_threshold  # None: no sequence-parallel prefill
 
     # -- queue --------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -61,6 +64,10 @@ class Scheduler:
 
     # -- one step -----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        if self.sp_threshold is not None and self.waiting:
+            entry = self._admit_sequence_parallel()
+            if entry is not None:  # a step of its own: running requests continue next step
+                return ScheduledBatch([entry], sequence_parallel=True)
         budget = self.config.max_num_batched_tokens
         entries: list[tuple[Request, int]] = []
         preempted = False
@@ -133,6 +140,39 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return budget
+
+    def _admit_sequence_parallel(self) -> tuple[Request, int] | None:
+        """Admits the first waiting request for a sequence-parallel prefill of its whole uncached suffix when
+        that suffix has >= sp_threshold tokens and its pages can be allocated; otherwise leaves it to the
+        normal path (which chunks, defers for in-flight shared prefixes, or preempts)."""
+        req = self.waiting[0]
+        tokens = req.all_token_ids
+        if req.preloaded or len(tokens) < self.sp_threshold or len(self.running) >= self.config.max_num_seqs:
+            return None
+        n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
+        cap = (len(tokens) - 1) // self.page_size * self.page_size
+        if n_cached > cap:
+            keep = cap // self.page_size
+            self.pool.free(pages[keep:])
+            pages, n_cached = pages[:keep], cap
+        n = len(tokens) - n_cached
+        if n < self.sp_threshold or (self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached)):
+            self.pool.free(pages)
+            return None
+        new_pages = self.pool.alloc(self._pages_for(len(tokens)) - len(pages))
+        if new_pages is None:
+            self.pool.free(pages)
+            return None
+        self.waiting.popleft()
+        req.pages = pages + new_pages
+        req.num_computed = n_cached
+        req.num_indexed_pages = len(pages)
+        if not req.admitted_once:
+            req.num_cached_tokens = n_cached
+            req.admitted_once = True
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return req, n
 
     def _admit_preloaded(self, req: Request, entries, budget: int) -> bool:
         """Admits a request whose first `num_computed` tokens' KV is already in `req.pages` (received from a

@@ -114,6 +114,8 @@ class EngineLoop:
         self._idle_poll_s = idle_poll_s
         self._commands: queue.Queue = queue.Queue()
         self._live: dict[str, _Live] = {}
+        # Prefill-only requests done with their first token, still holding their KV pages until `release`.
+        self._held: dict[str, _Live] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failed_steps = 0
@@ -146,10 +148,16 @@ class EngineLoop:
         return future
 
     def add(self, internal_id: str, external_id: str, prompt: Sequence[int], generated: Sequence[int],
-            params: SamplingParams, sink: Sink, arrival: float) -> None:
-        """Queue a request; everything about it (including a refusal) comes back through `sink`."""
+            params: SamplingParams, sink: Sink, arrival: float, *, prefill_only: bool = False) -> None:
+        """Queue a request; everything about it (including a refusal) comes back through `sink`.
+        prefill_only (role prefill): after the first token the sink gets ("prefilled", token, usage dict)
+        instead of a finish, and the request keeps its KV pages until `release(internal_id)`."""
         self.submit(lambda: self._add(internal_id, external_id, list(prompt), list(generated), params, sink,
-                                      arrival))
+                                      arrival, prefill_only))
+
+    def release(self, internal_id: str) -> concurrent.futures.Future:
+        """Frees the pages a prefilled request kept (full ones stay in the index when prefix caching is on)."""
+        return self.submit(lambda: self._release(internal_id))
 
     def abort(self, internal_id: str) -> concurrent.futures.Future:
         return self.submit(lambda: self._abort(internal_id))
@@ -165,7 +173,29 @@ class EngineLoop:
 
     @property
     def num_live(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._held)
+
+    def held_pages(self, internal_id: str) -> list[int]:
+        """Engine thread: the pages of a prefilled (held) request, in order."""
+        live = self._held.get(internal_id)
+        if live is None:
+            raise KeyError(f"no prefilled request {internal_id!r} holds pages here")
+        return list(live.req.pages)
+
+    def add_prefilled(self, internal_id: str, external_id: str, prompt: Sequence[int], output: Sequence[int],
+                      params: SamplingParams, pages: Sequence[int], *, num_computed: int, num_indexed_pages: int,
+                      sink: Sink, arrival: float, num_resumed: int) -> Request:
+        """Engine thread: admit a request whose KV for its first num_computed tokens is in `pages` (received
+        from a prefill instance; the engine takes over the caller's references). Its events go to `sink`;
+        `num_resumed` output tokens count as already sent (the prefill side's first token included)."""
+        if self.broken:
+            raise RuntimeError(f"the engine is broken: {self.broken}")
+        req = self.engine.add_prefilled_request(prompt, output, params, pages, num_computed=num_computed,
+                                                num_indexed_pages=num_indexed_pages, request_id=internal_id,
+                                                seed=params.seed)
+        self._live[internal_id] = _Live(req, external_id, sink, num_resumed, arrival, sent=len(output))
+        self.counters["num_requests"] += 1
+        return req
 
     # ---------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -200,6 +230,8 @@ class EngineLoop:
     def _shutdown(self) -> None:
         for internal_id in list(self._live):
             self._fail(internal_id, grpc.StatusCode.UNAVAILABLE, "the instance is shutting down")
+        for internal_id in list(self._held):
+            self._release(internal_id)
         while True:  # commands that raced the stop get an answer rather than a hang
             try:
                 item = self._commands.get_nowait()
@@ -209,7 +241,7 @@ class EngineLoop:
                 item[1].set_exception(RuntimeError("the engine loop is stopped"))
 
     def _add(self, internal_id, external_id, prompt, generated, params: SamplingParams, sink: Sink,
-             arrival: float) -> None:
+             arrival: float, prefill_only: bool = False) -> None:
         if self.broken:
             sink.push(("error", grpc.StatusCode.UNAVAILABLE, f"the engine is broken: {self.broken}"))
             return
@@ -223,7 +255,7 @@ class EngineLoop:
         try:
             # Validate the whole context (prompt + resumed tokens) as the prompt it effectively is.
             self.engine.validate(prompt + generated, dataclasses.replace(params, max_tokens=remaining))
-            req = self.engine.add_request(prompt, params, request_id=internal_id)
+            req = self.engine.add_request(prompt, params, request_id=internal_id, prefill_only=prefill_only)
         except ValueError as e:
             sink.push(("error", grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
@@ -235,8 +267,13 @@ class EngineLoop:
         self._live[internal_id] = _Live(req, external_id, sink, len(generated), arrival, sent=len(generated))
         self.counters["num_requests"] += 1
 
+    def _release(self, internal_id: str) -> bool:
+        live = self._held.pop(internal_id, None)
+        self.engine.release(internal_id)
+        return live is not None
+
     def _abort(self, internal_id: str) -> bool:
-        live = self._live.pop(internal_id, None)
+        live = self._live.pop(internal_id, None) or self._held.pop(internal_id, None)
         self.engine.abort(internal_id)  # frees its pages (full ones stay in the index)
         return live is not None
 
@@ -267,7 +304,9 @@ class EngineLoop:
             new = req.output_token_ids[live.sent:]
             live.sent = len(req.output_token_ids)
             self.counters["generated_tokens"] += len(new)
-            if req.finished:
+            if req.finish_reason == "prefilled":
+                self._prefilled(live)
+            elif req.finished:
                 self._finish(live, new)
             elif new:
                 live.sink.push(("tokens", new))
@@ -291,6 +330,25 @@ class EngineLoop:
             self._fail(internal_id, grpc.StatusCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}")
         for req in list(sched.running) + list(sched.waiting):  # profiling requests, if any
             self.engine.abort(req.request_id)
+
+    def _usage(self, live: _Live) -> dict:
+        req = live.req
+        first = req.first_token_time or time.perf_counter()
+        scheduled = live.scheduled_at or live.arrival
+        return dict(prompt_tokens=len(req.prompt_token_ids) + live.num_resumed,
+                    cached_tokens=req.num_cached_tokens, completion_tokens=len(req.output_token_ids) - live.num_resumed,
+                    ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),
+                    prefill_time_s=max(first - scheduled, 0.0))
+
+    def _prefilled(self, live: _Live) -> None:
+        """A prefill-only request has its first token: it keeps its pages (held) until `release`."""
+        req = live.req
+        del self._live[req.request_id]
+        self._held[req.request_id] = live
+        usage = self._usage(live)
+        self.counters["prompt_tokens"] += usage["prompt_tokens"]
+        self.counters["cached_tokens"] += req.num_cached_tokens
+        live.sink.push(("prefilled", req.output_token_ids[-1], usage))
 
     def _finish(self, live: _Live, new: list[int]) -> None:
         req = live.req

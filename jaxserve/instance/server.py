@@ -2,15 +2,23 @@
 plus `grpc.health.v1`, registered with the global scheduler through `InstanceReporter`, to which it streams
 its prompt-index inserts/evictions and its load. A drop-in for `jaxserve.scheduler.fake_instance`.
 
-Role colocated serves Generate. Prefill / Decode and the KV transfer control RPCs answer UNIMPLEMENTED until
-disaggregation lands: they get their own handlers here, next to `Generate`, sharing `_stream_request`."""
+Role colocated serves Generate. Role prefill serves Prefill: it prefills with `prefill_only`, samples the
+first token and sends the KV its decode target lacks (PrepareKvTransfer / CommitKvTransfer on the target; the
+KV moves by `jax.experimental.transfer`, see `kv_transfer.py`). Role decode serves PrepareKvTransfer,
+CommitKvTransfer (admits the request as soon as its KV is in place) and Decode (streams the rest). An RPC a
+role does not serve answers UNIMPLEMENTED. `pd_mode` (basic | caching1 | caching2 | caching3) says what each
+side caches; caching3's send-back of the decode-phase KV is not implemented in this server (it behaves as
+caching2)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -21,6 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.engine_loop import EngineLoop, Sink, default_seed
+from jaxserve.instance.kv_transfer import KvReceiver, fault
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
 
@@ -32,8 +41,25 @@ ROLES = {"colocated": common_pb2.ROLE_COLOCATED, "prefill": common_pb2.ROLE_PREF
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
            "abort": common_pb2.FINISH_REASON_ABORT}
-_DISAGG_PENDING = ("disaggregated serving (prefill/decode roles and KV transfer) is not implemented in this "
-                   "instance server yet; run the instance with --role=colocated")
+PD_MODES = ("basic", "caching1", "caching2", "caching3")
+
+
+def pd_mode_caching(role: str, pd_mode: str, colocated_default: bool = True) -> bool:
+    """Whether an instance of `role` caches prefixes in `pd_mode` (MemServe's PD modes): the prefill side from
+    caching1 on, the decode side from caching2 on; colocated instances keep their own setting."""
+    if pd_mode not in PD_MODES:
+        raise ValueError(f"pd_mode must be one of {PD_MODES}, got {pd_mode!r}")
+    if role == "prefill":
+        return pd_mode != "basic"
+    if role == "decode":
+        return pd_mode in ("caching2", "caching3")
+    return colocated_default
+
+
+class _KvFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +73,20 @@ class InstanceConfig:
     # Measure the Profile points at start and send them with the registration (else the scheduler asks).
     profile_at_start: bool = False
     shutdown_grace_s: float = 5.0
+    # Disaggregation: what each side caches (PD_MODES), and the deadline of each KV transfer step (a decode
+    # reservation not committed, or a received KV not claimed by Decode, within it is freed).
+    pd_mode: str = "basic"
+    kv_transfer_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.pd_mode not in PD_MODES:
+            raise ValueError(f"pd_mode must be one of {PD_MODES}, got {self.pd_mode!r}")
+        if self.kv_transfer_timeout_s <= 0:
+            raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
 
 
 class _QueueSink(Sink):
@@ -96,6 +130,15 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self._server: grpc.aio.Server | None = None
         self._ids = itertools.count()
         self._stopped = False
+        # Disaggregation state.
+        self.transfer_server = None       # jax.experimental.transfer server (roles prefill and decode)
+        self.kv_receiver = KvReceiver(engine.pool) if self.role == common_pb2.ROLE_DECODE else None
+        self.kv_counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0)
+        self._peers: dict[str, grpc.aio.Channel] = {}
+        # transfer id -> (internal id, sink, deadline): admitted at commit, waiting for its Decode call
+        self._awaiting_decode: dict[str, tuple[str, "_QueueSink", float]] = {}
+        self._reaper: asyncio.Task | None = None
+        self._pulls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
 
     @property
     def address(self) -> str:
@@ -104,6 +147,11 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> "InstanceServer":
         """Start the engine thread and the server; register with the scheduler (if any)."""
+        if self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
+            from jaxserve.mempool.transfer import TransferServer
+            self.transfer_server = TransferServer(address=f"{self.config.host}:0")
+        if self.kv_receiver is not None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self.loop_thread.start()
         server = grpc.aio.server()
         instance_pb2_grpc.add_InstanceServicer_to_server(self, server)
@@ -142,7 +190,17 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await self.reporter.stop(deregister=True)
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self._stop_disagg()
         await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
+
+    async def _stop_disagg(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for channel in self._peers.values():
+            await channel.close(grace=0)
+        self._peers.clear()
+        self._pulls.shutdown(wait=False, cancel_futures=True)
 
     async def kill(self) -> None:
         """A crash, for tests: the server and the report stream vanish without deregistering."""
@@ -151,6 +209,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await self.reporter.stop(deregister=False)
         if self._server is not None:
             await self._server.stop(0)
+        await self._stop_disagg()
         await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
 
     async def wait_for_termination(self) -> None:
@@ -192,6 +251,12 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         internal_id = f"{request.request_id}#{next(self._ids)}"
         self.loop_thread.add(internal_id, request.request_id, request.prompt_token_ids, request.generated_token_ids,
                              params, sink, arrival)
+        async for response in self._pump(sink, internal_id, context):
+            yield response
+
+    async def _pump(self, sink: "_QueueSink", internal_id: str, context):
+        """Yield a running request's InstanceGenerateResponses from its sink; if the call goes away first
+        (cancelled, deadline), abort the request in the engine, which frees its pages."""
         done = False
         try:
             while True:
@@ -219,22 +284,285 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         async for response in self._stream_request(request, context):
             yield response
 
-    async def Prefill(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"Prefill: {_DISAGG_PENDING}")
+    # ------------------------------------------------------------------------------- disaggregation
+    async def _require_role(self, role: int, rpc: str, context) -> None:
+        if self.role != role:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"{rpc} is served by instances of role {ROLE_NAMES[role]}; instance "
+                                f"{self.instance_id or self.address} has role {ROLE_NAMES[self.role]}")
+        if self.draining or self._stopped:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is draining")
+        if self.loop_thread.broken:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"instance {self.instance_id}: the engine is broken ({self.loop_thread.broken})")
 
-    async def Decode(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"Decode: {_DISAGG_PENDING}")
-        yield  # an async generator, as a server-streaming handler must be  # pragma: no cover
+    def _peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        channel = self._peers.get(address)
+        if channel is None:
+            channel = self._peers[address] = grpc.aio.insecure_channel(address)
+        return instance_pb2_grpc.InstanceStub(channel)
+
+    async def _on_engine(self, fn):
+        return await asyncio.wrap_future(self.loop_thread.submit(fn))
+
+    async def Prefill(self, request, context):
+        """Role prefill: prefill (prefill_only), sample the first token, send the KV the decode target lacks,
+        release the pages (the index keeps the full ones from caching1 on), answer."""
+        await self._require_role(common_pb2.ROLE_PREFILL, "Prefill", context)
+        arrival = time.perf_counter()
+        inner = request.request
+        try:
+            params = sampling_params(inner)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        sink = _QueueSink(asyncio.get_running_loop())
+        internal_id = f"{inner.request_id}#{next(self._ids)}"
+        self.loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids,
+                             params, sink, arrival, prefill_only=True)
+        try:
+            event = await sink.queue.get()
+            if event[0] == "error":
+                await context.abort(event[1], f"instance {self.instance_id}: {event[2]}")
+            if event[0] == "finish":  # the first token ends the request: nothing to send
+                _, reason, usage, last = event
+                return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
+                                                     finish_reason=_FINISH[reason],
+                                                     usage=common_pb2.InstanceUsage(**usage))
+            assert event[0] == "prefilled", event
+            _, first, usage = event
+            if not request.decode_target.address:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Prefill needs decode_target.address")
+            try:
+                tid, sent_tokens, sent_bytes = await self._send_kv(internal_id, inner, first,
+                                                                   request.decode_target, context)
+            except _KvFailed as e:
+                self.kv_counters["kv_transfer_failures"] += 1
+                log.warning("request %s: %s", inner.request_id, e.message)
+                await context.abort(e.code, f"instance {self.instance_id}: {e.message}")
+            self.kv_counters["kv_sent_tokens"] += sent_tokens
+            self.kv_counters["kv_sent_bytes"] += sent_bytes
+            self.kv_counters["kv_transfers"] += 1
+            return instance_pb2.PrefillResponse(first_token_id=first, usage=common_pb2.InstanceUsage(**usage),
+                                                transferred_tokens=sent_tokens, kv_handle=tid,
+                                                transferred_bytes=sent_bytes)
+        finally:
+            # Sent, failed or cancelled: the prefill side's pages go (the block on its way is a copy).
+            # Unknown ids (finished, failed) are a no-op.
+            self.loop_thread.abort(internal_id)
+
+    def _offer(self, internal_id: str, start_page: int):
+        """Engine thread: gather the held pages from start_page on and park them on the transfer server."""
+        from jaxserve.mempool.transfer import num_head_shards, offer_block
+        pages = self.loop_thread.held_pages(internal_id)[start_page:]
+        uuid, block = offer_block(self.transfer_server, self.engine.pool, pages)
+        return uuid, list(block.shape), str(block.dtype), num_head_shards(block), int(block.nbytes)
+
+    async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
+        """Prepare on the decode target, offer the missing pages, commit. (transfer id, tokens, bytes) sent;
+        _KvFailed with the status to answer otherwise (the decode side frees its reservation on its own)."""
+        ps = self.engine.pool.page_size
+        ctx = list(inner.prompt_token_ids) + list(inner.generated_token_ids)
+        n_pages = -(-len(ctx) // ps)
+        timeout = self.config.kv_transfer_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(min(timeout, remaining), 0.1)
+        stub = self._peer(target.address)
+        name = f"decode instance {target.instance_id or target.address}"
+        try:
+            prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
+                request_id=inner.request_id, token_ids=ctx, page_size=ps, source_instance_id=self.instance_id),
+                timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _KvFailed(_kv_code(e), f"KV transfer to {name} failed at PrepareKvTransfer: "
+                                         f"{e.code().name}: {e.details()}") from None
+        start = prep.cached_tokens // ps
+        try:
+            if prep.cached_tokens % ps or start > n_pages:
+                raise _KvFailed(grpc.StatusCode.INTERNAL, f"{name} holds {prep.cached_tokens} tokens of a "
+                                                          f"{len(ctx)}-token context with pages of {ps}")
+            uuid, tensors, nbytes = 0, [], 0
+            if start < n_pages:
+                uuid, shape, dtype, shards, nbytes = await self._on_engine(lambda: self._offer(internal_id, start))
+                tensors = [instance_pb2.TensorSpec(shape=shape, dtype=dtype, num_shards=shards)]
+            decode_request = instance_pb2.InstanceGenerateRequest()
+            decode_request.CopyFrom(inner)
+            decode_request.generated_token_ids.append(first)
+            decode_request.max_tokens = max(inner.max_tokens - 1, 1)
+            commit = await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=start * ps,
+                num_tokens=len(ctx) - start * ps, source_address=self.transfer_server.address, pull_uuid=uuid,
+                tensors=tensors, insert=self.config.pd_mode in ("caching2", "caching3"), first_token_id=first,
+                request=decode_request), timeout=timeout + 5.0)
+        except BaseException as e:
+            # Best effort: free the target's reservation now rather than at its deadline.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(stub.Abort(instance_pb2.AbortRequest(request_id=inner.request_id), timeout=2.0))
+            if isinstance(e, grpc.aio.AioRpcError):
+                raise _KvFailed(_kv_code(e), f"KV transfer to {name} failed at CommitKvTransfer: "
+                                             f"{e.code().name}: {e.details()}") from None
+            if isinstance(e, Exception) and not isinstance(e, _KvFailed):
+                raise _KvFailed(grpc.StatusCode.INTERNAL,
+                                f"KV transfer to {name} failed: {type(e).__name__}: {e}") from None
+            raise
+        return prep.transfer_id, commit.received_tokens, nbytes
 
     async def PrepareKvTransfer(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"PrepareKvTransfer: {_DISAGG_PENDING}")
+        """Role decode: reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
+        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context)
+        ps = self.engine.pool.page_size
+        try:
+            r = await self._on_engine(lambda: self.kv_receiver.prepare(
+                request.request_id, request.token_ids, request.page_size, self.config.kv_transfer_timeout_s))
+        except MemoryError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"instance {self.instance_id}: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+        return instance_pb2.PrepareKvTransferResponse(
+            transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
+            receiver_address=self.transfer_server.address)
 
     async def CommitKvTransfer(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"CommitKvTransfer: {_DISAGG_PENDING}")
+        """Role decode: pull the block, write and index it, admit the request (if given): it starts decoding
+        at once and its tokens wait for the Decode call naming this transfer."""
+        if fault("exit_before_commit"):
+            log.error("test fault %s: exiting", "exit_before_commit")
+            os._exit(17)
+        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context)
+        tid = request.transfer_id
+        ps = self.engine.pool.page_size
+        committed = False
+        try:
+            try:
+                r = await self._on_engine(lambda: self.kv_receiver.get(tid))
+            except KeyError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+            if request.start_token != r.start_page * ps or request.num_tokens != len(r.tokens) - r.start_page * ps:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"transfer {tid} sends tokens [{request.start_token}, "
+                                    f"{request.start_token + request.num_tokens}) but "
+                                    f"[{r.start_page * ps}, {len(r.tokens)}) were reserved")
+            block, nbytes = None, 0
+            if r.new_pages:
+                if not request.tensors:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {tid}: no tensor described")
+                spec = request.tensors[0]
+                from jaxserve.mempool.transfer import TransferError, pull_block
+                try:
+                    block = await asyncio.get_running_loop().run_in_executor(
+                        self._pulls, pull_block, self.transfer_server, self.engine.pool, request.source_address,
+                        request.pull_uuid, list(spec.shape), spec.dtype, spec.num_shards,
+                        self.config.kv_transfer_timeout_s)
+                except TransferError as e:
+                    await context.abort(grpc.StatusCode.ABORTED,
+                                        f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+                nbytes = int(block.nbytes)
+            sink = _QueueSink(asyncio.get_running_loop()) if request.HasField("request") else None
+            internal_id = f"{request.request_id}#{next(self._ids)}"
+            arrival = time.perf_counter()
+
+            def finish():  # engine thread
+                got = self.kv_receiver.fill(tid, block, nbytes)
+                if sink is not None:
+                    self._admit(self.kv_receiver.take(tid), request.request, sink, internal_id, arrival)
+                return got
+
+            try:
+                r = await self._on_engine(finish)
+            except KeyError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+            except Exception as e:  # noqa: BLE001 - a clear error, pages freed below
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"instance {self.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
+            committed = True
+            if sink is not None:
+                self._awaiting_decode[tid] = (internal_id, sink, time.monotonic() + self.config.kv_transfer_timeout_s)
+            return instance_pb2.CommitKvTransferResponse(
+                received_tokens=len(r.tokens) - r.start_page * ps,
+                inserted_tokens=len(r.tokens) // ps * ps if r.insert else 0, received_bytes=nbytes)
+        finally:
+            if not committed:  # failed, refused or cancelled: nothing half-received stays
+                self.loop_thread.submit(lambda: self.kv_receiver.cancel(tid))
+
+    def _admit(self, r, inner, sink: "_QueueSink", internal_id: str, arrival: float) -> None:
+        """Engine thread: admit a request whose KV a committed reservation holds; frees the pages on failure."""
+        try:
+            params = sampling_params(inner)
+            prompt, generated = list(inner.prompt_token_ids), list(inner.generated_token_ids)
+            if not generated or prompt + generated[:-1] != r.tokens:
+                raise ValueError("the request's context does not match the transferred tokens")
+            ps = self.engine.pool.page_size
+            self.loop_thread.add_prefilled(internal_id, inner.request_id, prompt, generated, params, r.pages,
+                                           num_computed=len(r.tokens),
+                                           num_indexed_pages=len(r.tokens) // ps if r.insert else 0,
+                                           sink=sink, arrival=arrival, num_resumed=len(generated))
+        except BaseException:
+            self.engine.pool.free(r.pages)
+            raise
+
+    async def Decode(self, request, context):
+        """Role decode: stream the tokens of a request whose KV arrived with transfer `kv_handle`."""
+        await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
+        tid = request.kv_handle
+        entry = self._awaiting_decode.pop(tid, None)
+        if entry is None:
+            # Committed without a request (an older prefill side): admit it now.
+            sink = _QueueSink(asyncio.get_running_loop())
+            internal_id = f"{request.request.request_id}#{next(self._ids)}"
+            arrival = time.perf_counter()
+
+            def admit():
+                r = self.kv_receiver.get(tid)
+                if not r.committed:
+                    raise KeyError(f"KV transfer {tid!r} is not committed yet")
+                self._admit(self.kv_receiver.take(tid), request.request, sink, internal_id, arrival)
+            try:
+                await self._on_engine(admit)
+            except KeyError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"instance {self.instance_id}: no KV for handle {tid!r}: {e.args[0]} "
+                                    f"(received KV waits {self.config.kv_transfer_timeout_s:g} s for its Decode)")
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+            entry = (internal_id, sink, 0.0)
+        internal_id, sink, _ = entry
+        async for response in self._pump(sink, internal_id, context):
+            yield response
+
+    async def _reap(self) -> None:
+        """Decode side: free reservations never committed and abort received requests never claimed."""
+        while True:
+            await asyncio.sleep(min(0.5, self.config.kv_transfer_timeout_s / 4))
+            now = time.monotonic()
+            try:
+                expired = await self._on_engine(lambda: [
+                    (r.transfer_id, r.request_id) for r in self.kv_receiver.expired(now)
+                    if self.kv_receiver.cancel(r.transfer_id)])
+            except Exception:  # noqa: BLE001 - the engine loop is stopping
+                return
+            for tid, rid in expired:
+                log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
+                            tid, rid, self.config.kv_transfer_timeout_s)
+            for tid, (internal_id, sink, deadline) in list(self._awaiting_decode.items()):
+                if deadline < now:
+                    self._awaiting_decode.pop(tid, None)
+                    self.kv_receiver.counters["kv_transfer_failures"] += 1
+                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", internal_id,
+                                tid, self.config.kv_transfer_timeout_s)
+                    self.loop_thread.abort(internal_id)
 
     # ----------------------------------------------------------------------------------- operations
     async def Abort(self, request, context):
         found = await asyncio.wrap_future(self.loop_thread.abort_external(request.request_id))
+        if self.kv_receiver is not None:  # a reservation whose prefill gave up
+            found = await asyncio.wrap_future(self.loop_thread.submit(
+                lambda: self.kv_receiver.cancel_request(request.request_id))) or found
+            for tid, (internal_id, sink, _) in list(self._awaiting_decode.items()):
+                if internal_id.rsplit("#", 1)[0] == request.request_id:
+                    self._awaiting_decode.pop(tid, None)
+                    found = True
         return instance_pb2.AbortResponse(found=found)
 
     async def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3) -> list[common_pb2.ProfileSample]:
@@ -252,7 +580,17 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
 
     async def GetStats(self, request, context):
         c = self.loop_thread.counters
+        kv = dict(self.kv_counters)
+        pending = held = 0
+        if self.kv_receiver is not None:
+            for k, v in self.kv_receiver.counters.items():
+                kv[k] = kv.get(k, 0) + v
+            with contextlib.suppress(Exception):
+                pending, held = await asyncio.wrap_future(self.loop_thread.submit(
+                    lambda: (len(self.kv_receiver.pending), self.kv_receiver.held_pages())))
+            pending += len(self._awaiting_decode)
         return instance_pb2.InstanceStats(
+            kv_pending=pending, kv_held_pages=held, **kv,
             instance_id=self.instance_id, role=self.role, load=self.load(), num_requests=c["num_requests"],
             prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],
             generated_tokens=c["generated_tokens"], cached_pages=self.loop_thread.load.get("cached_pages", 0),
@@ -269,6 +607,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await self.reporter.stop(deregister=True)
             self.reporter = None
         return instance_pb2.DrainResponse(num_unfinished=self.loop_thread.num_live)
+
+
+def _kv_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The status a Prefill answers when its decode target failed a transfer step."""
+    code = error.code()
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT):
+        return code
+    return grpc.StatusCode.ABORTED  # deadline, pull failure, cancelled...: the transfer, not this instance
 
 
 def build_engine(model: str = "demo", **engine_kwargs) -> Engine:

@@ -17,6 +17,10 @@ Backends (both reached through `MemPool.transfer(dst, ...)` / `MemPool.transfer_
   arrays whose shard layout matches on both sides, so the receiver pulls into a staging layout with the
   sender's number of shards and reshards locally with `device_put`.
 
+The served disaggregated path (`jaxserve.instance`) uses the same backend with its control message carried
+as protobuf by the instance gRPC API (`PrepareKvTransfer` / `CommitKvTransfer`): `offer_block` on the sender,
+`pull_block` + `scatter_block` on the receiver. The JSON socket above remains for `RemotePool` users.
+
 Failure: a transfer that fails or times out raises `TransferError`; receive-side helpers free every page they
 allocated before re-raising, and a block is indexed only after it has fully arrived.
 """
@@ -391,22 +395,8 @@ class KVReceiver:
         return {}
 
     def _pull(self, msg) -> jax.Array:
-        shards = int(msg["src_shards"])
-        mine = list(pool_sharding(self.pool).device_set)
-        devices = sorted(mine, key=lambda d: d.id)
-        if len(devices) < shards:
-            devices = [d for d in jax.local_devices() if d in mine] + \
-                      [d for d in jax.local_devices() if d not in mine]
-        if len(devices) < shards:
-            raise TransferError(f"sender has {shards} shards but this process has {len(devices)} devices")
-        staging = NamedSharding(jax.sharding.Mesh(np.asarray(devices[:shards]), ("tp",)),
-                                PartitionSpec(None, None, None, "tp", None))
-        spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=staging)
-        block = self.server.pull(msg["address"], int(msg["uuid"]), [spec], timeout=msg.get("timeout"))[0]
-        _wait_ready(block, msg.get("timeout"))  # raises on failure or timeout, before anything is written
-        _maybe_fail("receive")
-        OP_COUNTS["device_put"] += 1
-        return jax.device_put(block, pool_sharding(self.pool))
+        return pull_block(self.server, self.pool, msg["address"], int(msg["uuid"]), msg["shape"], msg["dtype"],
+                          int(msg["src_shards"]), msg.get("timeout"))
 
     def _receive(self, msg):
         n = int(msg["n_pages"])
@@ -432,3 +422,48 @@ class KVReceiver:
                 with contextlib.suppress(Exception):
                     self._pull(msg).delete()
             raise
+
+
+# ----------------------------------------------------------------------------- building blocks for other control planes
+def offer_block(server: TransferServer, pool, pages: Sequence[int]) -> tuple[int, jax.Array]:
+    """Sender side, any control plane (the instance gRPC API uses this): one gather of `pages` for all layers,
+    parked on `server` until a peer pulls it. Returns (uuid, block); send uuid, block.shape, block.dtype and
+    `num_head_shards(block)` to the receiver. The caller must own `pool.kv_cache` (its engine thread)."""
+    block = gather_block(pool, list(pages))
+    _maybe_fail("send")
+    uuid = server.next_uuid()
+    server.offer(uuid, [block])
+    return uuid, block
+
+
+def num_head_shards(block: jax.Array) -> int:
+    return _num_head_shards(block)
+
+
+def pull_block(server: TransferServer, pool, address: str, uuid: int, shape: Sequence[int], dtype: str,
+               src_shards: int, timeout: float | None) -> jax.Array:
+    """Receiver side: pulls a block offered by `offer_block` on the peer at `address` into a staging layout
+    with the sender's number of head shards, waits for it (TransferError on failure or after `timeout`
+    seconds) and reshards it to the pool's sharding. Touches no pool state (safe off the engine thread);
+    write it with `scatter_block` on the thread that owns the pool."""
+    src_shards = max(int(src_shards), 1)
+    mine = list(pool_sharding(pool).device_set)
+    devices = sorted(mine, key=lambda d: d.id)
+    if len(devices) < src_shards:
+        devices = [d for d in jax.local_devices() if d in mine] + \
+                  [d for d in jax.local_devices() if d not in mine]
+    if len(devices) < src_shards:
+        raise TransferError(f"sender has {src_shards} shards but this process has {len(devices)} devices")
+    staging = NamedSharding(jax.sharding.Mesh(np.asarray(devices[:src_shards]), ("tp",)),
+                            PartitionSpec(None, None, None, "tp", None))
+    spec = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.dtype(dtype), sharding=staging)
+    try:
+        block = server.pull(address, int(uuid), [spec], timeout=timeout)[0]
+    except TransferError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection refused, bad id...: one error type for callers
+        raise TransferError(f"pull from {address} failed: {type(e).__name__}: {e}") from e
+    _wait_ready(block, timeout)  # raises on failure or timeout, before anything is written
+    _maybe_fail("receive")
+    OP_COUNTS["device_put"] += 1
+    return jax.device_put(block, pool_sharding(pool))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -131,6 +132,9 @@ def causal_attention(q, k, v, *, sm_scale: float):
 class Attention(nn.Module):
     config: ModelConfig
     attention_impl: str = "reference"
+    # Optional replacement of the paged attention (e.g. context-parallel prefill):
+    # `hook(q, k, v, kv_cache, batch, layer, sm_scale) -> (out [..., Hq, D], kv_cache)`, q/k/v after RoPE.
+    attention_hook: Any = None
 
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
@@ -153,6 +157,8 @@ class Attention(nn.Module):
         sm_scale = cfg.head_dim ** -0.5
         if kv_cache is None:
             out = causal_attention(q, k, v, sm_scale=sm_scale)
+        elif self.attention_hook is not None:
+            out, kv_cache = self.attention_hook(q, k, v, kv_cache, batch, layer, sm_scale)
         else:
             kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets)
             out = dispatch.paged_attention(q, kv_cache[layer], batch.kv_lens, batch.page_indices, batch.cu_q_lens,
@@ -164,11 +170,12 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
     attention_impl: str = "reference"
+    attention_hook: Any = None
 
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         self.input_layernorm = RMSNorm(cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, self.attention_impl)
+        self.self_attn = Attention(cfg, self.attention_impl, self.attention_hook)
         self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg)
 
@@ -184,11 +191,12 @@ class Llama(nn.Module):
 
     config: ModelConfig
     attention_impl: str = "reference"
+    attention_hook: Any = None  # see Attention.attention_hook
 
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = [DecoderLayer(cfg, self.attention_impl) for _ in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, self.attention_impl, self.attention_hook) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, "lm_head", dtype, dot_general=_f32_accumulating_dot)

@@ -161,8 +161,11 @@ async def _read(call, attempt: _Attempt, stall_timeout_s: float | None):
 class Scheduler:
     """The scheduler process's state and gRPC server. All state lives on the server's event loop."""
 
-    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo):
+    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo, observer=None):
         self.config = config
+        # Metrics hooks (`jaxserve.scheduler.metrics.SchedulerMetrics` or None): on_rejected, on_failed,
+        # on_route, on_migration, on_kv_transfer, on_finished. Called on the event loop; must not block.
+        self.observer = observer
         self.model = model
         self.router = Router(config.policy, LoadGuard(config.load_guard_factor, config.load_guard_slack), config.mode)
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
@@ -375,17 +378,23 @@ class Scheduler:
             valid = validate(request, self.model, self.max_model_len(), self.config.default_max_tokens, request_id)
         except InvalidRequest as e:
             self.stats["num_rejected"] += 1
+            if self.observer is not None:
+                self.observer.on_rejected("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         budget = len(valid.prompt_ids) + valid.max_tokens
         refused = self.admission.admit(budget)
         if refused is not None:
             self.stats["num_rejected"] += 1
+            if self.observer is not None:
+                self.observer.on_rejected("over_capacity")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
             async for response in self._serve(valid, context, t0):
                 yield response
         except _Abort as e:
             self.stats["num_failed"] += 1
+            if self.observer is not None:
+                self.observer.on_failed(e.code.name)
             await context.abort(e.code, e.message)
         finally:
             self.admission.release(budget)
@@ -403,6 +412,8 @@ class Scheduler:
                 return decision
             left = wait_until - time.monotonic()
             if left <= 0:
+                if self.observer is not None:
+                    self.observer.on_route(None)
                 registered = len(self.router.instances)
                 why = "; ".join(failures) if failures else f"{registered} instances registered, none can take it"
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"No instance could serve request {valid.request_id} "
@@ -479,6 +490,9 @@ class Scheduler:
             except grpc.aio.AioRpcError as e:
                 raise self._classify(prefill, e) from None
             p_attempt.close()
+            if self.observer is not None:
+                self.observer.on_kv_transfer(prefill.instance_id, decode.instance_id, first.transferred_tokens,
+                                             getattr(first, "transferred_bytes", 0))
             yield [first.first_token_id], first.finish_reason, first.usage
             if first.finish_reason:
                 return
@@ -504,8 +518,13 @@ class Scheduler:
         first_token_at = dispatched_at = None
         cached_tokens = None
         instance_queue_s = 0.0
+        observer = self.observer
+        gaps: list[float] | None = [] if observer is not None else None  # inter-token latencies
+        last_token_at = None
         while True:
             decision = await self._route(valid, exclude, context, failures)
+            if observer is not None:
+                observer.on_route(decision)
             if dispatched_at is None:
                 dispatched_at = time.monotonic()
                 self.stats["predicted_cached_tokens"] += decision.prefill_cached_tokens if decision.prefill \
@@ -528,13 +547,17 @@ class Scheduler:
                         now = time.monotonic()
                         if first_token_at is None and token_ids:
                             first_token_at = now
+                        elif gaps is not None and token_ids:
+                            gaps.append((now - last_token_at) / len(token_ids))
+                        if token_ids:
+                            last_token_at = now
                         if not finish:
                             if token_ids or delta:
                                 yield scheduler_pb2.GenerateResponse(request_id=valid.request_id,
                                                                      token_ids=token_ids, text=delta)
                             continue
                         self._account(decision, len(prompt), cached_tokens or 0)
-                        yield scheduler_pb2.GenerateResponse(
+                        final = scheduler_pb2.GenerateResponse(
                             request_id=valid.request_id, token_ids=token_ids, text=delta + text.flush(),
                             finish_reason=finish,
                             usage=scheduler_pb2.Usage(
@@ -545,12 +568,17 @@ class Scheduler:
                                 instance_id=decision.instance.instance_id,
                                 prefill_instance_id=decision.prefill.instance_id if decision.prefill else "",
                                 num_migrations=migrations))
+                        if observer is not None:
+                            observer.on_finished(decision, final.usage, finish, gaps)
+                        yield final
                         return
             except _InstanceFailed as failure:
                 exclude.add(failure.record.instance_id)
                 failures.append(failure.reason)
                 migrations += 1
                 self.stats["num_migrations"] += 1
+                if observer is not None:
+                    observer.on_migration(failure.record.instance_id)
                 log.warning("request %s: %s; sending it again with %d tokens generated (move %d)",
                             valid.request_id, failure.reason, len(generated), migrations)
                 if migrations > self.config.max_migrations:

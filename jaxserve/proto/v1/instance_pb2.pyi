@@ -52,18 +52,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., decode_target: _Optional[_Union[KvTarget, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "finish_reason", "usage", "transferred_tokens", "kv_handle")
+    __slots__ = ("first_token_id", "finish_reason", "usage", "transferred_tokens", "kv_handle", "transferred_bytes")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.InstanceUsage
     transferred_tokens: int
     kv_handle: str
-    def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., transferred_tokens: _Optional[int] = ..., kv_handle: _Optional[str] = ...) -> None: ...
+    transferred_bytes: int
+    def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., transferred_tokens: _Optional[int] = ..., kv_handle: _Optional[str] = ..., transferred_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request", "kv_handle", "prefill_instance_id")
@@ -100,15 +102,17 @@ class PrepareKvTransferResponse(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_address: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("shape", "dtype")
+    __slots__ = ("shape", "dtype", "num_shards")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    num_shards: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CommitKvTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id")
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +122,7 @@ class CommitKvTransferRequest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     INSERT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
     start_token: int
@@ -127,15 +132,18 @@ class CommitKvTransferRequest(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     insert: bool
     first_token_id: int
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    request: InstanceGenerateRequest
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ...) -> None: ...
 
 class CommitKvTransferResponse(_message.Message):
-    __slots__ = ("received_tokens", "inserted_tokens")
+    __slots__ = ("received_tokens", "inserted_tokens", "received_bytes")
     RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INSERTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     received_tokens: int
     inserted_tokens: int
-    def __init__(self, received_tokens: _Optional[int] = ..., inserted_tokens: _Optional[int] = ...) -> None: ...
+    received_bytes: int
+    def __init__(self, received_tokens: _Optional[int] = ..., inserted_tokens: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -175,7 +183,7 @@ class InstanceStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining")
+    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +193,14 @@ class InstanceStats(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    KV_PENDING_FIELD_NUMBER: _ClassVar[int]
+    KV_HELD_PAGES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: _common_pb2.Role
     load: _common_pb2.Load
@@ -194,7 +210,15 @@ class InstanceStats(_message.Message):
     generated_tokens: int
     cached_pages: int
     draining: bool
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_sent_tokens: int
+    kv_sent_bytes: int
+    kv_received_tokens: int
+    kv_received_bytes: int
+    kv_transfers: int
+    kv_transfer_failures: int
+    kv_pending: int
+    kv_held_pages: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_s",)

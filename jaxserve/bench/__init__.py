@@ -1,0 +1,1 @@
+"""Benchmark harness (no jax): workloads, the gRPC load generator, reports."""

@@ -1,0 +1,1 @@
+"""Cluster simulator (no jax): the scheduler's real policies and prompt trees over a cost model."""

@@ -1,0 +1,284 @@
+"""The cluster simulator's commands.
+
+    # MemServe's table: workloads x settings x policies at 8..64 instances, H200-class preset
+    python -m launch.sim --mode=table --instances=8,16,32,64 --out=out/sim_table
+
+    # calibrate the step model from the real engine (offline LLM API, this machine), writes JSON
+    taskset -c 0 python -m launch.sim --mode=calibrate --calibration=out/sim_calib_demo.json
+
+    # one simulated run (cost: a preset name or a calibration JSON)
+    python -m launch.sim --mode=run --cost=h200 --workload=react --setting=pd+cache --sim_policy=locality
+
+    # validation: the same workload and setting for real (launch.local, 2 instances) and simulated
+    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1
+
+The `table` mode prints avg/p99 JCT and TTFT, hit rate and KV moved per (workload, setting, policy,
+instances) and the paper-style reductions (PD+caching vs PD, caching vs none, locality vs session)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from jaxserve.bench import report, workloads
+from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
+from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
+from launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; launch.local's)
+
+flags.DEFINE_enum("mode", "table", ["table", "calibrate", "validate", "run"], "what to do")
+flags.DEFINE_string("sim_out", "out/sim", "output folder")
+flags.DEFINE_string("cost", "h200", "cost model: a preset (h200) or a calibration JSON")
+flags.DEFINE_string("calibration", "out/sim_calib_demo.json", "calibrate: where to write the JSON")
+flags.DEFINE_string("setting", "colocated+cache", f"run/validate: one of {SETTINGS}")
+flags.DEFINE_string("sim_policy", "locality", f"run/validate: one of {SIM_POLICIES}")
+flags.DEFINE_list("instances", ["8", "16", "32", "64"], "table: cluster sizes")
+flags.DEFINE_list("table_workloads", ["sharegpt", "loogle", "react"], "table: workloads")
+flags.DEFINE_list("table_settings", list(SETTINGS), "table: settings")
+flags.DEFINE_list("table_policies", ["locality", "least_load", "session", "session_ll"], "table: policies")
+flags.DEFINE_float("load", 0.7, "table: offered load as a fraction of the estimated cluster capacity")
+flags.DEFINE_integer("sessions_per_instance", 12, "table: sessions (LooGLE: questions) per instance")
+flags.DEFINE_float("rpc_overhead_s", None, "override the cost model's client/scheduler overhead")
+flags.DEFINE_float("tolerance", 0.15, "validate: allowed relative error of mean TTFT and JCT")
+FLAGS = flags.FLAGS
+
+
+# --------------------------------------------------------------------------------------------- calibrate
+def _chunk_features(prompt_len: int, cached: int, budget: int) -> list[float]:
+    """Summed step features of prefilling one prompt alone in chunks of `budget` (sampling its first
+    token included)."""
+    total = [0.0] * 5
+    done = cached
+    while True:
+        n = min(budget, prompt_len - done)
+        f = LinearStep.features(n, n * (2 * done + n + 1) / 2, 0, 0)
+        total = [a + b for a, b in zip(total, f)]
+        done += n
+        if done >= prompt_len:
+            return total
+
+
+def calibrate(path: str, repeats: int = 3) -> ClusterCost:
+    """Time the demo model's engine (offline LLM API, the instances' settings) and fit the step model."""
+    import random
+    from jaxserve import LLM, SamplingParams
+    page, pages, budget, seqs = 16, 512, 256, 32
+    llm = LLM("demo", page_size=page, num_pages=pages, max_num_batched_tokens=budget, max_num_seqs=seqs)
+    rng = random.Random(0)
+
+    def fresh(n):
+        return [rng.randrange(256) for _ in range(n)]
+
+    rows, secs, samples = [], [], []
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    for n in (32, 128, 256, 512, 896):
+        for frac in (0.0, 0.5, 0.875):
+            c = int(n * frac) // page * page
+            times = []
+            for rep in range(repeats + 1):
+                base = fresh(n)
+                if c:
+                    llm.generate([base], SamplingParams(max_tokens=2, ignore_eos=True))  # cache base
+                out = llm.generate([base[:c] + fresh(n - c)], one)[0]
+                if rep:  # the first is a warm-up (compilation)
+                    times.append(out.ttft_s)
+            cached = out.num_cached_tokens
+            rows.append(_chunk_features(n, cached, budget))
+            secs.append(statistics.median(times))
+            samples.append(dict(kind="prefill", prompt_len=n, cached_len=cached, seconds=secs[-1]))
+            print(f"prefill n={n} cached={cached}: {secs[-1] * 1e3:.2f} ms", flush=True)
+    steps = 24
+    for b in (1, 4, 8, 16, 32):
+        for plen in (32, 256, 640):
+            if b * (plen + steps) > (pages - 8) * page:
+                continue
+            vals = []
+            for rep in range(repeats + 1):
+                outs = llm.generate([fresh(plen) for _ in range(b)], SamplingParams(max_tokens=steps, ignore_eos=True))
+                t_first = max(o.ttft_s for o in outs)  # all arrive together: after this, decode-only steps
+                t_end = max(o.e2e_s for o in outs)
+                if rep:
+                    vals.append((t_end - t_first) / (steps - 1))
+            step_s = statistics.median(vals)
+            ctx = b * (plen + steps / 2)
+            rows.append(LinearStep.features(0, 0, b, ctx))
+            secs.append(step_s)
+            samples.append(dict(kind="decode", batch=b, prompt_len=plen, step_s=step_s))
+            print(f"decode b={b} prompt={plen}: {step_s * 1e3:.2f} ms/step", flush=True)
+    step = LinearStep.fit(rows, secs)
+    pred = [sum(a * b for a, b in zip(r, [step.fixed_s, step.per_token_s, step.attn_s, step.per_seq_s,
+                                          step.ctx_s])) for r in rows]
+    err = [abs(p - s) / s for p, s in zip(pred, secs)]
+    cfg = llm.engine.model_config if hasattr(llm.engine, "model_config") else None
+    kv_bytes = 2 * 4 * 2 * 64 * 4  # demo: 4 layers x 2 kv heads x 64 dims x K,V x f32
+    cost = ClusterCost(step=step, kv_bytes_per_token=kv_bytes, transfer_bytes_s=0.47e9, transfer_latency_s=2e-3,
+                       page_size=page, kv_pages=pages - 1, max_num_batched_tokens=budget, max_num_seqs=seqs,
+                       rpc_overhead_s=3e-3, name="demo-cpu-calibrated")
+    cost.save(path)
+    Path(path).with_suffix(".samples.json").write_text(json.dumps(dict(samples=samples, fit_rel_err=err), indent=1))
+    print(f"fit: {step}; relative error mean {statistics.mean(err):.1%}, max {max(err):.1%}; wrote {path}")
+    del cfg
+    return cost
+
+
+# -------------------------------------------------------------------------------------------------- table
+PAPER = {  # MemServe (arXiv 2406.17565) summary figures: change of the metric
+    ("sharegpt", "jct", "p99", "pd+cache vs pd"): -0.29,
+    ("loogle", "jct", "mean", "pd+cache vs pd"): -0.269,
+    ("react", "jct", "mean", "pd+cache vs pd"): -0.267,
+    ("sharegpt", "ttft", "mean", "pd+cache vs pd"): -0.58,
+    ("loogle", "ttft", "mean", "pd+cache vs pd"): -0.56,
+    ("react", "ttft", "mean", "pd+cache vs pd"): -0.785,
+    ("loogle", "ttft", "p99", "locality vs session"): -0.59,
+}
+
+TABLE_WORKLOADS = dict(
+    sharegpt=lambda n, seed: workloads.multi_turn(num_sessions=n, seed=seed),
+    loogle=lambda n, seed: workloads.long_doc_qa(num_docs=max(2, n // 8), questions_per_doc=8, seed=seed),
+    react=lambda n, seed: workloads.react(num_sessions=n, seed=seed),
+)
+
+
+def _capacity_rate(wl: workloads.Workload, cost: ClusterCost, instances: int) -> float:
+    """Sessions per second that would keep `instances` colocated instances busy without caching: work per
+    session = its prefills alone + its decode steps at a batch of 32."""
+    work = 0.0
+    for s in wl.sessions:
+        for k, t in enumerate(s.turns):
+            plen = sum(seg.length for seg in s.prompt_segments(k))
+            work += cost.prefill_time(plen, 0)
+            work += t.output_len * cost.step_time(0, 0, 32, 32 * (plen + t.output_len // 2)) / 32
+    return instances * len(wl.sessions) / work
+
+
+def table(cost: ClusterCost, out: Path) -> list[dict]:
+    rows = []
+    for wname in FLAGS.table_workloads:
+        for n in [int(x) for x in FLAGS.instances]:
+            wl = TABLE_WORKLOADS[wname](FLAGS.sessions_per_instance * n, FLAGS.seed)
+            rate = FLAGS.load * _capacity_rate(wl, cost, n)
+            for setting in FLAGS.table_settings:
+                for policy in FLAGS.table_policies:
+                    t0 = time.time()
+                    recs = Simulator(cost, SimConfig(setting=setting, policy=policy, num_instances=n, rate=rate,
+                                                     seed=FLAGS.seed)).run(wl)
+                    s = report.summarize(recs)
+                    row = dict(workload=wname, instances=n, setting=setting, policy=policy, rate=rate,
+                               requests=len(recs), expected=wl.num_requests,
+                               ttft_mean=s["ttft"]["mean"], ttft_p99=s["ttft"]["p99"], jct_mean=s["jct"]["mean"],
+                               jct_p99=s["jct"]["p99"], hit_rate=s["hit_rate"], kv_bytes=s["kv_bytes"],
+                               sim_s=time.time() - t0)
+                    rows.append(row)
+                    print(f"{wname:8s} n={n:2d} {setting:15s} {policy:10s} rate={rate:6.2f}/s  TTFT avg "
+                          f"{row['ttft_mean'] * 1e3:8.1f} p99 {row['ttft_p99'] * 1e3:8.1f} ms  JCT avg "
+                          f"{row['jct_mean']:7.3f} p99 {row['jct_p99']:7.3f} s  hit {row['hit_rate']:.2f}  "
+                          f"({row['sim_s']:.1f}s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    md = _table_md(rows)
+    (out / "table.md").write_text(md)
+    print(md)
+    return rows
+
+
+def _get(rows, **key):
+    for r in rows:
+        if all(r[k] == v for k, v in key.items()):
+            return r
+    return None
+
+
+def _table_md(rows: list[dict]) -> str:
+    lines = ["| workload | inst | setting | policy | TTFT avg ms | TTFT p99 ms | JCT avg s | JCT p99 s | hit | "
+             "KV moved GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kv = "n/a" if r["kv_bytes"] is None else f"{r['kv_bytes'] / 2**30:.1f}"
+        lines.append(f"| {r['workload']} | {r['instances']} | {r['setting']} | {r['policy']} | "
+                     f"{r['ttft_mean'] * 1e3:.1f} | {r['ttft_p99'] * 1e3:.1f} | {r['jct_mean']:.3f} | "
+                     f"{r['jct_p99']:.3f} | {r['hit_rate']:.2f} | {kv} |")
+    lines += ["", "Paper comparison (change of the metric; ours: locality policy unless stated):", "",
+              "| workload | metric | comparison | MemServe | " +
+              " | ".join(f"ours n={n}" for n in sorted({r['instances'] for r in rows})) + " |",
+              "|---|---|---|---|" + "---|" * len({r['instances'] for r in rows})]
+    for (w, metric, stat, comp), paper in PAPER.items():
+        cells = []
+        for n in sorted({r['instances'] for r in rows}):
+            if comp == "pd+cache vs pd":
+                a = _get(rows, workload=w, instances=n, setting="pd+cache", policy="locality")
+                b = _get(rows, workload=w, instances=n, setting="pd", policy="locality")
+            else:
+                a = _get(rows, workload=w, instances=n, setting="pd+cache", policy="locality")
+                b = _get(rows, workload=w, instances=n, setting="pd+cache", policy="session_ll")
+            key = f"{metric}_{stat}"
+            cells.append("n/a" if not a or not b else f"{a[key] / b[key] - 1:+.1%}")
+        label = comp if comp != "locality vs session" else "locality vs session_ll (pd+cache)"
+        lines.append(f"| {w} | {stat} {metric.upper()} | {label} | {paper:+.1%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ validate
+def validate(cost: ClusterCost, out: Path) -> dict:
+    from launch.bench import make_workload, run_setting
+    from jaxserve.bench.loadgen import LoadConfig
+    wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
+    warm = make_workload(FLAGS.workload, seed=FLAGS.seed + 1000, **json.loads(FLAGS.workload_args))
+    warm = workloads.Workload(warm.name, warm.sessions[:6], warm.seed, warm.vocab_size)
+    load = LoadConfig(rate=FLAGS.rate, duration_s=1e9, grace_s=600, seed=FLAGS.seed, progress=False)
+    real, _ = asyncio.run(run_setting(FLAGS.setting, FLAGS.sim_policy, wl, load, warm,
+                                      num_instances=FLAGS.num_instances, num_pages=cost.kv_pages + 1,
+                                      page_size=cost.page_size, max_num_batched_tokens=cost.max_num_batched_tokens,
+                                      max_num_seqs=cost.max_num_seqs))
+    sim = Simulator(cost, SimConfig(setting=FLAGS.setting, policy=FLAGS.sim_policy, num_instances=FLAGS.num_instances,
+                                    rate=FLAGS.rate, seed=FLAGS.seed)).run(wl)
+    return compare(real, sim, out, FLAGS.tolerance)
+
+
+def compare(real: list[dict], sim: list[dict], out: Path, tolerance: float) -> dict:
+    rs, ss = report.summarize(real), report.summarize(sim)
+    res = {}
+    for metric in ("ttft", "jct", "tpot"):
+        a, b = rs[metric]["mean"], ss[metric]["mean"]
+        res[metric] = dict(real=a, sim=b, rel_err=(b - a) / a)
+    res["hit_rate"] = dict(real=rs["hit_rate"], sim=ss["hit_rate"])
+    res["ok"] = all(abs(res[m]["rel_err"]) <= tolerance for m in ("ttft", "jct"))
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_jsonl(out / "real.jsonl", real)
+    report.write_jsonl(out / "sim.jsonl", sim)
+    (out / "validate.json").write_text(json.dumps(res, indent=1))
+    print(report.markdown_table({"real": rs, "sim": ss}))
+    for m in ("ttft", "jct", "tpot"):
+        print(f"mean {m}: real {res[m]['real'] * 1e3:.1f} ms, sim {res[m]['sim'] * 1e3:.1f} ms, "
+              f"error {res[m]['rel_err']:+.1%}")
+    print(f"hit rate: real {res['hit_rate']['real']:.3f}, sim {res['hit_rate']['sim']:.3f}; "
+          f"{'PASS' if res['ok'] else 'FAIL'} (tolerance {tolerance:.0%})")
+    return res
+
+
+def main(argv):
+    del argv
+    out = Path(FLAGS.sim_out)
+    if FLAGS.mode == "calibrate":
+        calibrate(FLAGS.calibration)
+        return
+    cost = load_cost(FLAGS.cost)
+    if FLAGS.rpc_overhead_s is not None:
+        import dataclasses
+        cost = dataclasses.replace(cost, rpc_overhead_s=FLAGS.rpc_overhead_s)
+    if FLAGS.mode == "table":
+        table(cost, out)
+    elif FLAGS.mode == "validate":
+        validate(cost, out)
+    else:
+        wl = workloads.make(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
+        recs = Simulator(cost, SimConfig(setting=FLAGS.setting, policy=FLAGS.sim_policy,
+                                         num_instances=FLAGS.num_instances, rate=FLAGS.rate,
+                                         seed=FLAGS.seed)).run(wl)
+        print(report.markdown_table({f"{FLAGS.setting}/{FLAGS.sim_policy}": report.summarize(recs)}, ratios=False))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,107 @@
+"""Simulator sanity: conservation, caching lowers TTFT, locality hits more than least-load on multi-turn,
+PD moves KV, calibration fit, and the real scheduler code is what routes."""
+
+import dataclasses
+
+import pytest
+
+from jaxserve.bench import report, workloads as w
+from jaxserve.sim.cluster import SETTINGS, PageHasher, SimConfig, Simulator, simulate
+from jaxserve.sim.cost import ClusterCost, LinearStep, RooflineStep, h200_llama8b, load_cost
+
+
+def chat():
+    return w.multi_turn(num_sessions=48, mean_turns=4, max_turns=8, seed=0)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_conservation_every_request_completes(setting):
+    wl = w.react(num_sessions=20, seed=1)
+    recs = simulate(wl, h200_llama8b(), setting=setting, policy="locality", num_instances=4, rate=5)
+    assert len(recs) == wl.num_requests and len({r["request_id"] for r in recs}) == len(recs)
+    for r in recs:
+        assert 0 < r["ttft_s"] <= r["jct_s"] and r["cached_tokens"] < r["prompt_tokens"]
+    # session order: turn k+1 arrives after turn k's answer
+    by = {(r["session_id"], r["turn"]): r for r in recs}
+    for (sid, k), r in by.items():
+        if k:
+            prev = by[(sid, k - 1)]
+            assert r["arrival_s"] >= prev["arrival_s"] + prev["jct_s"] - 1e-9
+    if setting.startswith("pd"):
+        assert all(r["prefill_instance_id"].startswith("p") and r["instance_id"].startswith("d") for r in recs)
+        assert sum(r["kv_bytes"] for r in recs) > 0
+
+
+def test_more_cache_lower_ttft():
+    wl = chat()
+    cost = h200_llama8b()
+    ttft = {}
+    for setting in ("colocated", "colocated+cache"):
+        ttft[setting] = report.summarize(simulate(wl, cost, setting=setting, num_instances=4, rate=4))["ttft"]["mean"]
+    small = dataclasses.replace(cost, kv_pages=600)  # a KV pool too small to keep the sessions cached
+    for setting in ("colocated", "colocated+cache"):
+        ttft["small " + setting] = report.summarize(simulate(wl, small, setting=setting, num_instances=4,
+                                                             rate=4))["ttft"]["mean"]
+    assert ttft["colocated+cache"] < ttft["small colocated+cache"] < ttft["small colocated"]
+    assert ttft["colocated+cache"] < 0.5 * ttft["colocated"]
+
+
+def test_locality_hits_more_than_least_load_on_multi_turn():
+    wl = chat()
+    hit = {p: report.summarize(simulate(wl, h200_llama8b(), setting="colocated+cache", policy=p, num_instances=4,
+                                        rate=4))["hit_rate"] for p in ("locality", "least_load", "session")}
+    assert hit["locality"] >= hit["least_load"] + 0.1 and hit["session"] >= hit["least_load"]
+
+
+def test_pd_caching_moves_less_kv():
+    wl = chat()
+    kv = {s: report.summarize(simulate(wl, h200_llama8b(), setting=s, num_instances=4, rate=4))["kv_bytes"]
+          for s in ("pd", "pd+cache")}
+    assert 0 < kv["pd+cache"] < kv["pd"]
+
+
+def test_prompt_trees_follow_the_caches():
+    sim = Simulator(h200_llama8b(kv_pages=300), SimConfig(setting="colocated+cache", num_instances=3, rate=4))
+    sim.run(chat())
+    tree = sim.router.trees[sim.instances[0].role]
+    tree.check_invariants()
+    for inst in sim.instances:
+        assert tree.held_tokens(inst.iid) == len(inst.cache)  # tree "tokens" are pages here
+        assert len(inst.cache) <= 300
+
+
+def test_page_hasher_shares_exactly_common_pages():
+    h = PageHasher(16)
+    a = h.extend_all(h.empty(), [w.Segment(1, 40), w.Segment(2, 30)])
+    b = h.extend_all(h.empty(), [w.Segment(1, 40), w.Segment(3, 30)])
+    assert a[0][:2] == b[0][:2] and a[0][2:] != b[0][2:] and len(a[0]) == 4
+    assert h.extend(h.extend(h.empty(), w.Segment(1, 20)), w.Segment(2, 5)) != h.extend(h.empty(), w.Segment(1, 25))
+    # a segment cut short shares the pages of the full block it is a prefix of
+    c = h.extend(h.empty(), w.Segment(5, 100, full=512))
+    d = h.extend(h.empty(), w.Segment(5, 512))
+    assert d[0][:6] == c[0][:6]
+
+
+def test_cost_models():
+    cost = h200_llama8b()
+    assert cost.prefill_time(8192) > 10 * cost.prefill_time(512) / 2
+    assert cost.prefill_time(4096, 3584) < cost.prefill_time(4096) / 4
+    roof = cost.step
+    assert isinstance(roof, RooflineStep) and roof.kv_bytes_per_token == 131072
+    # decode of a small batch is bound by reading the weights: ~16 GB / (4.8 TB/s x 0.8)
+    assert 3e-3 < roof.step(0, 0, 1, 512) < 6e-3
+    # the NNLS fit recovers a linear step model
+    true = LinearStep(1e-3, 2e-5, 1e-9, 5e-5, 1e-8)
+    rows, secs = [], []
+    for p, pairs, b, ctx in [(256, 3e4, 0, 0), (16, 100, 0, 0), (0, 0, 8, 4000), (0, 0, 32, 9000), (128, 9e4, 4, 800),
+                             (64, 5e3, 0, 0), (0, 0, 1, 100)]:
+        rows.append(LinearStep.features(p, pairs, b, ctx))
+        secs.append(true.step(p, pairs, b, ctx))
+    fit = LinearStep.fit(rows, secs)
+    assert fit.step(200, 5e4, 3, 900) == pytest.approx(true.step(200, 5e4, 3, 900), rel=1e-6)
+
+
+def test_cost_json_roundtrip(tmp_path):
+    for cost in (h200_llama8b(), ClusterCost(step=LinearStep(1e-3, 1e-5, 0, 1e-4, 0), name="x")):
+        cost.save(tmp_path / "c.json")
+        assert load_cost(str(tmp_path / "c.json")) == cost
