@@ -199,10 +199,13 @@ async def serve(cluster: LocalCluster) -> None:
         return
     starting.result()
     try:
-        roles = sorted({r for r, _ in cluster.roles})
-        print(f"cluster ready: scheduler at {cluster.address} ({cluster.num_instances} instances: "
-              f"{', '.join(f'{sum(r == x for x, _ in cluster.roles)} {x}' for x in roles)}, model {cluster.model}"
-              + (f", pd_mode {cluster.pd_mode}" if roles != ['colocated'] else "") + ")", flush=True)
+        counts: dict[str, int] = {}
+        for role, _ in cluster.roles:
+            counts[role] = counts.get(role, 0) + 1
+        what = ", ".join(f"{n} {role}" for role, n in counts.items())
+        mode = "" if list(counts) == ["colocated"] else f", pd_mode {cluster.pd_mode}"
+        print(f"cluster ready: scheduler at {cluster.address} ({cluster.num_instances} instances: {what}, model "
+              f"{cluster.model}{mode})", flush=True)
         await stopping
         logging.info("shutting down")
     finally:
