@@ -8,6 +8,8 @@ import time
 
 from absl import app, flags
 
+from launch.chat_script import SYSTEM, TURNS, USERS
+
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("sessions", 3, "concurrent chat sessions")
 flags.DEFINE_integer("turns", 4, "turns per session")
@@ -16,15 +18,6 @@ flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes across turns")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
 FLAGS = flags.FLAGS
 
-SYSTEM = ('"""A small utility module.\n\nThis module provides helpers for reading configuration files,\n'
-          'parsing command line arguments and formatting reports."""\n\nimport os\nimport sys\n\n\n')
-TURNS = [
-    "def read_config(path):\n    \"\"\"Return the parsed configuration stored at *path*.\"\"\"\n",
-    "class Report:\n    \"\"\"A formatted report.\"\"\"\n\n    def __init__(self, title",
-    "    def format(self, width=80):\n",
-    "def main(argv=None):\n    ",
-]
-USERS = ["", "# Copyright the authors.\n", "from collections import defaultdict\n"]
 
 
 def main(argv):

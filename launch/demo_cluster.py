@@ -14,6 +14,8 @@ import time
 
 from absl import app, flags
 
+from launch.chat_script import SYSTEM, TURNS, USERS
+
 from launch import local  # noqa: F401 - defines the cluster flags
 
 flags.DEFINE_integer("sessions", 2, "concurrent chat sessions")
@@ -23,15 +25,6 @@ FLAGS = flags.FLAGS
 # The demo shows caching and TTFT; calibrating the cost model would only lengthen the start-up.
 FLAGS.set_default("profile_instances", False)
 
-SYSTEM = ('"""A small utility module.\n\nThis module provides helpers for reading configuration files,\n'
-          'parsing command line arguments and formatting reports."""\n\nimport os\nimport sys\n\n\n')
-TURNS = [
-    "def read_config(path):\n    \"\"\"Return the parsed configuration stored at *path*.\"\"\"\n",
-    "class Report:\n    \"\"\"A formatted report.\"\"\"\n\n    def __init__(self, title",
-    "    def format(self, width=80):\n",
-    "def main(argv=None):\n    ",
-]
-USERS = ["", "# Copyright the authors.\n", "from collections import defaultdict\n"]
 
 
 async def chat(address: str) -> list[tuple]:

@@ -62,9 +62,21 @@ def zigzag_order(padded_len: int, num_devices: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-def block_attention(q, k, v, q_pos, k_pos, k_valid, *, sm_scale):
+def block_attention(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, block_q: int = 512):
     """q [Q, Hq, D]; k, v [K, Hkv, D]; q_pos [Q]; k_pos, k_valid [K] -> (out f32 [Q, Hq, D], lse f32 [Q, Hq]);
-    rows with no visible key: out 0, lse -inf. Key j is visible to query i iff valid and k_pos <= q_pos."""
+    rows with no visible key: out 0, lse -inf. Key j is visible to query i iff valid and k_pos <= q_pos.
+    Queries are processed `block_q` rows at a time (`lax.map`) so scores stay O(block_q x K) in memory."""
+    nq = q.shape[0]
+    if nq > block_q and nq % block_q == 0:
+        tiles = nq // block_q
+        o, l = jax.lax.map(
+            lambda a: _block_attention(a[0], k, v, a[1], k_pos, k_valid, sm_scale=sm_scale),
+            (q.reshape(tiles, block_q, *q.shape[1:]), q_pos.reshape(tiles, block_q)))
+        return o.reshape(nq, *o.shape[2:]), l.reshape(nq, l.shape[-1])
+    return _block_attention(q, k, v, q_pos, k_pos, k_valid, sm_scale=sm_scale)
+
+
+def _block_attention(q, k, v, q_pos, k_pos, k_valid, *, sm_scale):
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv

@@ -1,9 +1,9 @@
 """The scheduler's jax-free view of a model: its tokenizer, context length and vocabulary, plus incremental
 detokenization with stop strings for the token streams it proxies.
 
-`jaxserve.model` imports jax, so this module reads the same folder formats on its own: `tokenizer.json`
-(Hugging Face `tokenizers`) if present, else `byte_tokenizer.json` (bytes 0-255, BOS 256, EOS 257); the
-context length and vocabulary come from `model_config.json` (our Orbax folders) or `config.json` (HF)."""
+Tokenizers come from the jax-free `jaxserve.tokenizer` (shared with the model layer); the context length
+and vocabulary are read from `model_config.json` (our Orbax folders) or `config.json` (HF) without loading
+`jaxserve.model`, which imports jax."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
-BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
-HF_TOKENIZER_FILE = "tokenizer.json"
-SPECIAL_IDS_FILE = "special_token_ids.json"
+from jaxserve.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer  # noqa: F401 (re-exported)
+
 MODEL_CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "config.json"
 
@@ -23,96 +22,8 @@ HF_CONFIG_FILE = "config.json"
 _NAMED_MODELS = {"demo": Path(__file__).resolve().parent.parent / "assets" / "demo_model"}
 
 
-class Tokenizer(Protocol):
-    vocab_size: int
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """Token i < 256 is byte i of the UTF-8 text, 256 is BOS, 257 EOS; ids beyond decode to nothing."""
-
-    NUM_BYTES = 256
-
-    def __init__(self, vocab_size: int = 258, add_bos: bool = True):
-        if vocab_size < self.NUM_BYTES + 2:
-            raise ValueError(f"a byte tokenizer needs vocab_size >= 258 (256 bytes + BOS + EOS), got {vocab_size}")
-        self.vocab_size = vocab_size
-        self.add_bos = add_bos
-        self.bos_token_id = self.NUM_BYTES
-        self.eos_token_ids = (self.NUM_BYTES + 1,)
-
-    def encode(self, text: str) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return [self.bos_token_id, *ids] if self.add_bos else ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < self.NUM_BYTES).decode("utf-8", errors="replace")
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _id_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
-
-
-class HFTokenizer:
-    """A `tokenizers.Tokenizer` from `tokenizer.json`; BOS/EOS as `jaxserve.model` finds them (our
-    special_token_ids.json first, then tokenizer_config.json, generation_config.json, config.json)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        from tokenizers import Tokenizer as RustTokenizer  # only HF-tokenizer users pay for the import
-
-        folder = Path(folder)
-        self._tok = RustTokenizer.from_file(str(folder / HF_TOKENIZER_FILE))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        ours = _read_json(folder / SPECIAL_IDS_FILE)
-        if ours:
-            self.bos_token_id = ours.get("bos_token_id")
-            self.eos_token_ids = tuple(ours.get("eos_token_ids", ()))
-            return
-        bos, eos = None, []
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        for key in ("bos_token", "eos_token"):
-            token = tok_config.get(key)
-            content = token.get("content") if isinstance(token, dict) else token
-            token_id = self._tok.token_to_id(content) if content else None
-            if token_id is not None:
-                if key == "bos_token":
-                    bos = token_id
-                else:
-                    eos.append(token_id)
-        for name in ("generation_config.json", HF_CONFIG_FILE):
-            d = _read_json(folder / name)
-            eos.extend(_id_list(d.get("eos_token_id")))
-            if bos is None and _id_list(d.get("bos_token_id")):
-                bos = _id_list(d.get("bos_token_id"))[0]
-        self.bos_token_id = bos
-        self.eos_token_ids = tuple(dict.fromkeys(eos))
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
-
-
-def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    folder = Path(folder)
-    if (folder / HF_TOKENIZER_FILE).exists():
-        return HFTokenizer(folder)
-    if (folder / BYTE_TOKENIZER_FILE).exists():
-        spec = _read_json(folder / BYTE_TOKENIZER_FILE)
-        return ByteTokenizer(vocab_size=int(spec.get("vocab_size", 258)), add_bos=bool(spec.get("add_bos", True)))
-    raise FileNotFoundError(f"no tokenizer in {folder}: expected {HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}")
 
 
 @dataclasses.dataclass(frozen=True)
