@@ -12,7 +12,6 @@ to the first setting) and PNG plots (JCT / TTFT CDF per setting, hit rate over t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import platform
@@ -40,11 +39,10 @@ flags.DEFINE_float("slo_ttft_s", 1.0, "TTFT SLO for goodput")
 flags.DEFINE_float("slo_tpot_s", 0.1, "TPOT SLO for goodput")
 flags.DEFINE_string("out", "out/bench", "output folder")
 flags.DEFINE_bool("progress", True, "progress bar on stderr")
+flags.DEFINE_enum("pd_cache_mode", "caching2", ["caching1", "caching2", "caching3"],
+                  "PD mode of the pd+cache setting (pd is always basic). caching3's decode->prefill send-back is "
+                  "not implemented by the instance server yet (it then behaves as caching2)")
 FLAGS = flags.FLAGS
-
-
-class SettingUnavailable(RuntimeError):
-    pass
 
 
 def make_workload(name: str, full_size: bool = False, seed: int = 0, **kwargs) -> workloads.Workload:
@@ -54,7 +52,8 @@ def make_workload(name: str, full_size: bool = False, seed: int = 0, **kwargs) -
 
 
 def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances: int = 2, num_pages: int = 512,
-                page_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 32):
+                page_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
+                pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0):
     """A launch.local cluster for the setting (not started)."""
     from launch.local import LocalCluster
     if setting not in SETTINGS:
@@ -66,16 +65,14 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
     kwargs = dict(model=model, num_instances=num_instances, port=0, policy=policy, pin=True,
                   instance_flags=instance_flags, scheduler_config=dict(profile_instances=True), quiet=True)
     if setting.startswith("pd"):
-        params = inspect.signature(LocalCluster).parameters
-        if "num_prefill" in params:
-            kwargs["num_prefill"] = max(1, num_instances // 2)
-        elif "mode" in params:
-            kwargs["mode"] = "disaggregated"
-        else:
-            raise SettingUnavailable(
-                f"setting {setting!r} needs prefill/decode instances, which launch.local cannot start yet (the "
-                "instance server's prefill/decode roles and launch.local's P/D mode are being added); run the "
-                "colocated settings, or the simulator (python -m launch.sim) for P/D numbers")
+        # 1 prefill + 1 decode instance for the 2-instance default (half and half in general), each pinned to
+        # its own core by launch.local. pd: MemServe's PD-Basic; pd+cache: `pd_cache_mode` (caching2 by
+        # default: both sides cache, the decode side indexes the KV it receives and only the KV it lacks is
+        # sent; caching3 also sends the decode-phase KV back, once the instance server implements it).
+        n_p = max(1, num_instances // 2)
+        kwargs.update(prefill_instances=n_p, decode_instances=max(1, num_instances - n_p),
+                      pd_mode=pd_cache_mode if cache else "basic")
+        instance_flags["kv_transfer_timeout_s"] = kv_transfer_timeout_s
     return LocalCluster(**kwargs)
 
 
@@ -84,13 +81,46 @@ async def run_setting(setting: str, policy: str, workload: workloads.Workload, l
     """Start the cluster, warm it up, play the workload; returns (records, scheduler stats)."""
     cluster = cluster_for(setting, policy, **cluster_kwargs)
     async with cluster:
+        before = None
         if warmup is not None and warmup.sessions:
             await run_load(cluster.address, warmup, LoadConfig(rate=0, duration_s=0, grace_s=600, progress=False))
+            before = await instance_stats(cluster)
         records = await run_load(cluster.address, workload, load)
-        stats = cluster.scheduler.router and {
-            iid: dict(num_requests=r.num_requests, prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens)
-            for iid, r in cluster.scheduler.router.instances.items()}
+        stats = await instance_stats(cluster)
+        stats["_kv_bytes"] = kv_moved(stats, before)
     return records, stats
+
+
+KV_FIELDS = ("kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers",
+             "kv_transfer_failures")
+
+
+async def instance_stats(cluster) -> dict:
+    """Per instance: the scheduler's routing counters plus the instance's own GetStats counters (requests,
+    prompt / cached tokens, KV transfer counters). Counters include the warm-up requests."""
+    from jaxserve.proto.v1 import instance_pb2
+    out = {}
+    for iid, r in cluster.scheduler.router.instances.items():
+        d = dict(num_requests=r.num_requests, prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens)
+        try:
+            st = await r.stub.GetStats(instance_pb2.InstanceStatsRequest(), timeout=10)
+            d.update(instance_prompt_tokens=st.prompt_tokens, instance_cached_tokens=st.cached_tokens,
+                     **{f: getattr(st, f) for f in KV_FIELDS})
+        except Exception as e:  # noqa: BLE001 - stats are a report extra, not the measurement
+            d["stats_error"] = f"{type(e).__name__}: {e}"
+        out[iid] = d
+    return out
+
+
+def kv_moved(stats: dict, before: dict | None = None) -> int | None:
+    """KV bytes prefill instances sent (their kv_sent_bytes = the PrefillResponse.transferred_bytes summed),
+    minus the `before` snapshot (the warm-up); 0 for colocated clusters; None if not reported."""
+    if not stats or any("stats_error" in d for d in stats.values()):
+        return None
+    total = sum(d.get("kv_sent_bytes", 0) for d in stats.values())
+    if before:
+        total -= sum(d.get("kv_sent_bytes", 0) for d in before.values())
+    return total
 
 
 def machine() -> str:
@@ -110,7 +140,8 @@ def main(argv):
                       progress=FLAGS.progress)
     cluster_kwargs = dict(model=FLAGS.model, num_instances=FLAGS.num_instances, num_pages=FLAGS.num_pages,
                           page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                          max_num_seqs=FLAGS.max_num_seqs)
+                          max_num_seqs=FLAGS.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode,
+                          kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s)
     for s in FLAGS.settings:
         if s not in SETTINGS:
             raise app.UsageError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
@@ -127,14 +158,19 @@ def main(argv):
             report.write_jsonl(out / f"{name.replace('/', '_')}.jsonl", records)
             runs[name] = records
             summaries[name] = report.summarize(records, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
+            kv = stats.pop("_kv_bytes")
+            if summaries[name]["kv_bytes"] is None:
+                summaries[name]["kv_bytes"] = kv
             summaries[name]["instances"] = stats
             print(report.markdown_table({name: summaries[name]}, ratios=False), flush=True)
     table = report.markdown_table(summaries)
     plots = report.plot(runs, out, title=wl.name)
     header = (f"# bench: {wl.name}\n\nworkload: {wl.description}\n\nmachine: {machine()}\n\nrate {FLAGS.rate:g} "
               f"sessions/s, duration {FLAGS.duration_s:g} s, {FLAGS.num_instances} instances, model "
-              f"{FLAGS.model}, SLOs TTFT {FLAGS.slo_ttft_s:g} s / TPOT {FLAGS.slo_tpot_s:g} s. KV moved: n/a "
-              "(instances do not report transferred bytes).\n\n")
+              f"{FLAGS.model}, SLOs TTFT {FLAGS.slo_ttft_s:g} s / TPOT {FLAGS.slo_tpot_s:g} s; pd = "
+              f"{FLAGS.num_instances // 2 or 1} prefill + {max(1, FLAGS.num_instances - (FLAGS.num_instances // 2 or 1))} "
+              f"decode, pd_mode basic; pd+cache pd_mode {FLAGS.pd_cache_mode}. KV moved = the prefill instances' "
+              "kv_sent_bytes (PrefillResponse.transferred_bytes summed), warm-up excluded.\n\n")
     (out / "report.md").write_text(header + table + "\n\n" + "\n".join(f"![]({Path(p).name})" for p in plots) + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=1, default=str))
     print(table)

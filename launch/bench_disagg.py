@@ -19,27 +19,41 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_integer("layers", 8, "model layers")
-flags.DEFINE_integer("kv_heads", 4, "KV heads")
-flags.DEFINE_integer("head_dim", 64, "head dim")
-flags.DEFINE_integer("page_size", 16, "tokens per page")
-flags.DEFINE_integer("transfer_pages", 64, "pages per transfer in the throughput rows")
-flags.DEFINE_integer("repeats", 5, "timed repetitions per transfer row (after one warm-up)")
-flags.DEFINE_integer("sessions", 2, "multi-turn sessions")
-flags.DEFINE_integer("turns", 3, "turns per session")
-flags.DEFINE_integer("first_len", 40, "first prompt tokens")
-flags.DEFINE_integer("turn_len", 20, "user tokens added per turn")
-flags.DEFINE_integer("output_len", 12, "new tokens per turn")
-flags.DEFINE_bool("cross_process", True, "also measure the cross-process backend (spawns a receiver)")
-flags.DEFINE_string("role", "bench", "internal: 'receiver' runs the cross-process receiver")
-flags.DEFINE_string("port_file", "", "internal: where the receiver writes its port")
-flags.DEFINE_string("out", "out/bench_disagg.json", "JSON output")
 FLAGS = flags.FLAGS
 
+
+def _define(kind: str, name: str, default, help_: str) -> None:
+    # `launch.bench_offline --disaggregated` imports this module: flags it defines itself (layers, output_len,
+    # out) keep its definition.
+    if name not in FLAGS:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_)
+
+
+def use_fake_devices() -> None:
+    """8 fake CPU devices (prefill and decode meshes); must run before jax is imported."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+_define("integer", "layers", 8, "model layers")
+_define("integer", "kv_heads", 4, "KV heads")
+_define("integer", "head_dim", 64, "head dim")
+_define("integer", "page_size", 16, "tokens per page")
+_define("integer", "transfer_pages", 64, "pages per transfer in the throughput rows")
+_define("integer", "repeats", 5, "timed repetitions per transfer row (after one warm-up)")
+_define("integer", "sessions", 2, "multi-turn sessions")
+_define("integer", "turns", 3, "turns per session")
+_define("integer", "first_len", 40, "first prompt tokens")
+_define("integer", "turn_len", 20, "user tokens added per turn")
+_define("integer", "output_len", 12, "new tokens per turn")
+_define("bool", "cross_process", True, "also measure the cross-process backend (spawns a receiver)")
+_define("bool", "profile_transfer", False, "only profile the cross-process transfer: time each stage (gather, "
+                  "pull, reshard, scatter, control) with a sync after each, and the end-to-end path")
+_define("bool", "serving", True, "also run the multi-turn serving rows")
+_define("string", "role", "bench", "internal: 'receiver' runs the cross-process receiver")
+_define("string", "port_file", "", "internal: where the receiver writes its port")
+_define("string", "out", "out/bench_disagg.json", "JSON output")
 MACHINE_NOTE = (f"CPU, {os.cpu_count()} cores; the 8 fake XLA devices share them, so prefill and decode meshes "
                 "compete for the same cores")
 
@@ -89,11 +103,30 @@ def run_receiver():
                                         jax.sharding.PartitionSpec(None, None, None, "tp", None))
         spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=sh)
         t = time.perf_counter()
-        x = recv.server.pull(msg["address"], int(msg["uuid"]), [spec])[0]
-        x.block_until_ready()
+        xs = recv.server.pull(msg["address"], int(msg["uuid"]), [spec] * int(msg.get("chunks", 1)))
+        jax.block_until_ready(xs)
         return dict(seconds=time.perf_counter() - t)
 
+    def stages(msg):  # the receive path with a sync after each stage (profiling)
+        import jax.numpy as jnp
+        t0 = time.perf_counter()
+        devs = sorted(pool.sharding.device_set, key=lambda d: d.id)[:int(msg["src_shards"])]
+        sh = jax.sharding.NamedSharding(jax.sharding.Mesh(devs, ("tp",)),
+                                        jax.sharding.PartitionSpec(None, None, None, "tp", None))
+        spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=sh)
+        x = recv.server.pull(msg["address"], int(msg["uuid"]), [spec])[0]
+        x.block_until_ready()
+        t1 = time.perf_counter()
+        y = jax.device_put(x, tr.pool_sharding(pool))
+        y.block_until_ready()
+        t2 = time.perf_counter()
+        tr.scatter_block(pool, msg["dst_pages"], y)
+        pool.kv_cache.block_until_ready()
+        t3 = time.perf_counter()
+        return dict(pull=t1 - t0, reshard=t2 - t1, scatter=t3 - t2)
+
     recv.handlers["raw"] = raw
+    recv.handlers["stages"] = stages
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(2)
@@ -175,6 +208,8 @@ def bench_cross_process(src, sp, nbytes):
                                     dtype=str(block.dtype)))["seconds"]
         raw()
         t_raw = statistics.median(raw() for _ in range(FLAGS.repeats))
+        if FLAGS.profile_transfer:
+            profile_stages(src, sp, dp, server, remote, nbytes, t_raw)
         t_ours = timed(lambda: src.transfer(remote, sp, dp, request_id="bench"), FLAGS.repeats)
         remote.release("bench")
         remote.close()
@@ -184,6 +219,76 @@ def bench_cross_process(src, sp, nbytes):
         os.sched_setaffinity(0, set(range(os.cpu_count())))
         child.kill()
         child.wait()
+
+
+def profile_stages(src, sp, dp, server, remote, nbytes, t_raw):
+    """Where the cross-process transfer's time goes: each stage synced on its own. The raw pull, the staged
+    receive and the end-to-end transfer run interleaved (one of each per round), so load swings on a shared
+    machine hit all of them alike; medians over rounds, plus the median of per-round end-to-end / raw."""
+    import jax
+    from jaxserve.mempool import transfer as tr
+    reps = max(FLAGS.repeats, 5)
+
+    def raw():
+        block = tr.gather_block(src, sp)
+        block.block_until_ready()
+        uuid = server.next_uuid()
+        server.offer(uuid, [block])
+        return remote.call(dict(op="raw", uuid=uuid, address=server.address, shape=list(block.shape),
+                                dtype=str(block.dtype)))["seconds"]
+
+    def raw_chunks():  # the raw pull of the same chunks our transfer sends (one pull of several arrays)
+        chunks = tr.gather_chunks(src, sp)
+        jax.block_until_ready(chunks)
+        uuid = server.next_uuid()
+        server.offer(uuid, chunks)
+        return remote.call(dict(op="raw", uuid=uuid, address=server.address, shape=list(chunks[0].shape),
+                                dtype=str(chunks[0].dtype), chunks=len(chunks)))["seconds"]
+
+    def stages():
+        t = time.perf_counter()
+        block = tr.gather_block(src, sp)
+        block.block_until_ready()
+        gather = time.perf_counter() - t
+        uuid = server.next_uuid()
+        server.offer(uuid, [block])
+        t = time.perf_counter()
+        got = remote.call(dict(op="stages", uuid=uuid, address=server.address, shape=list(block.shape),
+                               dtype=str(block.dtype), src_shards=tr.num_head_shards(block),
+                               dst_pages=[int(p) for p in dp]))
+        got.update(round_trip=time.perf_counter() - t, gather=gather)
+        return got
+
+    def e2e():
+        t = time.perf_counter()
+        src.transfer(remote, sp, dp, request_id="bench")
+        return time.perf_counter() - t
+
+    def control():
+        t = time.perf_counter()
+        remote.call(dict(op="lookup", tokens=[]))
+        return time.perf_counter() - t
+
+    raw(), raw_chunks(), stages(), e2e()  # warm-up
+    rounds = [dict(raw=raw(), raw_chunks=raw_chunks(), e2e=e2e(), control=control(), **stages())
+              for _ in range(reps)]
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k != "ok"}
+    ratio = statistics.median(r["e2e"] / r["raw"] for r in rounds)
+    ratio_chunks = statistics.median(r["e2e"] / r["raw_chunks"] for r in rounds)
+    n_chunks = len(tr.gather_chunks(src, sp))
+    print(f"\nprofile of the cross-process transfer ({nbytes / 2**20:.1f} MiB, medians of {reps} interleaved rounds; "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; sender on core 0, receiver on core 1)")
+    rows = [("raw pull, one array (receiver side)", "raw"),
+            (f"raw pull, same {n_chunks} chunks as ours", "raw_chunks"), ("gather (sender, synced)", "gather"),
+            ("control round trip (empty message)", "control"), ("pull into staging layout (synced)", "pull"),
+            ("staging -> pool device_put (synced)", "reshard"), ("scatter (synced)", "scatter"),
+            ("pull+reshard+scatter round trip (sender)", "round_trip"), ("end to end, MemPool.transfer", "e2e")]
+    for name, k in rows:
+        print(f"  {name:42s} {1e3 * med[k]:8.2f} ms {nbytes / med[k] / 1e9:7.2f} GB/s")
+    print(f"  end to end / raw one-array pull = {ratio:.3f}, / raw pull of the same chunks = {ratio_chunks:.3f} "
+          f"(medians of per-round ratios; target <= 1.11: lose <= 10% of throughput)")
+    return dict(stages_ms={k: 1e3 * v for k, v in med.items()}, e2e_over_raw=ratio,
+                e2e_over_raw_chunks=ratio_chunks, load=os.getloadavg()[0])
 
 
 # ------------------------------------------------------------------------------------------ serving rows
@@ -242,15 +347,23 @@ def main(argv):
     if FLAGS.role == "receiver":
         run_receiver()
         return
+    use_fake_devices()
     import jax
     print(f"machine: {MACHINE_NOTE}; jax {jax.__version__}, {len(jax.devices())} devices")
+    if FLAGS.profile_transfer:
+        import numpy as np
+        n = FLAGS.transfer_pages
+        src = make_pool((0, 1), n + 2)
+        sp = src.alloc(n)
+        bench_cross_process(src, sp, int(np.prod(src.page_shape)) * 4 * n)
+        return
     rows = bench_transfers()
     print(f"\nKV transfer, {FLAGS.transfer_pages} pages x {FLAGS.layers} layers "
           f"({rows[0][1] / 2**20:.1f} MiB); fake CPU devices share {os.cpu_count()} cores")
     print(f"{'path':58s} {'MiB':>7s} {'ms':>8s} {'GB/s':>7s} {'array ops':>9s}")
     for name, nbytes, t, ops in rows:
         print(f"{name:58s} {nbytes / 2**20:7.1f} {1e3 * t:8.2f} {nbytes / t / 1e9:7.2f} {ops:9d}")
-    serving = bench_serving()
+    serving = bench_serving() if FLAGS.serving else []
     print(f"\nmulti-turn: {FLAGS.sessions} sessions x {FLAGS.turns} turns, first prompt {FLAGS.first_len}, "
           f"+{FLAGS.turn_len} user tokens/turn, {FLAGS.output_len} output tokens; KV moved per turn "
           f"(prefill->decode / decode->prefill, KiB)")

@@ -3,6 +3,13 @@ at several batch sizes beside Hugging Face transformers' `generate` on the same 
 
     python -m launch.bench_offline --out=out/bench_offline.json
 
+With --disaggregated it runs the disaggregation benchmark instead (issue 4 §4; one implementation, in
+`launch/bench_disagg.py`, whose flags it accepts): KV transfer throughput of each backend against a same-size
+memory copy, KV moved per turn in each PD mode, and JCT / TTFT / TPOT of colocated vs disaggregated serving with
+and without caching, in one run:
+
+    python -m launch.bench_offline --disaggregated --transfer_pages=32 --repeats=3 --out=out/bench_disagg.json
+
 Prints tables and writes JSON. Timings are ratios within one run; the machine is shared and noisy."""
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ flags.DEFINE_integer("decode_prompt_len", 64, "prompt tokens for the decode benc
 flags.DEFINE_integer("decode_tokens", 32, "new tokens per sequence in the decode benchmark")
 flags.DEFINE_bool("hf", True, "also time transformers' generate when it is installed")
 flags.DEFINE_string("out", "out/bench_offline.json", "JSON output")
+flags.DEFINE_bool("disaggregated", False, "run the disaggregation benchmark (launch/bench_disagg.py) instead")
 FLAGS = flags.FLAGS
+
+from launch import bench_disagg  # noqa: E402  (defines the disaggregation benchmark's own flags)
 
 
 def make_hf_model(folder, layers, hidden):
@@ -68,6 +78,9 @@ def run_setting(llm, prompts, params, sequential):
 
 
 def main(argv):
+    if FLAGS.disaggregated:
+        bench_disagg.main(argv)
+        return
     del argv
     import numpy as np
     from jaxserve import LLM, SamplingParams

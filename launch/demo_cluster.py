@@ -20,7 +20,7 @@ from launch import local  # noqa: F401 - defines the cluster flags
 
 flags.DEFINE_integer("sessions", 2, "concurrent chat sessions")
 flags.DEFINE_integer("turns", 3, "turns per session")
-flags.DEFINE_integer("max_tokens", 32, "new tokens per turn")
+flags.DEFINE_integer("max_tokens", 28, "new tokens per turn")
 FLAGS = flags.FLAGS
 # The demo shows caching and TTFT; calibrating the cost model would only lengthen the start-up.
 FLAGS.set_default("profile_instances", False)

@@ -44,6 +44,11 @@ flags.DEFINE_float("load", 0.7, "table: offered load as a fraction of the estima
 flags.DEFINE_integer("sessions_per_instance", 12, "table: sessions (LooGLE: questions) per instance")
 flags.DEFINE_float("rpc_overhead_s", None, "override the cost model's client/scheduler overhead")
 flags.DEFINE_float("tolerance", 0.15, "validate: allowed relative error of mean TTFT and JCT")
+flags.DEFINE_string("real_records", None, "validate: compare with this real run's records (JSON lines, e.g. a "
+                    "previous validate's real.jsonl or a launch.bench run of the same workload, seed, rate and "
+                    "setting) instead of running the real cluster again")
+flags.DEFINE_string("pd_prefill_fraction", "0.5", "table: prefill share of the pd clusters' instances (at least "
+                    "one of each): a number, or workload:number pairs (sharegpt:0.125,loogle:0.5)")
 FLAGS = flags.FLAGS
 
 
@@ -155,19 +160,29 @@ def _capacity_rate(wl: workloads.Workload, cost: ClusterCost, instances: int) ->
     return instances * len(wl.sessions) / work
 
 
+def prefill_fraction(spec: str, workload: str) -> float:
+    """--pd_prefill_fraction for one workload ("0.5" or "sharegpt:0.125,loogle:0.5"; unnamed: 0.5)."""
+    if ":" not in spec:
+        return float(spec)
+    pairs = dict(item.split(":") for item in spec.split(","))
+    return float(pairs.get(workload, pairs.get("default", 0.5)))
+
+
 def table(cost: ClusterCost, out: Path) -> list[dict]:
     rows = []
     for wname in FLAGS.table_workloads:
         for n in [int(x) for x in FLAGS.instances]:
             wl = TABLE_WORKLOADS[wname](FLAGS.sessions_per_instance * n, FLAGS.seed)
             rate = FLAGS.load * _capacity_rate(wl, cost, n)
+            n_p = min(n - 1, max(1, round(n * prefill_fraction(FLAGS.pd_prefill_fraction, wname))))
             for setting in FLAGS.table_settings:
                 for policy in FLAGS.table_policies:
                     t0 = time.time()
                     recs = Simulator(cost, SimConfig(setting=setting, policy=policy, num_instances=n, rate=rate,
-                                                     seed=FLAGS.seed)).run(wl)
+                                                     seed=FLAGS.seed, num_prefill=n_p)).run(wl)
                     s = report.summarize(recs)
                     row = dict(workload=wname, instances=n, setting=setting, policy=policy, rate=rate,
+                               num_prefill=n_p if setting.startswith("pd") else 0, load=FLAGS.load,
                                requests=len(recs), expected=wl.num_requests,
                                ttft_mean=s["ttft"]["mean"], ttft_p99=s["ttft"]["p99"], jct_mean=s["jct"]["mean"],
                                jct_p99=s["jct"]["p99"], hit_rate=s["hit_rate"], kv_bytes=s["kv_bytes"],
@@ -222,18 +237,28 @@ def _table_md(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------------ validate
 def validate(cost: ClusterCost, out: Path) -> dict:
-    from launch.bench import make_workload, run_setting
+    """The same workload (seed, rate, warm-up) and setting for real (launch.local: 2 instances, each pinned to
+    its own core, the cost file's engine settings) and in the simulator; compares mean TTFT and JCT."""
+    from launch.bench import machine, make_workload, run_setting
     from jaxserve.bench.loadgen import LoadConfig
     wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
-    warm = make_workload(FLAGS.workload, seed=FLAGS.seed + 1000, **json.loads(FLAGS.workload_args))
-    warm = workloads.Workload(warm.name, warm.sessions[:6], warm.seed, warm.vocab_size)
-    load = LoadConfig(rate=FLAGS.rate, duration_s=1e9, grace_s=600, seed=FLAGS.seed, progress=False)
-    real, _ = asyncio.run(run_setting(FLAGS.setting, FLAGS.sim_policy, wl, load, warm,
-                                      num_instances=FLAGS.num_instances, num_pages=cost.kv_pages + 1,
-                                      page_size=cost.page_size, max_num_batched_tokens=cost.max_num_batched_tokens,
-                                      max_num_seqs=cost.max_num_seqs))
+    if FLAGS.real_records:
+        real = report.read_jsonl(FLAGS.real_records)
+        where = f"real records from {FLAGS.real_records}"
+    else:
+        warm = make_workload(FLAGS.workload, seed=FLAGS.seed + 1000, **json.loads(FLAGS.workload_args))
+        warm = workloads.Workload(warm.name, warm.sessions[:FLAGS.warmup_requests], warm.seed, warm.vocab_size)
+        load = LoadConfig(rate=FLAGS.rate, duration_s=1e9, grace_s=600, seed=FLAGS.seed, progress=False)
+        where = f"real run on {machine()} (before)"
+        real, _ = asyncio.run(run_setting(FLAGS.setting, FLAGS.sim_policy, wl, load, warm,
+                                          num_instances=FLAGS.num_instances, num_pages=cost.kv_pages + 1,
+                                          page_size=cost.page_size, max_num_batched_tokens=cost.max_num_batched_tokens,
+                                          max_num_seqs=cost.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode))
+        where += f", {machine()} (after)"
+    print(where)
     sim = Simulator(cost, SimConfig(setting=FLAGS.setting, policy=FLAGS.sim_policy, num_instances=FLAGS.num_instances,
-                                    rate=FLAGS.rate, seed=FLAGS.seed)).run(wl)
+                                    rate=FLAGS.rate, seed=FLAGS.seed,
+                                    send_back=FLAGS.pd_cache_mode == "caching3")).run(wl)
     return compare(real, sim, out, FLAGS.tolerance)
 
 

@@ -91,3 +91,21 @@ def test_bench_has_no_jax():
     code = ("import sys, jaxserve.bench.loadgen, jaxserve.bench.report, jaxserve.bench.workloads, "
             "jaxserve.sim.cluster, jaxserve.sim.cost; assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_settings_build_their_clusters():
+    """Every setting builds a launch.local cluster (not started): pd = 1 prefill + 1 decode, basic; pd+cache =
+    the chosen caching mode; colocated = 2 colocated instances with or without prefix caching."""
+    from launch.bench import SETTINGS, cluster_for, kv_moved
+    roles = {}
+    for s in SETTINGS:
+        c = cluster_for(s, "locality", pd_cache_mode="caching2")
+        roles[s] = ([r for r, _ in c.roles], c.pd_mode if s.startswith("pd") else None,
+                    c.instance_flags["prefix_caching"])
+    assert roles["colocated"] == (["colocated", "colocated"], None, False)
+    assert roles["colocated+cache"] == (["colocated", "colocated"], None, True)
+    assert roles["pd"] == (["prefill", "decode"], "basic", False)
+    assert roles["pd+cache"] == (["prefill", "decode"], "caching2", True)
+    before = {"p": dict(kv_sent_bytes=10), "d": dict(kv_received_bytes=10)}
+    after = {"p": dict(kv_sent_bytes=110), "d": dict(kv_received_bytes=110)}
+    assert kv_moved(after, before) == 100 and kv_moved({"p": dict(stats_error="x")}) is None

@@ -216,3 +216,65 @@ def test_basic_mode_in_process_sends_everything_and_checks_roles():
             await p.stop(0)
             await d.stop(0)
     run(body(), timeout=120)
+
+
+def test_caching3_in_process_sends_decode_kv_back():
+    """PD-Caching-3 over the instance API: when a request finishes, the decode instance sends its decode-phase
+    KV back to the prefill instance (PrepareKvTransfer / CommitKvTransfer(cache_only) on it), so the next
+    turn's prefill reports cached tokens covering the first turn's output; tokens equal the colocated uncached
+    run; the second turn sends only what the decode side lacks; no leaked pages on either side."""
+    page = 8
+
+    async def body():
+        p = await InstanceServer(tiny(True, 0).engine, InstanceConfig(role="prefill", pd_mode="caching3")).start()
+        d = await InstanceServer(tiny(True, 1).engine, InstanceConfig(role="decode", pd_mode="caching3")).start()
+        ref = tiny(False, 0)
+        try:
+            async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:
+                ps, ds = instance_pb2_grpc.InstanceStub(pc), instance_pb2_grpc.InstanceStub(dc)
+
+                async def turn(prompt, rid, n=6):
+                    req = instance_pb2.InstanceGenerateRequest(
+                        request_id=rid, prompt_token_ids=prompt, max_tokens=n,
+                        sampling=common_pb2.SamplingParams(ignore_eos=True))
+                    r = await ps.Prefill(instance_pb2.PrefillRequest(
+                        request=req, decode_target=instance_pb2.KvTarget(address=d.address)), timeout=30)
+                    req.generated_token_ids.append(r.first_token_id)
+                    req.max_tokens = n - 1
+                    tokens = [r.first_token_id]
+                    async for m in ds.Decode(instance_pb2.DecodeRequest(request=req, kv_handle=r.kv_handle),
+                                             timeout=30):
+                        tokens += m.token_ids
+                    want = ref.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+                    assert tokens == list(want)
+                    return r, tokens
+
+                prompt = list(range(1, 20))  # 19 tokens: the prefill side indexes 2 whole pages (16)
+                r1, out1 = await turn(prompt, "a")
+                assert r1.transferred_tokens == len(prompt) and r1.usage.cached_tokens == 0
+                # Turn 1 computed 19 + 5 tokens (the last sampled token has no KV) = 3 whole pages; the prefill
+                # side held 2 of them, so one page (8 tokens) comes back, once the request has finished.
+                computed = (len(prompt) + len(out1) - 1) // page * page
+                assert computed > len(prompt)
+
+                async def returned():
+                    return (await stats(p.address)).kv_received_tokens == computed - len(prompt) // page * page
+                await eventually(returned, what="decode-phase KV sent back to the prefill instance")
+                sd = await stats(d.address)
+                assert sd.kv_sent_back_tokens == computed - 16 and sd.kv_sent_back_bytes > 0
+                assert sd.kv_send_back_failures == 0
+
+                ctx2 = prompt + out1 + [7, 8, 9]
+                r2, _ = await turn(ctx2, "b")
+                # The second turn's prefill reuses the first turn's output KV (the prompt and 5 of its 6 output
+                # tokens), and only the KV the decode side lacks moves to it.
+                assert r2.usage.cached_tokens == computed, (r2.usage.cached_tokens, computed)
+                assert r2.transferred_tokens == len(ctx2) - computed
+                await eventually(lambda: clean(p.address), what="prefill side clean")
+                await eventually(lambda: clean(d.address), what="decode side clean")
+                sp = await stats(p.address)
+                assert sp.cached_pages >= len(ctx2) // page and sp.kv_transfer_failures == 0
+        finally:
+            await p.stop(0)
+            await d.stop(0)
+    run(body(), timeout=120)

@@ -393,6 +393,14 @@ def test_metrics_parse_and_move_with_requests():
             assert total(during, "jaxserve:scheduler_queued_requests") == 1
             assert 0.0 <= total(during, "vllm:kv_cache_usage_perc", **lab) <= 1.0
             assert total(during, "jaxserve:instance_healthy", role="colocated", **lab) == 1
+            assert total(during, "vllm:num_preemptions_total", **lab) == 0  # the fake never preempts
+            # An instance's cumulative preemptions (its reported Load.num_preemptions) surface as vLLM's counter.
+            report_load = fakes[0].reporter._load
+            fakes[0].reporter._load = lambda: common_pb2.Load(num_total_pages=report_load().num_total_pages,
+                                                              num_preemptions=7)
+            await eventually(lambda: scheduler.router.instances["fake-0"].load.num_preemptions == 7,
+                             what="a Load report with preemptions")
+            assert total(await metrics(http), "vllm:num_preemptions_total", **lab) == 7
             await stream.close()
     run(body())
 

@@ -105,3 +105,22 @@ def test_cost_json_roundtrip(tmp_path):
     for cost in (h200_llama8b(), ClusterCost(step=LinearStep(1e-3, 1e-5, 0, 1e-4, 0), name="x")):
         cost.save(tmp_path / "c.json")
         assert load_cost(str(tmp_path / "c.json")) == cost
+
+
+def test_pd_caching2_sends_nothing_back():
+    wl = chat()
+    kv = {b: report.summarize(simulate(wl, h200_llama8b(), setting="pd+cache", num_instances=4, rate=4,
+                                       send_back=b))["kv_bytes"] for b in (True, False)}
+    assert 0 < kv[False] < kv[True]
+
+
+def test_table_prefill_fraction_and_validate_compare(tmp_path):
+    from launch.sim import compare, prefill_fraction
+    assert prefill_fraction("0.25", "loogle") == 0.25
+    assert prefill_fraction("sharegpt:0.125,loogle:0.5", "sharegpt") == 0.125
+    assert prefill_fraction("sharegpt:0.125", "react") == 0.5
+    real = [dict(ok=True, arrival_s=0.0, ttft_s=1.0, jct_s=2.0, prompt_tokens=10, cached_tokens=0, output_tokens=5)]
+    sim = [dict(real[0], ttft_s=1.1, jct_s=2.5)]
+    res = compare(real, sim, tmp_path, 0.15)
+    assert res["ttft"]["rel_err"] == pytest.approx(0.1) and res["jct"]["rel_err"] == pytest.approx(0.25)
+    assert not res["ok"] and (tmp_path / "validate.json").exists()

@@ -377,7 +377,8 @@ class EngineLoop:
             num_running_tokens=sum(r.num_tokens for r in sched.running),
             num_queued_tokens=sum(r.num_tokens for r in sched.waiting),
             num_free_pages=pool.num_free_pages() + pool.num_evictable_pages(),
-            num_total_pages=pool.num_pages - 1, cached_pages=pool.stats()["cached_pages"])
+            num_total_pages=pool.num_pages - 1, num_preemptions=sched.num_preemptions,
+            cached_pages=pool.stats()["cached_pages"])
 
     # ---------------------------------------------------------------------------- profiling
     def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3, seed: int = 0

@@ -7,8 +7,10 @@ first token and sends the KV its decode target lacks (PrepareKvTransfer / Commit
 KV moves by `jax.experimental.transfer`, see `kv_transfer.py`). Role decode serves PrepareKvTransfer,
 CommitKvTransfer (admits the request as soon as its KV is in place) and Decode (streams the rest). An RPC a
 role does not serve answers UNIMPLEMENTED. `pd_mode` (basic | caching1 | caching2 | caching3) says what each
-side caches; caching3's send-back of the decode-phase KV is not implemented in this server (it behaves as
-caching2)."""
+side caches. In caching3 the prefill side names itself in CommitKvTransfer (`send_back_to`); when the request
+finishes, the decode side sends the KV of its context that the prefill side lacks (its decode phase) back with
+transfer_with_insert semantics (PrepareKvTransfer / CommitKvTransfer(cache_only) on the prefill instance,
+which indexes it and lets go of the pages), so the next turn's prefill reuses it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -90,13 +93,25 @@ class InstanceConfig:
 
 
 class _QueueSink(Sink):
-    """Hands engine-thread events to the handler's asyncio queue."""
+    """Hands engine-thread events to the handler's asyncio queue. With `on_finish(tokens)`, also keeps the
+    request's whole token sequence (starting from `context`) and calls it on the event loop when the request
+    finishes normally (PD-Caching-3's send-back)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, context: Sequence[int] | None = None, on_finish=None):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens = list(context) if on_finish is not None else None
+        self.on_finish = on_finish
 
     def push(self, event: tuple) -> None:
+        if self.tokens is not None:
+            if event[0] == "tokens":
+                self.tokens += event[1]
+            elif event[0] == "finish":
+                self.tokens += event[3]
+                if event[1] != "abort":
+                    with contextlib.suppress(RuntimeError):
+                        self.loop.call_soon_threadsafe(self.on_finish, list(self.tokens))
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:
@@ -132,8 +147,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self._stopped = False
         # Disaggregation state.
         self.transfer_server = None       # jax.experimental.transfer server (roles prefill and decode)
-        self.kv_receiver = KvReceiver(engine.pool) if self.role == common_pb2.ROLE_DECODE else None
-        self.kv_counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0)
+        # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
+        self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
+                                                                         common_pb2.ROLE_DECODE)
+        receives = self.role == common_pb2.ROLE_DECODE or (self.send_back and self.role == common_pb2.ROLE_PREFILL)
+        self.kv_receiver = KvReceiver(engine.pool) if receives else None
+        self.kv_counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0,
+                                kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
+        self._send_backs: set[asyncio.Task] = set()
         self._peers: dict[str, grpc.aio.Channel] = {}
         # transfer id -> (internal id, sink, deadline): admitted at commit, waiting for its Decode call
         self._awaiting_decode: dict[str, tuple[str, "_QueueSink", float]] = {}
@@ -194,6 +215,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
 
     async def _stop_disagg(self) -> None:
+        for task in list(self._send_backs):
+            task.cancel()
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -285,8 +308,9 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             yield response
 
     # ------------------------------------------------------------------------------- disaggregation
-    async def _require_role(self, role: int, rpc: str, context) -> None:
-        if self.role != role:
+    async def _require_role(self, role: int, rpc: str, context, *, send_back: bool = False) -> None:
+        """send_back: a PD-Caching-3 prefill instance serves this RPC too (it receives the decode-phase KV)."""
+        if self.role != role and not (send_back and self.send_back and self.role == common_pb2.ROLE_PREFILL):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 f"{rpc} is served by instances of role {ROLE_NAMES[role]}; instance "
                                 f"{self.instance_id or self.address} has role {ROLE_NAMES[self.role]}")
@@ -354,8 +378,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         """Engine thread: gather the held pages from start_page on and park them on the transfer server."""
         from jaxserve.mempool.transfer import num_head_shards, offer_block
         pages = self.loop_thread.held_pages(internal_id)[start_page:]
-        uuid, block = offer_block(self.transfer_server, self.engine.pool, pages)
-        return uuid, list(block.shape), str(block.dtype), num_head_shards(block), int(block.nbytes)
+        uuid, chunks = offer_block(self.transfer_server, self.engine.pool, pages)
+        return uuid, _tensor_specs(chunks), sum(int(x.nbytes) for x in chunks)
 
     async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
         """Prepare on the decode target, offer the missing pages, commit. (transfer id, tokens, bytes) sent;
@@ -383,8 +407,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                                                           f"{len(ctx)}-token context with pages of {ps}")
             uuid, tensors, nbytes = 0, [], 0
             if start < n_pages:
-                uuid, shape, dtype, shards, nbytes = await self._on_engine(lambda: self._offer(internal_id, start))
-                tensors = [instance_pb2.TensorSpec(shape=shape, dtype=dtype, num_shards=shards)]
+                uuid, tensors, nbytes = await self._on_engine(lambda: self._offer(internal_id, start))
             decode_request = instance_pb2.InstanceGenerateRequest()
             decode_request.CopyFrom(inner)
             decode_request.generated_token_ids.append(first)
@@ -393,7 +416,9 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=start * ps,
                 num_tokens=len(ctx) - start * ps, source_address=self.transfer_server.address, pull_uuid=uuid,
                 tensors=tensors, insert=self.config.pd_mode in ("caching2", "caching3"), first_token_id=first,
-                request=decode_request), timeout=timeout + 5.0)
+                request=decode_request, send_back_to=instance_pb2.KvTarget(
+                    instance_id=self.instance_id, address=self.address) if self.send_back else None),
+                timeout=timeout + 5.0)
         except BaseException as e:
             # Best effort: free the target's reservation now rather than at its deadline.
             with contextlib.suppress(Exception):
@@ -409,7 +434,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
 
     async def PrepareKvTransfer(self, request, context):
         """Role decode: reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
-        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context)
+        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context, send_back=True)
         ps = self.engine.pool.page_size
         try:
             r = await self._on_engine(lambda: self.kv_receiver.prepare(
@@ -428,8 +453,13 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         if fault("exit_before_commit"):
             log.error("test fault %s: exiting", "exit_before_commit")
             os._exit(17)
-        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context)
+        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
         tid = request.transfer_id
+        if self.role == common_pb2.ROLE_PREFILL and not (request.cache_only and request.insert):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id} (prefill) only "
+                                "takes KV for its prefix cache: cache_only and insert must be set")
+        if request.cache_only and request.HasField("request"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a cache_only transfer admits no request")
         ps = self.engine.pool.page_size
         committed = False
         try:
@@ -447,23 +477,38 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 if not request.tensors:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {tid}: no tensor described")
                 spec = request.tensors[0]
+                if any(t.shape != spec.shape or t.dtype != spec.dtype or t.num_shards != spec.num_shards
+                       for t in request.tensors):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"transfer {tid}: the tensors (chunks) of a block must have one shape")
                 from jaxserve.mempool.transfer import TransferError, pull_block
                 try:
                     block = await asyncio.get_running_loop().run_in_executor(
-                        self._pulls, pull_block, self.transfer_server, self.engine.pool, request.source_address,
-                        request.pull_uuid, list(spec.shape), spec.dtype, spec.num_shards,
-                        self.config.kv_transfer_timeout_s)
+                        self._pulls, functools.partial(
+                            pull_block, self.transfer_server, self.engine.pool, request.source_address,
+                            request.pull_uuid, list(spec.shape), spec.dtype, spec.num_shards,
+                            self.config.kv_transfer_timeout_s, chunks=len(request.tensors)))
                 except TransferError as e:
                     await context.abort(grpc.StatusCode.ABORTED,
                                         f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
-                nbytes = int(block.nbytes)
-            sink = _QueueSink(asyncio.get_running_loop()) if request.HasField("request") else None
+                nbytes = sum(int(x.nbytes) for x in block)
+            sink = None
+            if request.HasField("request"):
+                inner = request.request
+                on_finish = None
+                if self.send_back and request.HasField("send_back_to") and request.send_back_to.address:
+                    target, rid = request.send_back_to, inner.request_id
+                    on_finish = lambda tokens: self._start_send_back(rid, tokens, target)  # noqa: E731
+                sink = _QueueSink(asyncio.get_running_loop(),
+                                  list(inner.prompt_token_ids) + list(inner.generated_token_ids), on_finish)
             internal_id = f"{request.request_id}#{next(self._ids)}"
             arrival = time.perf_counter()
 
             def finish():  # engine thread
                 got = self.kv_receiver.fill(tid, block, nbytes)
-                if sink is not None:
+                if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
+                    self.engine.pool.free(self.kv_receiver.take(tid).pages)
+                elif sink is not None:
                     self._admit(self.kv_receiver.take(tid), request.request, sink, internal_id, arrival)
                 return got
 
@@ -485,6 +530,74 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         finally:
             if not committed:  # failed, refused or cancelled: nothing half-received stays
                 self.loop_thread.submit(lambda: self.kv_receiver.cancel(tid))
+
+    # ------------------------------------------------------------------------- PD-Caching-3 send-back
+    def _start_send_back(self, request_id: str, tokens: list[int], target) -> None:
+        """Event loop, at a decode request's finish: send its decode-phase KV back in the background."""
+        if self._stopped:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_back_kv(request_id, tokens, target))
+        self._send_backs.add(task)
+        task.add_done_callback(self._send_backs.discard)
+
+    async def _send_back_kv(self, request_id: str, tokens: list[int], target) -> None:
+        """Decode side, caching3: the whole pages of the finished request's computed context (every token but
+        the last sampled one) that the prefill instance lacks go to it with transfer_with_insert semantics:
+        PrepareKvTransfer there (it references what it holds and reserves the rest), one gather + offer here,
+        CommitKvTransfer(cache_only) there (pull, scatter, index, release). An optimisation only: a failure is
+        logged and counted, never surfaced to the (finished) request."""
+        ps = self.engine.pool.page_size
+        seq = tokens[:(len(tokens) - 1) // ps * ps]
+        if not seq:
+            return
+        name = f"prefill instance {target.instance_id or target.address}"
+        timeout = self.config.kv_transfer_timeout_s
+        pool = self.engine.pool
+        # Reference what this side still holds of it (normally all of it: the decode side indexes its KV).
+        n, pages = await self._on_engine(lambda: pool.match(seq))
+        if n < ps:
+            await self._on_engine(lambda: pool.free(pages))
+            return
+        seq = seq[:n]
+        stub = self._peer(target.address)
+        prepared = offered = False
+        try:
+            prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
+                request_id=request_id, token_ids=seq, page_size=ps, source_instance_id=self.instance_id),
+                timeout=timeout)
+            prepared = True
+            start = prep.cached_tokens // ps
+            if prep.cached_tokens % ps or start > len(pages):
+                raise RuntimeError(f"{name} holds {prep.cached_tokens} tokens of {len(seq)} with pages of {ps}")
+            uuid, tensors, nbytes = 0, [], 0
+            if start < len(pages):
+                def offer():  # engine thread: one gather of the missing pages, parked for the pull
+                    from jaxserve.mempool.transfer import offer_block
+                    u, chunks = offer_block(self.transfer_server, pool, pages[start:])
+                    return u, _tensor_specs(chunks), sum(int(x.nbytes) for x in chunks)
+                uuid, tensors, nbytes = await self._on_engine(offer)
+                offered = True
+            await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                transfer_id=prep.transfer_id, request_id=request_id, start_token=start * ps,
+                num_tokens=len(seq) - start * ps, source_address=self.transfer_server.address, pull_uuid=uuid,
+                tensors=tensors, insert=True, cache_only=True), timeout=timeout + 5.0)
+            self.kv_counters["kv_sent_back_tokens"] += len(seq) - start * ps
+            self.kv_counters["kv_sent_back_bytes"] += nbytes
+        except BaseException as e:
+            self.kv_counters["kv_send_back_failures"] += 1
+            if prepared:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=2.0))
+            if isinstance(e, Exception):
+                detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else \
+                    f"{type(e).__name__}: {e}"
+                log.warning("request %s: sending the decode-phase KV back to %s failed (offered: %s): %s",
+                            request_id, name, offered, detail)
+            else:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._on_engine(lambda: pool.free(pages)))
 
     def _admit(self, r, inner, sink: "_QueueSink", internal_id: str, arrival: float) -> None:
         """Engine thread: admit a request whose KV a committed reservation holds; frees the pages on failure."""
@@ -607,6 +720,13 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await self.reporter.stop(deregister=True)
             self.reporter = None
         return instance_pb2.DrainResponse(num_unfinished=self.loop_thread.num_live)
+
+
+def _tensor_specs(chunks) -> list[instance_pb2.TensorSpec]:
+    """The control message's description of an offered block: one TensorSpec per chunk."""
+    from jaxserve.mempool.transfer import num_head_shards
+    return [instance_pb2.TensorSpec(shape=list(x.shape), dtype=str(x.dtype), num_shards=num_head_shards(x))
+            for x in chunks]
 
 
 def _kv_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:

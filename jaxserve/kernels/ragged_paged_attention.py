@@ -73,7 +73,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from jaxserve.kernels import reference
+from jaxserve.kernels.reference import MASK_VALUE
 _NUM_LANES = 128
 
 
@@ -131,19 +132,7 @@ def whole(shape):
     return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
 
 
-def validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
-    if q.ndim != 3 or kv_pages.ndim != 4:
-        raise ValueError(f"q must be [T, Hq, D] and kv_pages [P, page_size, 2*Hkv, D]; got {q.shape}, "
-                         f"{kv_pages.shape}")
-    if kv_pages.shape[2] % 2 or q.shape[1] % (kv_pages.shape[2] // 2):
-        raise ValueError(f"kv_pages axis 2 ({kv_pages.shape[2]}) must be 2*Hkv with Hq ({q.shape[1]}) a "
-                         "multiple of Hkv")
-    if q.shape[2] != kv_pages.shape[3]:
-        raise ValueError(f"head_dim mismatch: q {q.shape[2]} vs kv_pages {kv_pages.shape[3]}")
-    s = page_indices.shape[0]
-    if kv_lens.shape != (s,) or cu_q_lens.shape != (s + 1,) or num_seqs.shape != (1,):
-        raise ValueError(f"kv_lens must be [S], cu_q_lens [S+1], num_seqs [1] with S={s}; got "
-                         f"{kv_lens.shape}, {cu_q_lens.shape}, {num_seqs.shape}")
+validate = reference.validate_inputs
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

@@ -62,7 +62,8 @@ def _seq_of_token(cu_q_lens, num_seqs, num_tokens):
     return jnp.minimum(seq, cu_q_lens.shape[0] - 2), live
 
 
-def _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+    """Shape checks shared by the reference and every kernel, with messages that say what is expected."""
     if q.ndim != 3 or kv_pages.ndim != 4:
         raise ValueError(f"q must be [T, Hq, D] and kv_pages [P, page_size, 2*Hkv, D]; got {q.shape}, "
                          f"{kv_pages.shape}")
@@ -81,7 +82,7 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
                                sliding_window=None, soft_cap=None, return_lse=False):
     """Oracle. q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] when `return_lse`); rows of no live
     sequence are zero (lse -inf)."""
-    _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens = q.shape[0]
     page_size = kv_pages.shape[1]
     seq, live = _seq_of_token(cu_q_lens, num_seqs, num_tokens)
@@ -110,7 +111,7 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     """Same contract as the oracle. Queries are cut into tiles of `block_q` rows that never cross a
     sequence boundary; each tile attends to its own sequence's pages only, so work is
     O((T + S * block_q) x context) rather than O(T x S x context)."""
-    _validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens, num_q_heads, head_dim = q.shape
     max_seqs, pages_per_seq = page_indices.shape
     page_size = kv_pages.shape[1]

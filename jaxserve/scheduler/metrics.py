@@ -16,6 +16,8 @@ vLLM-named (counters are exposed with the `_total` suffix, as vLLM's are):
   vllm:prefix_cache_queries / _hits           counter    prompt tokens looked up / served from cache
   vllm:num_requests_running / _waiting        gauge      as each instance last reported (`Load`)
   vllm:kv_cache_usage_perc                    gauge      1 - free-or-evictable pages / pages (`Load`), 0-1
+  vllm:num_preemptions                        counter    running requests the instance preempted for lack of
+                                                         KV pages, cumulative since it started (`Load`)
 Ours:
   jaxserve:routing_decisions                  counter    policy, role, instance, outcome (prefix_hit: the
                                                          prompt tree predicted cached tokens there;
@@ -32,8 +34,8 @@ Ours:
   jaxserve:prompt_tree_tokens                 gauge      tokens the global prompt tree says it holds
   jaxserve:scheduler_queued_requests / _tokens gauge     admitted and not finished (admission queue)
 
-Not available (instances do not report them yet): vllm:num_preemptions, KV sent decode -> prefill
-(PD-Caching-3)."""
+Not available (instances do not report it yet): KV sent decode -> prefill (PD-Caching-3; the decode instance
+counts it in its InstanceStats.kv_sent_back_*)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import json
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxserve.proto.v1 import common_pb2
 from jaxserve.scheduler.router import HEALTHY, ROLE_NAMES
@@ -106,6 +108,8 @@ class _LiveCollector:
                                       "the instance now.", labels=labels)
         healthy = GaugeMetricFamily("jaxserve:instance_healthy", "1 when the instance is routable.",
                                     labels=labels + ["role"])
+        preemptions = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemptions on the "
+                                          "instance (its last Load report).", labels=labels)
         tree = GaugeMetricFamily("jaxserve:prompt_tree_tokens", "Tokens the scheduler's global prompt tree says "
                                  "the instance holds.", labels=labels)
         for r in list(s.router.instances.values()):
@@ -115,6 +119,7 @@ class _LiveCollector:
             waiting.add_metric(v, load.num_queued_requests)
             total = load.num_total_pages
             kv.add_metric(v, (1.0 - load.num_free_pages / total) if total else 0.0)
+            preemptions.add_metric(v, load.num_preemptions)
             in_flight.add_metric(v, r.in_flight_requests)
             healthy.add_metric(v + [ROLE_NAMES.get(r.role, str(r.role))], 1.0 if r.state == HEALTHY else 0.0)
             t = s.router.trees.get(r.role)
@@ -125,7 +130,7 @@ class _LiveCollector:
         queued_tokens = GaugeMetricFamily("jaxserve:scheduler_queued_tokens", "Prompt + max_tokens of the "
                                           "requests admitted and not finished.", labels=["model_name"])
         queued_tokens.add_metric([m], s.admission.tokens)
-        return [running, waiting, kv, in_flight, healthy, tree, queued, queued_tokens]
+        return [running, waiting, kv, preemptions, in_flight, healthy, tree, queued, queued_tokens]
 
 
 class SchedulerMetrics:

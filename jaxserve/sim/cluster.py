@@ -302,6 +302,8 @@ class SimConfig:
     seed: int = 0
     load_guard_factor: float = 1.5
     load_guard_slack: float = 2.0
+    send_back: bool = True         # pd+cache: PD-Caching-3 (decode-phase KV back to the prefill side); False:
+                                   # PD-Caching-2 (what the instance server runs today)
 
 
 class Simulator:
@@ -440,7 +442,7 @@ class Simulator:
         inst.release(r)
         inst.record.in_flight_requests -= 1
         inst.index(r.seq_pages)
-        if r.prefill is not None and r.prefill.cache is not None:  # PD-Caching-3: decode KV goes back
+        if r.prefill is not None and r.prefill.cache is not None and self.config.send_back:  # PD-Caching-3
             back = max(len(r.seq_pages) - r.full_pages, 0) * self.cost.page_size
             r.kv_bytes += back * self.cost.kv_bytes_per_token
             r.prefill.index(r.seq_pages)

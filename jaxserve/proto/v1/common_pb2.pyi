@@ -70,20 +70,22 @@ class InstanceUsage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., queue_time_s: _Optional[float] = ..., prefill_time_s: _Optional[float] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("num_running_requests", "num_queued_requests", "num_running_tokens", "num_queued_tokens", "num_free_pages", "num_total_pages")
+    __slots__ = ("num_running_requests", "num_queued_requests", "num_running_tokens", "num_queued_tokens", "num_free_pages", "num_total_pages", "num_preemptions")
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     num_running_requests: int
     num_queued_requests: int
     num_running_tokens: int
     num_queued_tokens: int
     num_free_pages: int
     num_total_pages: int
-    def __init__(self, num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_running_tokens: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_running_tokens: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class IndexEvent(_message.Message):
     __slots__ = ("kind", "token_ids", "page_size")

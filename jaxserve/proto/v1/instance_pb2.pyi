@@ -112,7 +112,7 @@ class TensorSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CommitKvTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request")
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request", "send_back_to", "cache_only")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,8 @@ class CommitKvTransferRequest(_message.Message):
     INSERT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SEND_BACK_TO_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
     start_token: int
@@ -133,7 +135,9 @@ class CommitKvTransferRequest(_message.Message):
     insert: bool
     first_token_id: int
     request: InstanceGenerateRequest
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ...) -> None: ...
+    send_back_to: KvTarget
+    cache_only: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ...) -> None: ...
 
 class CommitKvTransferResponse(_message.Message):
     __slots__ = ("received_tokens", "inserted_tokens", "received_bytes")
@@ -183,7 +187,7 @@ class InstanceStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages")
+    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages", "kv_sent_back_tokens", "kv_sent_back_bytes", "kv_send_back_failures")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +205,9 @@ class InstanceStats(_message.Message):
     KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     KV_PENDING_FIELD_NUMBER: _ClassVar[int]
     KV_HELD_PAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_SENT_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_SENT_BACK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_SEND_BACK_FAILURES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: _common_pb2.Role
     load: _common_pb2.Load
@@ -218,7 +225,10 @@ class InstanceStats(_message.Message):
     kv_transfer_failures: int
     kv_pending: int
     kv_held_pages: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ...) -> None: ...
+    kv_sent_back_tokens: int
+    kv_sent_back_bytes: int
+    kv_send_back_failures: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ..., kv_sent_back_tokens: _Optional[int] = ..., kv_sent_back_bytes: _Optional[int] = ..., kv_send_back_failures: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_s",)

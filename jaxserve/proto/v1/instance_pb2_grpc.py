@@ -109,7 +109,8 @@ class InstanceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PrepareKvTransfer(self, request, context):
-        """KV transfer control, called by a prefill instance on its decode target. Only the control message
+        """KV transfer control, called by a prefill instance on its decode target (and, in PD-Caching-3, by a
+        decode instance on the prefill instance, to send the decode-phase KV back). Only the control message
         travels over gRPC; the KV moves by the transfer backend (never pickle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
