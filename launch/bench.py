@@ -11,13 +11,20 @@ to the first setting) and PNG plots (JCT / TTFT CDF per setting, hit rate over t
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import platform
-from pathlib import Path
 
-from absl import app, flags
+# launch.local forks its instance processes (subprocess with a preexec_fn) from a process whose gRPC threads are
+# live; gRPC's fork handlers then sometimes abort the child before it execs ("epoll_wait error: Bad file
+# descriptor", exit -6). The children exec at once and need nothing from gRPC's fork support: turn it off
+# before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import app, flags  # noqa: E402
 
 from jaxserve.bench import report, workloads
 from jaxserve.bench.loadgen import LoadConfig, run_load
@@ -39,6 +46,7 @@ flags.DEFINE_float("slo_ttft_s", 1.0, "TTFT SLO for goodput")
 flags.DEFINE_float("slo_tpot_s", 0.1, "TPOT SLO for goodput")
 flags.DEFINE_string("out", "out/bench", "output folder")
 flags.DEFINE_bool("progress", True, "progress bar on stderr")
+flags.DEFINE_bool("instance_logs", False, "let the instances log to this process's stdout/stderr")
 flags.DEFINE_enum("pd_cache_mode", "caching2", ["caching1", "caching2", "caching3"],
                   "PD mode of the pd+cache setting (pd is always basic). caching3's decode->prefill send-back is "
                   "not implemented by the instance server yet (it then behaves as caching2)")
@@ -53,7 +61,7 @@ def make_workload(name: str, full_size: bool = False, seed: int = 0, **kwargs) -
 
 def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances: int = 2, num_pages: int = 512,
                 page_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
-                pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0):
+                pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0, quiet: bool = True):
     """A launch.local cluster for the setting (not started)."""
     from launch.local import LocalCluster
     if setting not in SETTINGS:
@@ -63,7 +71,7 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                           profile_at_start=True)
     kwargs = dict(model=model, num_instances=num_instances, port=0, policy=policy, pin=True,
-                  instance_flags=instance_flags, scheduler_config=dict(profile_instances=True), quiet=True)
+                  instance_flags=instance_flags, scheduler_config=dict(profile_instances=True), quiet=quiet)
     if setting.startswith("pd"):
         # 1 prefill + 1 decode instance for the 2-instance default (half and half in general), each pinned to
         # its own core by launch.local. pd: MemServe's PD-Basic; pd+cache: `pd_cache_mode` (caching2 by
@@ -141,7 +149,7 @@ def main(argv):
     cluster_kwargs = dict(model=FLAGS.model, num_instances=FLAGS.num_instances, num_pages=FLAGS.num_pages,
                           page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                           max_num_seqs=FLAGS.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode,
-                          kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s)
+                          kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s, quiet=not FLAGS.instance_logs)
     for s in FLAGS.settings:
         if s not in SETTINGS:
             raise app.UsageError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")

@@ -50,6 +50,8 @@ def make_hf_model(folder, layers, hidden):
                       max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder, safe_serialization=True)
+    from jaxserve.tokenizer import ByteTokenizer
+    ByteTokenizer(vocab_size=cfg.vocab_size).save(folder)  # prompts are token ids; text only for display
     return model
 
 
@@ -94,13 +96,15 @@ def main(argv):
         params = SamplingParams(max_tokens=FLAGS.output_len)
         rows, tokens = {}, {}
         for caching in (False, True):
-            llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024, max_num_batched_tokens=512,
-                      max_num_seqs=32, page_size=16)
             for sequential in (True, False):
+                # A fresh engine per setting (so no setting sees another's cache); the jitted step is shared
+                # per model, so only the first one compiles.
+                llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024,
+                          max_num_batched_tokens=512, max_num_seqs=32, page_size=16)
                 run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
                 name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
                 rows[name], tokens[name] = run_setting(llm, prompts, params, sequential)
-            del llm
+                del llm
         # Ideal TTFT ratio: prefill tokens the engine computed without vs with caching in the same mode.
         summary = {}
         for mode in ("sequential", "batched"):

@@ -30,7 +30,7 @@ from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
 from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
 from launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; launch.local's)
 
-flags.DEFINE_enum("mode", "table", ["table", "calibrate", "validate", "run"], "what to do")
+flags.DEFINE_enum("mode", "table", ["table", "calibrate", "refit", "validate", "run"], "what to do")
 flags.DEFINE_string("sim_out", "out/sim", "output folder")
 flags.DEFINE_string("cost", "h200", "cost model: a preset (h200) or a calibration JSON")
 flags.DEFINE_string("calibration", "out/sim_calib_demo.json", "calibrate: where to write the JSON")
@@ -56,11 +56,11 @@ FLAGS = flags.FLAGS
 def _chunk_features(prompt_len: int, cached: int, budget: int) -> list[float]:
     """Summed step features of prefilling one prompt alone in chunks of `budget` (sampling its first
     token included)."""
-    total = [0.0] * 5
+    total = [0.0] * 6
     done = cached
     while True:
         n = min(budget, prompt_len - done)
-        f = LinearStep.features(n, n * (2 * done + n + 1) / 2, 0, 0)
+        f = LinearStep.features(n, n * (2 * done + n + 1) / 2, 0, 0, 1)
         total = [a + b for a, b in zip(total, f)]
         done += n
         if done >= prompt_len:
@@ -78,7 +78,8 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
     def fresh(n):
         return [rng.randrange(256) for _ in range(n)]
 
-    rows, secs, samples = [], [], []
+    samples = []
+    secs = []
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     for n in (32, 128, 256, 512, 896):
         for frac in (0.0, 0.5, 0.875):
@@ -92,7 +93,6 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
                 if rep:  # the first is a warm-up (compilation)
                     times.append(out.ttft_s)
             cached = out.num_cached_tokens
-            rows.append(_chunk_features(n, cached, budget))
             secs.append(statistics.median(times))
             samples.append(dict(kind="prefill", prompt_len=n, cached_len=cached, seconds=secs[-1]))
             print(f"prefill n={n} cached={cached}: {secs[-1] * 1e3:.2f} ms", flush=True)
@@ -109,16 +109,10 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
                 if rep:
                     vals.append((t_end - t_first) / (steps - 1))
             step_s = statistics.median(vals)
-            ctx = b * (plen + steps / 2)
-            rows.append(LinearStep.features(0, 0, b, ctx))
             secs.append(step_s)
             samples.append(dict(kind="decode", batch=b, prompt_len=plen, step_s=step_s))
             print(f"decode b={b} prompt={plen}: {step_s * 1e3:.2f} ms/step", flush=True)
-    step = LinearStep.fit(rows, secs)
-    pred = [sum(a * b for a, b in zip(r, [step.fixed_s, step.per_token_s, step.attn_s, step.per_seq_s,
-                                          step.ctx_s])) for r in rows]
-    err = [abs(p - s) / s for p, s in zip(pred, secs)]
-    cfg = llm.engine.model_config if hasattr(llm.engine, "model_config") else None
+    step, err = fit_samples(samples, budget, steps)
     kv_bytes = 2 * 4 * 2 * 64 * 4  # demo: 4 layers x 2 kv heads x 64 dims x K,V x f32
     cost = ClusterCost(step=step, kv_bytes_per_token=kv_bytes, transfer_bytes_s=0.47e9, transfer_latency_s=2e-3,
                        page_size=page, kv_pages=pages - 1, max_num_batched_tokens=budget, max_num_seqs=seqs,
@@ -126,7 +120,37 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
     cost.save(path)
     Path(path).with_suffix(".samples.json").write_text(json.dumps(dict(samples=samples, fit_rel_err=err), indent=1))
     print(f"fit: {step}; relative error mean {statistics.mean(err):.1%}, max {max(err):.1%}; wrote {path}")
-    del cfg
+    return cost
+
+
+def fit_samples(samples: list[dict], budget: int = 256, steps: int = 24, relative: bool = True):
+    """The step model from calibration samples (prefill: prompt_len, cached_len, seconds; decode: batch,
+    prompt_len, step_s over `steps` decode steps), fitted for relative error; returns (step, errors)."""
+    rows, secs = [], []
+    for smp in samples:
+        if smp["kind"] == "prefill":
+            rows.append(_chunk_features(smp["prompt_len"], smp["cached_len"], budget))
+            secs.append(smp["seconds"])
+        else:
+            b = smp["batch"]
+            rows.append(LinearStep.features(0, 0, b, b * (smp["prompt_len"] + steps / 2)))
+            secs.append(smp["step_s"])
+    step = LinearStep.fit(rows, secs, relative=relative)
+    coefs = [step.fixed_s, step.per_token_s, step.attn_s, step.per_seq_s, step.ctx_s, step.chunk_s]
+    err = [abs(sum(a * c for a, c in zip(r, coefs)) - t) / t for r, t in zip(rows, secs)]
+    return step, err
+
+
+def refit(path: str, relative: bool = True) -> ClusterCost:
+    """Fit the step model again from a calibration's saved samples (no timing); rewrites the JSON."""
+    cost = ClusterCost.load(path)
+    data = json.loads(Path(path).with_suffix(".samples.json").read_text())
+    step, err = fit_samples(data["samples"], cost.max_num_batched_tokens, relative=relative)
+    import dataclasses
+    cost = dataclasses.replace(cost, step=step)
+    cost.save(path)
+    print(f"refit ({'relative' if relative else 'absolute'} error): {step}; relative error mean "
+          f"{statistics.mean(err):.1%}, max {max(err):.1%}; wrote {path}")
     return cost
 
 
@@ -288,6 +312,9 @@ def main(argv):
     out = Path(FLAGS.sim_out)
     if FLAGS.mode == "calibrate":
         calibrate(FLAGS.calibration)
+        return
+    if FLAGS.mode == "refit":
+        refit(FLAGS.calibration)
         return
     cost = load_cost(FLAGS.cost)
     if FLAGS.rpc_overhead_s is not None:

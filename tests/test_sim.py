@@ -124,3 +124,24 @@ def test_table_prefill_fraction_and_validate_compare(tmp_path):
     res = compare(real, sim, tmp_path, 0.15)
     assert res["ttft"]["rel_err"] == pytest.approx(0.1) and res["jct"]["rel_err"] == pytest.approx(0.25)
     assert not res["ok"] and (tmp_path / "validate.json").exists()
+
+
+def test_calibration_fit_recovers_a_per_chunk_cost():
+    """fit_samples (launch.sim calibrate / refit): prefill samples whose time has a per-chunk overhead and
+    decode samples are fitted back exactly by the 6-term step model."""
+    from launch.sim import fit_samples
+    true = LinearStep(6e-4, 4e-5, 1.3e-7, 7e-5, 1.3e-6, 3.6e-3)
+    samples = []
+    for n in (32, 128, 256, 512, 896):
+        for c in (0, n // 2 // 16 * 16, n * 7 // 8 // 16 * 16):
+            done, secs = c, 0.0
+            while done < n:
+                k = min(256, n - done)
+                secs += true.step(k, k * (2 * done + k + 1) / 2, 0, 0, 1)
+                done += k
+            samples.append(dict(kind="prefill", prompt_len=n, cached_len=c, seconds=secs))
+    for b in (1, 4, 16):
+        for plen in (32, 256):
+            samples.append(dict(kind="decode", batch=b, prompt_len=plen, step_s=true.step(0, 0, b, b * (plen + 12))))
+    step, err = fit_samples(samples)
+    assert max(err) < 1e-6 and step.chunk_s == pytest.approx(true.chunk_s, rel=1e-4)

@@ -2,8 +2,8 @@
 
 Shapes come from a small set of buckets so the number of compilations stays bounded:
 - decode-only steps: S = T = next power of two of the batch size;
-- mixed steps: T = next power of two of the token count (>= 16), S = max_num_seqs (padding sequence slots
-  cost nothing: the attention skips their tiles);
+- mixed steps: T = next power of two of the token count (>= 16), S = next power of two of the batch (>= 8);
+  padding sequence slots cost no attention (their tiles are skipped), only lm_head rows;
 - pages per sequence: next power of two of the longest sequence's pages.
 """
 
@@ -67,7 +67,8 @@ class ModelRunner:
             num_slots = next_pow2(len(entries))
             num_tokens = num_slots
         else:
-            num_slots = self.max_num_seqs
+            # Slots also size the lm_head and the sampler, so they follow the batch (min 8: few buckets).
+            num_slots = min(next_pow2(len(entries), 8), next_pow2(self.max_num_seqs))
             num_tokens = min(next_pow2(batch.num_tokens, 16), self.max_tokens_bucket)
         pages_per_seq = min(next_pow2(max(len(r.pages) for r, _ in entries)), self.max_pages_bucket)
 

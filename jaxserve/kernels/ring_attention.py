@@ -62,11 +62,15 @@ def zigzag_order(padded_len: int, num_devices: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-def block_attention(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, block_q: int = 512):
+def block_attention(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, block_q: int | None = None):
     """q [Q, Hq, D]; k, v [K, Hkv, D]; q_pos [Q]; k_pos, k_valid [K] -> (out f32 [Q, Hq, D], lse f32 [Q, Hq]);
     rows with no visible key: out 0, lse -inf. Key j is visible to query i iff valid and k_pos <= q_pos.
-    Queries are processed `block_q` rows at a time (`lax.map`) so scores stay O(block_q x K) in memory."""
+    Queries are processed `block_q` rows at a time (`lax.map`) so scores stay O(block_q x K) in memory
+    (default: 32 rows on CPU, where small tiles stay in cache — 2048 queries x 2048 keys, 8 heads, on the
+    2-core box: 0.28 s at 32 rows, 0.41 s at 64, 0.91 s at 512, 1.33 s untiled; 512 elsewhere)."""
     nq = q.shape[0]
+    if block_q is None:
+        block_q = 32 if jax.default_backend() == "cpu" else 512
     if nq > block_q and nq % block_q == 0:
         tiles = nq // block_q
         o, l = jax.lax.map(

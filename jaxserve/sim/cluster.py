@@ -247,7 +247,7 @@ class SimInstance:
         self.busy = True
         ctx = sum(r.prompt_len + r.generated for r in decodes)
         if chunks or self.waiting or self.prefilling:
-            dur = c.step_time(tokens, pairs, len(decodes), ctx)
+            dur = c.step_time(tokens, pairs, len(decodes), ctx, len(chunks))
             self.macro = None
             self.version += 1
             self.steps += 1

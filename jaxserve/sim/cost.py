@@ -4,7 +4,8 @@ An engine step runs `prefill_tokens` new prompt tokens (chunks of one or more re
 covers `prefill_pairs` (query token, context token) pairs) and one token for each of `decode_seqs` running
 requests whose contexts sum to `decode_ctx` tokens. Two step models:
 
-- `LinearStep`: fixed + per_token x tokens + attn x pairs + per_seq x decodes + ctx x decode context; fitted
+- `LinearStep`: fixed + per_token x tokens + attn x pairs + per_seq x decodes + ctx x decode context +
+  chunk x prefill chunks; fitted
   by non-negative least squares to timings of the real engine (`launch.sim calibrate`);
 - `RooflineStep`: max(FLOPs / (peak x mfu), bytes / (HBM bandwidth x mbu)) + overhead, from a GPU's or TPU's
   figures and a model shape (`h200_llama8b()` preset: 989 TFLOP/s bf16 dense, 4.8 TB/s, Llama-3-8B)."""
@@ -27,22 +28,28 @@ class LinearStep:
     attn_s: float = 0.0
     per_seq_s: float = 1e-4
     ctx_s: float = 0.0
+    chunk_s: float = 0.0             # per prefill chunk in the step (admission, first-token sampling, ...)
 
     kind = "linear"
 
-    def step(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int, decode_ctx: int) -> float:
+    def step(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int, decode_ctx: int,
+             prefill_chunks: int = 0) -> float:
         return (self.fixed_s + self.per_token_s * (prefill_tokens + decode_seqs) + self.attn_s * prefill_pairs
-                + self.per_seq_s * decode_seqs + self.ctx_s * decode_ctx)
+                + self.per_seq_s * decode_seqs + self.ctx_s * decode_ctx + self.chunk_s * prefill_chunks)
 
     @staticmethod
-    def features(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx) -> list[float]:
-        return [1.0, float(prefill_tokens + decode_seqs), float(prefill_pairs), float(decode_seqs), float(decode_ctx)]
+    def features(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks=0) -> list[float]:
+        return [1.0, float(prefill_tokens + decode_seqs), float(prefill_pairs), float(decode_seqs), float(decode_ctx),
+                float(prefill_chunks)]
 
     @classmethod
-    def fit(cls, rows: list[list[float]], seconds: list[float]) -> "LinearStep":
+    def fit(cls, rows: list[list[float]], seconds: list[float], relative: bool = False) -> "LinearStep":
         """Non-negative least squares (exact: best over every subset of free coefficients). rows: sums of
-        `features` over the steps of each timed sample."""
+        `features` over the steps of each timed sample. relative: minimise relative errors (each sample
+        weighted by 1 / its time), so small steps (decode) count as much as long prefills."""
         a, b = np.asarray(rows, float), np.asarray(seconds, float)
+        if relative:
+            a, b = a / b[:, None], np.ones_like(b)
         scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
         a = a / scale
         best, best_err = np.zeros(a.shape[1]), float(np.sum(b ** 2))
@@ -80,7 +87,8 @@ class RooflineStep:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
-    def step(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int, decode_ctx: int) -> float:
+    def step(self, prefill_tokens: int, prefill_pairs: float, decode_seqs: int, decode_ctx: int,
+             prefill_chunks: int = 0) -> float:
         tokens = prefill_tokens + decode_seqs
         attn_flops_per_pair = 4 * self.layers * self.heads * self.head_dim
         flops = 2 * self.params * tokens + attn_flops_per_pair * (prefill_pairs + decode_ctx)
@@ -105,15 +113,15 @@ class ClusterCost:
                                      # request and half after its last token
     name: str = ""
 
-    def step_time(self, prefill_tokens, prefill_pairs, decode_seqs, decode_ctx) -> float:
-        return self.step.step(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx)
+    def step_time(self, prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks=0) -> float:
+        return self.step.step(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks)
 
     def prefill_time(self, prompt_len: int, cached_len: int = 0) -> float:
         """Seconds to prefill alone (no decodes in the batch), in chunks of max_num_batched_tokens."""
         done, t = cached_len, 0.0
         while True:
             n = min(self.max_num_batched_tokens, prompt_len - done)
-            t += self.step_time(n, n * (2 * done + n + 1) / 2, 0, 0)
+            t += self.step_time(n, n * (2 * done + n + 1) / 2, 0, 0, 1)
             done += n
             if done >= prompt_len:
                 return t
