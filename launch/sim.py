@@ -1,16 +1,25 @@
 """The cluster simulator's commands.
 
     # MemServe's table: workloads x settings x policies at 8..64 instances, H200-class preset
-    python -m launch.sim --mode=table --instances=8,16,32,64 --out=out/sim_table
+    python -m launch.sim --mode=table --instances=8,16,32,64 --sim_out=out/sim_table
 
-    # calibrate the step model from the real engine (offline LLM API, this machine), writes JSON
+    # calibrate the step model from the real engine (offline LLM API, this machine), pinned to one core as the
+    # instances are; writes the JSON and its samples (.samples.json); --mode=refit fits them again (no timing)
     taskset -c 0 python -m launch.sim --mode=calibrate --calibration=out/sim_calib_demo.json
 
     # one simulated run (cost: a preset name or a calibration JSON)
     python -m launch.sim --mode=run --cost=h200 --workload=react --setting=pd+cache --sim_policy=locality
 
-    # validation: the same workload and setting for real (launch.local, 2 instances) and simulated
-    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1
+    # validation: the same workload, seed, rate, warm-up and setting for real (launch.local, 2 instances each
+    # pinned to its own core) and simulated; PASS when mean TTFT and JCT are within --tolerance (15%).
+    # --step_overhead_s: what a served instance adds per engine step over the offline engine (gRPC streaming on
+    # the same core), measured from another real run; --real_records=FILE reuses a real run's records.
+    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --step_overhead_s=0.001 \
+        --workload=multi_turn --rate=1 --setting=colocated+cache --warmup_requests=12 --sim_out=out/sim_validate
+
+    # MemServe's table where queueing matters (pd clusters split per workload)
+    python -m launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
+        --pd_prefill_fraction=sharegpt:0.125,loogle:0.5,react:0.5 --sim_out=out/sim_table
 
 The `table` mode prints avg/p99 JCT and TTFT, hit rate and KV moved per (workload, setting, policy,
 instances) and the paper-style reductions (PD+caching vs PD, caching vs none, locality vs session)."""
@@ -43,6 +52,7 @@ flags.DEFINE_list("table_policies", ["locality", "least_load", "session", "sessi
 flags.DEFINE_float("load", 0.7, "table: offered load as a fraction of the estimated cluster capacity")
 flags.DEFINE_integer("sessions_per_instance", 12, "table: sessions (LooGLE: questions) per instance")
 flags.DEFINE_float("rpc_overhead_s", None, "override the cost model's client/scheduler overhead")
+flags.DEFINE_float("step_overhead_s", None, "override the cost model's per-step serving overhead")
 flags.DEFINE_float("tolerance", 0.15, "validate: allowed relative error of mean TTFT and JCT")
 flags.DEFINE_string("real_records", None, "validate: compare with this real run's records (JSON lines, e.g. a "
                     "previous validate's real.jsonl or a launch.bench run of the same workload, seed, rate and "
@@ -317,9 +327,11 @@ def main(argv):
         refit(FLAGS.calibration)
         return
     cost = load_cost(FLAGS.cost)
+    import dataclasses
     if FLAGS.rpc_overhead_s is not None:
-        import dataclasses
         cost = dataclasses.replace(cost, rpc_overhead_s=FLAGS.rpc_overhead_s)
+    if FLAGS.step_overhead_s is not None:
+        cost = dataclasses.replace(cost, step_overhead_s=FLAGS.step_overhead_s)
     if FLAGS.mode == "table":
         table(cost, out)
     elif FLAGS.mode == "validate":

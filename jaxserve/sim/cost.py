@@ -111,10 +111,13 @@ class ClusterCost:
     max_num_seqs: int = 256
     rpc_overhead_s: float = 0.0      # client <-> scheduler <-> instance, half before the instance sees the
                                      # request and half after its last token
+    step_overhead_s: float = 0.0     # per engine step of a served instance beyond the offline engine's step
+                                     # (streaming each step's tokens over gRPC from the same core, GIL)
     name: str = ""
 
     def step_time(self, prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks=0) -> float:
-        return self.step.step(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks)
+        return self.step.step(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks) + \
+            self.step_overhead_s
 
     def prefill_time(self, prompt_len: int, cached_len: int = 0) -> float:
         """Seconds to prefill alone (no decodes in the batch), in chunks of max_num_batched_tokens."""
