@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -41,7 +42,11 @@ flags.DEFINE_integer("seed", 0, "workload and arrival seed")
 flags.DEFINE_float("rate", 2.0, "sessions per second (Poisson); ignored by trace replay")
 flags.DEFINE_float("duration_s", 60.0, "no session starts after this")
 flags.DEFINE_float("grace_s", 120.0, "time in-flight requests get after duration_s")
-flags.DEFINE_integer("warmup_requests", 6, "requests (another seed) sent first to compile the engines")
+flags.DEFINE_enum("warmup", "twin", ["twin", "sessions", "none"],
+                  "before measuring: 'twin' plays the same sessions (same lengths, arrivals and rate) with other "
+                  "tokens, so the engines compile the jit buckets the run will use and no prefix is shared; "
+                  "'sessions' sends the first --warmup_requests sessions of another seed at once")
+flags.DEFINE_integer("warmup_requests", 6, "--warmup=sessions: sessions (another seed) sent first")
 flags.DEFINE_float("slo_ttft_s", 1.0, "TTFT SLO for goodput")
 flags.DEFINE_float("slo_tpot_s", 0.1, "TPOT SLO for goodput")
 flags.DEFINE_string("out", "out/bench", "output folder")
@@ -57,6 +62,22 @@ def make_workload(name: str, full_size: bool = False, seed: int = 0, **kwargs) -
     args = {} if full_size else dict(workloads.DEMO_PRESETS.get(name, {}))
     args.update(kwargs)
     return workloads.make(name, seed=seed, **args)
+
+
+def shape_twin(wl: workloads.Workload, offset: int = 1000) -> workloads.Workload:
+    """The same sessions (lengths, turns, arrivals) with other tokens: a workload's token blocks come from its
+    seed, so no prompt of the twin shares a page with the original."""
+    return workloads.Workload(wl.name + "-twin", wl.sessions, wl.seed + offset, wl.vocab_size, wl.description)
+
+
+def make_warmup(kind: str, name: str, wl: workloads.Workload, full_size: bool, seed: int, n_sessions: int,
+                **kwargs) -> workloads.Workload | None:
+    if kind == "twin":
+        return shape_twin(wl)
+    if kind == "sessions":
+        warm = make_workload(name, full_size, seed + 1000, **kwargs)
+        return workloads.Workload(warm.name, warm.sessions[:n_sessions], warm.seed, warm.vocab_size)
+    return None
 
 
 def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances: int = 2, num_pages: int = 512,
@@ -85,13 +106,15 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
 
 
 async def run_setting(setting: str, policy: str, workload: workloads.Workload, load: LoadConfig,
-                      warmup: workloads.Workload | None = None, **cluster_kwargs) -> tuple[list[dict], dict]:
+                      warmup: workloads.Workload | None = None, warmup_load: LoadConfig | None = None,
+                      **cluster_kwargs) -> tuple[list[dict], dict]:
     """Start the cluster, warm it up, play the workload; returns (records, scheduler stats)."""
     cluster = cluster_for(setting, policy, **cluster_kwargs)
     async with cluster:
         before = None
         if warmup is not None and warmup.sessions:
-            await run_load(cluster.address, warmup, LoadConfig(rate=0, duration_s=0, grace_s=600, progress=False))
+            await run_load(cluster.address, warmup,
+                           warmup_load or LoadConfig(rate=0, duration_s=0, grace_s=600, progress=False))
             before = await instance_stats(cluster)
         records = await run_load(cluster.address, workload, load)
         stats = await instance_stats(cluster)
@@ -142,10 +165,10 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     kwargs = json.loads(FLAGS.workload_args)
     wl = make_workload(FLAGS.workload, FLAGS.full_size, FLAGS.seed, **kwargs)
-    warm = make_workload(FLAGS.workload, FLAGS.full_size, FLAGS.seed + 1000, **kwargs)
-    warm = workloads.Workload(warm.name, warm.sessions[:FLAGS.warmup_requests], warm.seed, warm.vocab_size)
+    warm = make_warmup(FLAGS.warmup, FLAGS.workload, wl, FLAGS.full_size, FLAGS.seed, FLAGS.warmup_requests, **kwargs)
     load = LoadConfig(rate=FLAGS.rate, duration_s=FLAGS.duration_s, grace_s=FLAGS.grace_s, seed=FLAGS.seed,
                       progress=FLAGS.progress)
+    warm_load = dataclasses.replace(load, progress=False) if FLAGS.warmup == "twin" else None
     cluster_kwargs = dict(model=FLAGS.model, num_instances=FLAGS.num_instances, num_pages=FLAGS.num_pages,
                           page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                           max_num_seqs=FLAGS.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode,
@@ -162,7 +185,7 @@ def main(argv):
         for policy in FLAGS.policies:
             name = setting if len(FLAGS.policies) == 1 else f"{setting}/{policy}"
             print(f"== {name}", flush=True)
-            records, stats = asyncio.run(run_setting(setting, policy, wl, load, warm, **cluster_kwargs))
+            records, stats = asyncio.run(run_setting(setting, policy, wl, load, warm, warm_load, **cluster_kwargs))
             report.write_jsonl(out / f"{name.replace('/', '_')}.jsonl", records)
             runs[name] = records
             summaries[name] = report.summarize(records, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)

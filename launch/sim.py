@@ -15,7 +15,7 @@
     # --step_overhead_s: what a served instance adds per engine step over the offline engine (gRPC streaming on
     # the same core), measured from another real run; --real_records=FILE reuses a real run's records.
     python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --step_overhead_s=0.001 \
-        --workload=multi_turn --rate=1 --setting=colocated+cache --warmup_requests=12 --sim_out=out/sim_validate
+        --workload=multi_turn --rate=1 --setting=colocated+cache --sim_out=out/sim_validate
 
     # MemServe's table where queueing matters (pd clusters split per workload)
     python -m launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
@@ -273,18 +273,19 @@ def _table_md(rows: list[dict]) -> str:
 def validate(cost: ClusterCost, out: Path) -> dict:
     """The same workload (seed, rate, warm-up) and setting for real (launch.local: 2 instances, each pinned to
     its own core, the cost file's engine settings) and in the simulator; compares mean TTFT and JCT."""
-    from launch.bench import machine, make_workload, run_setting
+    from launch.bench import machine, make_warmup, make_workload, run_setting
     from jaxserve.bench.loadgen import LoadConfig
     wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
     if FLAGS.real_records:
         real = report.read_jsonl(FLAGS.real_records)
         where = f"real records from {FLAGS.real_records}"
     else:
-        warm = make_workload(FLAGS.workload, seed=FLAGS.seed + 1000, **json.loads(FLAGS.workload_args))
-        warm = workloads.Workload(warm.name, warm.sessions[:FLAGS.warmup_requests], warm.seed, warm.vocab_size)
+        warm = make_warmup(FLAGS.warmup, FLAGS.workload, wl, False, FLAGS.seed, FLAGS.warmup_requests,
+                           **json.loads(FLAGS.workload_args))
         load = LoadConfig(rate=FLAGS.rate, duration_s=1e9, grace_s=600, seed=FLAGS.seed, progress=False)
         where = f"real run on {machine()} (before)"
         real, _ = asyncio.run(run_setting(FLAGS.setting, FLAGS.sim_policy, wl, load, warm,
+                                          load if FLAGS.warmup == "twin" else None,
                                           num_instances=FLAGS.num_instances, num_pages=cost.kv_pages + 1,
                                           page_size=cost.page_size, max_num_batched_tokens=cost.max_num_batched_tokens,
                                           max_num_seqs=cost.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode))
