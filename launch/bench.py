@@ -1,13 +1,17 @@
 """Side-by-side benchmark of serving settings on this machine, through the real scheduler and instances.
 
-    python -m launch.bench --settings=colocated,colocated+cache,pd,pd+cache --policies=locality,least_load \
-        --workload=multi_turn --rate=2 --duration_s=30 --out=out/bench
+    python -m launch.bench --settings=colocated,colocated+cache,pd,pd+cache --workload=multi_turn --rate=1 \
+        --duration_s=60 --grace_s=90 --out=out/bench
 
 Each (setting, policy) starts its own cluster with `launch.local` (scheduler + two instances, each pinned to
-its own core), plays the same workload (same seed: the same sessions and arrival times) with the gRPC load
-generator, and stops the cluster. Output: per-request JSON lines, summary.json, report.md (one table, ratios
-to the first setting) and PNG plots (JCT / TTFT CDF per setting, hit rate over time). Workloads use the
-`DEMO_PRESETS` sizes (they fit the demo model's 1,024-token context) unless --full_size."""
+its own core: colocated x2, or pd = 1 prefill + 1 decode instance, pd_mode basic; pd+cache = --pd_cache_mode,
+caching2 by default), warms it up with the workload's shape twin (same sessions, lengths and arrivals, other
+tokens: the jit buckets get compiled and no prefix is shared), plays the workload (same seed: the same sessions
+and arrival times) with the gRPC load generator, reads every instance's stats (KV moved = the prefill
+instances' kv_sent_bytes, warm-up excluded) and stops the cluster. Output: per-request JSON lines,
+summary.json, report.md (one table, ratios to the first setting) and PNG plots (JCT / TTFT CDF per setting,
+hit rate over time). Workloads use the `DEMO_PRESETS` sizes (they fit the demo model's 1,024-token context)
+unless --full_size."""
 
 from __future__ import annotations
 

@@ -47,6 +47,13 @@ flags.DEFINE_integer("seed", 0, "engine seed (random weights, unseeded sampling)
 flags.DEFINE_string("compilation_cache", None, "persistent XLA cache folder ('off' to disable)")
 flags.DEFINE_bool("profile_at_start", False, "time the cost-model points before registering")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
+flags.DEFINE_string("coordinator_address", None, "multi-process instance: host:port of process 0's coordinator "
+                    "(jax.distributed); with --num_processes and --process_id")
+flags.DEFINE_integer("num_processes", None, "multi-process instance: number of processes (hosts) of the instance")
+flags.DEFINE_integer("process_id", None, "multi-process instance: this process's index (0 is the leader)")
+flags.DEFINE_bool("distributed_auto", False, "multi-process instance: jax.distributed.initialize() with "
+                  "auto-detected settings (TPU pods, SLURM, ...)")
+flags.DEFINE_integer("local_cpu_devices", None, "CPU only (tests): CPU devices per process")
 FLAGS = flags.FLAGS
 
 
@@ -80,8 +87,34 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
+    multiprocess = FLAGS.distributed_auto or FLAGS.num_processes is not None or FLAGS.coordinator_address
+    if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
+        from jaxserve.engine import multihost
+        if FLAGS.role != "colocated":
+            raise app.UsageError("multi-process instances support --role=colocated only (no KV transfers yet)")
+        if FLAGS.distributed_auto:
+            multihost.initialize(local_device_count=FLAGS.local_cpu_devices)
+        else:
+            multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                 local_device_count=FLAGS.local_cpu_devices)
+    elif FLAGS.local_cpu_devices:
+        import jax
+        jax.config.update("jax_num_cpu_devices", FLAGS.local_cpu_devices)
     engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
-    asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+    if not multiprocess:
+        asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+        return
+    import jax
+    if jax.process_index() != 0:  # a follower: no gRPC, only the leader's steps
+        logging.info("follower %d of %d: running the leader's steps", jax.process_index(), jax.process_count())
+        steps = multihost.follower_loop(engine)
+        logging.info("follower stopped after %d steps", steps)
+        return
+    multihost.make_leader(engine)
+    try:
+        asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+    finally:
+        multihost.stop_followers(engine)
 
 
 if __name__ == "__main__":

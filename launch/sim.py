@@ -10,12 +10,12 @@
     # one simulated run (cost: a preset name or a calibration JSON)
     python -m launch.sim --mode=run --cost=h200 --workload=react --setting=pd+cache --sim_policy=locality
 
-    # validation: the same workload, seed, rate, warm-up and setting for real (launch.local, 2 instances each
-    # pinned to its own core) and simulated; PASS when mean TTFT and JCT are within --tolerance (15%).
-    # --step_overhead_s: what a served instance adds per engine step over the offline engine (gRPC streaming on
-    # the same core), measured from another real run; --real_records=FILE reuses a real run's records.
-    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --step_overhead_s=0.001 \
-        --workload=multi_turn --rate=1 --setting=colocated+cache --sim_out=out/sim_validate
+    # validation: the same workload, seed, rate and setting for real (launch.local, 2 instances each pinned to
+    # its own core, after a shape-twin warm-up) and simulated; PASS when mean TTFT and JCT are within
+    # --tolerance (15%). --real_records=FILE compares with an earlier real run instead (e.g. a launch.bench
+    # run's <setting>.jsonl with the same workload, seed and rate).
+    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1 \
+        --setting=pd+cache --sim_out=out/sim_validate
 
     # MemServe's table where queueing matters (pd clusters split per workload)
     python -m launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
@@ -124,9 +124,13 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
             print(f"decode b={b} prompt={plen}: {step_s * 1e3:.2f} ms/step", flush=True)
     step, err = fit_samples(samples, budget, steps)
     kv_bytes = 2 * 4 * 2 * 64 * 4  # demo: 4 layers x 2 kv heads x 64 dims x K,V x f32
-    cost = ClusterCost(step=step, kv_bytes_per_token=kv_bytes, transfer_bytes_s=0.47e9, transfer_latency_s=2e-3,
+    # Serving overheads the offline engine does not see, fitted on a real launch.bench run on this machine
+    # (out/bench_pd6: colocated+cache for the per-step and per-request overheads, pd for the transfer latency):
+    # 0.8 ms per engine step (streaming over gRPC from the instance's one core), 5.6 ms per request (client ->
+    # scheduler -> instance and back), 10 ms per KV transfer (Prepare/Commit RPCs + the transfer backend).
+    cost = ClusterCost(step=step, kv_bytes_per_token=kv_bytes, transfer_bytes_s=0.47e9, transfer_latency_s=10e-3,
                        page_size=page, kv_pages=pages - 1, max_num_batched_tokens=budget, max_num_seqs=seqs,
-                       rpc_overhead_s=3e-3, name="demo-cpu-calibrated")
+                       rpc_overhead_s=5.6e-3, step_overhead_s=0.8e-3, name="demo-cpu-calibrated")
     cost.save(path)
     Path(path).with_suffix(".samples.json").write_text(json.dumps(dict(samples=samples, fit_rel_err=err), indent=1))
     print(f"fit: {step}; relative error mean {statistics.mean(err):.1%}, max {max(err):.1%}; wrote {path}")

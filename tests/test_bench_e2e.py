@@ -109,3 +109,13 @@ def test_bench_settings_build_their_clusters():
     before = {"p": dict(kv_sent_bytes=10), "d": dict(kv_received_bytes=10)}
     after = {"p": dict(kv_sent_bytes=110), "d": dict(kv_received_bytes=110)}
     assert kv_moved(after, before) == 100 and kv_moved({"p": dict(stats_error="x")}) is None
+
+
+def test_shape_twin_warmup_has_the_shapes_and_none_of_the_tokens():
+    from launch.bench import make_workload, shape_twin
+    wl = make_workload("multi_turn", seed=0)
+    twin = shape_twin(wl)
+    assert twin.prompt_lengths() == wl.prompt_lengths() and twin.sessions == wl.sessions
+    a = wl.tokens(wl.sessions[0].turns[0].user)
+    b = twin.tokens(twin.sessions[0].turns[0].user)
+    assert len(a) == len(b) and a != b

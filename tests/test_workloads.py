@@ -29,6 +29,8 @@ def test_shapes():
     turns = [len(s.turns) for s in chat.sessions]
     assert max(turns) <= 8 and 2.5 < sum(turns) / len(turns) < 5.5
     for name, preset in w.DEMO_PRESETS.items():
+        if name == "trace" and not w.DEFAULT_TRACE.exists():
+            continue  # CI has shared/ beside the clone; a bare clone does not
         assert w.make(name, **preset).max_context() <= 1024, name
 
 
@@ -61,6 +63,7 @@ def test_trace_replay_mapping(tmp_path):
     assert half.sessions[0].prompt_segments(0)[0].length == 256
 
 
+@pytest.mark.skipif(not w.DEFAULT_TRACE.exists(), reason=f"the shared trace is not beside this clone ({w.DEFAULT_TRACE})")
 def test_real_trace_loads():
     tr = w.trace(max_requests=50, length_scale=1 / 16)
     assert len(tr.sessions) == 50 and tr.sessions[0].arrival_s == 0.0

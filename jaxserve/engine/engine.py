@@ -50,6 +50,8 @@ class Engine:
             raise ValueError(f"tp={tp} must divide num_kv_heads={model_config.num_kv_heads}")
         self.mesh = make_mesh(tp, config.mesh.device_ids, config.mesh.seq)
         specs = param_partition_specs(model_config)
+        if jax.process_count() > 1:  # multi-process mesh: put each process's host copy (committed arrays on
+            params = jax.tree.map(np.asarray, params)  # one local device cannot device_put across hosts)
         self.params = jax.tree.map(
             lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
         kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())

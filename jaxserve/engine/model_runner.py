@@ -10,6 +10,7 @@ Shapes come from a small set of buckets so the number of compilations stays boun
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,16 @@ from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.llama import Llama
+
+
+class StepInputs(NamedTuple):
+    """One step's host inputs (numpy); `decode_only` and the array shapes are the static compile key."""
+    decode_only: bool
+    token_ids: np.ndarray       # i32[T]
+    positions: np.ndarray       # i32[T]
+    attn: AttentionBatch        # i32 fields, see model/batch.py
+    logits_indices: np.ndarray  # i32[S]
+    sampling: dict              # name -> [S] arrays (sampling.sampling_arrays)
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -60,6 +71,16 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> np.ndarray:
         """Run one step; returns the sampled token of each entry (meaningful where the entry reached the
         end of its known tokens)."""
+        inputs = self.prepare(batch)
+        if self.before_execute is not None:  # multi-process instances: the leader broadcasts the inputs
+            self.before_execute(inputs)
+        return self.execute(inputs)[:len(batch.entries)]
+
+    # Set by jaxserve.engine.multihost on a multi-process instance's leader; called with each step's inputs.
+    before_execute = None
+
+    def prepare(self, batch: ScheduledBatch) -> "StepInputs":
+        """The host-side (numpy) inputs of one step: everything `execute` needs, nothing request-shaped."""
         entries = batch.entries
         decode_only = batch.decode_only
         ps = self.page_size
@@ -102,7 +123,13 @@ class ModelRunner:
         reqs = [r for r, _ in entries]
         sampling = sampling_arrays([r.params for r in reqs], [r.seed for r in reqs],
                                    [len(r.output_token_ids) for r in reqs], num_slots)
-        self.shapes_seen.add((decode_only, num_tokens, num_slots, pages_per_seq))
-        tokens, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, token_ids, positions, attn,
-                                                logits_indices, sampling, decode_only=decode_only)
-        return np.asarray(tokens)[:len(entries)]
+        return StepInputs(decode_only, token_ids, positions, attn, logits_indices, sampling)
+
+    def execute(self, inputs: "StepInputs") -> np.ndarray:
+        """Run the jitted step on prepared inputs; returns the sampled token of every slot (padding included)."""
+        self.shapes_seen.add((inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices),
+                              inputs.attn.page_indices.shape[1]))
+        tokens, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, inputs.token_ids,
+                                                inputs.positions, inputs.attn, inputs.logits_indices,
+                                                inputs.sampling, decode_only=inputs.decode_only)
+        return np.asarray(tokens)

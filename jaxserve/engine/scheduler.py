@@ -96,6 +96,29 @@ class Scheduler:
             budget = self._admit(entries, budget)
         return ScheduledBatch(entries)
 
+    def _match_capped(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """Cached whole-page prefix of `tokens` (pages referenced for the caller), capped so at least one
+        token is left to compute: the next token needs the last position's logits."""
+        n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
+        cap = (len(tokens) - 1) // self.page_size * self.page_size
+        if n_cached > cap:
+            keep = cap // self.page_size
+            self.pool.free(pages[keep:])
+            pages, n_cached = pages[:keep], cap
+        return n_cached, pages
+
+    def _start(self, req: Request, pages: list[int], num_computed: int) -> None:
+        """Moves the head of the waiting queue to running with `pages` holding its first `num_computed`
+        tokens' KV (cached, received or none)."""
+        self.waiting.popleft()
+        req.pages = pages
+        req.num_computed = num_computed
+        if not req.admitted_once:
+            req.num_cached_tokens = num_computed
+            req.admitted_once = True
+        req.status = Status.RUNNING
+        self.running.append(req)
+
     def _admit(self, entries, budget: int) -> int:
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -106,13 +129,7 @@ class Scheduler:
                 budget -= entries[-1][1]
                 continue
             tokens = req.all_token_ids
-            n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
-            # At least one token must be computed to get logits for the next one.
-            cap = (len(tokens) - 1) // self.page_size * self.page_size
-            if n_cached > cap:
-                keep = cap // self.page_size
-                self.pool.free(pages[keep:])
-                pages, n_cached = pages[:keep], cap
+            n_cached, pages = self._match_capped(tokens)
             if self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached):
                 self.pool.free(pages)
                 deferred.append(self.waiting.popleft())
@@ -127,15 +144,8 @@ class Scheduler:
             if new_pages is None:
                 self.pool.free(pages)
                 break
-            self.waiting.popleft()
-            req.pages = pages + new_pages
-            req.num_computed = n_cached
             req.num_indexed_pages = len(pages)
-            if not req.admitted_once:
-                req.num_cached_tokens = n_cached
-                req.admitted_once = True
-            req.status = Status.RUNNING
-            self.running.append(req)
+            self._start(req, pages + new_pages, n_cached)
             entries.append((req, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
@@ -149,12 +159,7 @@ class Scheduler:
         tokens = req.all_token_ids
         if req.preloaded or len(tokens) < self.sp_threshold or len(self.running) >= self.config.max_num_seqs:
             return None
-        n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
-        cap = (len(tokens) - 1) // self.page_size * self.page_size
-        if n_cached > cap:
-            keep = cap // self.page_size
-            self.pool.free(pages[keep:])
-            pages, n_cached = pages[:keep], cap
+        n_cached, pages = self._match_capped(tokens)
         n = len(tokens) - n_cached
         if n < self.sp_threshold or (self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached)):
             self.pool.free(pages)
@@ -163,15 +168,8 @@ class Scheduler:
         if new_pages is None:
             self.pool.free(pages)
             return None
-        self.waiting.popleft()
-        req.pages = pages + new_pages
-        req.num_computed = n_cached
         req.num_indexed_pages = len(pages)
-        if not req.admitted_once:
-            req.num_cached_tokens = n_cached
-            req.admitted_once = True
-        req.status = Status.RUNNING
-        self.running.append(req)
+        self._start(req, pages + new_pages, n_cached)
         return req, n
 
     def _admit_preloaded(self, req: Request, entries, budget: int) -> bool:
@@ -184,14 +182,8 @@ class Scheduler:
         new_pages = self.pool.alloc(max(0, self._pages_for(req.num_computed + n) - len(req.pages)))
         if new_pages is None:
             return False
-        self.waiting.popleft()
-        req.pages = req.pages + new_pages
         req.preloaded = False
-        if not req.admitted_once:
-            req.num_cached_tokens = req.num_computed
-            req.admitted_once = True
-        req.status = Status.RUNNING
-        self.running.append(req)
+        self._start(req, req.pages + new_pages, req.num_computed)
         entries.append((req, n))
         return True
 

@@ -45,7 +45,7 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
 
 def load_model(folder: str | os.PathLike, shardings=None) -> tuple[ModelConfig, dict]:
     """Read a model folder. `shardings`: an optional pytree of `jax.sharding.Sharding` matching the params
-    (e.g. from `param_partition_specs`) to restore straight onto a mesh; default: the first device."""
+    (e.g. from `param_partition_specs`) to restore straight onto a mesh; default: this process's first device."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder).absolute()
@@ -55,7 +55,8 @@ def load_model(folder: str | os.PathLike, shardings=None) -> tuple[ModelConfig, 
         raise FileNotFoundError(f"no Orbax params in {folder} (looked for {params_dir})")
     abstract = abstract_params(config)
     if shardings is None:
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's first device (multi-process instances: each process restores its own host copy).
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: default, abstract)
     # Giving the sharding explicitly keeps restore independent of the topology the checkpoint was saved on.
     target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),

@@ -427,6 +427,8 @@ class Simulator:
         self.push(t + self.cost.transfer_time(nbytes), "transfer", (r, inst))
 
     def _transfer_done(self, t: float, r: SimRequest, p: SimInstance) -> None:
+        # The prefill instance answers (and the client sees the first token) once the KV has been sent.
+        r.first_t = t
         p.release(r)
         p.kick(t)
         d = r.instance
