@@ -21,9 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+# gRPC's fork handlers can abort a child forked while this process's gRPC threads run (instances are
+# started with fork + exec); the children exec at once, so they need no fork support. Set before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
+from absl import app, flags, logging  # noqa: E402
+
+from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info  # noqa: E402
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("num_instances", 2, "colocated instances (ignored when --prefill_instances/--decode_instances "
