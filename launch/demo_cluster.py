@@ -27,20 +27,22 @@ FLAGS.set_default("profile_instances", False)
 
 
 
-async def chat(address: str) -> list[tuple]:
+async def chat(address: str, header: str = "", show: bool = True) -> list[tuple]:
     from jaxserve.client import AsyncClient
 
     rows = []
-    histories = [USERS[s % len(USERS)] + SYSTEM for s in range(FLAGS.sessions)]
+    histories = [header + USERS[s % len(USERS)] + SYSTEM for s in range(FLAGS.sessions)]
     async with AsyncClient(address) as client:
         for turn in range(FLAGS.turns):
             prompts = [h + TURNS[turn % len(TURNS)] for h in histories]
             outs = await asyncio.gather(*(
-                client.generate(p, max_tokens=FLAGS.max_tokens, stop=["\n\n\n"], session_id=f"session-{s}",
+                client.generate(p, max_tokens=FLAGS.max_tokens, stop=["\n\n\n"], session_id=f"{header}session-{s}",
+                                temperature=0.7, top_p=0.95, seed=s,  # as launch.demo: seeded sampling
                                 timeout_s=120) for s, p in enumerate(prompts)))
             for s, (p, out) in enumerate(zip(prompts, outs)):
-                print(f"\n=== session {s} turn {turn} ({out.usage.instance_id}) ===\n"
-                      f"{TURNS[turn % len(TURNS)]}\033[1m{out.text}\033[0m")
+                if show:
+                    print(f"\n=== session {s} turn {turn} ({out.usage.instance_id}) ===\n"
+                          f"{TURNS[turn % len(TURNS)]}\033[1m{out.text}\033[0m")
                 histories[s] = p + out.text + "\n\n"
                 u = out.usage
                 rows.append((s, turn, u.instance_id, u.prompt_tokens, u.cached_tokens, u.ttft_s * 1e3))
@@ -52,6 +54,10 @@ async def run() -> None:
     async with local.cluster_from_flags(port=0, quiet=True) as cluster:
         print(f"cluster of {cluster.num_instances} instances up in {time.perf_counter() - t0:.1f}s; "
               f"scheduler at {cluster.address}")
+        t1 = time.perf_counter()
+        # Same shapes, different prefixes: compiles every instance's buckets without warming the prefix cache.
+        await chat(cluster.address, header="# warm-up\n", show=False)
+        print(f"compile warm-up: {time.perf_counter() - t1:.1f}s")
         rows = await chat(cluster.address)
     print("\nsession turn  instance       prompt_tokens  cached_tokens  ttft_ms")
     for s, turn, inst, n, c, ttft in rows:

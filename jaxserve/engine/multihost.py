@@ -69,6 +69,15 @@ def check_supported(engine) -> None:
                          f"{cfg.cache.num_host_pages}); use num_host_pages=0")
     if cfg.mesh.seq > 1:
         raise ValueError("multi-process instances do not support sequence-parallel prefill yet (seq > 1)")
+    import jax
+    mesh = getattr(engine, "mesh", None)
+    if mesh is not None and jax.process_count() > 1:
+        have = {d.process_index for d in mesh.devices.flat}
+        if have != set(range(jax.process_count())):
+            missing = sorted(set(range(jax.process_count())) - have)
+            raise ValueError(f"the instance mesh ({mesh.devices.size} devices) has no device of process(es) "
+                             f"{missing}: use tp = all {len(jax.devices())} devices (or device_ids spanning every "
+                             f"process)")
 
 
 def _broadcast(x: np.ndarray, is_leader: bool) -> np.ndarray:
