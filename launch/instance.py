@@ -114,7 +114,10 @@ def main(argv):
     try:
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
     finally:
-        multihost.stop_followers(engine)
+        try:
+            multihost.stop_followers(engine)
+        except Exception as e:  # noqa: BLE001 - a follower is already gone (the instance broke)
+            logging.warning("could not stop the followers: %s", e)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,73 @@ def test_served_two_process_instance_matches_offline(tmp_path):
 
     got = asyncio.run(asyncio.wait_for(body(), 150))
     assert got == ref
+
+
+def test_killed_follower_fails_requests_and_health(tmp_path):
+    """SIGKILL the follower of a served two-process instance mid-stream: the leader's next collective fails,
+    the request ends with a clear error in bounded time and the leader's health turns NOT_SERVING."""
+    import asyncio
+    import shutil
+    import time
+
+    import grpc
+    import jax
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from jaxserve.client import AsyncClient, ClientError, RetryPolicy
+    from jaxserve.config import ModelConfig
+    from jaxserve.model import init_params, save_model
+    from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                      num_kv_heads=8, head_dim=16, max_position_embeddings=512, bos_token_id=256,
+                      eos_token_id=(257,))
+    folder = tmp_path / "model"
+    save_model(folder, cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    shutil.copy(os.path.join(root, "jaxserve", "assets", "demo_model", "byte_tokenizer.json"), folder)
+
+    async def body():
+        sch = Scheduler(GlobalSchedulerConfig(port=0, health_interval_s=0.2, health_timeout_s=0.5,
+                                              unhealthy_after=2, no_instance_wait_s=2.0), ModelInfo.byte_level(512))
+        await sch.start()
+        cmd = [sys.executable, "-m", "launch.instance", f"--scheduler={sch.address}", f"--model={folder}",
+               "--tp=8", "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
+               "--compilation_cache=off", "--local_cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}",
+               "--num_processes=2"]
+        logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
+        procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=root, env=_env(), stdout=logs[i],
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        read = lambda i: (tmp_path / f"proc{i}.log").read_text()
+        try:
+            t0 = time.monotonic()
+            while not sch.router.instances:
+                assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(2)]
+                assert time.monotonic() - t0 < 90, "instance did not register"
+                await asyncio.sleep(0.3)
+            address = next(iter(sch.router.instances.values())).address
+            n, killed_at, error = 0, None, None
+            async with AsyncClient(sch.address, retry=RetryPolicy(max_attempts=1)) as client:
+                try:
+                    async for delta in client.stream("hello " * 5, max_tokens=200, ignore_eos=True, timeout_s=60):
+                        n += len(delta.token_ids)
+                        if n >= 3 and killed_at is None:
+                            procs[1].kill()
+                            killed_at = time.monotonic()
+                except ClientError as e:
+                    error = e
+            assert killed_at is not None and error is not None, "the stream finished despite the dead follower"
+            assert time.monotonic() - killed_at < 30
+            assert error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), error
+            assert "failed or is unreachable" in str(error) or "Gloo" in str(error), error
+            async with grpc.aio.insecure_channel(address) as ch:
+                status = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                                     timeout=5)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            await sch.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 150))

@@ -87,6 +87,9 @@ def _broadcast(x: np.ndarray, is_leader: bool) -> np.ndarray:
 
 def _pack(inputs) -> tuple[np.ndarray, np.ndarray]:
     a = inputs.attn
+    if set(inputs.sampling) != {name for name, _ in _SAMPLING}:  # keep the wire format in step with sampling.py
+        raise ValueError(f"multihost: sampling inputs {sorted(inputs.sampling)} do not match the wire format "
+                         f"{[name for name, _ in _SAMPLING]}")
     parts = [inputs.token_ids, inputs.positions, a.slot_pages, a.slot_offsets, a.kv_lens, a.page_indices,
              a.cu_q_lens, a.num_seqs, inputs.logits_indices]
     parts += [np.asarray(inputs.sampling[name], dt).view(np.int32) for name, dt in _SAMPLING]

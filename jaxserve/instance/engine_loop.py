@@ -120,6 +120,7 @@ class EngineLoop:
         self._stopping = False
         self._failed_steps = 0
         self.broken: str | None = None    # why the engine stopped working, once it has
+        self.on_broken: Callable[[str], None] | None = None  # called once (engine thread) when it breaks
         self.load: dict = {}              # replaced (never mutated) after each step: safe to read anywhere
         self.counters = dict(num_requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
         engine.pool.set_event_listener(self._index_event)
@@ -324,8 +325,18 @@ class EngineLoop:
             return
         self._failed_steps += 1
         log.exception("engine step failed (%d in a row); failing %d requests", self._failed_steps, len(self._live))
-        if self._failed_steps >= _BROKEN_AFTER:
+        # A multi-process instance (its leader broadcasts every step) cannot recover from a failed step: the
+        # processes are out of step or one of them is gone (jaxserve/engine/multihost.py).
+        multiprocess = getattr(self.engine.runner, "before_execute", None) is not None
+        if (self._failed_steps >= _BROKEN_AFTER or multiprocess) and not self.broken:
             self.broken = f"{type(e).__name__}: {e}"
+            if multiprocess:
+                self.broken = f"a process of this multi-process instance failed or is unreachable: {self.broken}"
+            if self.on_broken is not None:
+                try:
+                    self.on_broken(self.broken)
+                except Exception:  # noqa: BLE001 - best effort; requests are failed below regardless
+                    log.exception("on_broken callback")
         for internal_id in list(self._live):
             self._fail(internal_id, grpc.StatusCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}")
         for req in list(sched.running) + list(sched.waiting):  # profiling requests, if any

@@ -173,6 +173,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             self.transfer_server = TransferServer(address=f"{self.config.host}:0")
         if self.kv_receiver is not None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        loop = asyncio.get_running_loop()
+        self.loop_thread.on_broken = lambda why: asyncio.run_coroutine_threadsafe(self._set_serving(False), loop)
         self.loop_thread.start()
         server = grpc.aio.server()
         instance_pb2_grpc.add_InstanceServicer_to_server(self, server)
