@@ -24,6 +24,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.instance import InstanceConfig, InstanceServer
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+from proc_utils import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 16
@@ -144,14 +145,7 @@ def test_prefill_and_decode_processes_caching2(tmp_path):
                 assert (await stats(prefill)).kv_transfer_failures == 1
                 print(f"decode killed before commit: failed in {elapsed:.1f}s: {e.value}")
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs.values())
             await scheduler.stop(0)
     run(body(), timeout=150)
 

@@ -21,6 +21,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.instance import InstanceConfig, InstanceServer
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+from proc_utils import stop_processes
 
 CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=256,
@@ -254,13 +255,6 @@ def test_killed_instance_process_ends_in_migrated_or_failed_request():
                     print("failed clearly:", e)
                 assert victim is not None and time.monotonic() - t0 < 30
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs.values())
             await scheduler.stop(0)
     run(body(), timeout=90)

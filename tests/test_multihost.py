@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from proc_utils import stop_processes
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 TIMEOUT_S = 150
 
@@ -26,6 +28,44 @@ def _env():
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
+
+
+def _save_tiny_model(tmp_path):
+    """An Orbax folder of a random model with 8 KV heads (tp=8 over two processes x 4 devices)."""
+    import shutil
+
+    import jax
+    from jaxserve.config import ModelConfig
+    from jaxserve.model import init_params, save_model
+    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                      num_kv_heads=8, head_dim=16, max_position_embeddings=512, bos_token_id=256,
+                      eos_token_id=(257,))
+    folder = tmp_path / "model"
+    save_model(folder, cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    shutil.copy(os.path.join(ROOT, "jaxserve", "assets", "demo_model", "byte_tokenizer.json"), folder)
+    return folder
+
+
+def _launch_two_process_instance(scheduler_address, folder, tmp_path):
+    """`launch.instance --num_processes=2` (process 0 leads); returns the processes and a log reader."""
+    cmd = [sys.executable, "-m", "launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
+           "--tp=8", "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
+           "--compilation_cache=off", "--local_cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}",
+           "--num_processes=2"]
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(), stdout=logs[i],
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return procs, lambda i: (tmp_path / f"proc{i}.log").read_text()
+
+
+async def _wait_registered(sch, procs, read, timeout_s: float = 90) -> None:
+    import asyncio
+    import time
+    t0 = time.monotonic()
+    while not sch.router.instances:
+        assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(2)]
+        assert time.monotonic() - t0 < timeout_s, "instance did not register"
+        await asyncio.sleep(0.3)
 
 
 def _result(out: str) -> dict:
@@ -45,10 +85,7 @@ def test_two_process_instance_matches_single_process():
     try:
         outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_processes(procs, grace_s=0)
     assert procs[0].returncode == 0, outs[0][-3000:]
     assert procs[1].returncode == 0, outs[1][-3000:]
     assert "FOLLOWER steps=" in outs[1], outs[1][-3000:]
@@ -103,23 +140,12 @@ def test_served_two_process_instance_matches_offline(tmp_path):
     """launch.instance with --num_processes=2 (process 0 serves gRPC, process 1 follows) behind the global
     scheduler: greedy streams equal the offline single-process 8-device engine's on the same checkpoint."""
     import asyncio
-    import shutil
-    import time
 
-    import jax
     from jaxserve import LLM, SamplingParams
     from jaxserve.client import AsyncClient, RetryPolicy
-    from jaxserve.config import ModelConfig
-    from jaxserve.model import init_params, save_model
     from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-                      num_kv_heads=8, head_dim=16, max_position_embeddings=512, bos_token_id=256,
-                      eos_token_id=(257,))
-    folder = tmp_path / "model"
-    save_model(folder, cfg, init_params(cfg, jax.random.PRNGKey(0)))
-    shutil.copy(os.path.join(root, "jaxserve", "assets", "demo_model", "byte_tokenizer.json"), folder)
+    folder = _save_tiny_model(tmp_path)
     kw = dict(tp=8, page_size=8, num_pages=64, max_num_batched_tokens=64, compilation_cache="off")
     llm = LLM(str(folder), **kw)
     system = "You are a helpful assistant. " * 2
@@ -130,20 +156,9 @@ def test_served_two_process_instance_matches_offline(tmp_path):
     async def body():
         sch = Scheduler(GlobalSchedulerConfig(port=0), ModelInfo.byte_level(512))
         await sch.start()
-        cmd = [sys.executable, "-m", "launch.instance", f"--scheduler={sch.address}", f"--model={folder}",
-               "--tp=8", "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
-               "--compilation_cache=off", "--local_cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}",
-               "--num_processes=2"]
-        logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
-        procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=root, env=_env(), stdout=logs[i],
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-        read = lambda i: (tmp_path / f"proc{i}.log").read_text()
+        procs, read = _launch_two_process_instance(sch.address, folder, tmp_path)
         try:
-            t0 = time.monotonic()
-            while not sch.router.instances:
-                assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(2)]
-                assert time.monotonic() - t0 < 90, "instance did not register"
-                await asyncio.sleep(0.3)
+            await _wait_registered(sch, procs, read)
             got = []
             async with AsyncClient(sch.address, retry=RetryPolicy(max_attempts=1)) as client:
                 for q in questions:
@@ -156,10 +171,7 @@ def test_served_two_process_instance_matches_offline(tmp_path):
             assert "follower stopped after" in read(1), read(1)[-3000:]
             return got
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_processes(procs, grace_s=0)
             await sch.stop(0)
 
     got = asyncio.run(asyncio.wait_for(body(), 150))
@@ -170,43 +182,22 @@ def test_killed_follower_fails_requests_and_health(tmp_path):
     """SIGKILL the follower of a served two-process instance mid-stream: the leader's next collective fails,
     the request ends with a clear error in bounded time and the leader's health turns NOT_SERVING."""
     import asyncio
-    import shutil
     import time
 
     import grpc
-    import jax
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from jaxserve.client import AsyncClient, ClientError, RetryPolicy
-    from jaxserve.config import ModelConfig
-    from jaxserve.model import init_params, save_model
     from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-                      num_kv_heads=8, head_dim=16, max_position_embeddings=512, bos_token_id=256,
-                      eos_token_id=(257,))
-    folder = tmp_path / "model"
-    save_model(folder, cfg, init_params(cfg, jax.random.PRNGKey(0)))
-    shutil.copy(os.path.join(root, "jaxserve", "assets", "demo_model", "byte_tokenizer.json"), folder)
+    folder = _save_tiny_model(tmp_path)
 
     async def body():
         sch = Scheduler(GlobalSchedulerConfig(port=0, health_interval_s=0.2, health_timeout_s=0.5,
                                               unhealthy_after=2, no_instance_wait_s=2.0), ModelInfo.byte_level(512))
         await sch.start()
-        cmd = [sys.executable, "-m", "launch.instance", f"--scheduler={sch.address}", f"--model={folder}",
-               "--tp=8", "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
-               "--compilation_cache=off", "--local_cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}",
-               "--num_processes=2"]
-        logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
-        procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=root, env=_env(), stdout=logs[i],
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-        read = lambda i: (tmp_path / f"proc{i}.log").read_text()
+        procs, read = _launch_two_process_instance(sch.address, folder, tmp_path)
         try:
-            t0 = time.monotonic()
-            while not sch.router.instances:
-                assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(2)]
-                assert time.monotonic() - t0 < 90, "instance did not register"
-                await asyncio.sleep(0.3)
+            await _wait_registered(sch, procs, read)
             address = next(iter(sch.router.instances.values())).address
             n, killed_at, error = 0, None, None
             async with AsyncClient(sch.address, retry=RetryPolicy(max_attempts=1)) as client:
@@ -227,10 +218,7 @@ def test_killed_follower_fails_requests_and_health(tmp_path):
                                                                      timeout=5)).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_processes(procs, grace_s=0)
             await sch.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 150))
