@@ -60,6 +60,9 @@ flags.DEFINE_enum("pd_cache_mode", "caching2", ["caching1", "caching2", "caching
                   "PD mode of the pd+cache setting (pd is always basic). caching3's decode->prefill send-back is "
                   "not implemented by the instance server yet (it then behaves as caching2)")
 FLAGS = flags.FLAGS
+# Served benchmarks measure serving, not compilation: instances compile every shape before registering.
+FLAGS.set_default("precompile", True)
+FLAGS.set_default("ready_timeout_s", 900.0)
 
 
 def make_workload(name: str, full_size: bool = False, seed: int = 0, **kwargs) -> workloads.Workload:
@@ -86,7 +89,8 @@ def make_warmup(kind: str, name: str, wl: workloads.Workload, full_size: bool, s
 
 def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances: int = 2, num_pages: int = 512,
                 page_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
-                pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0, quiet: bool = True):
+                pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0, quiet: bool = True,
+                precompile: bool = True, ready_timeout_s: float = 900.0):
     """A launch.local cluster for the setting (not started)."""
     from launch.local import LocalCluster
     if setting not in SETTINGS:
@@ -94,9 +98,10 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
     cache = setting.endswith("+cache")
     instance_flags = dict(prefix_caching=cache, page_size=page_size, num_pages=num_pages,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                          profile_at_start=True)
+                          profile_at_start=True, precompile=precompile)
     kwargs = dict(model=model, num_instances=num_instances, port=0, policy=policy, pin=True,
-                  instance_flags=instance_flags, scheduler_config=dict(profile_instances=True), quiet=quiet)
+                  instance_flags=instance_flags, scheduler_config=dict(profile_instances=True), quiet=quiet,
+                  ready_timeout_s=ready_timeout_s)
     if setting.startswith("pd"):
         # 1 prefill + 1 decode instance for the 2-instance default (half and half in general), each pinned to
         # its own core by launch.local. pd: MemServe's PD-Basic; pd+cache: `pd_cache_mode` (caching2 by
@@ -176,7 +181,8 @@ def main(argv):
     cluster_kwargs = dict(model=FLAGS.model, num_instances=FLAGS.num_instances, num_pages=FLAGS.num_pages,
                           page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                           max_num_seqs=FLAGS.max_num_seqs, pd_cache_mode=FLAGS.pd_cache_mode,
-                          kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s, quiet=not FLAGS.instance_logs)
+                          kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s, quiet=not FLAGS.instance_logs,
+                          precompile=FLAGS.precompile, ready_timeout_s=FLAGS.ready_timeout_s)
     for s in FLAGS.settings:
         if s not in SETTINGS:
             raise app.UsageError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")

@@ -54,6 +54,8 @@ flags.DEFINE_integer("process_id", None, "multi-process instance: this process's
 flags.DEFINE_bool("distributed_auto", False, "multi-process instance: jax.distributed.initialize() with "
                   "auto-detected settings (TPU pods, SLURM, ...)")
 flags.DEFINE_integer("local_cpu_devices", None, "CPU only (tests): CPU devices per process")
+flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode, every KV "
+                  "transfer shape) before registering, so no request waits on a compilation (vLLM does this on TPU)")
 FLAGS = flags.FLAGS
 
 
@@ -102,6 +104,9 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", FLAGS.local_cpu_devices)
     engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
     if not multiprocess:
+        if FLAGS.precompile:
+            from jaxserve.engine.precompile import precompile
+            logging.info("precompiled: %s", precompile(engine, transfers=FLAGS.role != "colocated"))
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
         return
     import jax
@@ -111,6 +116,9 @@ def main(argv):
         logging.info("follower stopped after %d steps", steps)
         return
     multihost.make_leader(engine)
+    if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
+        from jaxserve.engine.precompile import precompile
+        logging.info("precompiled: %s", precompile(engine))
     try:
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
     finally:

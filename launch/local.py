@@ -48,6 +48,8 @@ flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
 flags.DEFINE_integer("max_model_len", None, "cap on the context length")
 flags.DEFINE_bool("profile_instances", True, "instances time the cost-model points before registering")
 flags.DEFINE_float("ready_timeout_s", 300.0, "how long instances get to start and register")
+flags.DEFINE_bool("precompile", False, "instances compile every step / KV transfer shape before registering "
+                  "(launch.instance --precompile): no request waits on a compilation; slower start")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long instances get to exit before SIGKILL")
 FLAGS = flags.FLAGS
 
@@ -176,7 +178,7 @@ def cluster_from_flags(**overrides) -> LocalCluster:
                                   max_num_seqs=FLAGS.max_num_seqs,
                                   # Profiling before registering keeps it from delaying the first requests
                                   # (the scheduler then takes the profile from the registration).
-                                  profile_at_start=FLAGS.profile_instances),
+                                  profile_at_start=FLAGS.profile_instances, precompile=FLAGS.precompile),
               scheduler_config=dict(profile_instances=FLAGS.profile_instances),
               ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s,
               prefill_instances=FLAGS.prefill_instances, decode_instances=FLAGS.decode_instances,

@@ -39,7 +39,10 @@ from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
 from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
 from launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; launch.local's)
 
-flags.DEFINE_enum("mode", "table", ["table", "calibrate", "refit", "validate", "run"], "what to do")
+flags.DEFINE_enum("mode", "table", ["table", "calibrate", "refit", "fit_overheads", "validate", "run"], "what to do")
+flags.DEFINE_string("colocated_records", None, "fit_overheads: a real colocated run's records (launch.bench "
+                    "colocated.jsonl, same workload, seed and rate)")
+flags.DEFINE_string("pd_records", None, "fit_overheads: a real pd run's records (launch.bench pd.jsonl)")
 flags.DEFINE_string("sim_out", "out/sim", "output folder")
 flags.DEFINE_string("cost", "h200", "cost model: a preset (h200) or a calibration JSON")
 flags.DEFINE_string("calibration", "out/sim_calib_demo.json", "calibrate: where to write the JSON")
@@ -273,6 +276,38 @@ def _table_md(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------- fit overheads
+def _sim_error(cost: ClusterCost, wl, setting: str, real_summary: dict) -> float:
+    sim = report.summarize(Simulator(cost, SimConfig(setting=setting, policy=FLAGS.sim_policy,
+                                                     num_instances=FLAGS.num_instances, rate=FLAGS.rate,
+                                                     seed=FLAGS.seed)).run(wl))
+    return max(abs(sim[m]["mean"] / real_summary[m]["mean"] - 1) for m in ("ttft", "jct"))
+
+
+def fit_overheads(cost: ClusterCost, colocated: list[dict], pd: list[dict] | None) -> ClusterCost:
+    """The serving overheads the offline calibration cannot see, by grid search on real served runs: the
+    per-request RPC overhead and the per-step streaming overhead from the colocated run (mean TTFT and JCT),
+    then the per-transfer latency from the pd run. The caching settings stay out of the fit, so validating
+    them is a held-out test."""
+    import dataclasses
+    import itertools
+    from launch.bench import make_workload
+    wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
+    real = report.summarize(colocated)
+    grid = itertools.product([i * 0.5e-3 for i in range(31)], [i * 0.1e-3 for i in range(21)])
+    err, rpc, step = min((_sim_error(dataclasses.replace(cost, rpc_overhead_s=r, step_overhead_s=t), wl,
+                                     "colocated", real), r, t) for r, t in grid)
+    cost = dataclasses.replace(cost, rpc_overhead_s=rpc, step_overhead_s=step)
+    print(f"colocated: rpc_overhead_s={rpc * 1e3:.1f} ms, step_overhead_s={step * 1e3:.1f} ms (max error {err:.1%})")
+    if pd:
+        real = report.summarize(pd)
+        err, lat = min((_sim_error(dataclasses.replace(cost, transfer_latency_s=x), wl, "pd", real), x)
+                       for x in [i * 0.5e-3 for i in range(61)])
+        cost = dataclasses.replace(cost, transfer_latency_s=lat)
+        print(f"pd: transfer_latency_s={lat * 1e3:.1f} ms (max error {err:.1%})")
+    return dataclasses.replace(cost, name=cost.name.split("+")[0] + "+served-overheads(fit on colocated, pd)")
+
+
 # ------------------------------------------------------------------------------------------------ validate
 def validate(cost: ClusterCost, out: Path) -> dict:
     """The same workload (seed, rate, warm-up) and setting for real (launch.local: 2 instances, each pinned to
@@ -337,7 +372,14 @@ def main(argv):
         cost = dataclasses.replace(cost, rpc_overhead_s=FLAGS.rpc_overhead_s)
     if FLAGS.step_overhead_s is not None:
         cost = dataclasses.replace(cost, step_overhead_s=FLAGS.step_overhead_s)
-    if FLAGS.mode == "table":
+    if FLAGS.mode == "fit_overheads":
+        if not FLAGS.colocated_records:
+            raise app.UsageError("--mode=fit_overheads needs --colocated_records (and --pd_records)")
+        cost = fit_overheads(cost, report.read_jsonl(FLAGS.colocated_records),
+                             report.read_jsonl(FLAGS.pd_records) if FLAGS.pd_records else None)
+        cost.save(FLAGS.calibration)
+        print(f"wrote {FLAGS.calibration}")
+    elif FLAGS.mode == "table":
         table(cost, out)
     elif FLAGS.mode == "validate":
         validate(cost, out)

@@ -102,6 +102,7 @@ def test_bench_settings_build_their_clusters():
         c = cluster_for(s, "locality", pd_cache_mode="caching2")
         roles[s] = ([r for r, _ in c.roles], c.pd_mode if s.startswith("pd") else None,
                     c.instance_flags["prefix_caching"])
+        assert c.instance_flags["precompile"] is True  # measured runs never wait on a compilation
     assert roles["colocated"] == (["colocated", "colocated"], None, False)
     assert roles["colocated+cache"] == (["colocated", "colocated"], None, True)
     assert roles["pd"] == (["prefill", "decode"], "basic", False)

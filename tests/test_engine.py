@@ -209,3 +209,23 @@ def test_compilations_are_bounded():
         llm.generate([list(rng.integers(0, 256, n))], SamplingParams(max_tokens=4))
     # decode buckets x page buckets + mixed token buckets x page buckets stay small.
     assert llm.stats()["num_compilations"] <= 16
+
+
+def test_precompile_covers_every_shape_and_leaves_outputs_unchanged():
+    from jaxserve.engine.precompile import precompile_steps, step_shapes
+    rng = np.random.default_rng(9)
+    prompts = [list(rng.integers(0, 256, n)) for n in (3, 17, 40, 9)]
+    llm = make_llm()
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    seen = llm.engine.runner.shapes_seen
+    shapes = set(step_shapes(llm.engine.runner))
+    # Whatever the batching produced is in the precompiled list (else a served request would compile).
+    assert seen <= shapes, seen - shapes
+    assert (True, 1, 1, 1) in shapes and (False, 64, 8, 64) in shapes and len(shapes) == 4 * 7 + 3 * 7
+    # Dummy steps write only the sink page: a fresh engine's outputs are the same after them (the shapes
+    # already seen: in-process jit cache hits, so this test compiles nothing new).
+    fresh = make_llm(enable_prefix_caching=False)
+    assert precompile_steps(fresh.engine.runner, sorted(seen)) == len(seen) > 2
+    assert fresh.engine.runner.shapes_seen == seen
+    assert [o.token_ids for o in fresh.generate(prompts, GREEDY)] == want
+    assert_no_leak(fresh)

@@ -5,7 +5,7 @@ import pytest
 
 from jaxserve.proto.v1 import common_pb2
 from jaxserve.scheduler.cost_model import CostModel, profile_points
-from jaxserve.scheduler.policies import LoadGuard, make_policy
+from jaxserve.scheduler.policies import MISS_WEIGHT, LoadGuard, Locality, RouteRequest, make_policy
 from jaxserve.scheduler.router import COLOCATED, DECODE, PREFILL, InstanceRecord, Router
 
 PS = 4
@@ -48,10 +48,20 @@ def test_locality_weighs_cached_prefix_against_queued_work():
         r.cost_model = CostModel(fixed_s=0.0, per_token_s=1e-3, attention_s=0.0)
     router.apply_event(recs[0], event(INSERT, SYSTEM))
     p = prompt(SYSTEM, 44)  # 300 tokens: 0.044 s on recs[0], 0.3 s on recs[1]
+    # recs[1] also pays MISS_WEIGHT x the 0.256 s it would recompute: 0.3 + 10 x 0.256 = 2.86 s.
+    assert MISS_WEIGHT == 10.0
+    recs[0].pending_prefill_s = 2.7
+    assert router.route(p).instance is recs[0]   # 2.744 < 2.86
+    recs[0].pending_prefill_s = 2.9
+    assert router.route(p).instance is recs[1]   # 2.944 > 2.86
+    # Weight 0 is greedy TTFT: the queue beats the cache as soon as 0.2 + 0.044 > 0.3 fails.
+    greedy = Locality(miss_weight=0.0)
     recs[0].pending_prefill_s = 0.2
-    assert router.route(p).instance is recs[0]   # 0.244 < 0.3
+    assert greedy.choose(RouteRequest(300), recs, {recs[0].instance_id: 256}) is recs[0]
     recs[0].pending_prefill_s = 0.5
-    assert router.route(p).instance is recs[1]   # 0.544 > 0.3
+    assert greedy.choose(RouteRequest(300), recs, {recs[0].instance_id: 256}) is recs[1]
+    with pytest.raises(ValueError, match="miss_weight"):
+        Locality(miss_weight=-1)
 
 
 def test_load_guard_spreads_a_hot_prefix():

@@ -145,3 +145,49 @@ def test_calibration_fit_recovers_a_per_chunk_cost():
             samples.append(dict(kind="decode", batch=b, prompt_len=plen, step_s=true.step(0, 0, b, b * (plen + 12))))
     step, err = fit_samples(samples)
     assert max(err) < 1e-6 and step.chunk_s == pytest.approx(true.chunk_s, rel=1e-4)
+
+
+def _one_instance(cost, **config):
+    return Simulator(cost, SimConfig(num_instances=1, **config))
+
+
+def test_preemption_when_the_pool_runs_out_and_every_request_completes():
+    wl = w.multi_turn(num_sessions=24, mean_turns=1, max_turns=1, seed=3)
+    # ~24 concurrent sessions of a few hundred tokens each: 120 pages cannot hold them all while they decode.
+    small, big = (_one_instance(h200_llama8b(kv_pages=n), setting="colocated+cache", rate=1000) for n in (120, 100000))
+    recs = {n: sim.run(wl) for n, sim in (("small", small), ("big", big))}
+    assert small.instances[0].preemptions > 0 and big.instances[0].preemptions == 0
+    for rs in recs.values():
+        assert sorted(r["request_id"] for r in rs) == sorted(f"{s.session_id}-t0" for s in wl.sessions)
+        assert all(r["output_tokens"] > 0 and r["jct_s"] >= r["ttft_s"] > 0 for r in rs)
+    # Recompute costs prefill work: the small pool computes more prompt tokens than there are.
+    assert small.instances[0].prefill_tokens > big.instances[0].prefill_tokens
+    assert small.instances[0].used_pages == big.instances[0].used_pages == 0  # everything released
+
+
+def test_concurrent_shared_prefix_is_computed_once():
+    wl = w.shared_prefix(num_groups=1, prompts_per_group=8, system_len=2048, question_len=64, seed=0)
+    runs = {}
+    for setting in ("colocated", "colocated+cache"):
+        # All 8 arrive at once; the first prefill takes two steps, the second with room to spare.
+        sim = _one_instance(h200_llama8b(max_num_batched_tokens=1500), setting=setting, rate=1e6)
+        sim.run(wl)
+        runs[setting] = sim.instances[0]
+    prompt = sum(sum(seg.length for seg in s.prompt_segments(0)) for s in wl.sessions)
+    assert runs["colocated"].prefill_tokens == prompt
+    # The 2048-token prefix is computed by the first request; the other 7 wait for its pages, then reuse them.
+    assert runs["colocated+cache"].deferrals > 0
+    assert runs["colocated+cache"].prefill_tokens <= 2048 + 8 * (64 + 16)
+
+
+def test_transfers_share_each_instance_link():
+    cost = h200_llama8b(transfer_bytes_s=1e9, transfer_latency_s=0.0)
+    sim = Simulator(cost, SimConfig(setting="pd", num_instances=4))
+    p0, p1, d0, d1 = sim.instances
+    assert sim._link(p0, d0, 0.0, 1e9) == pytest.approx(1.0)
+    assert sim._link(p0, d1, 0.0, 1e9) == pytest.approx(2.0)   # same sender: queued behind the first
+    assert sim._link(p1, d0, 0.5, 1e9) == pytest.approx(2.0)   # same receiver as the first
+    assert sim._link(p1, d1, 2.5, 1e9) == pytest.approx(3.5)   # links free again
+    free = Simulator(dataclasses.replace(cost, transfer_contention=False), SimConfig(setting="pd", num_instances=4))
+    q0, _, e0, e1 = free.instances
+    assert free._link(q0, e0, 0.0, 1e9) == free._link(q0, e1, 0.0, 1e9) == pytest.approx(1.0)

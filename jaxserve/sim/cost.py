@@ -103,8 +103,9 @@ class RooflineStep:
 class ClusterCost:
     step: LinearStep | RooflineStep = LinearStep()
     kv_bytes_per_token: int = 131072
-    transfer_bytes_s: float = 50e9   # prefill -> decode link (per transfer; transfers do not contend)
+    transfer_bytes_s: float = 50e9   # each instance's KV link, per direction
     transfer_latency_s: float = 5e-4
+    transfer_contention: bool = True # transfers out of (into) one instance share its link, one at a time
     page_size: int = 16
     kv_pages: int = 52000            # KV pages per instance (running requests + cached prefixes)
     max_num_batched_tokens: int = 8192

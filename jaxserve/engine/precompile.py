@@ -1,0 +1,82 @@
+"""Compile every step and transfer shape an engine can run before it serves, so no request waits on a compile.
+
+A first-time shape costs 0.3-0.5 s on the demo model even when the persistent XLA cache hits (tracing, lowering
+and loading the executable), and seconds when it misses; served, that lands on whichever request first needs
+the shape (measured: every TTFT outlier of a served multi-turn run sat on such a compile, WORKSPACE_NOTES.md).
+vLLM does the same on TPU (it compiles all padded shapes at start-up) and captures CUDA graphs for all its
+batch sizes on GPU. The shapes are bounded by `model_runner`'s buckets, so this is a finite list.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from jaxserve.engine.model_runner import StepInputs, next_pow2
+from jaxserve.engine.sampling import sampling_arrays
+from jaxserve.model.batch import AttentionBatch
+
+
+def _pow2_range(lo: int, hi: int) -> list[int]:
+    out, n = [], next_pow2(lo)
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def step_shapes(runner) -> list[tuple[bool, int, int, int]]:
+    """Every (decode_only, tokens T, slots S, pages per sequence P) `ModelRunner.prepare` can produce."""
+    max_slots = next_pow2(runner.max_num_seqs)
+    pages = _pow2_range(1, runner.max_pages_bucket)
+    shapes = [(True, s, s, p) for s in _pow2_range(1, max_slots) for p in pages]
+    mixed_slots = _pow2_range(min(8, max_slots), max_slots)
+    shapes += [(False, t, s, p) for t in _pow2_range(16, runner.max_tokens_bucket) for s in mixed_slots
+               for p in pages]
+    return shapes
+
+
+def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int) -> StepInputs:
+    """A step of the given shape with no live sequence: every token writes to page 0 (the pool's sink)."""
+    z = lambda n: np.zeros(n, np.int32)  # noqa: E731
+    attn = AttentionBatch(slot_pages=z(num_tokens), slot_offsets=z(num_tokens), kv_lens=z(num_slots),
+                          page_indices=np.zeros((num_slots, pages_per_seq), np.int32),
+                          cu_q_lens=z(num_slots + 1), num_seqs=z(1))
+    return StepInputs(decode_only, z(num_tokens), z(num_tokens), attn, z(num_slots),
+                      sampling_arrays([], [], [], num_slots))
+
+
+def precompile_steps(runner, shapes=None) -> int:
+    """Runs one dummy step per shape not yet seen (through the multi-process broadcast hook when set, so
+    followers compile too). Returns the number of shapes compiled."""
+    todo = [s for s in (step_shapes(runner) if shapes is None else shapes) if s not in runner.shapes_seen]
+    for shape in todo:
+        inputs = dummy_inputs(*shape)
+        if runner.before_execute is not None:
+            runner.before_execute(inputs)
+        runner.execute(inputs)
+    return len(todo)
+
+
+def precompile_transfers(pool, max_pages: int) -> int:
+    """Compiles the KV gather and scatter executables (one per page-count bucket up to `max_pages`) on page 0,
+    the sink, so moving a request's KV never compiles while serving. Single-process pools only."""
+    from jaxserve.mempool.transfer import gather_chunks, scatter_block
+    sizes = _pow2_range(1, next_pow2(max_pages))
+    for n in sizes:
+        chunks = gather_chunks(pool, [0] * n)
+        scatter_block(pool, [0] * n, chunks)
+    return 2 * len(sizes)
+
+
+def precompile(engine, *, transfers: bool = False) -> dict:
+    """Everything above for `engine`; returns counts and seconds for the start-up log."""
+    t0 = time.perf_counter()
+    steps = precompile_steps(engine.runner)
+    moved = 0
+    if transfers:
+        moved = precompile_transfers(engine.pool, -(-engine.max_model_len // engine.pool.page_size))
+    jax.block_until_ready(engine.pool.kv_cache)  # the dummy steps run asynchronously
+    return dict(step_shapes=steps, transfer_shapes=moved, seconds=round(time.perf_counter() - t0, 2))
