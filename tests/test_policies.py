@@ -50,10 +50,10 @@ def test_locality_weighs_cached_prefix_against_queued_work():
     p = prompt(SYSTEM, 44)  # 300 tokens: 0.044 s on recs[0], 0.3 s on recs[1]
     # recs[1] also pays MISS_WEIGHT x the 0.256 s it would recompute: 0.3 + 10 x 0.256 = 2.86 s.
     assert MISS_WEIGHT == 10.0
-    recs[0].pending_prefill_s = 2.7
-    assert router.route(p).instance is recs[0]   # 2.744 < 2.86
-    recs[0].pending_prefill_s = 2.9
-    assert router.route(p).instance is recs[1]   # 2.944 > 2.86
+    recs[0].pending_prefill_s = 2.5
+    assert router.route(p).instance is recs[0]   # 2.544 < 2.86 / 1.1
+    recs[0].pending_prefill_s = 3.2
+    assert router.route(p).instance is recs[1]   # 3.244 > 2.86 * 1.1
     # Weight 0 is greedy TTFT: the queue beats the cache as soon as 0.2 + 0.044 > 0.3 fails.
     greedy = Locality(miss_weight=0.0)
     recs[0].pending_prefill_s = 0.2
@@ -200,3 +200,16 @@ def test_cost_model_fit_recovers_the_profile():
     noisy = CostModel.fit([(10, 0, 0.5), (1000, 0, 0.1), (2000, 0, 0.05)])
     assert min(noisy.fixed_s, noisy.per_token_s, noisy.attention_s) >= 0
     assert CostModel().exec(100, 90) < CostModel().exec(100, 0)
+
+
+def test_locality_treats_near_equal_estimates_as_a_tie():
+    """Two idle instances whose fitted models differ by 3%: requests alternate instead of all going to the
+    one that profiled faster; 30% apart, the faster one wins."""
+    router, recs = make_router("locality", n=2)
+    recs[0].cost_model = CostModel(fixed_s=0.0, per_token_s=1.00e-3, attention_s=0.0)
+    recs[1].cost_model = CostModel(fixed_s=0.0, per_token_s=1.03e-3, attention_s=0.0)
+    picks = [router.route(prompt((), 100, start=1000 * k)).instance.instance_id for k in range(6)]
+    assert picks.count(recs[0].instance_id) == picks.count(recs[1].instance_id) == 3
+    recs[1].cost_model = CostModel(fixed_s=0.0, per_token_s=1.3e-3, attention_s=0.0)
+    assert {router.route(prompt((), 100, start=9000 + k)).instance.instance_id for k in range(4)} == \
+        {recs[0].instance_id}

@@ -100,6 +100,10 @@ class LeastLoad(Policy):
 # like chat at 32 instances and twice the uncached capacity, mean TTFT 206 / 142 / 17 / 15 ms at weights
 # 0 / 1 / 3 / 10 (session affinity 15 ms); LooGLE-like at 16 instances 338 / 217 / 192 / 170 ms; ReAct flat.
 MISS_WEIGHT = 10.0
+# Relative score difference below which locality treats instances as equal. Instances of one model on like
+# devices profile a few percent apart; without this, the one that happened to profile fastest took all 32
+# requests of a served run on this machine while its twin idled.
+TIE_TOLERANCE = 0.1
 
 
 class Locality(Policy):
@@ -115,31 +119,31 @@ class Locality(Policy):
     def choose(self, request, candidates, matched):
         limit = self.guard.limit(candidates)
         prompt_len = request.prompt_len
-        best, tied = None, []
-        uncached: dict[int, float] = {}  # exec(prompt_len, 0) per cost model: most candidates hold nothing
-        costs = []
-        for c in candidates:
-            if c.in_flight_requests > limit:
-                continue
-            cached = matched.get(c.instance_id, 0)
-            if cached:
-                cost = c.cost_model.exec(prompt_len, min(cached, prompt_len - 1))
-            else:
-                cost = uncached.get(id(c.cost_model))
-                if cost is None:
-                    cost = uncached[id(c.cost_model)] = c.cost_model.exec(prompt_len, 0)
-            costs.append((c, cost))
-        least = min((cost for _, cost in costs), default=0.0)
-        for c, cost in costs:
-            # Recomputing a prefix another instance holds delays every later request there too: weigh that
-            # extra work beyond this request's own wait (see MISS_WEIGHT).
-            key = (c.pending_prefill_s + cost + self.miss_weight * (cost - least), c.in_flight_requests)
-            if best is None or key < best:
-                best, tied = key, [c]
-            elif key == best:
-                tied.append(c)
-        if not tied:  # everyone is over the limit (cannot happen with factor >= 1, but stay total)
-            tied = list(candidates)
+        eligible = [c for c in candidates if c.in_flight_requests <= limit] or list(candidates)
+        cached = {c.instance_id: min(matched.get(c.instance_id, 0), prompt_len - 1) for c in eligible}
+        most = max(cached.values())
+        memo: dict[tuple, float] = {}  # exec per (cost model, cached): instances often share both
+
+        def exec_s(c, n):
+            key = (id(c.cost_model), n)
+            if key not in memo:
+                memo[key] = c.cost_model.exec(prompt_len, n)
+            return memo[key]
+
+        scores = []
+        for c in eligible:
+            cost = exec_s(c, cached[c.instance_id])
+            # Recomputing what the best-cached instance holds delays every later request here too: weigh that
+            # extra work beyond this request's own wait (see MISS_WEIGHT). Measured with this instance's own
+            # model, so instances differing only in their fitted models pay nothing.
+            extra = cost - exec_s(c, most) if cached[c.instance_id] < most else 0.0
+            scores.append((c.pending_prefill_s + cost + self.miss_weight * extra, c))
+        best = min(score for score, _ in scores)
+        # Scores within TIE_TOLERANCE are a tie (each instance's cost model is fitted from its own noisy
+        # profile): the one with fewest requests in flight wins, ties rotate.
+        near = [c for score, c in scores if score <= best * (1 + TIE_TOLERANCE) + 1e-9]
+        fewest = min(c.in_flight_requests for c in near)
+        tied = [c for c in near if c.in_flight_requests == fewest]
         self._turn += 1
         return tied[self._turn % len(tied)]
 
