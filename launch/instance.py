@@ -8,6 +8,9 @@ Roles prefill and decode serve the disaggregated path (the scheduler pairs them)
 disaggregated cluster should use the same --pd_mode, which sets their prefix caching (prefill: caching1+,
 decode: caching2+); --prefix_caching applies to role colocated only.
 
+Multi-process instances (--num_processes / --coordinator_address / --distributed_auto, see WORKSPACE_NOTES.md)
+serve every role: process 0 serves gRPC and leads, the others follow its steps and KV transfer ops.
+
 Registers with the scheduler and reports its index events and load; prints `instance ready on HOST:PORT`
 once registered. Stops cleanly on SIGINT / SIGTERM (NOT_SERVING, deregister, running requests get
 `--shutdown_grace_s` to finish)."""
@@ -54,6 +57,9 @@ flags.DEFINE_integer("process_id", None, "multi-process instance: this process's
 flags.DEFINE_bool("distributed_auto", False, "multi-process instance: jax.distributed.initialize() with "
                   "auto-detected settings (TPU pods, SLURM, ...)")
 flags.DEFINE_integer("local_cpu_devices", None, "CPU only (tests): CPU devices per process")
+flags.DEFINE_float("step_timeout_s", 60.0, "multi-process instance: a step (or KV transfer op) unfinished after this "
+                   "many seconds means a process hangs: requests fail, health NOT_SERVING (0: no watchdog)")
+flags.DEFINE_float("compile_grace_s", 600.0, "multi-process instance: extra seconds for a step that compiles first")
 flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode, every KV "
                   "transfer shape) before registering, so no request waits on a compilation (vLLM does this on TPU)")
 FLAGS = flags.FLAGS
@@ -72,7 +78,13 @@ def config_from_flags() -> InstanceConfig:
     return InstanceConfig(role=FLAGS.role, host=FLAGS.host, port=FLAGS.port, scheduler_address=FLAGS.scheduler,
                           instance_id=FLAGS.instance_id, model_name=FLAGS.model,
                           profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
-                          pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s)
+                          pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s,
+                          step_timeout_s=FLAGS.step_timeout_s if multiprocess_flags() else 0.0,
+                          compile_grace_s=FLAGS.compile_grace_s)
+
+
+def multiprocess_flags() -> bool:
+    return bool(FLAGS.distributed_auto or FLAGS.num_processes is not None or FLAGS.coordinator_address)
 
 
 async def serve(server: InstanceServer) -> None:
@@ -89,11 +101,9 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
-    multiprocess = FLAGS.distributed_auto or FLAGS.num_processes is not None or FLAGS.coordinator_address
+    multiprocess = multiprocess_flags()
     if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
         from jaxserve.engine import multihost
-        if FLAGS.role != "colocated":
-            raise app.UsageError("multi-process instances support --role=colocated only (no KV transfers yet)")
         if FLAGS.distributed_auto:
             multihost.initialize(local_device_count=FLAGS.local_cpu_devices)
         else:
@@ -110,17 +120,26 @@ def main(argv):
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
         return
     import jax
-    if jax.process_index() != 0:  # a follower: no gRPC, only the leader's steps
+    multihost.check_supported(engine)
+    server, addresses = None, None
+    if FLAGS.role != "colocated":  # KV transfers: every process moves its own shards with its own server
+        from jaxserve.mempool.transfer import TransferServer
+        server = TransferServer(address=f"{FLAGS.host}:0")
+        port = server.address.rsplit(":", 1)[1]  # a wildcard bind is advertised as a reachable address
+        addresses = multihost.exchange_addresses(f"{multihost.routable_host(FLAGS.host)}:{port}")
+        logging.info("process %d: transfer server %s (all: %s)", jax.process_index(), server.address, addresses)
+    if jax.process_index() != 0:  # a follower: no gRPC, only the leader's steps and KV transfer ops
         logging.info("follower %d of %d: running the leader's steps", jax.process_index(), jax.process_count())
-        steps = multihost.follower_loop(engine)
+        steps = multihost.follower_loop(engine, server)
         logging.info("follower stopped after %d steps", steps)
         return
-    multihost.make_leader(engine)
+    multihost.make_leader(engine, bind_host=FLAGS.host)
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
         from jaxserve.engine.precompile import precompile
         logging.info("precompiled: %s", precompile(engine))
     try:
-        asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+        asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
+                                         transfer_addresses=addresses)))
     finally:
         try:
             multihost.stop_followers(engine)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -31,11 +30,14 @@ def main() -> int:
     from jaxserve.engine.sampling import SamplingParams
     cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
                       num_kv_heads=8, head_dim=16, max_position_embeddings=512)
-    llm = LLM(cfg, tp=args.tp, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
-              seed=0, compilation_cache="off", enable_prefix_caching=True)
+    # A small device tier (23 usable pages) over a host tier: round 3 evicts the cached prefixes to the host
+    # tier, round 4 brings the shared one back from it.
+    llm = LLM(cfg, tp=args.tp, page_size=8, num_pages=24, num_host_pages=32, max_num_batched_tokens=64,
+              max_num_seqs=8, seed=0, compilation_cache="off", enable_prefix_caching=True)
     assert len(llm.engine.mesh.devices.flat) == args.tp, llm.engine.mesh
     system = list(range(1, 41))  # a shared prefix (5 pages of 8)
-    prompts = [system + [50, 51, 52], system + [60, 61], list(range(100, 113)), system + [70, 71, 72, 73]]
+    prompts = [system + [50, 51, 52], system + [60, 61], list(range(100, 113)), system + [70, 71, 72, 73],
+               list(range(120, 200)), list(range(130, 210)), system + [90, 91]]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     if multihost.is_multiprocess() and jax.process_index() != 0:
         steps = multihost.follower_loop(llm.engine)
@@ -43,12 +45,17 @@ def main() -> int:
         return 0
     if multihost.is_multiprocess():
         multihost.make_leader(llm.engine)
-    # Two rounds: the second hits the prefix cache of the first.
-    outs = llm.generate(prompts[:2], sp) + llm.generate(prompts[2:], sp)
+    # Rounds: the second hits the prefix cache of the first; the third fills the device tier (the cached
+    # prefixes go to the host tier); the fourth matches the shared prefix there and swaps it back in.
+    outs = (llm.generate(prompts[:2], sp) + llm.generate(prompts[2:4], sp) + llm.generate(prompts[4:6], sp)
+            + llm.generate(prompts[6:], sp))
+    pool = llm.engine.pool.stats()
     if multihost.is_multiprocess():
         multihost.stop_followers(llm.engine)
     print("RESULT " + json.dumps({"tokens": [o.token_ids for o in outs],
                                   "cached": [o.num_cached_tokens for o in outs],
+                                  "swapped": [pool["swapped_out_pages"], pool["swapped_in_pages"]],
+                                  "host_heads": llm.engine.pool.host_cache.shape[3],
                                   "processes": jax.process_count(), "devices": len(jax.devices())}), flush=True)
     return 0
 

@@ -156,9 +156,10 @@ CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_lay
                   eos_token_id=(257,))
 
 
-def tiny(caching, device):
+def tiny(caching, device, tp=1):
+    devices = list(range(device, device + tp))
     return LLM(model=CFG, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, seed=0,
-               compilation_cache="off", enable_prefix_caching=caching, device_ids=[device])
+               compilation_cache="off", enable_prefix_caching=caching, device_ids=devices, tp=tp)
 
 
 def test_basic_mode_in_process_sends_everything_and_checks_roles():
@@ -212,16 +213,26 @@ def test_basic_mode_in_process_sends_everything_and_checks_roles():
     run(body(), timeout=120)
 
 
-def test_caching3_in_process_sends_decode_kv_back():
+@pytest.mark.parametrize("per_shard", [False, True])
+def test_caching3_in_process_sends_decode_kv_back(per_shard, monkeypatch):
     """PD-Caching-3 over the instance API: when a request finishes, the decode instance sends its decode-phase
     KV back to the prefill instance (PrepareKvTransfer / CommitKvTransfer(cache_only) on it), so the next
     turn's prefill reports cached tokens covering the first turn's output; tokens equal the colocated uncached
-    run; the second turn sends only what the decode side lacks; no leaked pages on either side."""
+    run; the second turn sends only what the decode side lacks; no leaked pages on either side.
+    per_shard: the transfers a multi-process instance makes (per-device pieces, `CommitKvTransferRequest.
+    sources`) between a tp=2 prefill and a tp=1 decode instance: the prefill's two shards land on the decode
+    device side by side, the decode's one shard is cut in two on the way back."""
     page = 8
+    from jaxserve.mempool import transfer as tr
+    received = []
+    receive_shards = tr.receive_shards
+    monkeypatch.setattr(tr, "receive_shards", lambda *a, **k: received.append(a[2]) or receive_shards(*a, **k))
 
     async def body():
-        p = await InstanceServer(tiny(True, 0).engine, InstanceConfig(role="prefill", pd_mode="caching3")).start()
-        d = await InstanceServer(tiny(True, 1).engine, InstanceConfig(role="decode", pd_mode="caching3")).start()
+        p = await InstanceServer(tiny(True, 0, tp=2 if per_shard else 1).engine, InstanceConfig(
+            role="prefill", pd_mode="caching3", kv_per_shard=per_shard)).start()
+        d = await InstanceServer(tiny(True, 2 if per_shard else 1).engine, InstanceConfig(
+            role="decode", pd_mode="caching3", kv_per_shard=per_shard)).start()
         ref = tiny(False, 0)
         try:
             async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:
@@ -268,6 +279,11 @@ def test_caching3_in_process_sends_decode_kv_back():
                 await eventually(lambda: clean(d.address), what="decode side clean")
                 sp = await stats(p.address)
                 assert sp.cached_pages >= len(ctx2) // page and sp.kv_transfer_failures == 0
+                # Per shard: P -> D (two pieces for D's one device), D -> P (a piece per P device), P -> D (turn 2;
+                # its send-back may still be on its way).
+                assert [[x.pieces for x in srcs] for srcs in received[:3]] == (
+                    [[((0, 0, 2), (0, 2, 4))], [((0, 0, 2), (1, 2, 4))], [((0, 0, 2), (0, 2, 4))]]
+                    if per_shard else [])
         finally:
             await p.stop(0)
             await d.stop(0)

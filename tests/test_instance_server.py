@@ -1,7 +1,8 @@
 """The real instance server (engine behind gRPC) on 127.0.0.1 with the real scheduler: streams equal the
 offline engine's greedy output (resumed requests included), prefix locality across two instances with cached
-tokens reported, cancellation and deadlines free pages, health and drain, profiling, and an instance process
-killed mid-stream (subprocess) ending in a migrated or clearly failed request."""
+tokens reported, cancellation and deadlines free pages, health and drain, profiling, an instance process
+killed mid-stream (subprocess) ending in a migrated or clearly failed request, and the engine loop's step
+watchdog."""
 
 import asyncio
 import contextlib
@@ -258,3 +259,71 @@ def test_killed_instance_process_ends_in_migrated_or_failed_request():
             stop_processes(procs.values())
             await scheduler.stop(0)
     run(body(), timeout=90)
+
+
+def test_step_watchdog_fails_requests_of_a_stuck_step():
+    """EngineLoop's step watchdog (multi-process instances, where a hung process leaves the engine thread stuck
+    in a collective): a step that does not return ends every live request with UNAVAILABLE within the timeout,
+    fires on_broken and makes commands fail at once; when the step finally returns the requests are aborted
+    (pages freed) and the engine refuses new ones."""
+    import threading
+
+    from jaxserve.instance.engine_loop import EngineLoop, Sink
+
+    class Events(Sink):
+        def __init__(self):
+            self.events, self.error = [], threading.Event()
+
+        def push(self, event):
+            self.events.append(event)
+            if event[0] == "error":
+                self.error.set()
+
+    engine = make_llm().engine
+    loop = EngineLoop(engine, step_timeout_s=0.5, compile_grace_s=120)  # compiling steps are never "stuck"
+    broken = []
+    loop.on_broken = broken.append
+    stuck, release = threading.Event(), threading.Event()
+    execute = engine.runner.execute
+
+    def maybe_hang(inputs):
+        if stuck.is_set():
+            release.wait(30)
+        return execute(inputs)
+    engine.runner.execute = maybe_hang
+    loop.start()
+    try:
+        sink = Events()
+        loop.add("a#0", "a", prompt(1, 11), [], SamplingParams(max_tokens=200, ignore_eos=True), sink, time.perf_counter())
+        t0 = time.monotonic()
+        while sum(len(e[1]) for e in sink.events if e[0] == "tokens") < 4:  # decode shapes compiled
+            assert time.monotonic() - t0 < 60 and not sink.error.is_set(), sink.events
+            time.sleep(0.01)
+        stuck.set()
+        t0 = time.monotonic()
+        assert sink.error.wait(10), sink.events
+        elapsed = time.monotonic() - t0
+        assert elapsed < 0.5 + 1.5, elapsed
+        code, message = sink.events[-1][1:]
+        assert code == grpc.StatusCode.UNAVAILABLE and "did not finish within 0.5 s" in message, message
+        assert len(broken) == 1 and loop.broken == broken[0]
+        with pytest.raises(RuntimeError, match="broken"):
+            loop.submit(lambda: None).result(timeout=1)  # no queueing behind the stuck thread
+        release.set()  # the step returns: the engine thread aborts what was live
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if not loop.submit(lambda: engine.has_unfinished()).result(timeout=10):
+                    break
+            except RuntimeError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        late = Events()
+        loop.add("b#1", "b", prompt(2, 5), [], SamplingParams(max_tokens=2), late, time.perf_counter())
+        assert late.error.wait(10) and "broken" in late.events[-1][2]
+        assert loop.submit(lambda: engine.pool.num_free_pages() + engine.pool.num_evictable_pages()).result(10) \
+            == engine.pool.num_pages - 1
+    finally:
+        release.set()
+        loop.stop()

@@ -1,10 +1,14 @@
 """Two processes x 4 CPU devices (jax.distributed + gloo CPU collectives) form one 8-device instance whose
-greedy output must equal a single-process 8-device instance's on the same random model."""
+greedy output must equal a single-process 8-device instance's on the same random model; served, colocated or
+as the prefill side of a disaggregated pair (per-shard KV transfers both ways); a killed or stopped
+follower takes the instance out of service in bounded time."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,24 +50,28 @@ def _save_tiny_model(tmp_path):
     return folder
 
 
-def _launch_two_process_instance(scheduler_address, folder, tmp_path):
+def _instance_cmd(scheduler_address, folder, *extra):
+    return [sys.executable, "-m", "launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
+            "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
+            "--compilation_cache=off", *extra]
+
+
+def _launch_two_process_instance(scheduler_address, folder, tmp_path, *extra, name="proc"):
     """`launch.instance --num_processes=2` (process 0 leads); returns the processes and a log reader."""
-    cmd = [sys.executable, "-m", "launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
-           "--tp=8", "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
-           "--compilation_cache=off", "--local_cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}",
-           "--num_processes=2"]
-    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
+    cmd = _instance_cmd(scheduler_address, folder, "--tp=8", "--local_cpu_devices=4",
+                        f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", *extra)
+    logs = [open(tmp_path / f"{name}{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
     procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(), stdout=logs[i],
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    return procs, lambda i: (tmp_path / f"proc{i}.log").read_text()
+    return procs, lambda i: (tmp_path / f"{name}{i}.log").read_text()
 
 
-async def _wait_registered(sch, procs, read, timeout_s: float = 90) -> None:
+async def _wait_registered(sch, procs, read, timeout_s: float = 90, n: int = 1) -> None:
     import asyncio
     import time
     t0 = time.monotonic()
-    while not sch.router.instances:
-        assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(2)]
+    while len(sch.router.instances) < n:
+        assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(len(procs))]
         assert time.monotonic() - t0 < timeout_s, "instance did not register"
         await asyncio.sleep(0.3)
 
@@ -100,17 +108,17 @@ def test_two_process_instance_matches_single_process():
     assert multi["tokens"] == ref["tokens"]
     assert multi["cached"] == ref["cached"]
     assert multi["cached"][3] > 0  # the shared prefix really hit the cache
+    # ... and the host tier: evicted there (every process keeps its own shards) and swapped back in
+    assert multi["swapped"] == ref["swapped"] and min(ref["swapped"]) > 0, (multi["swapped"], ref["swapped"])
+    assert multi["cached"][6] >= 40
+    assert multi["host_heads"] * 2 == ref["host_heads"]  # the leader's host tier holds its own shards only
 
 
-def test_multiprocess_rejects_host_tier():
+def test_multiprocess_rejects_sequence_parallel():
     from types import SimpleNamespace
     from jaxserve.engine import multihost
     eng = SimpleNamespace(config=SimpleNamespace(cache=SimpleNamespace(num_host_pages=4),
-                                                 mesh=SimpleNamespace(seq=1)))
-    with pytest.raises(ValueError, match="host KV tier"):
-        multihost.check_supported(eng)
-    eng.config.cache.num_host_pages = 0
-    eng.config.mesh.seq = 2
+                                                 mesh=SimpleNamespace(seq=2)))
     with pytest.raises(ValueError, match="sequence-parallel"):
         multihost.check_supported(eng)
 
@@ -222,3 +230,154 @@ def test_killed_follower_fails_requests_and_health(tmp_path):
             await sch.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 150))
+
+
+def _logged_bytes(log: str, what: str) -> dict[int, int]:
+    """Bytes per process from the `KV offer: process P offered N bytes` / `KV receive: process P received N
+    bytes` lines that every process of a multi-process instance logs (jaxserve.mempool.transfer / multihost)."""
+    out: dict[int, int] = {}
+    for p, n in re.findall(rf"KV {what}: process (\d+) {what}\w* (\d+) bytes", log):
+        out[int(p)] = out.get(int(p), 0) + int(n)
+    return out
+
+
+def test_disaggregated_pair_with_two_process_prefill(tmp_path):
+    """A served PD-Caching-3 pair behind the global scheduler: the prefill instance is two processes x 4 CPU
+    devices (tp=8), the decode instance one process with 4 devices (tp=4). KV goes per shard both ways: each
+    prefill process offers only its own shards (half the bytes each; the decode side joins two pieces per
+    device), and each prefill process pulls only its own devices' part of the decode-phase KV sent back.
+    Greedy tokens equal an offline single-process colocated uncached run; a shared prefix and the sent-back
+    KV are reused; no pages leak on either side. Then the prefill follower is SIGSTOPped (it hangs without
+    disconnecting): the leader's step watchdog fails the next request within bounded time and its health
+    turns NOT_SERVING."""
+    _disaggregated_pair(tmp_path, "prefill")
+
+
+def test_disaggregated_pair_with_two_process_decode(tmp_path):
+    """As above with the roles swapped: a one-process tp=4 prefill instance and a two-process tp=8 decode
+    instance, which receives per shard (every process pulls its own devices' pieces, then all scatter),
+    decodes, and sends its decode-phase KV back per shard (every process offers its own shards)."""
+    _disaggregated_pair(tmp_path, "decode")
+
+
+def _disaggregated_pair(tmp_path, two_process_role: str):
+    import asyncio
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.client import AsyncClient, ClientError, RetryPolicy
+    from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc
+    from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+
+    folder = _save_tiny_model(tmp_path)
+    page, n_out = 8, 8
+    system = list(b"You are a helpful assistant. Answer briefly. ")  # 45 tokens: 5 whole pages shared
+    prompts = [system + list(b"Hi there"), system + list(b"What is JAX?")]
+    llm = LLM(str(folder), tp=8, page_size=page, num_pages=64, max_num_batched_tokens=64, compilation_cache="off",
+              enable_prefix_caching=False)
+    greedy = SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True)
+    ref = [list(o.token_ids) for o in llm.generate(prompts, greedy)]
+    turn2 = prompts[0] + ref[0] + list(b" More?")
+    ref.append(list(llm.generate([turn2], greedy)[0].token_ids))
+    one_process_role = "decode" if two_process_role == "prefill" else "prefill"
+    watchdog = two_process_role == "prefill"
+
+    async def stats(address):
+        async with grpc.aio.insecure_channel(address) as ch:
+            return await instance_pb2_grpc.InstanceStub(ch).GetStats(instance_pb2.InstanceStatsRequest(), timeout=5)
+
+    async def eventually(predicate, what, timeout=20.0):
+        end = time.monotonic() + timeout
+        while not await predicate():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            await asyncio.sleep(0.1)
+
+    async def transfers(address, n):
+        return (await stats(address)).kv_transfers == n
+
+    async def clean(address):
+        s = await stats(address)
+        return (s.load.num_free_pages == s.load.num_total_pages and s.load.num_running_requests == 0
+                and s.load.num_queued_requests == 0 and s.kv_pending == 0 and s.kv_held_pages == 0)
+
+    async def body():
+        sch = Scheduler(GlobalSchedulerConfig(port=0, health_interval_s=0.2, health_timeout_s=0.5, unhealthy_after=2,
+                                              no_instance_wait_s=2.0, profile_instances=False),
+                        ModelInfo.byte_level(512))
+        await sch.start()
+        common = ["--pd_mode=caching3", "--kv_transfer_timeout_s=20"]
+        procs, read = _launch_two_process_instance(
+            sch.address, folder, tmp_path, f"--role={two_process_role}", *common,
+            f"--instance_id={two_process_role}-0", "--step_timeout_s=5", "--compile_grace_s=20", name="multi")
+        with open(tmp_path / "single.log", "w+") as single_log:
+            procs.append(subprocess.Popen(
+                _instance_cmd(sch.address, folder, f"--role={one_process_role}", *common,
+                              f"--instance_id={one_process_role}-0", "--tp=4", "--local_cpu_devices=4"),
+                cwd=ROOT, env=_env(), stdout=single_log, stderr=subprocess.STDOUT, text=True))
+        logs = lambda i: read(i) if i < 2 else (tmp_path / "single.log").read_text()  # noqa: E731
+        try:
+            await _wait_registered(sch, procs, logs, n=2)
+            prefill, decode = (sch.router.instances[f"{r}-0"].address for r in ("prefill", "decode"))
+            got, usage = [], []
+            async with AsyncClient(sch.address, retry=RetryPolicy(max_attempts=1)) as client:
+                for prompt in prompts:
+                    r = await client.generate(prompt, max_tokens=n_out, ignore_eos=True, timeout_s=60)
+                    got.append(list(r.token_ids))
+                    usage.append(r.usage)
+                # PD-Caching-3: each finished request's decode-phase KV comes back to the prefill instance
+                # (its kv_transfers count the sends and the send-backs received).
+                await eventually(lambda: transfers(prefill, 2 + 2), "decode-phase KV sent back")
+                r = await client.generate(turn2, max_tokens=n_out, ignore_eos=True, session_id="s", timeout_s=60)
+                got.append(list(r.token_ids))
+                usage.append(r.usage)
+            assert got == ref
+            assert usage[0].prefill_instance_id == "prefill-0" and usage[0].instance_id == "decode-0"
+            assert usage[1].cached_tokens == len(system) // page * page  # the shared prefix, on the prefill side
+            computed = (len(prompts[0]) + n_out - 1) // page * page   # turn 1's KV: prompt + 7 decoded tokens
+            assert usage[2].cached_tokens == computed                # ... all of it back on the prefill side
+            await eventually(lambda: clean(prefill), "prefill side clean")
+            await eventually(lambda: clean(decode), "decode side clean")
+            await eventually(lambda: transfers(prefill, 3 + 3), "the last send-back")
+            sp, sd = await stats(prefill), await stats(decode)
+            assert sd.kv_transfers == 3 and sp.kv_transfer_failures == 0 and sd.kv_send_back_failures == 0
+            assert sd.kv_received_bytes == sp.kv_sent_bytes and sp.kv_received_bytes == sd.kv_sent_back_bytes
+
+            # Each process of the two-process instance offered only its own shards (half of every block it
+            # sent) and pulled only its own devices' half of every block it received.
+            sent, received = (sp.kv_sent_bytes, sp.kv_received_bytes) if watchdog else \
+                (sd.kv_sent_back_bytes, sd.kv_received_bytes)
+            assert sent > 0 and received > 0
+
+            async def halves(what, total):
+                return {i: _logged_bytes(read(i), what).get(i, 0) for i in range(2)} == {0: total // 2, 1: total // 2}
+            await eventually(lambda: halves("offer", sent), "per-process offers logged")
+            await eventually(lambda: halves("receive", received), "per-process receives logged")
+            print(f"two-process {two_process_role}: sent {sent} B, received {received} B, each process half of both")
+            if not watchdog:
+                return
+
+            # A follower that hangs without disconnecting: the watchdog breaks the instance.
+            os.kill(procs[1].pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            async with AsyncClient(sch.address, retry=RetryPolicy(max_attempts=1)) as client:
+                with pytest.raises(ClientError) as e:
+                    # (shaped like turn 2's prefill, so no compilation: the watchdog allows the step 5 s)
+                    await client.generate(turn2 + list(b" Hm"), max_tokens=n_out, ignore_eos=True, timeout_s=60)
+            elapsed = time.monotonic() - t0
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE, e.value
+            assert "did not finish within 5 s" in str(e.value), e.value
+            assert elapsed < 5 + 20 + 10, elapsed  # step timeout + compile grace (if it compiled) + margin
+            async with grpc.aio.insecure_channel(prefill) as ch:
+                status = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                                     timeout=5)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            print(f"stopped follower: request failed after {elapsed:.1f}s: {e.value}")
+        finally:
+            if procs[1].poll() is None:
+                os.kill(procs[1].pid, signal.SIGCONT)
+            stop_processes(procs, grace_s=0)
+            await sch.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 240))

@@ -5,7 +5,6 @@ processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -194,6 +193,37 @@ def test_chunked_gather_and_scatter_round_trip(monkeypatch):
     np.testing.assert_array_equal(np.asarray(dst.kv_cache)[:, 0], sentinel)
     with pytest.raises(tr.TransferError, match="do not cover"):
         tr.scatter_block(dst, dp, chunks[:3])
+    src.free(sp)
+    dst.free(dp)
+
+
+@pytest.mark.parametrize("src_devs,dst_devs", [((0, 1), (4, 5, 6, 7)), ((0, 1, 2, 3), (6,)), ((0,), (4, 5)),
+                                               ((0, 1), (2, 3))])
+def test_per_shard_transfer_between_layouts(src_devs, dst_devs, monkeypatch):
+    """The per-shard backend (what multi-process instances use): the sender cuts its device shards at the
+    receiver's boundaries into single-device pieces, the receiver pulls each piece straight onto its device,
+    joins them and assembles the block without a copy; the pages land as one block would, in several chunks."""
+    need_devices(8)
+    monkeypatch.setattr(tr, "MIN_CHUNK_BYTES", 1)  # several chunks
+    src, dst = make_pool(src_devs), make_pool(dst_devs)
+    sp, dp = src.alloc(5), dst.alloc(5)
+    data = fill_random(src, sp, seed=7)
+    layout = tr.pool_layout(dst)
+    assert [(x.start, x.end) for x in layout] == [(i * 4 // len(dst_devs), (i + 1) * 4 // len(dst_devs))
+                                                   for i in range(len(dst_devs))]
+    server = tr.TransferServer()
+    sources, chunks, mine, total = tr.offer_shards(server, src, sp, layout, server.reserve_uuids(1), [server.address])
+    assert len(chunks) == 5 and mine == total == sum(int(x.nbytes) for x in chunks)
+    assert total == tr.shard_bytes(sources, chunks[0].shape, str(chunks[0].dtype), len(chunks))
+    # One piece per (receiver device, sender device) overlap.
+    assert len(sources) == 1 and len(sources[0].pieces) == max(len(src_devs), len(dst_devs))
+    got = tr.receive_shards(server, dst, sources, chunks[0].shape, str(chunks[0].dtype), len(chunks), 10)
+    assert all(x.sharding == dst.sharding for x in got)
+    tr.scatter_block(dst, dp, got)
+    np.testing.assert_array_equal(read(dst, dp), data)
+    bad = [tr.ShardSource(0, server.address, 1, ((0, 0, 1),))]  # does not tile the receiver's first device
+    with pytest.raises(tr.TransferError, match="do not tile"):
+        tr.receive_shards(server, dst, bad, chunks[0].shape, str(chunks[0].dtype), 1, 1)
     src.free(sp)
     dst.free(dp)
 

@@ -13,7 +13,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
@@ -30,6 +29,11 @@ class StepInputs(NamedTuple):
     attn: AttentionBatch        # i32 fields, see model/batch.py
     logits_indices: np.ndarray  # i32[S]
     sampling: dict              # name -> [S] arrays (sampling.sampling_arrays)
+
+
+def _shape_key(inputs: StepInputs) -> tuple:
+    """What selects a compiled step: one compilation per distinct key."""
+    return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -72,12 +76,16 @@ class ModelRunner:
         """Run one step; returns the sampled token of each entry (meaningful where the entry reached the
         end of its known tokens)."""
         inputs = self.prepare(batch)
+        if self.on_new_shape is not None and _shape_key(inputs) not in self.shapes_seen:
+            self.on_new_shape()  # this step compiles first
         if self.before_execute is not None:  # multi-process instances: the leader broadcasts the inputs
             self.before_execute(inputs)
         return self.execute(inputs)[:len(batch.entries)]
 
     # Set by jaxserve.engine.multihost on a multi-process instance's leader; called with each step's inputs.
     before_execute = None
+    # Called before a step whose shapes were never run (it compiles first); a step watchdog extends its deadline.
+    on_new_shape = None
 
     def prepare(self, batch: ScheduledBatch) -> "StepInputs":
         """The host-side (numpy) inputs of one step: everything `execute` needs, nothing request-shaped."""
@@ -127,8 +135,7 @@ class ModelRunner:
 
     def execute(self, inputs: "StepInputs") -> np.ndarray:
         """Run the jitted step on prepared inputs; returns the sampled token of every slot (padding included)."""
-        self.shapes_seen.add((inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices),
-                              inputs.attn.page_indices.shape[1]))
+        self.shapes_seen.add(_shape_key(inputs))
         tokens, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, inputs.token_ids,
                                                 inputs.positions, inputs.attn, inputs.logits_indices,
                                                 inputs.sampling, decode_only=inputs.decode_only)

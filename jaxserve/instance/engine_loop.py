@@ -1,11 +1,17 @@
 """The one thread that owns an `Engine`: it takes commands (add, abort, profile, stats) from a thread-safe
 queue, steps the engine while it has work, and hands each request's new tokens, finish or error to that
 request's sink. Also mirrors the MemPool's prompt index (for the reporter's snapshots) and publishes a load
-snapshot after every step, so other threads never touch the engine."""
+snapshot after every step, so other threads never touch the engine.
+
+With `step_timeout_s` (multi-process instances) a watchdog thread breaks the instance when a step (or a
+guarded KV-transfer op) does not finish in time, even though the engine thread itself is stuck in a
+collective waiting for a process that hangs: every live request ends with UNAVAILABLE, `on_broken` fires
+(health NOT_SERVING) and commands fail at once instead of queueing behind the stuck thread."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -107,8 +113,17 @@ class EngineLoop:
     every index insert/evict (after the mirror is updated)."""
 
     def __init__(self, engine: Engine, on_index_event: Callable[[str, tuple], None] | None = None,
-                 idle_poll_s: float = 0.5):
+                 idle_poll_s: float = 0.5, *, step_timeout_s: float = 0.0, compile_grace_s: float = 600.0):
+        """step_timeout_s > 0: the watchdog (see the module docstring); a step that compiles first (new shapes)
+        gets compile_grace_s more."""
         self.engine = engine
+        self.step_timeout_s = float(step_timeout_s)
+        self.compile_grace_s = float(compile_grace_s)
+        self._deadline: float | None = None   # monotonic, while a guarded operation runs on the engine thread
+        self._guard_what = ""
+        self._stuck = False                   # the watchdog fired and the engine thread has not come back yet
+        self._current: concurrent.futures.Future | None = None  # the command running on the engine thread
+        self._watchdog: threading.Thread | None = None
         self.mirror = IndexMirror(engine.pool.page_size)
         self._on_index_event = on_index_event
         self._idle_poll_s = idle_poll_s
@@ -130,6 +145,10 @@ class EngineLoop:
     def start(self) -> "EngineLoop":
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+        if self.step_timeout_s > 0:
+            self.engine.runner.on_new_shape = self._extend_for_compile
+            self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+            self._watchdog.start()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -144,6 +163,9 @@ class EngineLoop:
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stopping:
             future.set_exception(RuntimeError("the engine loop is stopped"))
+            return future
+        if self._stuck:
+            future.set_exception(RuntimeError(f"the engine is broken: {self.broken}"))
             return future
         self._commands.put((fn, future))
         return future
@@ -171,6 +193,14 @@ class EngineLoop:
                 self._abort(i)
             return bool(ids)
         return self.submit(run)
+
+    def guarded(self, fn: Callable[[], object], extra_s: float = 0.0) -> Callable[[], object]:
+        """fn, watched like a step (allowed step_timeout_s + extra_s) when it runs on the engine thread: for
+        device work outside the steps that waits on other processes (multi-process KV transfer ops)."""
+        def run():
+            with self._guard(self.step_timeout_s + extra_s, "a KV transfer operation"):
+                return fn()
+        return run
 
     @property
     def num_live(self) -> int:
@@ -212,10 +242,17 @@ class EngineLoop:
                     return
                 fn, future = item
                 if future.set_running_or_notify_cancel():
+                    self._current = future
                     try:
-                        future.set_result(fn())
+                        result = fn()
+                        with contextlib.suppress(concurrent.futures.InvalidStateError):  # failed by the watchdog
+                            future.set_result(result)
                     except BaseException as e:  # noqa: BLE001 - the caller gets it through the future
-                        future.set_exception(e)
+                        with contextlib.suppress(concurrent.futures.InvalidStateError):
+                            future.set_exception(e)
+                    finally:
+                        self._current = None
+                    self._came_back()
                 try:
                     item = self._commands.get_nowait()
                 except queue.Empty:
@@ -290,9 +327,13 @@ class EngineLoop:
     def _step(self) -> list[Request]:
         t0 = time.perf_counter()
         try:
-            updated = self.engine.step()
+            with self._guard(self.step_timeout_s, "a step"):
+                updated = self.engine.step()
         except Exception as e:  # noqa: BLE001 - every request must end, never hang
+            self._came_back()
             self._step_failed(e)
+            return []
+        if self._came_back():
             return []
         self._failed_steps = 0
         for live in self._live.values():
@@ -341,6 +382,85 @@ class EngineLoop:
             self._fail(internal_id, grpc.StatusCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}")
         for req in list(sched.running) + list(sched.waiting):  # profiling requests, if any
             self.engine.abort(req.request_id)
+
+    # ---------------------------------------------------------------------------- step watchdog
+    @contextlib.contextmanager
+    def _guard(self, seconds: float, what: str):
+        if self.step_timeout_s <= 0 or self._deadline is not None:  # off, or inside a guarded operation
+            yield
+            return
+        self._guard_what = what
+        self._deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _extend_for_compile(self) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            self._deadline = deadline + self.compile_grace_s
+
+    def _watch(self) -> None:
+        period = min(1.0, self.step_timeout_s / 4)
+        while not self._stopping:
+            time.sleep(period)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline and not self._stuck:
+                self._fire()
+
+    def _fire(self) -> None:
+        """Watchdog thread: the engine thread is stuck in a guarded operation. Break the instance and end
+        every request and command now; the engine thread cleans up if it ever comes back (`_came_back`)."""
+        why = (f"a process of this multi-process instance failed or is unreachable: {self._guard_what} did not "
+               f"finish within {self.step_timeout_s:g} s (a process hangs, is stopped or lost its network)")
+        log.error("step watchdog: %s; failing every request", why)
+        self._stuck = True
+        if not self.broken:
+            self.broken = why
+            if self.on_broken is not None:
+                try:
+                    self.on_broken(why)
+                except Exception:  # noqa: BLE001 - best effort; requests are failed below regardless
+                    log.exception("on_broken callback")
+        for _ in range(3):  # the dicts belong to the (stuck) engine thread: copy, retry if one changed size
+            try:
+                lives = list(self._live.values()) + list(self._held.values())
+                break
+            except RuntimeError:
+                continue
+        else:
+            lives = []
+        for live in lives:
+            live.sink.push(("error", grpc.StatusCode.UNAVAILABLE, why))
+        current = self._current
+        if current is not None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                current.set_exception(RuntimeError(why))
+        stop = False
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+            elif item[1].set_running_or_notify_cancel():
+                item[1].set_exception(RuntimeError(why))
+        if stop:
+            self._commands.put(None)
+
+    def _came_back(self) -> bool:
+        """Engine thread, after a guarded operation: if the watchdog fired meanwhile, fail (quietly: the
+        requests were told) and abort everything that was live, and say so."""
+        if not self._stuck:
+            return False
+        self._stuck = False
+        for internal_id in list(self._live):
+            self._fail(internal_id, grpc.StatusCode.UNAVAILABLE, self.broken or "the engine is broken")
+        for internal_id in list(self._held):
+            self._release(internal_id)
+        return True
 
     def _usage(self, live: _Live) -> dict:
         req = live.req
@@ -394,7 +514,7 @@ class EngineLoop:
     # ---------------------------------------------------------------------------- profiling
     def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3, seed: int = 0
                 ) -> list[tuple[int, int, float]]:
-        """Engine thread only (use `submit`). Median seconds from adding a request with prompt_len tokens, of
+        """Engine thread only (use `submit`). Least seconds from adding a request with prompt_len tokens, of
         which the first cached_len are in the index, to its first token, per point. One extra run per point
         warms the jit buckets. Points the engine cannot hold are skipped; live requests keep being served
         (and share the steps, as they would in production). The random prompts are deleted from the index
@@ -420,7 +540,10 @@ class EngineLoop:
                     times.append(time.perf_counter() - t0)
                 engine.pool.delete(tokens)
                 engine.pool.delete(tokens[:cached_len // ps * ps + 1])
-            out.append((prompt_len, cached_len, float(np.median(times))))
+            # The least time, not the median: the cost model is the service time of an idle instance (queueing
+            # is modelled separately), and on a shared host another process's burst lands on some repeats. With
+            # the median, two like instances profiled 50% apart in a served run and one took every request.
+            out.append((prompt_len, cached_len, float(np.min(times))))
         return out
 
     def _run_to_end(self, tokens: list[int]) -> Request:

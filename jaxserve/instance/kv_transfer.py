@@ -18,6 +18,13 @@ sender, `pull_block` + `scatter_block` on the receiver); only protobuf control m
     PrefillResponse(first token, kv_handle=transfer_id)
     Decode(kv_handle) streams the rest from D.
 
+When either instance has several processes, the offer and the pull go per shard (PrepareKvTransfer answers
+the receiver's layout, `receiver_shards`; CommitKvTransfer names one `KvSource` per sender x receiver process):
+a multi-process sender's processes all gather and offer their own shards, a multi-process receiver's processes
+all pull their own devices' pieces and scatter together, both as ops its leader sends in order with the steps
+(jaxserve/engine/multihost.py). A multi-process receiver pulls on its engine thread, so its steps wait for
+the pull.
+
 Failure: every pending transfer on the decode side has a deadline; the reaper frees a reservation that was
 never committed (the prefill side died) and aborts a committed request that no Decode call claimed. A pull that
 fails or times out frees the reservation; a half-received block is never scattered nor indexed. The prefill
@@ -120,13 +127,16 @@ class KvReceiver:
                            "never prepared)")
         return r
 
-    def fill(self, transfer_id: str, block, nbytes: int) -> Reservation:
+    def fill(self, transfer_id: str, block, nbytes: int, write=None) -> Reservation:
         """Writes a pulled block into the reserved pages and indexes them (transfer_with_insert). The
-        reservation stays pending (now committed) until `take`."""
+        reservation stays pending (now committed) until `take`. `write(pages)` instead of a block: writes the
+        KV itself (a multi-process instance: every process pulls and scatters its own shards)."""
         r = self.get(transfer_id)
         if r.committed:
             raise ValueError(f"KV transfer {transfer_id} was already committed")
-        if r.new_pages:
+        if r.new_pages and write is not None:
+            write(r.new_pages)
+        elif r.new_pages:
             if block is None:
                 raise TransferError(f"{len(r.new_pages)} pages expected but no block was sent")
             scatter_block(self.pool, r.new_pages, block)

@@ -10,7 +10,12 @@ role does not serve answers UNIMPLEMENTED. `pd_mode` (basic | caching1 | caching
 side caches. In caching3 the prefill side names itself in CommitKvTransfer (`send_back_to`); when the request
 finishes, the decode side sends the KV of its context that the prefill side lacks (its decode phase) back with
 transfer_with_insert semantics (PrepareKvTransfer / CommitKvTransfer(cache_only) on the prefill instance,
-which indexes it and lets go of the pages), so the next turn's prefill reuses it."""
+which indexes it and lets go of the pages), so the next turn's prefill reuses it.
+
+A multi-process instance (jaxserve/engine/multihost.py) serves any role from its leader (process 0); its KV
+transfers go per shard (`CommitKvTransferRequest.sources`): each process offers or pulls only its own devices'
+shards, so no host ever carries the whole KV, and the receiver tells the sender its layout in
+PrepareKvTransfer (`receiver_shards`)."""
 
 from __future__ import annotations
 
@@ -80,6 +85,14 @@ class InstanceConfig:
     # reservation not committed, or a received KV not claimed by Decode, within it is freed).
     pd_mode: str = "basic"
     kv_transfer_timeout_s: float = 30.0
+    # Step watchdog (multi-process instances): a step or KV transfer op that has not finished after this many
+    # seconds breaks the instance (a process hangs: requests fail, health NOT_SERVING); 0: off. A step that
+    # compiles first gets compile_grace_s more.
+    step_timeout_s: float = 0.0
+    compile_grace_s: float = 600.0
+    # Per-shard KV transfers even between single-process instances (tests); they are used automatically when
+    # either side has several processes.
+    kv_per_shard: bool = False
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -90,6 +103,9 @@ class InstanceConfig:
             raise ValueError(f"pd_mode must be one of {PD_MODES}, got {self.pd_mode!r}")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if self.step_timeout_s < 0 or self.compile_grace_s < 0:
+            raise ValueError(f"step_timeout_s and compile_grace_s must be >= 0, got {self.step_timeout_s}, "
+                             f"{self.compile_grace_s}")
 
 
 class _QueueSink(Sink):
@@ -131,12 +147,19 @@ def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingPa
 
 class InstanceServer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: Engine, config: InstanceConfig = InstanceConfig(), *,
-                 scheduler_credentials: grpc.ChannelCredentials | None = None):
+                 scheduler_credentials: grpc.ChannelCredentials | None = None, transfer_server=None,
+                 transfer_addresses: Sequence[str] | None = None):
+        """transfer_server / transfer_addresses: a multi-process instance's leader passes its own transfer
+        server and every process's address, by process index (`multihost.exchange_addresses`); otherwise the
+        server starts its own when its role transfers KV."""
+        import jax
         self.engine = engine
         self.config = config
         self.role = ROLES[config.role]
         self.instance_id = config.instance_id
-        self.loop_thread = EngineLoop(engine, on_index_event=self._on_index_event)
+        self.num_processes = jax.process_count()
+        self.loop_thread = EngineLoop(engine, on_index_event=self._on_index_event,
+                                      step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s)
         self.reporter: InstanceReporter | None = None
         self.health = health_aio.HealthServicer()
         self.draining = False
@@ -146,7 +169,9 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self._ids = itertools.count()
         self._stopped = False
         # Disaggregation state.
-        self.transfer_server = None       # jax.experimental.transfer server (roles prefill and decode)
+        self.transfer_server = transfer_server  # jax.experimental.transfer server (roles prefill and decode)
+        self._transfer_addresses = list(transfer_addresses) if transfer_addresses else None
+        self._layout: list[instance_pb2.KvShard] | None = None  # this pool's, for PrepareKvTransfer answers
         # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
         self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
                                                                          common_pb2.ROLE_DECODE)
@@ -168,9 +193,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> "InstanceServer":
         """Start the engine thread and the server; register with the scheduler (if any)."""
-        if self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
+        if self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE) and self.transfer_server is None:
+            if self.num_processes > 1:
+                raise RuntimeError("a multi-process instance needs the transfer server of every process: pass "
+                                   "transfer_server and transfer_addresses (launch.instance does)")
             from jaxserve.mempool.transfer import TransferServer
             self.transfer_server = TransferServer(address=f"{self.config.host}:0")
+        if self.transfer_server is not None and self._transfer_addresses is None:
+            self._transfer_addresses = [self.transfer_server.address]
         if self.kv_receiver is not None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         loop = asyncio.get_running_loop()
@@ -376,12 +406,44 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             # Unknown ids (finished, failed) are a no-op.
             self.loop_thread.abort(internal_id)
 
-    def _offer(self, internal_id: str, start_page: int):
-        """Engine thread: gather the held pages from start_page on and park them on the transfer server."""
-        from jaxserve.mempool.transfer import num_head_shards, offer_block
-        pages = self.loop_thread.held_pages(internal_id)[start_page:]
-        uuid, chunks = offer_block(self.transfer_server, self.engine.pool, pages)
-        return uuid, _tensor_specs(chunks), sum(int(x.nbytes) for x in chunks)
+    def _per_shard_layout(self, prep, peer: str):
+        """The receiver's layout (`HeadShard`s) when this transfer goes per shard -- either instance has several
+        processes, or config.kv_per_shard -- else None (the whole block moves as one offer)."""
+        shards = list(prep.receiver_shards)
+        if not (self.num_processes > 1 or any(x.process for x in shards) or self.config.kv_per_shard):
+            return None
+        if not shards:
+            raise ValueError(f"{peer} does not describe its KV layout (PrepareKvTransferResponse.receiver_shards: "
+                             "an older version?); per-shard transfers need it")
+        from jaxserve.mempool.transfer import HeadShard
+        return [HeadShard(x.process, x.head_start, x.head_end) for x in shards]
+
+    def _offer_pages(self, pages: Sequence[int], layout) -> tuple[dict, int]:
+        """Engine thread: gather `pages` and park them for the receiver (as one block, or per shard for the
+        receiver `layout`: on a multi-process instance every process offers its own shards). Returns the
+        CommitKvTransferRequest fields describing what was offered and the bytes it moves."""
+        from jaxserve.mempool import transfer as tr
+        if layout is None:
+            uuid, chunks = tr.offer_block(self.transfer_server, self.engine.pool, pages)
+            return (dict(source_address=self.transfer_server.address, pull_uuid=uuid, tensors=_tensor_specs(chunks)),
+                    sum(int(x.nbytes) for x in chunks))
+        if self.num_processes > 1:
+            from jaxserve.engine import multihost
+            sources, chunks, _, total = multihost.offer(self.engine, self.transfer_server, self._transfer_addresses,
+                                                        pages, layout)
+        else:
+            uuid = self.transfer_server.reserve_uuids(max(x.process for x in layout) + 1)
+            sources, chunks, _, total = tr.offer_shards(self.transfer_server, self.engine.pool, pages, layout, uuid,
+                                                        self._transfer_addresses)
+        return (dict(source_address=self.transfer_server.address, tensors=_tensor_specs(chunks),
+                     sources=[instance_pb2.KvSource(
+                         receiver_process=x.receiver_process, address=x.address, pull_uuid=x.uuid,
+                         pieces=[instance_pb2.KvPiece(receiver_shard=j, head_start=a, head_end=b)
+                                 for j, a, b in x.pieces]) for x in sources]), total)
+
+    def _offer(self, internal_id: str, start_page: int, layout):
+        """Engine thread: gather the held pages from start_page on and park them on the transfer server(s)."""
+        return self._offer_pages(self.loop_thread.held_pages(internal_id)[start_page:], layout)
 
     async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
         """Prepare on the decode target, offer the missing pages, commit. (transfer id, tokens, bytes) sent;
@@ -407,17 +469,22 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             if prep.cached_tokens % ps or start > n_pages:
                 raise _KvFailed(grpc.StatusCode.INTERNAL, f"{name} holds {prep.cached_tokens} tokens of a "
                                                           f"{len(ctx)}-token context with pages of {ps}")
-            uuid, tensors, nbytes = 0, [], 0
+            try:
+                layout = self._per_shard_layout(prep, name)
+            except ValueError as e:
+                raise _KvFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            fields, nbytes = dict(source_address=self.transfer_server.address), 0
             if start < n_pages:
-                uuid, tensors, nbytes = await self._on_engine(lambda: self._offer(internal_id, start))
+                fields, nbytes = await self._on_engine(self.loop_thread.guarded(
+                    lambda: self._offer(internal_id, start, layout), self.config.kv_transfer_timeout_s))
             decode_request = instance_pb2.InstanceGenerateRequest()
             decode_request.CopyFrom(inner)
             decode_request.generated_token_ids.append(first)
             decode_request.max_tokens = max(inner.max_tokens - 1, 1)
             commit = await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
                 transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=start * ps,
-                num_tokens=len(ctx) - start * ps, source_address=self.transfer_server.address, pull_uuid=uuid,
-                tensors=tensors, insert=self.config.pd_mode in ("caching2", "caching3"), first_token_id=first,
+                num_tokens=len(ctx) - start * ps, **fields,
+                insert=self.config.pd_mode in ("caching2", "caching3"), first_token_id=first,
                 request=decode_request, send_back_to=instance_pb2.KvTarget(
                     instance_id=self.instance_id, address=self.address) if self.send_back else None),
                 timeout=timeout + 5.0)
@@ -428,8 +495,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             if isinstance(e, grpc.aio.AioRpcError):
                 raise _KvFailed(_kv_code(e), f"KV transfer to {name} failed at CommitKvTransfer: "
                                              f"{e.code().name}: {e.details()}") from None
-            if isinstance(e, Exception) and not isinstance(e, _KvFailed):
-                raise _KvFailed(grpc.StatusCode.INTERNAL,
+            if isinstance(e, Exception) and not isinstance(e, _KvFailed):  # broken: a process of this instance
+                raise _KvFailed(grpc.StatusCode.UNAVAILABLE if self.loop_thread.broken else grpc.StatusCode.INTERNAL,
                                 f"KV transfer to {name} failed: {type(e).__name__}: {e}") from None
             raise
         return prep.transfer_id, commit.received_tokens, nbytes
@@ -447,7 +514,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
         return instance_pb2.PrepareKvTransferResponse(
             transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
-            receiver_address=self.transfer_server.address)
+            receiver_address=self.transfer_server.address, receiver_shards=self._receiver_shards())
+
+    def _receiver_shards(self) -> list[instance_pb2.KvShard]:
+        if self._layout is None:
+            from jaxserve.mempool.transfer import pool_layout
+            self._layout = [instance_pb2.KvShard(process=x.process, head_start=x.start, head_end=x.end)
+                            for x in pool_layout(self.engine.pool)]
+        return self._layout
 
     async def CommitKvTransfer(self, request, context):
         """Role decode: pull the block, write and index it, admit the request (if given): it starts decoding
@@ -474,7 +548,9 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                                     f"transfer {tid} sends tokens [{request.start_token}, "
                                     f"{request.start_token + request.num_tokens}) but "
                                     f"[{r.start_page * ps}, {len(r.tokens)}) were reserved")
-            block, nbytes = None, 0
+            from jaxserve.mempool import transfer as tr
+            block, nbytes, write = None, 0, None
+            timeout = self.config.kv_transfer_timeout_s
             if r.new_pages:
                 if not request.tensors:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {tid}: no tensor described")
@@ -483,17 +559,32 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                        for t in request.tensors):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"transfer {tid}: the tensors (chunks) of a block must have one shape")
-                from jaxserve.mempool.transfer import TransferError, pull_block
-                try:
-                    block = await asyncio.get_running_loop().run_in_executor(
-                        self._pulls, functools.partial(
-                            pull_block, self.transfer_server, self.engine.pool, request.source_address,
-                            request.pull_uuid, list(spec.shape), spec.dtype, spec.num_shards,
-                            self.config.kv_transfer_timeout_s, chunks=len(request.tensors)))
-                except TransferError as e:
-                    await context.abort(grpc.StatusCode.ABORTED,
-                                        f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
-                nbytes = sum(int(x.nbytes) for x in block)
+                shape, k = list(spec.shape), len(request.tensors)
+                sources = [tr.ShardSource(x.receiver_process, x.address, x.pull_uuid,
+                                          tuple((p.receiver_shard, p.head_start, p.head_end) for p in x.pieces))
+                           for x in request.sources]
+                if not sources and self.num_processes > 1:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"instance {self.instance_id} has {self.num_processes} processes: it takes "
+                                        "per-shard KV transfers only (CommitKvTransferRequest.sources)")
+                if sources and self.num_processes > 1:
+                    # Every process pulls its own pieces and writes them, on the engine thread (in order with the
+                    # steps, which wait meanwhile): see multihost.receive.
+                    from jaxserve.engine import multihost
+                    nbytes = tr.shard_bytes(sources, shape, spec.dtype, k)
+                    write = functools.partial(multihost.receive, self.engine, self.transfer_server, sources, shape,
+                                              spec.dtype, k, timeout=timeout)
+                else:
+                    pull = functools.partial(tr.receive_shards, self.transfer_server, self.engine.pool, sources,
+                                             shape, spec.dtype, k, timeout) if sources else functools.partial(
+                        tr.pull_block, self.transfer_server, self.engine.pool, request.source_address,
+                        request.pull_uuid, shape, spec.dtype, spec.num_shards, timeout, chunks=k)
+                    try:
+                        block = await asyncio.get_running_loop().run_in_executor(self._pulls, pull)
+                    except tr.TransferError as e:
+                        await context.abort(grpc.StatusCode.ABORTED,
+                                            f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+                    nbytes = sum(int(x.nbytes) for x in block)
             sink = None
             if request.HasField("request"):
                 inner = request.request
@@ -507,7 +598,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             arrival = time.perf_counter()
 
             def finish():  # engine thread
-                got = self.kv_receiver.fill(tid, block, nbytes)
+                got = self.kv_receiver.fill(tid, block, nbytes, write=write)
                 if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
                     self.engine.pool.free(self.kv_receiver.take(tid).pages)
                 elif sink is not None:
@@ -515,11 +606,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 return got
 
             try:
-                r = await self._on_engine(finish)
+                r = await self._on_engine(self.loop_thread.guarded(finish, timeout))
             except KeyError as e:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+            except tr.TransferError as e:
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
             except Exception as e:  # noqa: BLE001 - a clear error, pages freed below
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"instance {self.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
@@ -571,18 +665,15 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             start = prep.cached_tokens // ps
             if prep.cached_tokens % ps or start > len(pages):
                 raise RuntimeError(f"{name} holds {prep.cached_tokens} tokens of {len(seq)} with pages of {ps}")
-            uuid, tensors, nbytes = 0, [], 0
-            if start < len(pages):
-                def offer():  # engine thread: one gather of the missing pages, parked for the pull
-                    from jaxserve.mempool.transfer import offer_block
-                    u, chunks = offer_block(self.transfer_server, pool, pages[start:])
-                    return u, _tensor_specs(chunks), sum(int(x.nbytes) for x in chunks)
-                uuid, tensors, nbytes = await self._on_engine(offer)
+            layout = self._per_shard_layout(prep, name)
+            fields, nbytes = dict(source_address=self.transfer_server.address), 0
+            if start < len(pages):  # engine thread: one gather of the missing pages, parked for the pull
+                fields, nbytes = await self._on_engine(self.loop_thread.guarded(
+                    lambda: self._offer_pages(pages[start:], layout), timeout))
                 offered = True
             await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
                 transfer_id=prep.transfer_id, request_id=request_id, start_token=start * ps,
-                num_tokens=len(seq) - start * ps, source_address=self.transfer_server.address, pull_uuid=uuid,
-                tensors=tensors, insert=True, cache_only=True), timeout=timeout + 5.0)
+                num_tokens=len(seq) - start * ps, **fields, insert=True, cache_only=True), timeout=timeout + 5.0)
             self.kv_counters["kv_sent_back_tokens"] += len(seq) - start * ps
             self.kv_counters["kv_sent_back_bytes"] += nbytes
         except BaseException as e:

@@ -1,6 +1,11 @@
 """MemPool: one instance's elastic KV-cache memory (MemServe §3) — device and host page tiers, reference
 counted pages, a prompt index over them, and LRU eviction of unreferenced index leaves from device to host
 to nowhere.
+
+On a multi-process instance (its pool a global array spanning several hosts) every process keeps the host tier
+of its own shards only (`host_cache` holds this process's range of the KV-head axis), and `host_copy_hook`
+lets the leader send each device<->host copy to the other processes, which run the same copy on their shards
+(jaxserve/engine/multihost.py); the host-side bookkeeping is the leader's.
 """
 
 from __future__ import annotations
@@ -47,10 +52,29 @@ def _scatter_fn(sharding: jax.sharding.Sharding | None):
 
 
 @functools.lru_cache(maxsize=None)
+def _gather_fn(sharding: jax.sharding.Sharding):
+    # Multi-process pools: the gathered pages keep the pool's head sharding, so each process reads its shards.
+    return jax.jit(lambda kv, idx: jnp.swapaxes(kv[:, idx], 0, 1), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
 def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
     # Creating the zeros under jit with out_shardings materialises each shard on its own device instead of
     # building the whole cache on one device first.
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """This process's range of the KV-head axis (3) of a pool sharded over several processes."""
+    ranges = sorted({index[3].indices(shape[3])[:2] for index in
+                     sharding.addressable_devices_indices_map(shape).values()})
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        if start != end:
+            raise ValueError(f"a multi-process pool needs each process's KV heads contiguous, got {ranges}")
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        if any(sl.indices(n)[:2] != (0, n) for axis, (sl, n) in enumerate(zip(index, shape)) if axis != 3):
+            raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
+    return ranges[0][0], ranges[-1][1]
 
 
 class MemPool:
@@ -78,7 +102,16 @@ class MemPool:
             self.kv_cache: jax.Array = jnp.zeros(shape, self.dtype)
         else:
             self.kv_cache = _zeros_fn(shape, self.dtype, sharding)()
-        self.host_cache = np.zeros((self.num_host_pages,) + self.page_shape, self.dtype)
+        # A multi-process pool's host tier holds this process's heads [lo, hi) only (see the module docstring).
+        self._local_heads = None if sharding is None or sharding.is_fully_addressable else _local_heads(sharding, shape)
+        host_shape = self.page_shape
+        if self._local_heads is not None:
+            lo, hi = self._local_heads
+            host_shape = self.page_shape[:2] + (hi - lo,) + self.page_shape[3:]
+        self.host_cache = np.zeros((self.num_host_pages,) + host_shape, self.dtype)
+        # Set by a multi-process instance's leader: called as hook(kind, device_pages, host_pages), kind
+        # "to_host" or "to_device", before each copy between the tiers.
+        self.host_copy_hook: Callable[[str, list[int], list[int]], None] | None = None
         self._scatter_jit = _scatter_fn(sharding)
 
         self.allocator = PageAllocator(self.num_pages, reserved=(0,))
@@ -140,7 +173,7 @@ class MemPool:
         if host is None:
             self._emit()
             raise MemoryError(f"host tier cannot hold {idx.size} pages ({self.host_allocator.num_free} free)")
-        self.host_cache[host] = self._gather(idx.tolist())
+        self.copy_to_host(idx.tolist(), host)
         self._outside_host_refs += len(host)
         self._counters["swapped_out_pages"] += len(host)
         self._emit()
@@ -157,7 +190,7 @@ class MemPool:
         if dev is None:
             self._emit()
             return None
-        self._scatter(dev, self.host_cache[hidx])
+        self.copy_to_device([int(h) for h in hidx], dev)
         self.host_allocator.free(hidx)
         self._outside_host_refs -= int(hidx.size)
         self._outside_refs += len(dev)
@@ -530,7 +563,7 @@ class MemPool:
         dev = [p for ds, _, _ in self._pending for p in ds]
         host = [h for _, hs, _ in self._pending for h in hs]
         # The freed device pages cannot have been reused yet: nothing allocates during an eviction pass.
-        self.host_cache[host] = self._gather(dev)
+        self.copy_to_host(dev, host)
         for _, h, node in self._pending:
             node.pin -= 1
             self._pinned_host_pages -= len(h)
@@ -598,19 +631,47 @@ class MemPool:
         self.allocator.incref(pages)
         self._indexed[pages] = True
 
+    def copy_to_host(self, pages: Sequence[int], host_pages: Sequence[int]) -> None:
+        """Device pages -> host pages (one gather for all layers); on a multi-process pool, this process's
+        shards only (a follower replays the leader's copies through this)."""
+        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
+        if self.host_copy_hook is not None:
+            self.host_copy_hook("to_host", pages, host_pages)
+        self.host_cache[host_pages] = self._gather(pages)
+
+    def copy_to_device(self, host_pages: Sequence[int], pages: Sequence[int]) -> None:
+        """Host pages -> device pages (one in-place scatter); see `copy_to_host`."""
+        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
+        if self.host_copy_hook is not None:
+            self.host_copy_hook("to_device", pages, host_pages)
+        self._scatter(pages, self.host_cache[host_pages])
+
     def _gather(self, pages: list[int]) -> np.ndarray:
         n = len(pages)
         idx = np.zeros(_bucket(n), np.int32)  # padding reads page 0, which is never indexed
         idx[:n] = pages
-        return np.asarray(_gather_pages(self.kv_cache, idx))[:n]
+        if self._local_heads is None:
+            return np.asarray(_gather_pages(self.kv_cache, idx))[:n]
+        out = _gather_fn(self.sharding)(self.kv_cache, idx)
+        parts = {}
+        for shard in out.addressable_shards:  # replicas of a range: any one
+            parts.setdefault(shard.index[3].indices(out.shape[3])[0], shard.data)
+        return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)], axis=3)[:n]
 
     def _scatter(self, pages: list[int], data: np.ndarray) -> None:
         n = len(pages)
         b = _bucket(n)
         idx = np.zeros(b, np.int32)  # padding writes land in page 0, the padding sink
         idx[:n] = pages
-        buf = np.zeros((b,) + self.page_shape, self.dtype)
+        buf = np.zeros((b,) + data.shape[1:], self.dtype)
         buf[:n] = data
+        if self._local_heads is not None:  # this process's shards of the global buffer, straight to their devices
+            shape = (b,) + self.page_shape
+            lo = self._local_heads[0]
+            arrays = [jax.device_put(buf[:, :, :, index[3].indices(shape[3])[0] - lo:
+                                         index[3].indices(shape[3])[1] - lo], device)
+                      for device, index in self.sharding.addressable_devices_indices_map(shape).items()]
+            buf = jax.make_array_from_single_device_arrays(shape, self.sharding, arrays)
         self.kv_cache = self._scatter_jit(self.kv_cache, idx, buf)
 
     # ================================================================== internals: index
@@ -659,7 +720,7 @@ class MemPool:
         dev = self._take(n)
         assert dev is not None, "swap-in budget was wrong"
         host = [h for node in kept for h in node.pages]
-        self._scatter(dev, self.host_cache[host])
+        self.copy_to_device(host, dev)
         off = 0
         for node in kept:
             node.pin -= 1

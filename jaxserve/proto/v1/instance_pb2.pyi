@@ -90,16 +90,50 @@ class PrepareKvTransferRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., source_instance_id: _Optional[str] = ...) -> None: ...
 
 class PrepareKvTransferResponse(_message.Message):
-    __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_address")
+    __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_address", "receiver_shards")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_RESERVED_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_SHARDS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     cached_tokens: int
     num_pages_reserved: int
     receiver_address: str
-    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_address: _Optional[str] = ...) -> None: ...
+    receiver_shards: _containers.RepeatedCompositeFieldContainer[KvShard]
+    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_address: _Optional[str] = ..., receiver_shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ...) -> None: ...
+
+class KvShard(_message.Message):
+    __slots__ = ("process", "head_start", "head_end")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    process: int
+    head_start: int
+    head_end: int
+    def __init__(self, process: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+
+class KvPiece(_message.Message):
+    __slots__ = ("receiver_shard", "head_start", "head_end")
+    RECEIVER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    receiver_shard: int
+    head_start: int
+    head_end: int
+    def __init__(self, receiver_shard: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+
+class KvSource(_message.Message):
+    __slots__ = ("receiver_process", "address", "pull_uuid", "pieces")
+    RECEIVER_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PULL_UUID_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    receiver_process: int
+    address: str
+    pull_uuid: int
+    pieces: _containers.RepeatedCompositeFieldContainer[KvPiece]
+    def __init__(self, receiver_process: _Optional[int] = ..., address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[KvPiece, _Mapping]]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("shape", "dtype", "num_shards")
@@ -112,7 +146,7 @@ class TensorSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CommitKvTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request", "send_back_to", "cache_only")
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request", "send_back_to", "cache_only", "sources")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +159,7 @@ class CommitKvTransferRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     SEND_BACK_TO_FIELD_NUMBER: _ClassVar[int]
     CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
     start_token: int
@@ -137,7 +172,8 @@ class CommitKvTransferRequest(_message.Message):
     request: InstanceGenerateRequest
     send_back_to: KvTarget
     cache_only: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[KvSource]
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ...) -> None: ...
 
 class CommitKvTransferResponse(_message.Message):
     __slots__ = ("received_tokens", "inserted_tokens", "received_bytes")
