@@ -15,6 +15,8 @@ def main() -> int:
     ap.add_argument("--process_id", type=int, default=0)
     ap.add_argument("--local_devices", type=int, default=4)
     ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1, help="> 1: mesh seq x tp, sequence-parallel prefill")
+    ap.add_argument("--sp_threshold", type=int, default=16, help="with --seq > 1: suffixes this long take the SP path")
     args = ap.parse_args()
 
     import jax
@@ -33,15 +35,16 @@ def main() -> int:
     # A small device tier (23 usable pages) over a host tier: round 3 evicts the cached prefixes to the host
     # tier, round 4 brings the shared one back from it.
     llm = LLM(cfg, tp=args.tp, page_size=8, num_pages=24, num_host_pages=32, max_num_batched_tokens=64,
-              max_num_seqs=8, seed=0, compilation_cache="off", enable_prefix_caching=True)
-    assert len(llm.engine.mesh.devices.flat) == args.tp, llm.engine.mesh
+              max_num_seqs=8, seed=0, compilation_cache="off", enable_prefix_caching=True,
+              sequence_parallel=args.seq, sp_threshold=args.sp_threshold)
+    assert len(llm.engine.mesh.devices.flat) == args.seq * args.tp, llm.engine.mesh
     system = list(range(1, 41))  # a shared prefix (5 pages of 8)
     prompts = [system + [50, 51, 52], system + [60, 61], list(range(100, 113)), system + [70, 71, 72, 73],
                list(range(120, 200)), list(range(130, 210)), system + [90, 91]]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     if multihost.is_multiprocess() and jax.process_index() != 0:
         steps = multihost.follower_loop(llm.engine)
-        print(f"FOLLOWER steps={steps}", flush=True)
+        print(f"FOLLOWER steps={steps} sp_prefills={llm.stats()['num_sequence_parallel_prefills']}", flush=True)
         return 0
     if multihost.is_multiprocess():
         multihost.make_leader(llm.engine)
@@ -49,6 +52,8 @@ def main() -> int:
     # prefixes go to the host tier); the fourth matches the shared prefix there and swaps it back in.
     outs = (llm.generate(prompts[:2], sp) + llm.generate(prompts[2:4], sp) + llm.generate(prompts[4:6], sp)
             + llm.generate(prompts[6:], sp))
+    if args.seq > 1:  # a long suffix after the cached shared prefix: the ring reads that prefix from the pool
+        outs += llm.generate([system + list(range(210, 230))], sp)
     pool = llm.engine.pool.stats()
     if multihost.is_multiprocess():
         multihost.stop_followers(llm.engine)
@@ -56,6 +61,7 @@ def main() -> int:
                                   "cached": [o.num_cached_tokens for o in outs],
                                   "swapped": [pool["swapped_out_pages"], pool["swapped_in_pages"]],
                                   "host_heads": llm.engine.pool.host_cache.shape[3],
+                                  "sp_prefills": llm.stats()["num_sequence_parallel_prefills"],
                                   "processes": jax.process_count(), "devices": len(jax.devices())}), flush=True)
     return 0
 

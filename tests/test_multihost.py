@@ -82,29 +82,38 @@ def _result(out: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_two_process_instance_matches_single_process():
+def _skip_without_cpu_collectives() -> None:
     import jax
     if not hasattr(jax.distributed, "initialize") or "jax_cpu_collectives_implementation" not in jax.config.values:
         pytest.skip("this jax has no CPU cross-process collectives (jax_cpu_collectives_implementation)")
-    port = _free_port()
-    base = [sys.executable, WORKER, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", "--local_devices=4"]
-    procs = [subprocess.Popen(base + [f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=_env()) for i in range(2)]
+
+
+def _two_process_and_single_process(*worker_args) -> tuple[dict, dict, str]:
+    """tests/multihost_worker.py as a two-process instance (2 x 4 CPU devices) and, at the same time, as the
+    single-process 8-device reference, with the same `worker_args`: (the leader's RESULT, the reference's
+    RESULT, the follower's output)."""
+    _skip_without_cpu_collectives()
+    base = [sys.executable, WORKER, f"--coordinator=127.0.0.1:{_free_port()}", "--num_processes=2",
+            "--local_devices=4", *worker_args]
+    cmds = [base + [f"--process_id={i}"] for i in range(2)]
+    cmds.append([sys.executable, WORKER, "--num_processes=1", "--local_devices=8", *worker_args])
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+             for cmd in cmds]
     try:
         outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
     finally:
         stop_processes(procs, grace_s=0)
-    assert procs[0].returncode == 0, outs[0][-3000:]
-    assert procs[1].returncode == 0, outs[1][-3000:]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
     assert "FOLLOWER steps=" in outs[1], outs[1][-3000:]
-    multi = _result(outs[0])
+    multi, ref = _result(outs[0]), _result(outs[2])
     assert multi["processes"] == 2 and multi["devices"] == 8
-
-    single = subprocess.run([sys.executable, WORKER, "--num_processes=1", "--local_devices=8"], capture_output=True,
-                            text=True, timeout=TIMEOUT_S, env=_env())
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    ref = _result(single.stdout)
     assert ref["processes"] == 1 and ref["devices"] == 8
+    return multi, ref, outs[1]
+
+
+def test_two_process_instance_matches_single_process():
+    multi, ref, _ = _two_process_and_single_process()
     assert multi["tokens"] == ref["tokens"]
     assert multi["cached"] == ref["cached"]
     assert multi["cached"][3] > 0  # the shared prefix really hit the cache
@@ -114,13 +123,50 @@ def test_two_process_instance_matches_single_process():
     assert multi["host_heads"] * 2 == ref["host_heads"]  # the leader's host tier holds its own shards only
 
 
-def test_multiprocess_rejects_sequence_parallel():
+def test_two_process_sequence_parallel_prefill_matches_single_process():
+    """Mesh seq=2 x tp=4 over the two processes (one `seq` row each: the ring's ppermutes cross processes, the
+    pool is replicated over `seq`): prompts of >= 16 uncached tokens take the sequence-parallel prefill, which
+    the leader sends to the follower as SEQ_PARALLEL ops. Greedy tokens, cached-token counts and host-tier
+    traffic equal a single-process seq=2 x tp=4 instance's."""
+    multi, ref, follower = _two_process_and_single_process("--seq=2", "--tp=4", "--sp_threshold=16")
+    assert multi["tokens"] == ref["tokens"]
+    assert multi["cached"] == ref["cached"]
+    # 43 and 2 x 80 uncached tokens, and 20 after the 40 cached ones (the ring reads that prefix from the pool)
+    assert multi["sp_prefills"] == ref["sp_prefills"] == 4, (multi["sp_prefills"], ref["sp_prefills"])
+    assert "sp_prefills=4" in follower, follower[-3000:]  # the follower ran every one of them too
+    assert multi["cached"][3] > 0 and multi["cached"][7] == 40
+    assert multi["swapped"] == ref["swapped"] and min(ref["swapped"]) > 0, (multi["swapped"], ref["swapped"])
+    assert multi["host_heads"] == ref["host_heads"]  # each process's `seq` row holds every KV head
+
+
+def test_check_supported_needs_every_process_in_the_mesh():
     from types import SimpleNamespace
+    from unittest import mock
+
+    import numpy as np
     from jaxserve.engine import multihost
-    eng = SimpleNamespace(config=SimpleNamespace(cache=SimpleNamespace(num_host_pages=4),
-                                                 mesh=SimpleNamespace(seq=2)))
-    with pytest.raises(ValueError, match="sequence-parallel"):
-        multihost.check_supported(eng)
+    dev = lambda p: SimpleNamespace(process_index=p)  # noqa: E731
+    config = SimpleNamespace(mesh=SimpleNamespace(seq=2, tp=2))
+    with mock.patch("jax.process_count", return_value=2), mock.patch("jax.devices", return_value=[dev(0)] * 4):
+        multihost.check_supported(SimpleNamespace(config=config,
+                                                  mesh=SimpleNamespace(devices=np.array([[dev(0), dev(0)],
+                                                                                         [dev(1), dev(1)]]))))
+        with pytest.raises(ValueError, match="no device of process"):
+            multihost.check_supported(SimpleNamespace(config=config,
+                                                      mesh=SimpleNamespace(devices=np.array([[dev(0), dev(0)]]))))
+
+
+def test_sequence_parallel_message_roundtrip():
+    import numpy as np
+    from jaxserve.engine import multihost
+    from jaxserve.engine.sampling import SamplingParams, sampling_arrays
+    sampling = sampling_arrays([SamplingParams(temperature=0.7, top_k=5, top_p=0.9)], [2**32 - 3], [4], 1)
+    msg = multihost._sp_message(np.arange(5, 25), 40, [3, 4, 5, 6, 7, 8, 9, 10], "last", sampling)
+    args, kwargs = multihost._sp_arguments(json.loads(json.dumps(msg)))
+    assert args == (list(range(5, 25)), 40, [3, 4, 5, 6, 7, 8, 9, 10]) and kwargs["logits_for"] == "last"
+    for k, v in sampling.items():
+        assert kwargs["sampling"][k].dtype == v.dtype
+        np.testing.assert_array_equal(kwargs["sampling"][k], v)
 
 
 def test_pack_unpack_roundtrip():

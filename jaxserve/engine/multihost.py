@@ -37,7 +37,13 @@ The host KV tier works the same way: the leader's MemPool sends each device<->ho
 host tier, swap-in of a matched host prefix) as HOST_COPY ({kind, device pages, host pages}) before running it,
 and every process copies its own shards; each process's host tier holds only its own heads.
 
-Limit (checked, with a clear error): no sequence-parallel prefill (device work outside the step, not sent yet).
+Sequence-parallel prefill (mesh ("seq", "tp"), `jaxserve.engine.seq_parallel`) is device work outside the
+step too: before the leader runs one, `SequenceParallelPrefill.before_forward` sends SEQ_PARALLEL with the host
+inputs of `SequenceParallelPrefill.forward` ({tokens: the uncached suffix, start: tokens cached before it,
+pages: the request's page table, logits_for, sampling: the sampler's arrays as int32 bit patterns}), in order
+with the steps, and every follower calls `forward` with them: the same padding, zig-zag layout and jitted ring
+program on every process (the ring's ppermutes run over `seq`, across processes when a `seq` row is one
+process's devices).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import numpy as np
 log = logging.getLogger("jaxserve.multihost")
 
 HEADER_LEN = 8
-OP_STEP, OP_STOP, OP_OFFER, OP_RECEIVE, OP_HOST_COPY = 1, 2, 3, 4, 5
+OP_STEP, OP_STOP, OP_OFFER, OP_RECEIVE, OP_HOST_COPY, OP_SEQ_PARALLEL = 1, 2, 3, 4, 5, 6
 
 _SAMPLING = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("seeds", np.uint32),
              ("output_index", np.int32))
@@ -93,9 +99,6 @@ def is_multiprocess() -> bool:
 
 def check_supported(engine) -> None:
     """Raise if the engine uses features that run device-tier work outside the steps and ops sent to followers."""
-    cfg = engine.config
-    if cfg.mesh.seq > 1:
-        raise ValueError("multi-process instances do not support sequence-parallel prefill yet (seq > 1)")
     import jax
     mesh = getattr(engine, "mesh", None)
     if mesh is not None and jax.process_count() > 1:
@@ -103,8 +106,8 @@ def check_supported(engine) -> None:
         if have != set(range(jax.process_count())):
             missing = sorted(set(range(jax.process_count())) - have)
             raise ValueError(f"the instance mesh ({mesh.devices.size} devices) has no device of process(es) "
-                             f"{missing}: use tp = all {len(jax.devices())} devices (or device_ids spanning every "
-                             f"process)")
+                             f"{missing}: use seq x tp = all {len(jax.devices())} devices (or device_ids spanning "
+                             f"every process)")
 
 
 def _broadcast_str(text: str, is_leader: bool, width: int = 256) -> str:
@@ -258,6 +261,25 @@ def make_leader(engine, bind_host: str = "127.0.0.1") -> None:
     engine.runner.before_execute = before_execute
     engine.pool.host_copy_hook = lambda kind, pages, host: _send_json(
         engine, OP_HOST_COPY, dict(kind=kind, pages=pages, host=host))
+    if getattr(engine, "sp", None) is not None:
+        engine.sp.before_forward = lambda *args: _send_json(engine, OP_SEQ_PARALLEL, _sp_message(*args))
+
+
+def _sp_message(token_ids, start, pages, logits_for, sampling) -> dict:
+    """SEQ_PARALLEL's payload: `SequenceParallelPrefill.forward`'s arguments (sampling as int32 bit patterns)."""
+    if set(sampling) != {name for name, _ in _SAMPLING}:
+        raise ValueError(f"multihost: sampling inputs {sorted(sampling)} do not match the wire format "
+                         f"{[name for name, _ in _SAMPLING]}")
+    return dict(tokens=[int(t) for t in token_ids], start=int(start), pages=[int(p) for p in pages],
+                logits_for=str(logits_for),
+                sampling={name: np.asarray(sampling[name], dt).view(np.int32).reshape(-1).tolist()
+                          for name, dt in _SAMPLING})
+
+
+def _sp_arguments(msg: dict) -> tuple[tuple, dict]:
+    """The inverse of `_sp_message`: (args, kwargs) of `SequenceParallelPrefill.forward`."""
+    sampling = {name: np.asarray(msg["sampling"][name], np.int32).view(dt) for name, dt in _SAMPLING}
+    return (msg["tokens"], msg["start"], msg["pages"]), dict(logits_for=msg["logits_for"], sampling=sampling)
 
 
 def stop_followers(engine) -> None:
@@ -343,8 +365,9 @@ def _receive(engine, server, msg: dict) -> int:
 
 
 def follower_loop(engine, transfer_server=None) -> int:
-    """Followers (process_index != 0): execute the leader's steps and KV-transfer ops until STOP. Returns the
-    number of steps. `transfer_server`: this process's own (instances that send or receive KV)."""
+    """Followers (process_index != 0): execute the leader's steps (sequence-parallel prefills included) and
+    KV-transfer ops until STOP. Returns the number of steps. `transfer_server`: this process's own (instances
+    that send or receive KV)."""
     import jax
     check_supported(engine)
     channel = _FollowerChannel()
@@ -380,6 +403,13 @@ def follower_loop(engine, transfer_server=None) -> int:
                 engine.pool.copy_to_host(msg["pages"], msg["host"])
             else:
                 engine.pool.copy_to_device(msg["host"], msg["pages"])
+            continue
+        if op == OP_SEQ_PARALLEL:  # as OP_HOST_COPY: a failure here ends the loop
+            if getattr(engine, "sp", None) is None:
+                raise RuntimeError("multihost follower: SEQ_PARALLEL but this engine has no seq axis (seq = 1)")
+            args, kwargs = _sp_arguments(_json(header, payload))
+            engine.sp.forward(*args, **kwargs)
+            steps += 1
             continue
         if op != OP_STEP:
             raise RuntimeError(f"multihost follower: unknown op {op} in header {header.tolist()}")

@@ -19,7 +19,6 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -131,13 +130,24 @@ class SequenceParallelPrefill:
         rows = row_of[-1:] if logits_for == "last" else row_of
         if sampling is None:  # greedy
             sampling = sampling_arrays([None] * len(rows), [0] * len(rows), [0] * len(rows), len(rows))
+        shape = (len(toks), len(batch.prefix_pages), len(rows))
+        if self.on_new_shape is not None and shape not in self.shapes_seen:
+            self.on_new_shape()  # this prefill compiles first
+        if self.before_forward is not None:  # multi-process instances: the leader sends the inputs first
+            self.before_forward(token_ids, start, pages, logits_for, sampling)
         put_rows = lambda x: jax.device_put(x, self._rows)
         batch = batch._replace(positions=put_rows(batch.positions))
-        self.shapes_seen.add((len(toks), len(batch.prefix_pages), len(rows)))
+        self.shapes_seen.add(shape)
         tokens, logits, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, put_rows(toks), batch,
                                                         np.asarray(rows, np.int32), sampling)
         self.num_prefills += 1
         return np.asarray(tokens), logits
+
+    # Set by jaxserve.engine.multihost on a multi-process instance's leader: called with `forward`'s host inputs
+    # (token_ids, start, pages, logits_for, sampling arrays) before its device work, so followers run it too.
+    before_forward = None
+    # Called before a prefill whose shapes were never run (it compiles first); a step watchdog extends its deadline.
+    on_new_shape = None
 
     def run(self, batch) -> np.ndarray:
         """Engine entry: a ScheduledBatch with a single (request, n) entry computing its whole suffix."""

@@ -147,6 +147,8 @@ class EngineLoop:
         self._thread.start()
         if self.step_timeout_s > 0:
             self.engine.runner.on_new_shape = self._extend_for_compile
+            if getattr(self.engine, "sp", None) is not None:  # sequence-parallel prefills compile per shape too
+                self.engine.sp.on_new_shape = self._extend_for_compile
             self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
             self._watchdog.start()
         return self
