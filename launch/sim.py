@@ -39,7 +39,9 @@ from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
 from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
 from launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; launch.local's)
 
-flags.DEFINE_enum("mode", "table", ["table", "calibrate", "refit", "fit_overheads", "validate", "run"], "what to do")
+flags.DEFINE_enum("mode", "table", ["table", "sweep", "calibrate", "refit", "fit_overheads", "validate", "run"],
+                  "what to do")
+flags.DEFINE_list("miss_weights", ["0", "1", "3", "10"], "sweep: locality MISS_WEIGHT values to compare")
 flags.DEFINE_string("colocated_records", None, "fit_overheads: a real colocated run's records (launch.bench "
                     "colocated.jsonl, same workload, seed and rate)")
 flags.DEFINE_string("pd_records", None, "fit_overheads: a real pd run's records (launch.bench pd.jsonl)")
@@ -241,6 +243,31 @@ def table(cost: ClusterCost, out: Path) -> list[dict]:
     return rows
 
 
+def sweep(cost: ClusterCost) -> list[dict]:
+    """Locality's MISS_WEIGHT against session affinity: pd+cache, each --table_workloads x --instances at --load
+    (the sweep behind policies.MISS_WEIGHT; WORKSPACE_NOTES.md)."""
+    rows = []
+    for wname in FLAGS.table_workloads:
+        for n in [int(x) for x in FLAGS.instances]:
+            wl = TABLE_WORKLOADS[wname](FLAGS.sessions_per_instance * n, FLAGS.seed)
+            rate = FLAGS.load * _capacity_rate(wl, cost, n)
+            n_p = min(n - 1, max(1, round(n * prefill_fraction(FLAGS.pd_prefill_fraction, wname))))
+            runs = [("locality", float(w)) for w in FLAGS.miss_weights] + [("session", None), ("session_ll", None)]
+            for policy, w in runs:
+                sim = Simulator(cost, SimConfig(setting="pd+cache", policy=policy, num_instances=n, rate=rate,
+                                                seed=FLAGS.seed, num_prefill=n_p, miss_weight=w))
+                s = report.summarize(sim.run(wl))
+                row = dict(workload=wname, instances=n, load=FLAGS.load, policy=policy, miss_weight=w,
+                           ttft_mean=s["ttft"]["mean"], ttft_p99=s["ttft"]["p99"], jct_mean=s["jct"]["mean"],
+                           hit_rate=s["hit_rate"], prefill_tokens=sum(i.prefill_tokens for i in sim.instances))
+                rows.append(row)
+                label = policy if w is None else f"locality w={w:g}"
+                print(f"{wname:8s} n={n:2d} load={FLAGS.load:g} {label:14s} TTFT avg {row['ttft_mean'] * 1e3:8.1f} "
+                      f"p99 {row['ttft_p99'] * 1e3:8.1f} ms  JCT avg {row['jct_mean']:.3f} s  hit {row['hit_rate']:.2f}  "
+                      f"prompt tokens computed {row['prefill_tokens']}", flush=True)
+    return rows
+
+
 def _get(rows, **key):
     for r in rows:
         if all(r[k] == v for k, v in key.items()):
@@ -381,6 +408,9 @@ def main(argv):
         print(f"wrote {FLAGS.calibration}")
     elif FLAGS.mode == "table":
         table(cost, out)
+    elif FLAGS.mode == "sweep":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(sweep(cost), indent=1))
     elif FLAGS.mode == "validate":
         validate(cost, out)
     else:

@@ -191,3 +191,11 @@ def test_transfers_share_each_instance_link():
     free = Simulator(dataclasses.replace(cost, transfer_contention=False), SimConfig(setting="pd", num_instances=4))
     q0, _, e0, e1 = free.instances
     assert free._link(q0, e0, 0.0, 1e9) == free._link(q0, e1, 0.0, 1e9) == pytest.approx(1.0)
+
+
+def test_miss_weight_reaches_locality_and_sessions_fallback():
+    for policy in ("locality", "session"):
+        sim = Simulator(h200_llama8b(), SimConfig(setting="pd+cache", policy=policy, num_instances=4, miss_weight=0.5))
+        for p in sim.router._policies.values():
+            loc = p if policy == "locality" else p._fallback
+            assert loc.miss_weight == 0.5

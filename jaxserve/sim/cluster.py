@@ -28,7 +28,7 @@ from typing import Sequence
 
 from jaxserve.bench.workloads import Segment, Workload, answer_segment, poisson_arrivals
 from jaxserve.scheduler.cost_model import CostModel
-from jaxserve.scheduler.policies import LeastLoad, LoadGuard, Session
+from jaxserve.scheduler.policies import LeastLoad, LoadGuard, Locality, Session
 from jaxserve.scheduler.router import COLOCATED, DECODE, PREFILL, InstanceRecord, Router
 from jaxserve.sim.cost import ClusterCost
 
@@ -443,6 +443,7 @@ class SimConfig:
     load_guard_slack: float = 2.0
     send_back: bool = True         # pd+cache: PD-Caching-3 (decode-phase KV back to the prefill side); False:
                                    # PD-Caching-2 (what the instance server runs today)
+    miss_weight: float | None = None  # locality (and session's fallback): None = policies.MISS_WEIGHT
 
 
 class Simulator:
@@ -462,6 +463,11 @@ class Simulator:
         self.router = Router(policy, guard)
         if config.policy == "session_ll":
             self.router._policies = {role: SessionLeastLoad(guard) for role in self.router._policies}
+        if config.miss_weight is not None:
+            for p in self.router._policies.values():
+                for loc in (p, getattr(p, "_fallback", None)):
+                    if isinstance(loc, Locality):
+                        loc.miss_weight = config.miss_weight
         caching = config.setting.endswith("+cache")
         self.pd = config.setting.startswith("pd")
         self.instances: list[SimInstance] = []
