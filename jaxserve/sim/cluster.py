@@ -214,13 +214,13 @@ class SimInstance:
     def _free(self) -> int:
         return self.sim.cost.kv_pages - self.used_pages  # cached prefixes are evictable
 
-    def _grow(self, r: SimRequest, tokens: int, *, alone_ok: bool = True) -> bool:
+    def _grow(self, r: SimRequest, tokens: int) -> bool:
         """Hold pages for `tokens` of r's KV; False (nothing held) if the pool cannot give them. A request
         alone on the instance always gets them (the real engine rejects what can never fit up front)."""
         need = self._pages(tokens) - r.pages_held
         if need <= 0:
             return True
-        if need > self._free() and not (alone_ok and self._alone(r)):
+        if need > self._free() and not self._alone(r):
             return False
         r.pages_held += need
         self.used_pages += need
@@ -303,7 +303,7 @@ class SimInstance:
         c = self.sim.cost
         budget, max_seqs = c.max_num_batched_tokens, c.max_num_seqs
         while (self.incoming and len(self.running) + len(self.prefilling) < max_seqs
-               and self._grow(self.incoming[0], self.incoming[0].prompt_len + 1, alone_ok=True)):
+               and self._grow(self.incoming[0], self.incoming[0].prompt_len + 1)):
             r = self.incoming.popleft()
             self._admit(r)
             self.running.append(r)
@@ -326,7 +326,7 @@ class SimInstance:
             if self._grow_or_preempt(r, r.computed + n):
                 chunks.append((r, n))
                 budget -= n
-        decodes = [r for r in decodes if r in self.running]
+        decodes = [r for r in decodes if r in self.running]  # a chunk's pages may have preempted a decode
         budget += sum(n for r, n in chunks if r not in self.prefilling)
         chunks = [(r, n) for r, n in chunks if r in self.prefilling]
         preempted = self.preemptions > before  # like the engine: no admission in a step that preempted
