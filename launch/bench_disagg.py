@@ -71,7 +71,7 @@ def make_pool(device_ids, num_pages):
     import numpy as np
     from jaxserve.config import CacheConfig
     from jaxserve.mempool import MemPool
-    from jaxserve.model.llama import kv_cache_partition_spec
+    from jaxserve.model.decoder import kv_cache_partition_spec
     by_id = {d.id: d for d in jax.devices()}
     mesh = jax.sharding.Mesh(np.asarray([by_id[i] for i in device_ids]), ("tp",))
     return MemPool(model_config(), CacheConfig(page_size=FLAGS.page_size, num_pages=num_pages),

@@ -61,7 +61,7 @@ def main(argv):
     from jaxserve.engine.seq_parallel import SequenceParallelPrefill
     from jaxserve.kernels import ring_attention as ra
     from jaxserve.mempool import MemPool
-    from jaxserve.model.llama import init_params, kv_cache_partition_spec, param_partition_specs
+    from jaxserve.model.decoder import init_params, kv_cache_partition_spec, param_partition_specs
 
     platform_name = jax.default_backend()
     ndev = [int(x) for x in FLAGS.devices.split(",")]

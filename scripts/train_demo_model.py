@@ -61,7 +61,7 @@ def main(argv):
     import numpy as np
     import optax
     from jaxserve.model.checkpoint import save_model
-    from jaxserve.model.llama import forward_dense, init_params
+    from jaxserve.model.decoder import forward_dense, init_params
 
     cfg = demo_config()
     train, held = corpus()

@@ -13,7 +13,7 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
-from jaxserve.model.llama import forward_dense, init_params
+from jaxserve.model.decoder import forward_dense, init_params
 
 CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=256,

@@ -8,6 +8,9 @@ valid key is NaN, and query rows past cu_q_lens[num_seqs] are NaN, so any read t
 (or any masked value it fails to neutralise) shows up as NaN. The oracle itself is not NaN-safe (it
 multiplies zero probabilities by V of unused pages), so it is fed the same pool with NaN replaced by 0:
 its answer must not depend on those values either.
+
+Attention sinks (gpt-oss): every path is checked against the oracle with `sinks`, and the oracle's sink
+formulation itself against a dense numpy softmax over [scores..., sink].
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ def random_mix(rng, page_size, max_tokens=40):
         seqs[0] = (seqs[0][0] // 2, seqs[0][0] // 2)
     order = rng.permutation(len(seqs))
     return [seqs[i] for i in order]
+
+
+def make_sinks(rng, num_q_heads):
+    """f32[Hq] sink logits around the rows' key lse (~0.5-4 here), so sigmoid(lse - sink) spans (0, 1);
+    the last head's sink is -inf (no sink), which must leave rows with no visible key at 0, not NaN."""
+    sinks = rng.uniform(-1.0, 4.0, num_q_heads).astype(np.float32)
+    sinks[-1] = -np.inf
+    return jnp.asarray(sinks)
 
 
 def assert_close(out, ref, dtype, tol=None):
@@ -188,11 +199,111 @@ def test_merge_attention_of_two_kv_halves_equals_whole():
     merged, merged_lse = merge_attention(out_a, lse_a, out_b, lse_b)
     assert_close(merged, whole, jnp.float32)
     np.testing.assert_allclose(merged_lse, whole_lse, atol=1e-5, rtol=1e-5)
+    # With sinks the lse returned is the keys' only: merge the halves, then apply the sink once.
+    sinks = make_sinks(rng, hkv * group)
+    whole_s, whole_s_lse = run(q, kv, jnp.array([len_a + len_b] + [0] * (len_b - 1), jnp.int32),
+                               table(pages), *one_seq, sinks=sinks)
+    np.testing.assert_array_equal(whole_s_lse, whole_lse)
+    assert_close(reference.apply_sinks(merged, merged_lse, sinks), whole_s, jnp.float32)
     # merging with an empty range (lse -inf) is the identity
     empty = jnp.full_like(lse_a, -jnp.inf)
     same, same_lse = merge_attention(whole, whole_lse, jnp.zeros_like(whole), empty)
     assert_close(same, whole, jnp.float32)
     np.testing.assert_allclose(same_lse, whole_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention sinks: the oracle pinned by a dense numpy computation, then every path against the oracle
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(sliding_window=3, soft_cap=2.0)], ids=["plain", "window-cap"])
+def test_oracle_sinks_match_dense_numpy(kw):
+    """Per row and head: softmax over [visible scaled (capped) scores..., sink], sink column dropped."""
+    rng = np.random.default_rng(21)
+    hkv, group, d, ps, sm_scale = 2, 2, 8, 4, 0.5
+    seqs = [(3, 6), (1, 5), (4, 4)]
+    _, (q, kv, kv_lens, pi, cu, num_seqs) = make_batch(rng, seqs, num_kv_heads=hkv, group=group, head_dim=d,
+                                                       page_size=ps, dtype=jnp.float32)
+    sinks = jnp.asarray([0.5, 2.5, 30.0, -np.inf], jnp.float32)  # mid, high, dominant, none
+    out, lse = ref_ragged(q, kv, kv_lens, pi, cu, num_seqs, sm_scale=sm_scale, return_lse=True, sinks=sinks,
+                          **kw)
+    q, kv, sinks = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(sinks, np.float64)
+    window, cap = kw.get("sliding_window"), kw.get("soft_cap")
+    want = np.zeros(q.shape)
+    want_lse = np.full(q.shape[:2], -np.inf)
+    for s, (q_len, kv_len) in enumerate(seqs):
+        keys = np.concatenate([kv[pi[s, j]] for j in range(pi.shape[1])])[:kv_len]  # [kv_len, 2Hkv, D]
+        for i in range(q_len):
+            t, pos = int(cu[s]) + i, kv_len - q_len + i
+            lo = 0 if window is None else max(0, pos - window + 1)
+            for h in range(hkv * group):
+                k, v = keys[lo:pos + 1, 2 * (h // group)], keys[lo:pos + 1, 2 * (h // group) + 1]
+                scores = sm_scale * (k @ q[t, h])
+                if cap is not None:
+                    scores = cap * np.tanh(scores / cap)
+                logits = np.append(scores, sinks[h])
+                e = np.exp(logits - logits.max())
+                want[t, h] = (e / e.sum())[:-1] @ v
+                want_lse[t, h] = np.log(np.exp(scores - scores.max()).sum()) + scores.max()
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-6, rtol=1e-5)  # keys only, no sink
+
+
+_WINDOW_CAP = dict(sliding_window=9, soft_cap=5.0)
+SINK_CASES = [(jnp.float32, dict()), (jnp.bfloat16, dict()), (jnp.float32, _WINDOW_CAP), (jnp.bfloat16, _WINDOW_CAP)]
+SINK_IDS = ["f32", "bf16", "f32-window-cap", "bf16-window-cap"]
+
+
+def _sink_batch(dtype, seed):
+    rng = np.random.default_rng([seed, 0 if dtype == jnp.float32 else 1])
+    seqs = [(13, 13), (6, 30), (1, 24), (1, 9)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=4, head_dim=64, page_size=8, dtype=dtype)
+    return args, oracle_args, make_sinks(rng, 8), len(seqs)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype,kw", SINK_CASES, ids=SINK_IDS)
+def test_ragged_with_sinks_matches_oracle(dtype, kw, impl):
+    """The engine's XLA path and the Pallas ragged kernel (GPU variant, interpret mode), both fed the
+    NaN-poisoned pool."""
+    args, oracle_args, sinks, _ = _sink_batch(dtype, 31)
+    if impl == "xla":
+        out, lse = reference.ragged_paged_attention_xla(*args, sm_scale=0.125, return_lse=True, sinks=sinks,
+                                                        block_q=8, **kw)
+    else:
+        out, lse = ragged_paged_attention(*args, sm_scale=0.125, return_lse=True, sinks=sinks, block_q=4,
+                                          pages_per_block=2, **kw)
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.125, return_lse=True, sinks=sinks, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    no_sink = ref_ragged(*oracle_args, sm_scale=0.125, **kw)
+    assert not np.allclose(np.asarray(ref, np.float32), np.asarray(no_sink, np.float32), atol=0.1)  # it bites
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype,kw", SINK_CASES, ids=SINK_IDS)
+def test_decode_with_sinks_matches_oracle(dtype, kw, impl):
+    """Decode paths against the *ragged* oracle with one query per sequence; kv_len 0 rows give 0."""
+    rng = np.random.default_rng([41, 0 if dtype == jnp.float32 else 1])
+    kv_lens = [1, 16, 29, 0, 40]
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
+        rng, [(1, k) for k in kv_lens], num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=dtype)
+    num = len(kv_lens)
+    q = jnp.asarray(rng.standard_normal((num, 6, 64)), dtype)
+    sinks = make_sinks(rng, 6)
+    if impl == "xla":
+        out, lse = reference.decode_paged_attention_xla(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
+                                                        sinks=sinks, **kw)
+    else:
+        out, lse = decode_paged_attention(q, kv, lens, pi, sm_scale=0.125, return_lse=True, sinks=sinks,
+                                          num_kv_splits=3, pages_per_block=1, **kw)
+    ref, ref_lse = ref_ragged(q, kv_clean, lens, pi_clean, jnp.arange(num + 1, dtype=jnp.int32),
+                              jnp.array([num], jnp.int32), sm_scale=0.125, return_lse=True, sinks=sinks, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    assert np.all(np.asarray(out[kv_lens.index(0)], np.float32) == 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,14 +369,42 @@ def test_tpu_variant_under_tpu_interpreter(dtype, group, head_dim, kw):
         assert_close(res, ref, dtype)
 
 
-def test_tpu_variant_decode_under_tpu_interpreter():
+@pytest.mark.parametrize("dtype,group,head_dim,kw", [
+    (jnp.float32, 4, 64, dict(return_lse=True)),
+    (jnp.bfloat16, 1, 128, dict(sliding_window=9, soft_cap=6.0)),
+], ids=["f32-gqa4-d64-lse", "bf16-mha-d128-window-cap"])
+def test_tpu_variant_with_sinks_under_tpu_interpreter(dtype, group, head_dim, kw):
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng([group, head_dim, 19])
+    ps = 8 if head_dim == 64 else 16
+    seqs = [(7, 7), (3, ps + 3), (1, 2 * ps)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=ps,
+                                   dtype=dtype)
+    sinks = make_sinks(rng, 2 * group)
+    with pltpu.force_tpu_interpret_mode():
+        res = ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", interpret=False, block_q=4,
+                                     pages_per_block=2, sinks=sinks, **kw)
+    ref = ref_ragged(*oracle_args, sm_scale=0.1, sinks=sinks, **kw)
+    if kw.get("return_lse"):
+        assert_close(res[0], ref[0], dtype)
+        assert_lse_close(res[1], ref[1], dtype)
+    else:
+        assert res.dtype == dtype
+        assert_close(res, ref, dtype)
+
+
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no_sinks", "sinks"])
+def test_tpu_variant_decode_under_tpu_interpreter(with_sinks):
     rng = np.random.default_rng(4)
     seqs = [(1, 19), (1, 8)]
     (_, kv, lens, pi, _, _), (_, kv_clean, _, _, _, _) = make_batch(
         rng, seqs, num_kv_heads=2, group=4, head_dim=64, page_size=8, dtype=jnp.float32)
     q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
-    out = decode_paged_attention(q, kv, lens, pi, sm_scale=0.2, backend="tpu", interpret=True, pages_per_block=2)
-    ref = ref_decode(q, kv_clean, lens, pi, sm_scale=0.2)
+    sinks = make_sinks(rng, 8) if with_sinks else None
+    out = decode_paged_attention(q, kv, lens, pi, sm_scale=0.2, backend="tpu", interpret=True,
+                                 pages_per_block=2, sinks=sinks)
+    ref = ref_decode(q, kv_clean, lens, pi, sm_scale=0.2, sinks=sinks)
     assert_close(out, ref, jnp.float32)
 
 
@@ -281,12 +420,15 @@ def test_kernels_lower_for_gpu_and_tpu(platform, backend):
     t, hq, hkv, d, p, ps, s, pps = 64, 16, 2, 128, 128, 16, 8, 16
     ragged_args = (sds((t, hq, d), jnp.bfloat16), sds((p, ps, 2 * hkv, d), jnp.bfloat16), sds((s,), jnp.int32),
                    sds((s, pps), jnp.int32), sds((s + 1,), jnp.int32), sds((1,), jnp.int32))
-    for kw in (dict(), dict(sliding_window=64, soft_cap=30.0, return_lse=True)):
-        f = functools.partial(ragged_paged_attention, sm_scale=0.1, interpret=False, backend=backend, **kw)
-        text = jax.jit(f).trace(*ragged_args).lower(lowering_platforms=(platform,)).as_text()
+    sinks = sds((hq,), jnp.float32)
+    for use_sinks, kw in ((False, dict()), (True, dict(sliding_window=64, soft_cap=30.0, return_lse=True))):
+        def f(*a, fn=ragged_paged_attention, kw=kw, use_sinks=use_sinks):  # a[-1]: sinks
+            return fn(*a[:-1], sm_scale=0.1, interpret=False, backend=backend,
+                      sinks=a[-1] if use_sinks else None, **kw)
+        text = jax.jit(f).trace(*ragged_args, sinks).lower(lowering_platforms=(platform,)).as_text()
         assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
-        g = functools.partial(decode_paged_attention, sm_scale=0.1, interpret=False, backend=backend, **kw)
-        text = jax.jit(g).trace(sds((s, hq, d), jnp.bfloat16), *ragged_args[1:4]).lower(
+        g = functools.partial(f, fn=decode_paged_attention)
+        text = jax.jit(g).trace(sds((s, hq, d), jnp.bfloat16), *ragged_args[1:4], sinks).lower(
             lowering_platforms=(platform,)).as_text()
         assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
 
@@ -295,14 +437,16 @@ def test_kernels_lower_for_gpu_and_tpu(platform, backend):
 # dispatch
 
 
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no_sinks", "sinks"])
 @pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode_only"])
-def test_dispatch_pallas_equals_reference(decode_only):
+def test_dispatch_pallas_equals_reference(decode_only, with_sinks):
     rng = np.random.default_rng(6)
     seqs = [(1, 20), (1, 8), (1, 1)] if decode_only else [(10, 10), (4, 21), (1, 8)]
     _, args = make_batch(rng, seqs, num_kv_heads=2, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
                          pad_tokens=0 if decode_only else 2)
     args = (jnp.where(jnp.isnan(args[0]), 0.0, args[0]),) + args[1:]
-    kw = dict(sm_scale=0.125, decode_only=decode_only, soft_cap=None, sliding_window=None)
+    kw = dict(sm_scale=0.125, decode_only=decode_only, soft_cap=None, sliding_window=None,
+              sinks=make_sinks(rng, 4) if with_sinks else None)
     out = dispatch.paged_attention(*args, impl="pallas", **kw)
     ref = dispatch.paged_attention(*args, impl="reference", **kw)
     assert_close(out, ref, jnp.float32)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import ModelConfig
-from jaxserve.model import (AttentionBatch, ByteTokenizer, HFTokenizer, Llama, abstract_params, forward_dense,
+from jaxserve.model import (AttentionBatch, ByteTokenizer, HFTokenizer, Decoder, abstract_params, forward_dense,
                             init_params, kv_cache_partition_spec, kv_cache_shape, load, load_hf_checkpoint, load_model,
                             load_tokenizer, make_attention_batch, make_paged_forward, param_partition_specs,
                             resolve_model_path, save_model)
@@ -319,14 +319,16 @@ def test_error_tensor_shape_and_missing_tensor(hf_copy):
         load_hf_checkpoint(hf_copy)
 
 
-def test_error_sliding_window_and_rope_type():
+def test_sliding_window_mapping_and_unsupported_rope_type():
     base = dict(architectures=["MistralForCausalLM"], vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    with pytest.raises(ValueError, match="sliding_window=1024.*not supported"):
-        config_from_hf({**base, "sliding_window": 1024})
-    assert config_from_hf({**base, "sliding_window": 4096}).architecture == "MistralForCausalLM"
-    with pytest.raises(ValueError, match="'yarn'"):
-        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    windowed = config_from_hf({**base, "sliding_window": 1024})
+    assert windowed.layer_types == ("sliding_attention",) * 2 and windowed.layer_window(1) == 1024
+    assert config_from_hf({**base, "sliding_window": None}).layer_window(0) is None
+    with pytest.raises(ValueError, match="'longrope' is not supported"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
+    with pytest.raises(ValueError, match="quant_method='mxfp4'"):
+        config_from_hf({**base, "quantization_config": {"quant_method": "mxfp4"}})
 
 
 def test_config_mapping_old_and_new_rope_fields():
@@ -381,9 +383,9 @@ def test_hf_tokenizer(tmp_path):
 
 
 def test_llama_module_is_one_model_for_both_paths(loaded):
-    """The paged and dense paths read the same params: `Llama.init` via either method builds one tree."""
+    """The paged and dense paths read the same params: `Decoder.init` via either method builds one tree."""
     m = loaded("llama")
-    model = Llama(m.config)
+    model = Decoder(m.config)
     paged_tree = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32),
         jnp.zeros(kv_cache_shape(m.config, 2, PAGE_SIZE)),

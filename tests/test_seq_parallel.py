@@ -17,7 +17,7 @@ from jaxserve.config import CacheConfig, ModelConfig
 from jaxserve.engine.seq_parallel import SequenceParallelPrefill
 from jaxserve.kernels import ring_attention as ra
 from jaxserve.mempool import MemPool
-from jaxserve.model.llama import forward_dense, init_params, kv_cache_partition_spec, param_partition_specs
+from jaxserve.model.decoder import forward_dense, init_params, kv_cache_partition_spec, param_partition_specs
 
 CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=256,

@@ -28,7 +28,7 @@ def cfg(layers=2):
 
 
 def make_pool(device_ids, *, layers=2, num_pages=32, caching=True):
-    from jaxserve.model.llama import kv_cache_partition_spec
+    from jaxserve.model.decoder import kv_cache_partition_spec
     by_id = {d.id: d for d in jax.devices()}
     mesh = jax.sharding.Mesh(np.asarray([by_id[i] for i in device_ids]), ("tp",))
     sharding = jax.sharding.NamedSharding(mesh, kv_cache_partition_spec())

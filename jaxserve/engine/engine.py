@@ -15,12 +15,14 @@ from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.kernels.dispatch import resolve_impl
 from jaxserve.mempool import MemPool
-from jaxserve.model.llama import kv_cache_partition_spec, param_partition_specs
+from jaxserve.model.decoder import kv_cache_partition_spec, param_partition_specs
 
 
-def make_mesh(tp: int, device_ids=None, seq: int = 1) -> jax.sharding.Mesh:
-    """1-D mesh ("tp",) or, with seq > 1, 2-D ("seq", "tp") (tp neighbours adjacent)."""
+def make_mesh(tp: int, device_ids=None, seq: int = 1, ep: int = 1) -> jax.sharding.Mesh:
+    """1-D mesh ("tp",) or, with seq > 1, 2-D ("seq", "tp"), or with ep > 1, 2-D ("ep", "tp") (tp
+    neighbours adjacent)."""
     devices = jax.devices()
+    count = seq * ep * tp
     if device_ids is not None:
         by_id = {d.id: d for d in devices}
         missing = [i for i in device_ids if i not in by_id]
@@ -28,12 +30,37 @@ def make_mesh(tp: int, device_ids=None, seq: int = 1) -> jax.sharding.Mesh:
             raise ValueError(f"device ids {missing} not found; available: {sorted(by_id)}")
         chosen = [by_id[i] for i in device_ids]
     else:
-        if seq * tp > len(devices):
-            raise ValueError(f"seq={seq} x tp={tp} needs {seq * tp} devices but only {len(devices)} are visible")
-        chosen = devices[:seq * tp]
+        if count > len(devices):
+            raise ValueError(f"seq={seq} x ep={ep} x tp={tp} needs {count} devices but only {len(devices)} are "
+                             "visible")
+        chosen = devices[:count]
     if seq > 1:
         return jax.sharding.Mesh(np.asarray(chosen).reshape(seq, tp), ("seq", "tp"))
+    if ep > 1:
+        return jax.sharding.Mesh(np.asarray(chosen).reshape(ep, tp), ("ep", "tp"))
     return jax.sharding.Mesh(np.asarray(chosen), ("tp",))
+
+
+def check_parallelism(model_config: ModelConfig, tp: int, ep: int = 1, seq: int = 1) -> None:
+    """Refuse a mesh the model cannot be split over, naming the degree and the model size it must divide."""
+    if model_config.num_kv_heads % tp:
+        raise ValueError(f"tp={tp} must divide num_kv_heads={model_config.num_kv_heads}")
+    if model_config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} must divide intermediate_size={model_config.intermediate_size}")
+    if model_config.num_experts:
+        if model_config.moe_intermediate_size % tp:
+            raise ValueError(f"tp={tp} must divide moe_intermediate_size={model_config.moe_intermediate_size}")
+        if model_config.num_experts % ep:
+            raise ValueError(f"ep={ep} must divide num_experts={model_config.num_experts}")
+    elif ep > 1:
+        raise ValueError(f"ep={ep} needs a mixture-of-experts model; {model_config.architecture} has no experts")
+    if seq > 1:
+        features = [name for name, on in (("sliding-window attention", model_config.has_sliding_layers),
+                                          ("attention logit soft-capping", model_config.attn_logit_softcap),
+                                          ("attention sinks", model_config.attention_sinks)) if on]
+        if features:
+            raise ValueError(f"sequence-parallel prefill does not support {', '.join(features)} "
+                             f"({model_config.architecture}); use sequence_parallel=1")
 
 
 class Engine:
@@ -45,11 +72,10 @@ class Engine:
         if config.max_model_len and config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
                              f"max_position_embeddings ({model_config.max_position_embeddings})")
-        tp = config.mesh.tp
-        if model_config.num_kv_heads % tp:
-            raise ValueError(f"tp={tp} must divide num_kv_heads={model_config.num_kv_heads}")
-        self.mesh = make_mesh(tp, config.mesh.device_ids, config.mesh.seq)
-        specs = param_partition_specs(model_config)
+        mesh_cfg = config.mesh
+        check_parallelism(model_config, mesh_cfg.tp, mesh_cfg.ep, mesh_cfg.seq)
+        self.mesh = make_mesh(mesh_cfg.tp, mesh_cfg.device_ids, mesh_cfg.seq, mesh_cfg.ep)
+        specs = param_partition_specs(model_config, ep_axis="ep" if mesh_cfg.ep > 1 else None)
         if jax.process_count() > 1:  # multi-process mesh: put each process's host copy (committed arrays on
             params = jax.tree.map(np.asarray, params)  # one local device cannot device_put across hosts)
         self.params = jax.tree.map(
@@ -60,7 +86,8 @@ class Engine:
         self.runner = ModelRunner(model_config, self.params, self.pool,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, attention_impl=self.attention_impl)
+                                  max_model_len=self.max_model_len, attention_impl=self.attention_impl,
+                                  mesh=self.mesh if model_config.num_experts and self.mesh.size > 1 else None)
         self.sp = None
         if config.mesh.seq > 1:  # sequence-parallel prefill of long prompts (engine/seq_parallel.py)
             from jaxserve.engine.seq_parallel import SequenceParallelPrefill

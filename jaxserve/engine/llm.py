@@ -50,12 +50,12 @@ class LLM:
                  max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
-                 pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512):
+                 pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
             import jax
-            from jaxserve.model.llama import init_params
+            from jaxserve.model.decoder import init_params
             from jaxserve.model.tokenizer import ByteTokenizer
             cfg = model if dtype is None else dataclasses.replace(model, dtype=dtype)
             params, tokenizer = init_params(cfg, jax.random.PRNGKey(seed)), ByteTokenizer()
@@ -63,19 +63,20 @@ class LLM:
             cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
         self.model_config = cfg
         self.tokenizer = tokenizer
-        def engine_config(caching, tp, device_ids, seq=1):
+        def engine_config(caching, tp, device_ids, seq=1, ep_=1):
             return EngineConfig(
                 cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
                                   enable_prefix_caching=caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
-                mesh=MeshConfig(tp=tp, seq=seq, device_ids=tuple(device_ids) if device_ids else None),
+                mesh=MeshConfig(tp=tp, seq=seq, ep=ep_, device_ids=tuple(device_ids) if device_ids else None),
                 attention_impl=attention_impl, max_model_len=max_model_len, seed=seed, sp_threshold=sp_threshold)
 
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.pair = None
         if not disaggregated:
-            self.engine = Engine(cfg, params, engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel),
+            self.engine = Engine(cfg, params,
+                                 engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel, ep),
                                  eos_token_ids=eos, detokenize=tokenizer.decode)
             return
         # Disaggregated: prefill and decode engines on disjoint meshes; caching per PD mode (DESIGN §2).
@@ -88,11 +89,11 @@ class LLM:
 
         def pick_tp(tp_, devices, seq=1):
             if tp_ is None:  # the largest degree the devices and the KV heads allow
-                tp_ = max(t for t in range(1, max(len(devices) // seq, 1) + 1) if cfg.num_kv_heads % t == 0)
-            if tp_ * seq > len(devices):
-                raise ValueError(f"seq={seq} x tp={tp_} needs {seq * tp_} devices but {len(devices)} were "
-                                 f"given: {devices}")
-            return tp_, devices[:tp_ * seq]
+                tp_ = max(t for t in range(1, max(len(devices) // (seq * ep), 1) + 1) if cfg.num_kv_heads % t == 0)
+            if tp_ * seq * ep > len(devices):
+                raise ValueError(f"seq={seq} x ep={ep} x tp={tp_} needs {seq * ep * tp_} devices but "
+                                 f"{len(devices)} were given: {devices}")
+            return tp_, devices[:tp_ * seq * ep]
 
         shared = sorted(set(prefill_devices) & set(decode_devices))
         if shared:
@@ -100,9 +101,9 @@ class LLM:
         # Sequence parallelism applies to the prefill side (the decode engine never prefills long prompts).
         ptp, pdev = pick_tp(prefill_tp, prefill_devices, sequence_parallel)
         dtp, ddev = pick_tp(decode_tp, decode_devices)
-        prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev, sequence_parallel), eos_token_ids=eos,
+        prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev, sequence_parallel, ep), eos_token_ids=eos,
                          detokenize=tokenizer.decode)
-        decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev), eos_token_ids=eos,
+        decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev, 1, ep), eos_token_ids=eos,
                         detokenize=tokenizer.decode)
         self.pair = DisaggregatedPair(prefill, decode, pd_mode)
         self.engine = decode

@@ -18,7 +18,7 @@ import numpy as np
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
-from jaxserve.model.llama import Llama
+from jaxserve.model.decoder import Decoder
 
 
 class StepInputs(NamedTuple):
@@ -42,10 +42,11 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_step(model_config, attention_impl: str):
-    """One jitted step per (model shape, attention impl), shared by every engine in the process, so a
-    second engine with the same model reuses the first one's compilations."""
-    model = Llama(model_config, attention_impl=attention_impl)
+def jitted_step(model_config, attention_impl: str, mesh=None):
+    """One jitted step per (model shape, attention impl, MoE mesh), shared by every engine in the process, so
+    a second engine with the same model reuses the first one's compilations. `mesh` is given only to MoE
+    models on several devices (their experts are placed explicitly; everything else follows the params)."""
+    model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
     def step(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
@@ -57,7 +58,7 @@ def jitted_step(model_config, attention_impl: str):
 
 class ModelRunner:
     def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, attention_impl: str):
+                 max_model_len: int, attention_impl: str, mesh=None):
         self.model_config = model_config
         self.params = params
         self.pool = pool
@@ -66,7 +67,7 @@ class ModelRunner:
         self.max_tokens_bucket = next_pow2(max_num_batched_tokens, 16)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.shapes_seen: set[tuple] = set()
-        self._step = jitted_step(model_config, attention_impl)
+        self._step = jitted_step(model_config, attention_impl, mesh)
 
     @property
     def num_compilations(self) -> int:

@@ -3,7 +3,7 @@
 The uncached suffix of the prompt is padded to a multiple of 2N (N = size of `seq`) and laid out in zig-zag
 order (`kernels/ring_attention.zigzag_order`): device i holds suffix chunks i and 2N-1-i. The whole model
 runs in that order: per-token work (embeddings, projections, MLP, norms) is sharded over `seq` by XLA, and
-every layer's attention is swapped (the `attention_hook` of `model/llama.py`) for ring attention:
+every layer's attention is swapped (the `attention_hook` of `model/decoder.py`) for ring attention:
 - queries attend to the cached prefix, read from the MemPool pages of that layer (`kv_cache[layer, pages]`);
 - and to the suffix K/V, passed around the ring with `ppermute`, partial results merged by log-sum-exp;
 - the suffix K/V is written into the request's pool pages (`reference.write_kv`, the same scatter as the
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.kernels import reference
 from jaxserve.kernels.ring_attention import padded_length, ring_attention, zigzag_order
-from jaxserve.model.llama import Llama
+from jaxserve.model.decoder import Decoder
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -45,7 +45,7 @@ class SPBatch(NamedTuple):
 
 def make_attention_hook(mesh, *, seq_axis: str = "seq", tp_axis: str | None = "tp", balanced: bool = True,
                         communicate: bool = True):
-    """The `Llama.attention_hook` for context-parallel prefill on `mesh`."""
+    """The `Decoder.attention_hook` for context-parallel prefill on `mesh`."""
 
     def hook(q, k, v, kv_cache, batch: SPBatch, layer: int, sm_scale: float):
         # Cached prefix of this layer, read from the pool before this layer's suffix K/V is written.
@@ -66,7 +66,7 @@ def jitted_sp_step(model_config, mesh, seq_axis: str = "seq", tp_axis: str | Non
     logits_indices, sampling) -> (tokens, logits, kv_cache)`; the cache is donated and keeps its sharding."""
     hook = make_attention_hook(mesh, seq_axis=seq_axis, tp_axis=tp_axis, balanced=balanced,
                                communicate=communicate)
-    model = Llama(model_config, attention_hook=hook)
+    model = Decoder(model_config, attention_hook=hook)
     kv_spec = P(None, None, None, tp_axis, None)
     replicated = NamedSharding(mesh, P())
 

@@ -2,8 +2,8 @@
 
 Contract (identical to `reference.ref_decode_paged_attention`): q [S, Hq, D] (query of sequence s at
 position kv_lens[s] - 1), kv_pages [P, page_size, 2*Hkv, D] (K of kv head h at axis-2 index 2h, V at
-2h + 1), kv_lens i32[S], page_indices i32[S, pages_per_seq]. Sequences with kv_len 0 give zeros (lse
--inf).
+2h + 1), kv_lens i32[S], page_indices i32[S, pages_per_seq], optional attention sinks f32[Hq]. Sequences
+with kv_len 0 give zeros (lse -inf).
 
 Algorithm (``backend="gpu"``, runs in interpret mode and under the Pallas Triton lowering)
 ---------------------------------------------------------------------------------------
@@ -15,6 +15,8 @@ kv_len (early exit: splits wholly past kv_len do no work) and starting at the sl
 block, and writes a normalised partial output and its log-sum-exp (f32). A second, tiny jnp step merges
 the splits exactly: out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i. Splitting the KV
 axis is what lets small batches use the whole GPU: the default picks enough splits for ~512 programs.
+Sinks are applied once, after the merge, in f32: out * sigmoid(lse - sink) (`reference.apply_sinks`);
+the lse returned is that of the keys only.
 
 Decode is bandwidth-bound: per (sequence, kv head) the kernel reads kv_len * D * 2 elements of K and
 V once and does ~4 * Gp * D flops per key, far below the H200 ridge (~165 flop/byte in bf16).
@@ -33,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.kernels import ragged_paged_attention as rpa
+from jaxserve.kernels import reference
 
 _TARGET_PROGRAMS = 512  # ~4 waves of 132 SMs (H200) when choosing num_kv_splits
 
@@ -137,7 +140,7 @@ def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window,
         name="jaxserve_flash_decoding",
     )(kv_lens, pt, q4, kv_pages)
     out, lse = merge_splits(o_part, lse_part, axis=2)  # [S, Hkv, Gp, D], [S, Hkv, Gp]
-    out = out[:, :, :group].reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+    out = out[:, :, :group].reshape(num_seqs, num_q_heads, head_dim)  # f32: the caller casts
     lse = lse[:, :, :group].reshape(num_seqs, num_q_heads)
     return out, lse
 
@@ -145,28 +148,32 @@ def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window,
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "return_lse", "interpret", "backend", "num_kv_splits",
     "pages_per_block", "num_warps", "num_stages"))
-def _decode_jit(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap, return_lse,
+def _decode_jit(q, kv_pages, kv_lens, page_indices, sinks, *, sm_scale, sliding_window, soft_cap, return_lse,
                 interpret, backend, num_kv_splits, pages_per_block, num_warps, num_stages):
     if backend == "tpu":
         num_seqs = q.shape[0]
         cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
         out, lse = rpa._ragged_tpu(q, kv_pages, kv_lens, page_indices, cu, jnp.array([num_seqs], jnp.int32),
                                    sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                                   return_lse=return_lse, interpret=interpret, block_q=1,
-                                   pages_per_block=pages_per_block, kv_heads_per_block=None)
+                                   return_lse=return_lse or sinks is not None, interpret=interpret, block_q=1,
+                                   pages_per_block=pages_per_block, kv_heads_per_block=None,
+                                   out_dtype=None if sinks is None else jnp.float32)
     else:
         out, lse = _decode_gpu(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
                                num_kv_splits=num_kv_splits, pages_per_block=pages_per_block,
                                num_warps=num_warps, num_stages=num_stages)
+    if sinks is not None:
+        out = reference.apply_sinks(out, lse, sinks)
+    out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
 
 def decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
                            soft_cap=None, return_lse=False, num_kv_splits=None, pages_per_block=None,
-                           interpret=None, backend=None, num_warps=4, num_stages=2):
+                           interpret=None, backend=None, num_warps=4, num_stages=2, sinks=None):
     """Flash-decoding paged attention (see the module docstring). `num_kv_splits=None` picks enough
-    splits for ~512 programs; `pages_per_block` defaults to 128 tokens per KV block."""
+    splits for ~512 programs; `pages_per_block` defaults to 128 tokens per KV block; `sinks` f32[Hq]."""
     if q.ndim != 3 or q.shape[0] != page_indices.shape[0] or kv_lens.shape != (q.shape[0],):
         raise ValueError(f"q must be [S, Hq, D] with S = page_indices.shape[0] = kv_lens.shape[0]; got "
                          f"{q.shape}, {page_indices.shape}, {kv_lens.shape}")
@@ -176,12 +183,13 @@ def decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, 
                          f"{q.shape}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    reference.validate_sinks(sinks, q.shape[1])
     backend, interpret = rpa.resolve_backend(interpret, backend)
     if backend == "gpu" and not interpret:
         for name, v in (("page_size", kv_pages.shape[1]), ("head_dim", q.shape[2])):
             if v & (v - 1):
                 raise ValueError(f"the Triton lowering needs a power-of-two {name}, got {v}")
-    return _decode_jit(q, kv_pages, kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32),
+    return _decode_jit(q, kv_pages, kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32), sinks,
                        sm_scale=float(sm_scale),
                        sliding_window=None if sliding_window is None else int(sliding_window),
                        soft_cap=None if soft_cap is None else float(soft_cap), return_lse=bool(return_lse),

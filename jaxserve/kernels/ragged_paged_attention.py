@@ -11,7 +11,10 @@ Query i of a sequence sits at position kv_len - q_len + i and sees keys 0..that 
 the last `sliding_window` of them); scores are `sm_scale * q.k`, optionally soft-capped
 `soft_cap * tanh(s / soft_cap)`. With `return_lse` the natural-log log-sum-exp of the (scaled, capped)
 scores comes back as well ([T, Hq] f32, -inf where a row sees no key), so attention over disjoint KV
-ranges can be merged exactly (`merge_attention`).
+ranges can be merged exactly (`merge_attention`). `sinks` f32[Hq] (gpt-oss attention sinks) adds one
+logit per q head to every row's softmax: the kernel then writes f32 tiles plus lse and the wrapper
+applies `reference.apply_sinks` (out * sigmoid(lse - sink)) after untiling; the lse returned stays
+that of the keys only, so merge halves first and apply the sink once.
 
 Algorithm (both variants)
 -------------------------
@@ -74,7 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.kernels import reference
-from jaxserve.kernels.reference import MASK_VALUE
+from jaxserve.kernels.reference import MASK_VALUE, apply_sinks
 _NUM_LANES = 128
 
 
@@ -346,7 +349,8 @@ def _gpu_kernel(meta_ref, pt_ref, q_ref, kv_ref, o_ref, *lse_refs, group_pad, pa
 
 
 def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-                soft_cap, return_lse, interpret, block_q, pages_per_block, num_warps, num_stages):
+                soft_cap, return_lse, interpret, block_q, pages_per_block, num_warps, num_stages,
+                out_dtype=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -375,7 +379,7 @@ def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
                                pages_per_block=pages_per_block, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, precision=dot_precision(q.dtype))
     tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda t, h: (t, h, 0, 0))
-    out_shape = [jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, head_dim), q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, head_dim), out_dtype or q.dtype)]
     out_specs = [tile_spec]
     if return_lse:
         out_shape.append(jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows), jnp.float32))
@@ -468,7 +472,8 @@ def _tpu_kernel(seq_ref, qpos_ref, kvlen_ref, lo_ref, hi_ref, last_page_ref, pt_
 
 
 def _ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-                soft_cap, return_lse, interpret, block_q, pages_per_block, kv_heads_per_block):
+                soft_cap, return_lse, interpret, block_q, pages_per_block, kv_heads_per_block,
+                out_dtype=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -506,7 +511,7 @@ def _ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
     tile_spec = pl.BlockSpec((None, heads_per_block, rows, head_dim), lambda hb, t, b, *_: (t, hb, 0, 0))
     in_specs = [tile_spec] + [pl.BlockSpec((None, page_size, 2 * heads_per_block, head_dim), page_map(i))
                               for i in range(pages_per_block)]
-    out_shape = [jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, head_dim), q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, head_dim), out_dtype or q.dtype)]
     out_specs = [tile_spec]
     if return_lse:
         out_shape.append(jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, _NUM_LANES), jnp.float32))
@@ -550,32 +555,35 @@ def _ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "return_lse", "interpret", "backend", "block_q",
     "pages_per_block", "num_warps", "num_stages", "kv_heads_per_block"))
-def _ragged_jit(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap,
-                return_lse, interpret, backend, block_q, pages_per_block, num_warps, num_stages,
+def _ragged_jit(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, *, sm_scale, sliding_window,
+                soft_cap, return_lse, interpret, backend, block_q, pages_per_block, num_warps, num_stages,
                 kv_heads_per_block):
+    # With sinks the kernel keeps its output in f32 and always produces lse, for the sink step below.
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+              return_lse=return_lse or sinks is not None, interpret=interpret, block_q=block_q,
+              pages_per_block=pages_per_block, out_dtype=None if sinks is None else jnp.float32)
     if backend == "tpu":
-        out, lse = _ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap, return_lse=return_lse,
-                               interpret=interpret, block_q=block_q, pages_per_block=pages_per_block,
-                               kv_heads_per_block=kv_heads_per_block)
+        out, lse = _ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                               kv_heads_per_block=kv_heads_per_block, **kw)
     else:
-        out, lse = _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap, return_lse=return_lse,
-                               interpret=interpret, block_q=block_q, pages_per_block=pages_per_block,
-                               num_warps=num_warps, num_stages=num_stages)
+        out, lse = _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, num_warps=num_warps,
+                               num_stages=num_stages, **kw)
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks).astype(q.dtype)
     return (out, lse) if return_lse else out
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                            sliding_window=None, soft_cap=None, return_lse=False, interpret=None, backend=None,
                            block_q=None, pages_per_block=None, num_warps=4, num_stages=2,
-                           kv_heads_per_block=None):
-    """Pallas ragged paged attention; the oracle's semantics (see the module docstring).
+                           kv_heads_per_block=None, sinks=None):
+    """Pallas ragged paged attention; the oracle's semantics (see the module docstring), `sinks` f32[Hq].
 
     Tuning: `block_q` query rows per tile (default 64 / Gp on GPU, 128 / Gp on TPU), `pages_per_block`
     pages per KV block (default 64 tokens on GPU, 128 on TPU), `num_warps` / `num_stages` (Triton),
     `kv_heads_per_block` (TPU; default all kv heads, so each page is one contiguous DMA)."""
     validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    reference.validate_sinks(sinks, q.shape[1])
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if soft_cap is not None and soft_cap == 0:
@@ -586,7 +594,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
             if v & (v - 1):
                 raise ValueError(f"the Triton lowering needs a power-of-two {name}, got {v}")
     return _ragged_jit(q, kv_pages, kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32),
-                       cu_q_lens.astype(jnp.int32), num_seqs.astype(jnp.int32), sm_scale=float(sm_scale),
+                       cu_q_lens.astype(jnp.int32), num_seqs.astype(jnp.int32), sinks,
+                       sm_scale=float(sm_scale),
                        sliding_window=None if sliding_window is None else int(sliding_window),
                        soft_cap=None if soft_cap is None else float(soft_cap), return_lse=bool(return_lse),
                        interpret=interpret, backend=backend, block_q=block_q, pages_per_block=pages_per_block,

@@ -10,6 +10,12 @@ Three functions share that contract:
 - `ragged_paged_attention_xla`: the same result, computed per query tile of one sequence under `lax.map`,
   so memory stays O(tile x context); the engine's path for mixed prefill/decode steps on CPU.
 - `decode_paged_attention_xla`: one query per sequence, batched; the engine's path for decode-only steps.
+
+Attention sinks (gpt-oss): `sinks` f32[Hq], one learned logit per query head, joins every row's softmax as
+an extra column with no value vector: out = sum_k e^(s_k - m) v_k / (sum_k e^(s_k - m) + e^(sink - m)).
+Here that column is concatenated into the softmax explicitly (the oracle stays independent of the
+kernels, which use `apply_sinks`). With `return_lse` the lse is that of the keys only, sink excluded, so
+`merge_attention` of disjoint KV ranges stays exact: merge without sinks, then apply the sink once.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ def _split_kv(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
     return kv[..., 0::2, :], kv[..., 1::2, :]
 
 
-def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_window, soft_cap):
-    """q [Q, Hq, D]; k, v [K, Hkv, D]; q_pos [Q]; k_pos [K]; k_valid [K] -> (out [Q, Hq, D], lse [Q, Hq])."""
+def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_window, soft_cap, sinks=None):
+    """q [Q, Hq, D]; k, v [K, Hkv, D]; q_pos [Q]; k_pos [K]; k_valid [K]; sinks f32[Hq] or None
+    -> (out [Q, Hq, D], lse [Q, Hq]; lse over the keys only)."""
     num_q, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
@@ -47,8 +54,17 @@ def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_windo
     v = jnp.where(k_valid[:, None, None], v, 0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     has_key = denom > 0
-    out = jnp.einsum("hgqk,khd->qhgd", (p / jnp.where(has_key, denom, 1.0)).astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    if sinks is None:
+        probs = p / jnp.where(has_key, denom, 1.0)
+    else:  # softmax over [masked scores..., sink], sink column dropped
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(num_kv_heads, group, 1, 1), m.shape)
+        logits = jnp.concatenate([s, sink], axis=-1)
+        m_all = jnp.max(logits, axis=-1, keepdims=True)
+        p_all = jnp.exp(logits - m_all)
+        p_all = p_all.at[..., :-1].set(jnp.where(mask[None, None], p_all[..., :-1], 0.0))
+        tot = jnp.sum(p_all, axis=-1, keepdims=True)  # 0 only for a -inf sink and no visible key
+        probs = p_all[..., :-1] / jnp.where(tot > 0, tot, 1.0)
+    out = jnp.einsum("hgqk,khd->qhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, denom, 1.0)), -jnp.inf)[..., 0]  # [Hkv, G, Q]
     out = out.reshape(num_q, num_q_heads, head_dim).astype(q.dtype)
     return out, lse.reshape(num_q_heads, num_q).T
@@ -78,11 +94,27 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
                          f"{kv_lens.shape}, {cu_q_lens.shape}, {num_seqs.shape}")
 
 
+def validate_sinks(sinks, num_q_heads):
+    if sinks is not None and tuple(sinks.shape) != (num_q_heads,):
+        raise ValueError(f"sinks must be [Hq] = [{num_q_heads}], one logit per query head; got "
+                         f"{sinks.shape}")
+
+
+def apply_sinks(out, lse, sinks):
+    """The kernels' sink step: attention without sinks `out` [..., Hq, D] with its keys-only lse [..., Hq]
+    -> attention with sinks [..., Hq, D] in f32, = out * sigmoid(lse - sinks) since the normaliser gains
+    e^sink: l / (l + e^sink) = sigmoid(lse - sink). Rows with no visible key (lse -inf) give 0."""
+    lse = lse.astype(jnp.float32)
+    scale = jnp.where(jnp.isneginf(lse), 0.0, jax.nn.sigmoid(lse - sinks.astype(jnp.float32)))
+    return out.astype(jnp.float32) * scale[..., None]
+
+
 def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
-                               sliding_window=None, soft_cap=None, return_lse=False):
+                               sliding_window=None, soft_cap=None, return_lse=False, sinks=None):
     """Oracle. q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] when `return_lse`); rows of no live
-    sequence are zero (lse -inf)."""
+    sequence are zero (lse -inf). `sinks` f32[Hq]: per-head sink logits (module docstring)."""
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_sinks(sinks, q.shape[1])
     num_tokens = q.shape[0]
     page_size = kv_pages.shape[1]
     seq, live = _seq_of_token(cu_q_lens, num_seqs, num_tokens)
@@ -96,7 +128,7 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     def one(qt, kvt, qp, kl, lv):
         k, v = _split_kv(kvt)
         o, l = _scores_to_output(qt[None], k, v, qp[None], k_pos, (k_pos < kl) & lv, sm_scale=sm_scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap)
+                                 sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)
         return o[0], l[0]
 
     out, lse = jax.vmap(one)(q, kv_tok, q_pos, kv_len, live)
@@ -107,11 +139,12 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
-                               sliding_window=None, soft_cap=None, return_lse=False, block_q=16):
+                               sliding_window=None, soft_cap=None, return_lse=False, block_q=16, sinks=None):
     """Same contract as the oracle. Queries are cut into tiles of `block_q` rows that never cross a
     sequence boundary; each tile attends to its own sequence's pages only, so work is
     O((T + S * block_q) x context) rather than O(T x S x context)."""
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_sinks(sinks, q.shape[1])
     num_tokens, num_q_heads, head_dim = q.shape
     max_seqs, pages_per_seq = page_indices.shape
     page_size = kv_pages.shape[1]
@@ -136,7 +169,7 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
         kv = kv_pages[page_indices[seq]].reshape(pages_per_seq * page_size, *kv_pages.shape[2:])
         k, v = _split_kv(kv)
         o, l = _scores_to_output(qt, k, v, q_pos, k_pos, k_pos < kv_lens[seq], sm_scale=sm_scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap)
+                                 sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)
         return jnp.where(row_live[:, None, None], o, 0), jnp.where(row_live[:, None], l, -jnp.inf)
 
     def dead_tile(seq, r0, row_live):
@@ -164,9 +197,10 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
 
 def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
-                               soft_cap=None, return_lse=False):
+                               soft_cap=None, return_lse=False, sinks=None):
     """One query per sequence (position kv_len - 1). q [S, Hq, D] -> out [S, Hq, D]; sequences with
-    kv_len 0 give zeros."""
+    kv_len 0 give zeros. `sinks` f32[Hq] as in the oracle."""
+    validate_sinks(sinks, q.shape[1])
     max_seqs, pages_per_seq = page_indices.shape
     kv = kv_pages[page_indices].reshape(max_seqs, pages_per_seq * kv_pages.shape[1], *kv_pages.shape[2:])
     k_pos = jnp.arange(kv.shape[1])
@@ -174,7 +208,7 @@ def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1
     def one(qs, kvs, kl):
         k, v = _split_kv(kvs)
         o, l = _scores_to_output(qs[None], k, v, (kl - 1)[None], k_pos, k_pos < kl, sm_scale=sm_scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap)
+                                 sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)
         return o[0], l[0]
 
     out, lse = jax.vmap(one)(q, kv, kv_lens)

@@ -1,4 +1,4 @@
-"""The model layer: Llama-family decoder, HF / Orbax weight loading and tokenizers, behind one `load`."""
+"""The model layer: decoder (every supported family), HF / Orbax weight loading and tokenizers, behind one `load`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxserve.config import ModelConfig
 from jaxserve.model.batch import AttentionBatch, make_attention_batch
 from jaxserve.model.checkpoint import MODEL_CONFIG_FILE, load_model, save_model
-from jaxserve.model.llama import (Llama, abstract_params, forward_dense, init_params, kv_cache_partition_spec,
+from jaxserve.model.decoder import (Decoder, abstract_params, forward_dense, init_params, kv_cache_partition_spec,
                                   kv_cache_shape, make_paged_forward, param_partition_specs)
 from jaxserve.model.loader import load_hf_checkpoint
 from jaxserve.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -58,7 +58,7 @@ def load(model: str | os.PathLike, *, dtype: str | None = None, require_tokenize
 
 
 __all__ = [
-    "AttentionBatch", "ByteTokenizer", "HFTokenizer", "Llama", "Tokenizer", "abstract_params", "forward_dense",
+    "AttentionBatch", "ByteTokenizer", "HFTokenizer", "Decoder", "Tokenizer", "abstract_params", "forward_dense",
     "init_params", "kv_cache_partition_spec", "kv_cache_shape", "load", "load_hf_checkpoint", "load_model",
     "load_tokenizer", "make_attention_batch", "make_paged_forward", "param_partition_specs",
     "resolve_model_path", "save_model",

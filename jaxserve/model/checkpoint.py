@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.llama import abstract_params
+from jaxserve.model.decoder import abstract_params
 from jaxserve.model.tokenizer import Tokenizer
 
 MODEL_CONFIG_FILE = "model_config.json"

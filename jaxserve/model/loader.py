@@ -1,6 +1,8 @@
-"""Load Hugging Face Llama / Mistral / Qwen2 checkpoints (config.json + safetensors) into our param tree.
+"""Load Hugging Face checkpoints (config.json + safetensors, single or sharded) into our param tree.
 
-No torch at load time: tensors are read with `safetensors` in numpy, bfloat16 through `ml_dtypes`.
+No torch at load time: tensors are read with `safetensors` in numpy, bfloat16 through `ml_dtypes`. Each
+param names the checkpoint tensors it is built from (`_sources`); a tensor that no param uses is an error,
+since it means the checkpoint has a feature the decoder would silently drop.
 """
 
 from __future__ import annotations
@@ -11,110 +13,22 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from jaxserve.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from jaxserve.config import ModelConfig
+from jaxserve.model.decoder import abstract_params
+from jaxserve.model.hf_config import config_from_hf
 
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 SHARDED_INDEX_FILE = "model.safetensors.index.json"
 
-# Half-precision checkpoints are served in bfloat16 (ModelConfig holds float32 or bfloat16 only).
-_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "bfloat16", "float": "float32",
-              "half": "bfloat16"}
-
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                        "BOOL": np.bool_}
-
-
-# --------------------------------------------------------------------------------------------------- config
-def _rope_fields(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, rope_scaling) from either the transformers<5 fields (rope_theta, rope_scaling) or the
-    transformers>=5 `rope_parameters` dict."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    if params and any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type != "llama3":
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: 'default', 'llama3'")
-    return float(theta), RopeScaling(
-        factor=float(merged["factor"]),
-        low_freq_factor=float(merged["low_freq_factor"]),
-        high_freq_factor=float(merged["high_freq_factor"]),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings",
-                                                        hf.get("max_position_embeddings", 8192))))
-
-
-def _first_or_none(value):
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
-
-
-def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-    """Map a transformers config.json dict onto ModelConfig; refuse what our model would compute wrongly."""
-    architectures = hf.get("architectures") or []
-    supported = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
-    if not supported:
-        raise ValueError(f"unsupported architecture {architectures or hf.get('model_type')!r}; supported: "
-                         f"{sorted(SUPPORTED_ARCHITECTURES)}")
-    architecture = supported[0]
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
-    if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias=true is not supported")
-    max_positions = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    window_used = architecture == "MistralForCausalLM" or hf.get("use_sliding_window", False)
-    if window_used and window is not None and int(window) < max_positions:
-        raise ValueError(f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-                         f"{max_positions}) is not supported")
-    if architecture == "Qwen2ForCausalLM":
-        qkv_bias = True
-    else:
-        qkv_bias = bool(hf.get("attention_bias", False))
-        if qkv_bias:
-            # transformers' Llama puts a bias on o_proj too when attention_bias is set; ModelConfig has no field.
-            raise ValueError(f"{architecture} with attention_bias=true (q/k/v and o_proj biases) is not supported")
-
-    num_heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // num_heads
-    theta, scaling = _rope_fields(hf)
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    if dtype is None:
-        hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        if hf_dtype not in _HF_DTYPES:
-            raise ValueError(f"checkpoint dtype {hf_dtype!r} is not supported; supported: {sorted(_HF_DTYPES)}")
-        dtype = _HF_DTYPES[hf_dtype]
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(head_dim),
-        max_position_embeddings=max_positions,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        qkv_bias=qkv_bias,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=dtype,
-        architecture=architecture,
-        bos_token_id=_first_or_none(hf.get("bos_token_id")),
-        eos_token_id=eos_ids,
-    )
 
 
 # -------------------------------------------------------------------------------------------------- tensors
@@ -156,46 +70,65 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def _expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape (torch Linear weights are [out, in])."""
-    hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
-    kv_dim, inter = config.num_kv_heads * config.head_dim, config.intermediate_size
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, hidden)
-    for i in range(config.num_layers):
-        layer = f"model.layers.{i}."
-        shapes.update({
-            layer + "input_layernorm.weight": (hidden,),
-            layer + "post_attention_layernorm.weight": (hidden,),
-            layer + "self_attn.q_proj.weight": (q_dim, hidden),
-            layer + "self_attn.k_proj.weight": (kv_dim, hidden),
-            layer + "self_attn.v_proj.weight": (kv_dim, hidden),
-            layer + "self_attn.o_proj.weight": (hidden, q_dim),
-            layer + "mlp.gate_proj.weight": (inter, hidden),
-            layer + "mlp.up_proj.weight": (inter, hidden),
-            layer + "mlp.down_proj.weight": (hidden, inter),
-        })
-        if config.qkv_bias:
-            shapes.update({layer + "self_attn.q_proj.bias": (q_dim,), layer + "self_attn.k_proj.bias": (kv_dim,),
-                           layer + "self_attn.v_proj.bias": (kv_dim,)})
-    return shapes
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
 
 
-def _param_path(hf_name: str) -> tuple[tuple[str, ...], bool]:
-    """HF tensor name -> (path in our param tree, whether it is a Linear weight to transpose into a kernel)."""
-    if hf_name == "model.embed_tokens.weight":
-        return ("embed_tokens", "embedding"), False
-    if hf_name == "model.norm.weight":
-        return ("norm", "scale"), False
-    if hf_name == "lm_head.weight":
-        return ("lm_head", "kernel"), True
-    _, _, index, *rest = hf_name.split(".")
-    layer = f"layers_{index}"
-    if rest[0].endswith("layernorm"):
-        return (layer, rest[0], "scale"), False
-    block, proj, kind = rest
-    return (layer, block, proj, "kernel" if kind == "weight" else "bias"), kind == "weight"
+def _linear(name):
+    """A torch Linear weight [out, in] -> our kernel [in, out]."""
+    return [name], lambda t: t.T
+
+
+def _stacked(names, transpose):
+    return names, lambda *ts: np.stack([t.T if transpose else t for t in ts])
+
+
+def _sources(config: ModelConfig, path: tuple[str, ...]):
+    """Our param path -> (checkpoint tensor names, function combining them into the param)."""
+    if path == ("embed_tokens", "embedding"):
+        return ["model.embed_tokens.weight"], lambda t: t
+    if path == ("norm", "scale"):
+        return ["model.norm.weight"], lambda t: t
+    if path == ("lm_head", "kernel"):
+        return _linear("lm_head.weight")
+    layer, block, *rest = path
+    hf = f"model.layers.{layer.split('_')[1]}."
+    if block.endswith("layernorm"):
+        return [hf + block + ".weight"], lambda t: t
+    if block in ("self_attn", "mlp") and rest[-1] in ("kernel", "bias") and len(rest) == 2:
+        name = f"{hf}{block}.{rest[0]}." + ("weight" if rest[1] == "kernel" else "bias")
+        return _linear(name) if rest[1] == "kernel" else ([name], lambda t: t)
+    if block == "self_attn" and rest == ["sinks"]:
+        return [hf + "self_attn.sinks"], lambda t: t
+    if block == "self_attn":  # q_norm / k_norm
+        return [f"{hf}self_attn.{rest[0]}.weight"], lambda t: t
+    if block == "moe":
+        return _moe_sources(config, hf, tuple(rest))
+    raise ValueError(f"no checkpoint mapping for param {'/'.join(path)}")
+
+
+def _moe_sources(config: ModelConfig, hf: str, rest: tuple[str, ...]):
+    experts = range(config.num_experts)
+    arch = config.architecture
+    if arch == "GptOssForCausalLM":
+        fused = hf + "mlp.experts."
+        table = {("router", "kernel"): _linear(hf + "mlp.router.weight"),
+                 ("router", "bias"): ([hf + "mlp.router.bias"], lambda t: t),
+                 # gate and up are interleaved along the last axis of the fused [E, H, 2I] tensor
+                 ("gate_proj",): ([fused + "gate_up_proj"], lambda t: t[..., 0::2]),
+                 ("up_proj",): ([fused + "gate_up_proj"], lambda t: t[..., 1::2]),
+                 ("down_proj",): ([fused + "down_proj"], lambda t: t),
+                 ("gate_bias",): ([fused + "gate_up_proj_bias"], lambda t: t[..., 0::2]),
+                 ("up_bias",): ([fused + "gate_up_proj_bias"], lambda t: t[..., 1::2]),
+                 ("down_bias",): ([fused + "down_proj_bias"], lambda t: t)}
+    else:
+        prefix, names = ((hf + "block_sparse_moe.", ("w1", "w3", "w2")) if arch == "MixtralForCausalLM"
+                         else (hf + "mlp.", ("gate_proj", "up_proj", "down_proj")))
+        table = {("router", "kernel"): _linear(prefix + "gate.weight")}
+        for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), names):
+            table[(ours,)] = _stacked([f"{prefix}experts.{e}.{theirs}.weight" for e in experts], transpose=True)
+    if rest not in table:
+        raise ValueError(f"no checkpoint mapping for MoE param {'/'.join(rest)} of {arch}")
+    return table[rest]
 
 
 def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, dict]:
@@ -207,20 +140,33 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> t
     config = config_from_hf(json.loads(config_path.read_text()), dtype)
     files = _weight_files(folder)
     target_dtype = jnp.dtype(config.dtype)
-    params: dict = {}
     handles: dict[Path, Any] = {}
-    for name, shape in _expected_hf_shapes(config).items():
+    used: set[str] = set()
+
+    def read(name: str) -> np.ndarray:
         if name not in files:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint in {folder}")
         file = files[name]
         if file not in handles:
             handles[file] = safe_open(str(file), framework="np")
-        tensor = _read_tensor(file, handles[file], name)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, expected {shape}")
-        path, is_linear = _param_path(name)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(tensor.T if is_linear else tensor).astype(target_dtype)
+        used.add(name)
+        return _read_tensor(file, handles[file], name)
+
+    def build(key_path, abstract):
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        names, combine = _sources(config, path)
+        tensors = [read(n) for n in names]
+        value = combine(*tensors)
+        if tuple(value.shape) != tuple(abstract.shape):
+            got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
+            raise ValueError(f"tensor {got} does not give param {'/'.join(path)} its expected shape: got "
+                             f"{tuple(value.shape)}, expected {tuple(abstract.shape)} (as torch [out, in]: "
+                             f"{tuple(abstract.shape)[::-1]})")
+        return jnp.asarray(value).astype(target_dtype)
+
+    params = jax.tree_util.tree_map_with_path(build, abstract_params(config))
+    unused = sorted(n for n in files if n not in used and not n.endswith(_IGNORED))
+    if unused:
+        raise ValueError(f"{len(unused)} checkpoint tensors map to nothing in {config.architecture} (an unsupported "
+                         f"feature?): {unused[:5]}")
     return config, params
