@@ -42,10 +42,12 @@ flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine ste
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
 flags.DEFINE_bool("chunked_prefill", True, "split long prefills across steps")
 flags.DEFINE_integer("tp", 1, "tensor-parallel degree")
+flags.DEFINE_integer("ep", 1, "expert-parallel degree (MoE models): experts split over ep x tp devices")
 flags.DEFINE_list("device_ids", None, "devices of the mesh (default: the first tp)")
 flags.DEFINE_string("attention_impl", "auto", "attention implementation")
 flags.DEFINE_integer("max_model_len", None, "cap on the context length")
-flags.DEFINE_string("dtype", None, "cast the weights (float32 | bfloat16)")
+flags.DEFINE_string("dtype", None, "compute dtype (float32 | bfloat16); default: float32 on CPU, else the "
+                    "checkpoint's")
 flags.DEFINE_integer("seed", 0, "engine seed (random weights, unseeded sampling)")
 flags.DEFINE_string("compilation_cache", None, "persistent XLA cache folder ('off' to disable)")
 flags.DEFINE_bool("profile_at_start", False, "time the cost-model points before registering")
@@ -69,6 +71,7 @@ def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
                 enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                 max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
+                ep=FLAGS.ep,
                 device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
                 attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
                 seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache)

@@ -150,12 +150,11 @@ def test_greedy_uncached_and_disaggregated_match_transformers(checkpoint, family
     tokens, cached = _greedy(_llm(ck.folder, enable_prefix_caching=False), ck.prompts)
     assert tokens == ck.expected and cached == [0, 0, 0]
     pair = _llm(ck.folder, disaggregated=True, prefill_devices=[0], decode_devices=[1], pd_mode="caching2")
-    tokens, _ = _greedy(pair, ck.prompts)
-    assert tokens == ck.expected
+    tokens, cached = _greedy(pair, ck.prompts[:2])
+    assert tokens == ck.expected[:2] and cached[1] >= 24
 
 
-@pytest.mark.parametrize("family,ep,tp", [("qwen3_moe", 4, 1), ("mixtral", 2, 2), ("gpt_oss", 4, 2),
-                                          ("gpt_oss", 1, 2)])
+@pytest.mark.parametrize("family,ep,tp", [("qwen3_moe", 4, 1), ("gpt_oss", 2, 2)])
 def test_expert_parallel_matches_one_device(checkpoint, family, ep, tp):
     """Experts split over ep (attention replicated over it), alone and with tp: greedy tokens equal one
     device's and transformers'."""
@@ -164,20 +163,21 @@ def test_expert_parallel_matches_one_device(checkpoint, family, ep, tp):
     assert llm.engine.mesh.size == ep * tp
     experts = llm.engine.params["layers_0"]["moe"]["gate_proj"]
     assert len({str(s.index) for s in experts.addressable_shards}) == ep * tp  # really split, not replicated
-    tokens, _ = _greedy(llm, ck.prompts[:2])
-    assert tokens == ck.expected[:2]
+    tokens, _ = _greedy(llm, ck.prompts[1:])
+    assert tokens == ck.expected[1:]
 
 
 def test_grouped_and_dense_expert_compute_agree(checkpoint):
     """The grouped-matmul expert path and the per-expert dense loop (the benchmark's baseline) agree."""
-    from jaxserve.model import make_paged_forward  # noqa: F401  (import check: public entry point)
+    import jax
+
     from jaxserve.model.decoder import Decoder
 
     ck = checkpoint("gpt_oss", 0)
     config, params = load_hf_checkpoint(ck.folder)
     ids = jnp.asarray([ck.prompts[2]], jnp.int32)
-    grouped = Decoder(config).apply({"params": params}, ids, method=Decoder.dense)
-    dense = Decoder(config, moe_impl="dense").apply({"params": params}, ids, method=Decoder.dense)
+    grouped, dense = (jax.jit(lambda p, x, impl=impl: Decoder(config, moe_impl=impl).apply(
+        {"params": p}, x, method=Decoder.dense))(params, ids) for impl in ("grouped", "dense"))
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), **F32_TOL)
 
 
@@ -208,8 +208,8 @@ def test_unsupported_fields_are_named(checkpoint, tmp_path):
 
 def test_batched_with_preemption_and_host_tier_matches_transformers(checkpoint):
     """Three prompts at once in a pool too small for all of them (preemption), evicted prefixes kept in a host
-    tier, on a sliding-window + soft-capped family and a MoE family."""
-    for family in ("gemma2", "qwen3_moe"):
+    tier, on a sliding-window + soft-capped family."""
+    for family in ("gemma2",):
         ck = checkpoint(family, 0)
         llm = _llm(ck.folder, num_pages=24, num_host_pages=32)
         outs = llm.generate(ck.prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))

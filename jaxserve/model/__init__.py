@@ -30,11 +30,21 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     return Path(name)
 
 
+def default_compute_dtype(platform: str | None = None) -> str | None:
+    """The dtype a checkpoint is computed in when the caller names none: on CPU float32, because XLA:CPU runs
+    bf16 matmuls many times slower than f32 (WORKSPACE_NOTES.md, "bf16 on CPU"); elsewhere None, i.e. the
+    checkpoint's own dtype (bf16 on GPU/TPU)."""
+    return "float32" if (platform or jax.default_backend()) == "cpu" else None
+
+
 def load(model: str | os.PathLike, *, dtype: str | None = None, require_tokenizer: bool = True
          ) -> tuple[ModelConfig, dict, Tokenizer | None]:
     """(config, params, tokenizer) from an Orbax model folder (has model_config.json) or an HF folder (has
-    config.json + safetensors). `dtype` casts the params ("float32" / "bfloat16"). Without tokenizer files,
-    raises unless `require_tokenizer=False` (then the tokenizer is None)."""
+    config.json + safetensors). `dtype` casts the params ("float32" / "bfloat16"); None or "auto" means
+    `default_compute_dtype()`. Without tokenizer files, raises unless `require_tokenizer=False` (then the
+    tokenizer is None)."""
+    if dtype in (None, "auto"):
+        dtype = default_compute_dtype()
     folder = resolve_model_path(model)
     if not folder.is_dir():
         raise FileNotFoundError(f"model {str(model)!r}: {folder} is not a directory")

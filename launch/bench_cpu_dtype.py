@@ -1,0 +1,86 @@
+"""Compute dtype on this platform, side by side in one run: the same random Llama served with float32 params
+vs bfloat16 params (computed in bf16), decode time per step at several batch sizes and a cold prefill.
+
+    python -m launch.bench_cpu_dtype --out=out/bench_cpu_dtype.json
+
+The default shape is the one of issue 14's report (hidden 256, 4 layers, 2 heads / 1 KV head of 128, vocab
+8192). Every shape is compiled by a warm-up pass first; each figure is the least of `repeats`. Prints a table
+and writes JSON (ratios within one run; the box is shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("hidden", 256, "hidden size")
+flags.DEFINE_integer("layers", 4, "layers")
+flags.DEFINE_integer("vocab", 8192, "vocabulary")
+flags.DEFINE_list("batches", ["1", "8", "32"], "decode batch sizes")
+flags.DEFINE_integer("prefill_len", 544, "cold prefill prompt tokens")
+flags.DEFINE_integer("decode_tokens", 16, "new tokens per sequence when timing decode")
+flags.DEFINE_integer("repeats", 3, "timed repeats (least kept)")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes compared")
+flags.DEFINE_string("out", "out/bench_cpu_dtype.json", "JSON output")
+FLAGS = flags.FLAGS
+
+
+def _measure(dtype):
+    import numpy as np
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.hidden * 4,
+                      num_layers=FLAGS.layers, num_heads=2, num_kv_heads=1, head_dim=128,
+                      max_position_embeddings=4096)
+    llm = LLM(cfg, dtype=dtype, num_pages=1024, max_num_batched_tokens=1024, max_num_seqs=32,
+              enable_prefix_caching=False, compilation_cache="off")
+    rng = np.random.RandomState(0)
+    result = {}
+    for batch in map(int, FLAGS.batches):
+        prompts = [list(rng.randint(0, FLAGS.vocab, 32)) for _ in range(batch)]
+        params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
+        best = float("inf")
+        for attempt in range(FLAGS.repeats + 1):  # the first pass compiles
+            outs = llm.generate(prompts, params)
+            per_step = max((o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs)
+            best = per_step if attempt == 0 else min(best, per_step)
+        result[f"decode_b{batch}_ms"] = best * 1e3
+        result[f"decode_b{batch}_tok_s"] = batch / best
+    prompt = list(rng.randint(0, FLAGS.vocab, FLAGS.prefill_len))
+    best = float("inf")
+    for attempt in range(FLAGS.repeats + 1):
+        start = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=1))
+        elapsed = time.perf_counter() - start
+        best = elapsed if attempt == 0 else min(best, elapsed)
+    result["prefill_ms"] = best * 1e3
+    return result
+
+
+def main(_):
+    import jax
+
+    rows = {dtype: _measure(dtype) for dtype in FLAGS.dtypes}
+    base = FLAGS.dtypes[0]
+    print(f"\nCompute dtype on {jax.default_backend()} ({os.cpu_count()} cores): Llama hidden {FLAGS.hidden}, "
+          f"{FLAGS.layers} layers, vocab {FLAGS.vocab}\n")
+    print("| measure | " + " | ".join(FLAGS.dtypes) + f" | ratio to {base} |")
+    print("|---|" + "---|" * (len(FLAGS.dtypes) + 1))
+    for key in rows[base]:
+        if key.endswith("tok_s"):
+            continue
+        values = [rows[d][key] for d in FLAGS.dtypes]
+        print(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " | " +
+              " / ".join(f"{v / values[0]:.1f}x" for v in values[1:]) + " |")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(dict(platform=jax.default_backend(), rows=rows), f, indent=1)
+    print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
