@@ -45,7 +45,7 @@ def _blocked_grouped_matmul(x, w, group_sizes):
     """CPU grouped matmul: rows of each group padded to whole blocks; one dot per live block."""
     rows, k_dim = x.shape
     groups, _, n = w.shape
-    block = min(128, max(8, _next_pow2(-(-rows // groups)) // 4))
+    block = min(128, max(8, _next_pow2(-(-rows // groups)) // 2))  # measured: 1/2 of the mean group beats 1/4
     num_blocks = -(-rows // block) + groups  # each group wastes less than one block
     padded = (group_sizes + block - 1) // block * block
     pad_end = jnp.cumsum(padded)
