@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.kernels import dispatch, reference
+from jaxserve.kernels import dispatch, reference, xla_attention
 from jaxserve.kernels.decode_attention import decode_paged_attention
 from jaxserve.kernels.ragged_paged_attention import merge_attention, ragged_paged_attention
 
@@ -156,6 +156,29 @@ def test_ragged_soft_cap_and_sliding_window(kw):
     assert_lse_close(lse, ref_lse, jnp.float32)
 
 
+# ------------------------------------------------------------------------------------------------
+# the engine's CPU path (xla_attention): online softmax over the key blocks each tile can see
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(soft_cap=5.0), dict(sliding_window=11), dict(sliding_window=3)],
+                         ids=["plain", "soft_cap", "window11", "window3"])
+@pytest.mark.parametrize("block_q,block_k", [(None, 256), (4, 8), (16, 16)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_xla_ragged_matches_oracle(dtype, block_q, block_k, kw):
+    """Several key blocks per sequence (block_k 8-16 against 40-key contexts), windows that start past the first
+    block, dead sequence slots, a live sequence with q_len 0, NaN in unused pages and padding rows."""
+    rng = np.random.default_rng([block_k, len(kw), 0 if dtype == jnp.float32 else 1])
+    seqs = [(21, 21), (0, 5), (6, 40), (1, 33), (1, 8)]
+    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=2, head_dim=64, page_size=8, dtype=dtype,
+                                   extra_seqs=2, pad_tokens=5)
+    out, lse = xla_attention.ragged_paged_attention_xla(*args, sm_scale=0.3, return_lse=True, block_q=block_q,
+                                                        block_k=block_k, **kw)
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **kw)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("block_q,pages_per_block", [(None, None), (1, 1), (16, 4)])
 def test_ragged_tilings_dead_sequences_and_empty_queries(block_q, pages_per_block):
     """Tile / KV-block sizes that do and do not divide the lengths; a live sequence with q_len 0;
@@ -268,7 +291,7 @@ def test_ragged_with_sinks_matches_oracle(dtype, kw, impl):
     NaN-poisoned pool."""
     args, oracle_args, sinks, _ = _sink_batch(dtype, 31)
     if impl == "xla":
-        out, lse = reference.ragged_paged_attention_xla(*args, sm_scale=0.125, return_lse=True, sinks=sinks,
+        out, lse = xla_attention.ragged_paged_attention_xla(*args, sm_scale=0.125, return_lse=True, sinks=sinks,
                                                         block_q=8, **kw)
     else:
         out, lse = ragged_paged_attention(*args, sm_scale=0.125, return_lse=True, sinks=sinks, block_q=4,

@@ -2,7 +2,8 @@
 
 Shapes come from a small set of buckets so the number of compilations stays bounded:
 - decode-only steps: S = T = next power of two of the batch size;
-- mixed steps: T = next power of two of the token count (>= 16), S = next power of two of the batch (>= 8);
+- mixed steps: T = `token_bucket` of the token count (powers of two >= 16, and 1.5x steps above 128),
+  S = next power of two of the batch (>= 8);
   padding sequence slots cost no attention (their tiles are skipped), only lm_head rows;
 - pages per sequence: next power of two of the longest sequence's pages.
 """
@@ -41,6 +42,23 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def token_bucket(n: int, minimum: int = 16) -> int:
+    """Padded token count of a mixed step: powers of two up to 128, then also 1.5x steps (192, 384, 768, ...),
+    so a long prefill chunk pads by at most a third instead of up to double (544 tokens: 768, not 1024)."""
+    pow2 = next_pow2(n, minimum)
+    three_halves = 3 * pow2 // 4
+    return three_halves if pow2 > 128 and n <= three_halves else pow2
+
+
+def token_buckets(minimum: int, maximum: int) -> list[int]:
+    """Every value `token_bucket` can return in [minimum, maximum]."""
+    out, n = [], next_pow2(minimum)
+    while 3 * n // 4 <= maximum:
+        out += [m for m in (3 * n // 4, n) if m >= minimum and m <= maximum and token_bucket(m, minimum) == m]
+        n *= 2
+    return sorted(set(out))
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_step(model_config, attention_impl: str, mesh=None):
     """One jitted step per (model shape, attention impl, MoE mesh), shared by every engine in the process, so
@@ -64,7 +82,7 @@ class ModelRunner:
         self.pool = pool
         self.page_size = pool.page_size
         self.max_num_seqs = max_num_seqs
-        self.max_tokens_bucket = next_pow2(max_num_batched_tokens, 16)
+        self.max_tokens_bucket = token_bucket(max_num_batched_tokens, 16)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
@@ -99,7 +117,7 @@ class ModelRunner:
         else:
             # Slots also size the lm_head and the sampler, so they follow the batch (min 8: few buckets).
             num_slots = min(next_pow2(len(entries), 8), next_pow2(self.max_num_seqs))
-            num_tokens = min(next_pow2(batch.num_tokens, 16), self.max_tokens_bucket)
+            num_tokens = min(token_bucket(batch.num_tokens, 16), self.max_tokens_bucket)
         pages_per_seq = min(next_pow2(max(len(r.pages) for r, _ in entries)), self.max_pages_bucket)
 
         token_ids = np.zeros(num_tokens, np.int32)

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from jaxserve.engine.model_runner import StepInputs, next_pow2
+from jaxserve.engine.model_runner import StepInputs, next_pow2, token_buckets
 from jaxserve.engine.sampling import sampling_arrays
 from jaxserve.model.batch import AttentionBatch
 
@@ -33,7 +33,7 @@ def step_shapes(runner) -> list[tuple[bool, int, int, int]]:
     pages = _pow2_range(1, runner.max_pages_bucket)
     shapes = [(True, s, s, p) for s in _pow2_range(1, max_slots) for p in pages]
     mixed_slots = _pow2_range(min(8, max_slots), max_slots)
-    shapes += [(False, t, s, p) for t in _pow2_range(16, runner.max_tokens_bucket) for s in mixed_slots
+    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket) for s in mixed_slots
                for p in pages]
     return shapes
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.kernels import reference
+from jaxserve.kernels import reference, xla_attention
 from jaxserve.kernels.decode_attention import decode_paged_attention
 from jaxserve.kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -193,7 +193,7 @@ def _bench_one(cfg, rng, mode, batch, context, hq, hkv, dtype, q_len, kv_bytes, 
         if "ragged" in cfg.impls:
             fns["ragged"] = (lambda *a: ragged_paged_attention(*a, sm_scale=sm_scale, interpret=interpret), args)
         if "xla" in cfg.impls:
-            fns["xla"] = (lambda *a: reference.ragged_paged_attention_xla(*a, sm_scale=sm_scale), args)
+            fns["xla"] = (lambda *a: xla_attention.ragged_paged_attention_xla(*a, sm_scale=sm_scale), args)
     flops = 2 * hq * d * q_len * q_len * batch if mode == "prefill" else 4 * hq * d * context * batch
     rows, outs = [], {}
     for name, (fn, fargs) in fns.items():

@@ -5,10 +5,10 @@ index 2h and V at 2h + 1 of axis 2. Query i of a sequence with `kv_len` keys and
 position `kv_len - q_len + i` and sees keys 0..that position (semantics of JAX's
 `ref_ragged_paged_attention`).
 
-Three functions share that contract:
+Three functions share that contract (the first two here):
 - `ref_ragged_paged_attention`: per-token gather; obviously correct, memory-hungry; tests only.
-- `ragged_paged_attention_xla`: the same result, computed per query tile of one sequence under `lax.map`,
-  so memory stays O(tile x context); the engine's path for mixed prefill/decode steps on CPU.
+- `xla_attention.ragged_paged_attention_xla` (its own module): the same result with an online softmax over
+  the key blocks each query tile can see; the engine's path for mixed prefill/decode steps on CPU.
 - `decode_paged_attention_xla`: one query per sequence, batched; the engine's path for decode-only steps.
 
 Attention sinks (gpt-oss): `sinks` f32[Hq], one learned logit per query head, joins every row's softmax as
@@ -135,65 +135,6 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     out = jnp.where(live[:, None, None], out, 0).astype(q.dtype)
     del page_size
     return (out, lse) if return_lse else out
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q"))
-def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
-                               sliding_window=None, soft_cap=None, return_lse=False, block_q=16, sinks=None):
-    """Same contract as the oracle. Queries are cut into tiles of `block_q` rows that never cross a
-    sequence boundary; each tile attends to its own sequence's pages only, so work is
-    O((T + S * block_q) x context) rather than O(T x S x context)."""
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    validate_sinks(sinks, q.shape[1])
-    num_tokens, num_q_heads, head_dim = q.shape
-    max_seqs, pages_per_seq = page_indices.shape
-    page_size = kv_pages.shape[1]
-    seq_ids = jnp.arange(max_seqs)
-    q_lens = jnp.where(seq_ids < num_seqs[0], cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    tiles_per_seq = (q_lens + block_q - 1) // block_q
-    tile_end = jnp.cumsum(tiles_per_seq)
-    max_tiles = -(-num_tokens // block_q) + max_seqs
-    tile_ids = jnp.arange(max_tiles)
-    tile_seq = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
-    tile_live = (tile_seq < max_seqs) & (tile_ids < tile_end[-1])
-    tile_seq = jnp.minimum(tile_seq, max_seqs - 1)
-    first_tile = tile_end[tile_seq] - tiles_per_seq[tile_seq]
-    row0 = cu_q_lens[tile_seq] + (tile_ids - first_tile) * block_q
-    q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
-    k_pos = jnp.arange(pages_per_seq * page_size)
-
-    def live_tile(seq, r0, row_live):
-        rows = r0 + jnp.arange(block_q)
-        qt = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=0)
-        q_pos = kv_lens[seq] - q_lens[seq] + rows - cu_q_lens[seq]
-        kv = kv_pages[page_indices[seq]].reshape(pages_per_seq * page_size, *kv_pages.shape[2:])
-        k, v = _split_kv(kv)
-        o, l = _scores_to_output(qt, k, v, q_pos, k_pos, k_pos < kv_lens[seq], sm_scale=sm_scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)
-        return jnp.where(row_live[:, None, None], o, 0), jnp.where(row_live[:, None], l, -jnp.inf)
-
-    def dead_tile(seq, r0, row_live):
-        return (jnp.zeros((block_q, num_q_heads, head_dim), q.dtype),
-                jnp.full((block_q, num_q_heads), -jnp.inf, jnp.float32))
-
-    def tile(args):
-        seq, r0, live = args
-        row_live = live & (r0 + jnp.arange(block_q) < cu_q_lens[seq + 1])
-        # Padding tiles (unused sequence slots of a shape bucket) skip the attention entirely.
-        o, l = jax.lax.cond(live, live_tile, dead_tile, seq, r0, row_live)
-        return o, l, row_live
-
-    out_t, lse_t, live_t = jax.lax.map(tile, (tile_seq, row0, tile_live))
-    # Scatter tile rows back to packed token order; dead rows go to a sink row past the end.
-    rows = (row0[:, None] + jnp.arange(block_q)[None, :])
-    rows = jnp.where(live_t, rows, num_tokens).reshape(-1)
-    out = jnp.zeros((num_tokens + 1, num_q_heads, head_dim), q.dtype).at[rows].set(
-        out_t.reshape(-1, num_q_heads, head_dim))[:num_tokens]
-    if not return_lse:
-        return out
-    lse = jnp.full((num_tokens + 1, num_q_heads), -jnp.inf, jnp.float32).at[rows].set(
-        lse_t.reshape(-1, num_q_heads))[:num_tokens]
-    return out, lse
 
 
 def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,

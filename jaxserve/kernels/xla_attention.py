@@ -1,0 +1,129 @@
+"""The engine's ragged paged attention under plain XLA (the CPU path), same contract as the oracle in
+`reference.py`.
+
+Queries are cut into tiles of `block_q` rows that never cross a sequence; each live tile runs an online
+softmax over its own sequence's keys in blocks of `block_k`, visiting only the blocks its rows can see
+(causal bound above, sliding window below; a `fori_loop` with traced bounds), so a prefill of L tokens costs
+~L^2/2 key visits, not L x (bucketed pages x page_size). Padding tiles (unused slots of a shape bucket) are
+skipped with `lax.cond`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.kernels.reference import MASK_VALUE, _split_kv, apply_sinks, validate_inputs, validate_sinks
+
+
+def default_block_q(num_tokens: int, max_seqs: int) -> int:
+    """Rows per tile: big tiles for long prefill chunks (fewer KV re-reads), 16 when the step is mostly
+    one-token decodes (each sequence wastes up to a tile)."""
+    per_seq = max(num_tokens // max(max_seqs, 1), 1)
+    return max(16, min(128, 1 << (per_seq.bit_length() - 1)))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
+                                             "block_k"))
+def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
+                               sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=256,
+                               sinks=None):
+    """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D]; kv_lens i32[S]; page_indices i32[S, pages_per_seq];
+    cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
+    only, with `return_lse`). Rows of no live sequence are zero (lse -inf)."""
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_sinks(sinks, q.shape[1])
+    num_tokens, num_q_heads, head_dim = q.shape
+    max_seqs, pages_per_seq = page_indices.shape
+    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    group = num_q_heads // num_kv_heads
+    block_q = block_q or default_block_q(num_tokens, max_seqs)
+    pages_per_block = max(1, min(pages_per_seq, block_k // page_size))
+    block_k = pages_per_block * page_size
+    num_blocks = -(-pages_per_seq // pages_per_block)
+    # Page 0 pads the table to whole key blocks; those keys sit past kv_len and are masked.
+    table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+
+    seq_ids = jnp.arange(max_seqs)
+    q_lens = jnp.where(seq_ids < num_seqs[0], cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    tiles_per_seq = (q_lens + block_q - 1) // block_q
+    tile_end = jnp.cumsum(tiles_per_seq)
+    max_tiles = -(-num_tokens // block_q) + max_seqs
+    tile_ids = jnp.arange(max_tiles)
+    tile_seq = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
+    tile_live = (tile_seq < max_seqs) & (tile_ids < tile_end[-1])
+    tile_seq = jnp.minimum(tile_seq, max_seqs - 1)
+    first_tile = tile_end[tile_seq] - tiles_per_seq[tile_seq]
+    row0 = cu_q_lens[tile_seq] + (tile_ids - first_tile) * block_q
+    q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
+
+    def live_tile(seq, r0, row_live):
+        qt = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=0)
+        qg = qt.reshape(block_q, num_kv_heads, group, head_dim)
+        kv_len = kv_lens[seq]
+        q_pos = kv_len - q_lens[seq] + r0 + jnp.arange(block_q) - cu_q_lens[seq]  # [bq]
+        top = jnp.max(jnp.where(row_live, q_pos, 0))
+        hi = jnp.minimum(top // block_k + 1, num_blocks)
+        lo = 0
+        if sliding_window is not None:
+            bottom = jnp.min(jnp.where(row_live, q_pos, top))
+            lo = jnp.maximum(bottom - sliding_window + 1, 0) // block_k
+
+        def visit(b, carry):
+            m, l, acc = carry
+            pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
+            k, v = _split_kv(kv_pages[pages].reshape(block_k, 2 * num_kv_heads, head_dim))
+            k_pos = b * block_k + jnp.arange(block_k)
+            valid = k_pos < kv_len
+            s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            mask = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
+            v = jnp.where(valid[:, None, None], v, 0)
+            alpha = jnp.exp(m - m_new)
+            acc = acc * alpha[..., None] + jnp.einsum("hgqk,khd->hgqd", p.astype(v.dtype), v,
+                                                      preferred_element_type=jnp.float32)
+            return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+
+        init = (jnp.full((num_kv_heads, group, block_q), MASK_VALUE, jnp.float32),
+                jnp.zeros((num_kv_heads, group, block_q), jnp.float32),
+                jnp.zeros((num_kv_heads, group, block_q, head_dim), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
+        has_key = l > 0
+        out = acc / jnp.where(has_key, l, 1.0)[..., None]
+        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -jnp.inf)
+        out = jnp.transpose(out, (2, 0, 1, 3)).reshape(block_q, num_q_heads, head_dim)
+        lse = jnp.transpose(lse, (2, 0, 1)).reshape(block_q, num_q_heads)
+        if sinks is not None:
+            out = apply_sinks(out, lse, sinks)
+        out = jnp.where(row_live[:, None, None], out, 0).astype(q.dtype)
+        return out, jnp.where(row_live[:, None], lse, -jnp.inf)
+
+    def dead_tile(seq, r0, row_live):
+        return (jnp.zeros((block_q, num_q_heads, head_dim), q.dtype),
+                jnp.full((block_q, num_q_heads), -jnp.inf, jnp.float32))
+
+    def tile(args):
+        seq, r0, live = args
+        row_live = live & (r0 + jnp.arange(block_q) < cu_q_lens[seq + 1])
+        o, lse_rows = jax.lax.cond(live, live_tile, dead_tile, seq, r0, row_live)
+        return o, lse_rows, row_live
+
+    out_t, lse_t, live_t = jax.lax.map(tile, (tile_seq, row0, tile_live))
+    # Scatter tile rows back to packed token order; dead rows go to a sink row past the end.
+    rows = jnp.where(live_t, row0[:, None] + jnp.arange(block_q)[None, :], num_tokens).reshape(-1)
+    out = jnp.zeros((num_tokens + 1, num_q_heads, head_dim), q.dtype).at[rows].set(
+        out_t.reshape(-1, num_q_heads, head_dim))[:num_tokens]
+    if not return_lse:
+        return out
+    lse = jnp.full((num_tokens + 1, num_q_heads), -jnp.inf, jnp.float32).at[rows].set(
+        lse_t.reshape(-1, num_q_heads))[:num_tokens]
+    return out, lse
