@@ -63,6 +63,15 @@ def check_parallelism(model_config: ModelConfig, tp: int, ep: int = 1, seq: int 
                              f"({model_config.architecture}); use sequence_parallel=1")
 
 
+def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None) -> str:
+    """The KV pool's dtype: the model's, except bf16 on CPU, which is stored in f32: XLA:CPU upcasts a bf16
+    scatter through the whole cache (measured 42 ms per layer write of 8 tokens into a 33 MB cache, against
+    0.01 ms in f32), so the in-place KV write only stays in place in f32 there."""
+    if (platform or jax.default_backend()) == "cpu":
+        return "float32"
+    return model_config.dtype
+
+
 class Engine:
     def __init__(self, model_config: ModelConfig, params, config: EngineConfig, *, eos_token_ids=(),
                  detokenize=None):
@@ -81,7 +90,7 @@ class Engine:
         self.params = jax.tree.map(
             lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
         kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())
-        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding)
+        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=kv_storage_dtype(model_config))
         self.attention_impl = resolve_impl(config.attention_impl)
         self.runner = ModelRunner(model_config, self.params, self.pool,
                                   max_num_seqs=config.scheduler.max_num_seqs,
