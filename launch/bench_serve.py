@@ -93,9 +93,13 @@ flags.DEFINE_integer("http_port", 0, "jaxserve HTTP port (0: a free one)")
 flags.DEFINE_integer("grpc_port", 0, "jaxserve scheduler gRPC port (0: a free one)")
 flags.DEFINE_integer("page_size", 16, "jaxserve: tokens per KV page")
 flags.DEFINE_integer("num_pages", 2048, "jaxserve: KV pages")
-flags.DEFINE_integer("max_num_batched_tokens", 1024, "jaxserve: token budget per engine step")
+# Every (tokens, slots, pages) bucket --precompile compiles keeps ~300 memory mappings on XLA:CPU: 1024 tokens x 2048
+# context (216 shapes) passes Linux's default vm.max_map_count (65530) and the instance dies in LLVM ("Cannot
+# allocate memory", then SIGSEGV); 512 x 1024 is 168 shapes, as many as the demo instance (the workloads need
+# at most 580 tokens of context).
+flags.DEFINE_integer("max_num_batched_tokens", 512, "jaxserve: token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "jaxserve: requests per engine step")
-flags.DEFINE_integer("max_model_len", 2048, "jaxserve: context length")
+flags.DEFINE_integer("max_model_len", 1024, "jaxserve: context length")
 flags.DEFINE_string("dtype", None, "jaxserve compute dtype (default: the instance's: float32 on CPU)")
 flags.DEFINE_bool("precompile", True, "jaxserve instance compiles every step shape before registering")
 flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (load, precompile, register)")

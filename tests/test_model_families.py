@@ -262,3 +262,52 @@ def test_sequence_parallel_refuses_window_and_runs_qk_norm_family(checkpoint):
     tokens, _ = _greedy(llm, ck.prompts[:1])
     assert tokens == ck.expected[:1]
     assert llm.engine.sp is not None and llm.engine.sp.num_prefills > 0
+
+
+def _quantize_mxfp4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[E, in, out] f32 -> (blocks u8[E, out, in/32, 16], scales u8[E, out, in/32]): per 32 inputs a power-of-two
+    scale putting the largest magnitude at or under 6, each value rounded to the nearest E2M1 code."""
+    codes = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+    w = weight.swapaxes(1, 2)  # [E, out, in]
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = np.ceil(np.log2(np.maximum(np.abs(groups).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    scaled = groups / np.ldexp(1.0, exponent)[..., None]
+    magnitude = np.abs(np.abs(scaled)[..., None] - codes).argmin(-1)
+    nibble = (magnitude + 8 * (scaled < 0)).astype(np.uint8)
+    blocks = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray((exponent + 127).astype(np.uint8))
+
+
+def test_gpt_oss_mxfp4_experts_load_like_transformers(checkpoint, tmp_path):
+    """The published gpt-oss layout: expert weights as MXFP4 blocks + scales. Our dequantisation equals
+    transformers' own (`convert_moe_packed_tensors`), and the loaded model's logits equal transformers' with
+    those dequantised weights."""
+    torch, transformers = _hf()
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from jaxserve.model.loader import dequantize_mxfp4
+
+    ck = checkpoint("gpt_oss", 1)  # head_dim 32 x 4 heads: hidden 64 and intermediate 96 are multiples of 32
+    tensors = {}
+    for file in sorted(ck.folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    hf = transformers.GptOssForCausalLM.from_pretrained(ck.folder, attn_implementation="eager").eval()
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _quantize_mxfp4(tensors.pop(name))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        theirs = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32)
+        np.testing.assert_array_equal(dequantize_mxfp4(blocks, scales), theirs.numpy())
+        with torch.no_grad():
+            hf.get_parameter(name).copy_(theirs)
+    folder = tmp_path / "mxfp4"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = json.loads((ck.folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    ours_config, params = load_hf_checkpoint(folder)
+    ids = np.asarray([ck.prompts[0]], np.int32)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(np.asarray(forward_dense(params, ours_config, jnp.asarray(ids))), ref, **F32_TOL)

@@ -109,8 +109,10 @@ def _moe_fields(hf: dict[str, Any], architecture: str, num_layers: int) -> dict[
 def _refuse_unsupported(hf: dict[str, Any], architecture: str) -> None:
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"quantized checkpoints (quantization_config.quant_method={method!r}) are not supported; "
-                         "use an unquantized (bf16/f32) checkpoint")
+        if not (method == "mxfp4" and architecture == "GptOssForCausalLM"):
+            raise ValueError(f"quantized checkpoints (quantization_config.quant_method={method!r}) are not "
+                             "supported (only gpt-oss's MXFP4 experts, dequantized at load); use an unquantized "
+                             "(bf16/f32) checkpoint")
     if hf.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported")
     if hf.get("use_bidirectional_attention"):

@@ -71,6 +71,21 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
+# MXFP4 (OCP microscaling): 4-bit E2M1 codes, two per byte (low nibble first), one E8M0 power-of-two scale
+# (bias 127) per 32 values. gpt-oss publishes its expert weights this way.
+_FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       np.float32)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """blocks u8[E, out, G, 16], scales u8[E, out, G] -> f32[E, in = G * 32, out] (the bf16 checkpoint's
+    layout of gpt-oss expert weights)."""
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match")
+    values = np.stack([_FP4_VALUES[blocks & 0x0F], _FP4_VALUES[blocks >> 4]], axis=-1)
+    values = values.reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    return values.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
 
 
 def _linear(name):
@@ -82,7 +97,7 @@ def _stacked(names, transpose):
     return names, lambda *ts: np.stack([t.T if transpose else t for t in ts])
 
 
-def _sources(config: ModelConfig, path: tuple[str, ...]):
+def _sources(config: ModelConfig, path: tuple[str, ...], available=frozenset()):
     """Our param path -> (checkpoint tensor names, function combining them into the param)."""
     if path == ("embed_tokens", "embedding"):
         return ["model.embed_tokens.weight"], lambda t: t
@@ -102,21 +117,29 @@ def _sources(config: ModelConfig, path: tuple[str, ...]):
     if block == "self_attn":  # q_norm / k_norm
         return [f"{hf}self_attn.{rest[0]}.weight"], lambda t: t
     if block == "moe":
-        return _moe_sources(config, hf, tuple(rest))
+        return _moe_sources(config, hf, tuple(rest), available)
     raise ValueError(f"no checkpoint mapping for param {'/'.join(path)}")
 
 
-def _moe_sources(config: ModelConfig, hf: str, rest: tuple[str, ...]):
+def _moe_sources(config: ModelConfig, hf: str, rest: tuple[str, ...], available=frozenset()):
     experts = range(config.num_experts)
     arch = config.architecture
     if arch == "GptOssForCausalLM":
         fused = hf + "mlp.experts."
+
+        def weight(name):  # bf16/f32 export, or the published MXFP4 blocks + scales
+            if fused + name + "_blocks" in available:
+                return [fused + name + "_blocks", fused + name + "_scales"], dequantize_mxfp4
+            return [fused + name], lambda t: t
+
+        gate_up_names, gate_up = weight("gate_up_proj")
+        down_names, down = weight("down_proj")
         table = {("router", "kernel"): _linear(hf + "mlp.router.weight"),
                  ("router", "bias"): ([hf + "mlp.router.bias"], lambda t: t),
                  # gate and up are interleaved along the last axis of the fused [E, H, 2I] tensor
-                 ("gate_proj",): ([fused + "gate_up_proj"], lambda t: t[..., 0::2]),
-                 ("up_proj",): ([fused + "gate_up_proj"], lambda t: t[..., 1::2]),
-                 ("down_proj",): ([fused + "down_proj"], lambda t: t),
+                 ("gate_proj",): (gate_up_names, lambda *t: gate_up(*t)[..., 0::2]),
+                 ("up_proj",): (gate_up_names, lambda *t: gate_up(*t)[..., 1::2]),
+                 ("down_proj",): (down_names, down),
                  ("gate_bias",): ([fused + "gate_up_proj_bias"], lambda t: t[..., 0::2]),
                  ("up_bias",): ([fused + "gate_up_proj_bias"], lambda t: t[..., 1::2]),
                  ("down_bias",): ([fused + "down_proj_bias"], lambda t: t)}
@@ -139,6 +162,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> t
         raise FileNotFoundError(f"no config.json in {folder} (looked for {config_path})")
     config = config_from_hf(json.loads(config_path.read_text()), dtype)
     files = _weight_files(folder)
+    available = frozenset(files)
     target_dtype = jnp.dtype(config.dtype)
     handles: dict[Path, Any] = {}
     used: set[str] = set()
@@ -154,7 +178,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> t
 
     def build(key_path, abstract):
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
-        names, combine = _sources(config, path)
+        names, combine = _sources(config, path, available)
         tensors = [read(n) for n in names]
         value = combine(*tensors)
         if tuple(value.shape) != tuple(abstract.shape):
