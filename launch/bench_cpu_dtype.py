@@ -1,5 +1,5 @@
 """Compute dtype on this platform, side by side in one run: the same random Llama served with float32 params
-vs bfloat16 params (computed in bf16), decode time per step at several batch sizes and a cold prefill.
+vs bfloat16 params (computed in bf16), decode time per step and tok/s at batch 1-128, and a cold prefill.
 
     python -m launch.bench_cpu_dtype --out=out/bench_cpu_dtype.json
 
@@ -18,7 +18,7 @@ from absl import app, flags
 flags.DEFINE_integer("hidden", 256, "hidden size")
 flags.DEFINE_integer("layers", 4, "layers")
 flags.DEFINE_integer("vocab", 8192, "vocabulary")
-flags.DEFINE_list("batches", ["1", "8", "32"], "decode batch sizes")
+flags.DEFINE_list("batches", ["1", "8", "32", "128"], "decode batch sizes")
 flags.DEFINE_integer("prefill_len", 544, "cold prefill prompt tokens")
 flags.DEFINE_integer("decode_tokens", 16, "new tokens per sequence when timing decode")
 flags.DEFINE_integer("repeats", 3, "timed repeats (least kept)")
@@ -36,7 +36,9 @@ def _measure(dtype):
     cfg = ModelConfig(vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.hidden * 4,
                       num_layers=FLAGS.layers, num_heads=2, num_kv_heads=1, head_dim=128,
                       max_position_embeddings=4096)
-    llm = LLM(cfg, dtype=dtype, num_pages=1024, max_num_batched_tokens=1024, max_num_seqs=32,
+    max_batch = max(map(int, FLAGS.batches))
+    llm = LLM(cfg, dtype=dtype, num_pages=max(1024, max_batch * 4), max_num_batched_tokens=max(1024, 32 * max_batch),
+              max_num_seqs=max_batch,
               enable_prefix_caching=False, compilation_cache="off")
     rng = np.random.RandomState(0)
     result = {}
@@ -71,8 +73,6 @@ def main(_):
     print("| measure | " + " | ".join(FLAGS.dtypes) + f" | ratio to {base} |")
     print("|---|" + "---|" * (len(FLAGS.dtypes) + 1))
     for key in rows[base]:
-        if key.endswith("tok_s"):
-            continue
         values = [rows[d][key] for d in FLAGS.dtypes]
         print(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " | " +
               " / ".join(f"{v / values[0]:.1f}x" for v in values[1:]) + " |")
