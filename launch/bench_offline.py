@@ -33,6 +33,8 @@ flags.DEFINE_list("decode_batches", ["1", "8", "32"], "decode throughput batch s
 flags.DEFINE_integer("decode_prompt_len", 64, "prompt tokens for the decode benchmark")
 flags.DEFINE_integer("decode_tokens", 32, "new tokens per sequence in the decode benchmark")
 flags.DEFINE_bool("hf", True, "also time transformers' generate when it is installed")
+flags.DEFINE_bool("precompile", True, "compile every step shape before timing (otherwise shapes the warm-up "
+                  "did not hit compile inside the timed runs)")
 flags.DEFINE_string("out", "out/bench_offline.json", "JSON output")
 flags.DEFINE_bool("disaggregated", False, "run the disaggregation benchmark (launch/bench_disagg.py) instead")
 FLAGS = flags.FLAGS
@@ -101,6 +103,9 @@ def main(argv):
                 # per model, so only the first one compiles.
                 llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024,
                           max_num_batched_tokens=512, max_num_seqs=32, page_size=16)
+                if FLAGS.precompile:  # every bucket, once per model (later engines share the jitted step)
+                    from jaxserve.engine.precompile import precompile
+                    precompile(llm.engine)
                 run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
                 name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
                 rows[name], tokens[name] = run_setting(llm, prompts, params, sequential)

@@ -93,13 +93,10 @@ flags.DEFINE_integer("http_port", 0, "jaxserve HTTP port (0: a free one)")
 flags.DEFINE_integer("grpc_port", 0, "jaxserve scheduler gRPC port (0: a free one)")
 flags.DEFINE_integer("page_size", 16, "jaxserve: tokens per KV page")
 flags.DEFINE_integer("num_pages", 2048, "jaxserve: KV pages")
-# Every (tokens, slots, pages) bucket --precompile compiles keeps ~300 memory mappings on XLA:CPU: 1024 tokens x 2048
-# context (216 shapes) passes Linux's default vm.max_map_count (65530) and the instance dies in LLVM ("Cannot
-# allocate memory", then SIGSEGV); 512 x 1024 is 168 shapes, as many as the demo instance (the workloads need
-# at most 580 tokens of context).
-flags.DEFINE_integer("max_num_batched_tokens", 512, "jaxserve: token budget per engine step")
+flags.DEFINE_integer("max_num_batched_tokens", 1024, "jaxserve: token budget per engine step (the 544-token "
+                     "prompt in one step)")
 flags.DEFINE_integer("max_num_seqs", 32, "jaxserve: requests per engine step")
-flags.DEFINE_integer("max_model_len", 1024, "jaxserve: context length")
+flags.DEFINE_integer("max_model_len", 2048, "jaxserve: context length")
 flags.DEFINE_string("dtype", None, "jaxserve compute dtype (default: the instance's: float32 on CPU)")
 flags.DEFINE_bool("precompile", True, "jaxserve instance compiles every step shape before registering")
 flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (load, precompile, register)")
@@ -107,7 +104,10 @@ flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long a jaxserve process gets
 FLAGS = flags.FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
+MIN_MAP_COUNT = 262144  # vm.max_map_count that fits --precompile of the default shapes (see max_map_count())
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 of the test tokenizer; prompts use ids from 3 on
+
+
 # ------------------------------------------------------------------------------------------------ checkpoint
 def make_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Issue 14's random Llama in bfloat16 plus a word-level tokenizer both engines read (module docstring)."""
@@ -192,6 +192,17 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> 
     w = Workloads(session, rng, vocab)
     rows = {ep.name: {} for ep in endpoints}
     raw = {ep.name: [] for ep in endpoints}
+    # Same weights, same greedy tokens? (Informational: jaxserve computes in f32 on CPU, a bf16 engine may pick
+    # another argmax where a random model's logits nearly tie.)
+    probe = random_prompt(rng, 32, vocab)
+    texts = {ep.name: (await stream_completion(session, ep, probe, 16, FLAGS.request_timeout_s)).text.split()
+             for ep in endpoints}
+    agree = None
+    if len(endpoints) > 1:
+        a, b = (texts[ep.name] for ep in endpoints[:2])
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"greedy probe: the first {agree} of 16 tokens agree ({endpoints[0].name}: {' '.join(a[:6])} ...; "
+              f"{endpoints[1].name}: {' '.join(b[:6])} ...)", flush=True)
     if FLAGS.warmup:
         for ep in endpoints:
             t0 = time.perf_counter()
@@ -209,7 +220,7 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> 
                 summary = ", ".join(f"{k}={v * (1 if k.endswith('tok_s') else 1e3):.1f}"
                                     for k, v in res.items() if k not in ("requests", "detail"))
                 print(f"repeat {rep} {unit:12s} {ep.name:10s} {summary}", flush=True)
-    return dict(rows=rows, raw=raw)
+    return dict(rows=rows, raw=raw, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
 
 
 # ------------------------------------------------------------------------------------------------ jaxserve
@@ -264,8 +275,15 @@ class JaxserveServer:
     def check_alive(self) -> None:
         for name, p in self.procs:
             if p.poll() is not None:
+                tail = self.log_tail(name)
+                hint = ""
+                if "allocate" in tail and "memory" in tail.lower():
+                    hint = (f"\n(LLVM could not map memory: XLA:CPU keeps ~350 memory mappings per compiled step "
+                            f"shape, so --precompile of a few hundred shapes passes vm.max_map_count = "
+                            f"{max_map_count()}; raise it (sysctl -w vm.max_map_count=262144) or lower "
+                            f"--max_num_batched_tokens / --max_model_len)")
                 raise RuntimeError(f"jaxserve {name} exited with code {p.returncode}; last lines of its log "
-                                   f"({self.log_dir / (name + '.log')}):\n{self.log_tail(name)}")
+                                   f"({self.log_dir / (name + '.log')}):\n{tail}{hint}")
 
     def log_tail(self, name: str, n: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
@@ -292,20 +310,25 @@ class JaxserveServer:
             await asyncio.sleep(1.0)
 
     def stop(self) -> None:
-        """SIGTERM the instance then the scheduler, SIGKILL what is left after shutdown_timeout_s."""
-        for _, p in reversed(self.procs):
+        """SIGTERM the instance, then the scheduler (so the instance can deregister); SIGKILL a process still
+        there after shutdown_timeout_s."""
+        for name, p in reversed(self.procs):
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + FLAGS.shutdown_timeout_s
-        for name, p in reversed(self.procs):
             try:
-                p.wait(max(deadline - time.monotonic(), 0.01))
+                p.wait(FLAGS.shutdown_timeout_s)
             except subprocess.TimeoutExpired:
                 logging.warning("jaxserve %s (pid %d) did not exit in %g s: killing it", name, p.pid,
                                 FLAGS.shutdown_timeout_s)
                 p.kill()
                 p.wait()
+
+
+def max_map_count() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    return None
 
 
 async def wait_other(session, ep: Endpoint) -> tuple[str, dict]:
@@ -359,6 +382,12 @@ async def amain() -> dict:
                 other = Endpoint(FLAGS.other_name, FLAGS.other_url.rstrip("/").removesuffix("/v1"),
                                  FLAGS.other_model, json.loads(FLAGS.other_extra_body))
                 other.model, result["other"] = await wait_other(session, other)
+            maps = max_map_count()
+            if FLAGS.precompile and maps is not None and maps < MIN_MAP_COUNT:
+                logging.warning("vm.max_map_count is %d: --precompile of this many step shapes can exhaust it on "
+                                "XLA:CPU (~350 mappings per shape; 1024 tokens x 2048 context is ~290 shapes): "
+                                "sysctl -w vm.max_map_count=%d", maps, MIN_MAP_COUNT)
+            result["vm_max_map_count"] = maps
             t0 = time.monotonic()
             server.start()
             jax_ep = Endpoint("jaxserve", server.url, await server.wait_ready(session), {"ignore_eos": True})

@@ -57,6 +57,7 @@ class RequestResult:
     completion_tokens: int | None    # from the usage chunk (None: the server sent none)
     cached_tokens: int | None        # usage.prompt_tokens_details.cached_tokens when the server reports it
     end: float
+    text: str = ""                   # the streamed text, concatenated
 
     @property
     def ttft_s(self) -> float:
@@ -156,6 +157,7 @@ async def stream_completion(session, ep: Endpoint, prompt: list[int], max_tokens
     body = {"model": ep.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}, **ep.extra_body}
     times: list[float] = []
+    texts: list[str] = []
     usage = None
     start = time.perf_counter()
     try:
@@ -174,6 +176,7 @@ async def stream_completion(session, ep: Endpoint, prompt: list[int], max_tokens
                     raise RequestError(f"{ep.name}: stream error: {event['error']}")
                 if chunk_tokens(event):
                     times.append(now)
+                    texts.extend(c.get("text") or "" for c in event["choices"])
                 if event.get("usage"):
                     usage = event["usage"]
     except asyncio.TimeoutError:
@@ -184,7 +187,7 @@ async def stream_completion(session, ep: Endpoint, prompt: list[int], max_tokens
     completion = usage.get("completion_tokens") if usage else None
     details = (usage or {}).get("prompt_tokens_details") or {}
     return RequestResult(start=start, token_times=times, completion_tokens=completion,
-                         cached_tokens=details.get("cached_tokens"), end=end)
+                         cached_tokens=details.get("cached_tokens"), end=end, text="".join(texts))
 
 
 async def get_json(session, url: str, timeout_s: float = 5.0):
