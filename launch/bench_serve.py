@@ -35,6 +35,11 @@ is a word-level `tokenizer.json` (id i decodes to the word `t<i>`; 0-2 are <unk>
 vLLM needs no `--skip-tokenizer-init`. A `ByteTokenizer(vocab_size=8192)` would not do here: ids >= 258 decode
 to nothing, so a random model's tokens would mostly produce no streamed text and no chunk to time.
 
+`--precompile` of the default shapes (1024-token budget x 2048 context: ~290 step shapes) needs Linux's
+vm.max_map_count above its default 65530 on XLA:CPU (~350 memory mappings per compiled shape; past the limit
+the instance dies in LLVM with "Cannot allocate memory"): `sysctl -w vm.max_map_count=262144`, or lower
+--max_num_batched_tokens / --max_model_len. The benchmark warns when the limit is lower.
+
 Timings are within one run on a shared machine: the load average is recorded at the start and the end."""
 
 from __future__ import annotations
