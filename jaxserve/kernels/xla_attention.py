@@ -18,6 +18,12 @@ import jax.numpy as jnp
 from jaxserve.kernels.reference import MASK_VALUE, _split_kv, apply_sinks, validate_inputs, validate_sinks
 
 
+def default_block_k(context: int) -> int:
+    """Keys per block: 512 once a sequence's bucketed context reaches 4096 (a 4096-token prefill: 99 vs 124 ms
+    per layer with 256 on this CPU), 256 below (a 544-token prefill: 4.9 ms with 256, 6.9 with 512)."""
+    return 512 if context >= 4096 else 256
+
+
 def default_block_q(num_tokens: int, max_seqs: int) -> int:
     """Rows per tile: big tiles for long prefill chunks (fewer KV re-reads), 16 when the step is mostly
     one-token decodes (each sequence wastes up to a tile)."""
@@ -28,7 +34,7 @@ def default_block_q(num_tokens: int, max_seqs: int) -> int:
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
                                              "block_k"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
-                               sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=256,
+                               sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
                                sinks=None):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D]; kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
@@ -40,6 +46,7 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
     group = num_q_heads // num_kv_heads
     block_q = block_q or default_block_q(num_tokens, max_seqs)
+    block_k = block_k or default_block_k(pages_per_seq * page_size)
     pages_per_block = max(1, min(pages_per_seq, block_k // page_size))
     block_k = pages_per_block * page_size
     num_blocks = -(-pages_per_seq // pages_per_block)
