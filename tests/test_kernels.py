@@ -369,42 +369,20 @@ def test_decode_soft_cap_and_sliding_window(kw):
 # TPU (Mosaic) variant under the TPU interpreter
 
 
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no_sinks", "sinks"])
 @pytest.mark.parametrize("dtype,group,head_dim,kw", [
     (jnp.float32, 4, 64, dict(return_lse=True)),
     (jnp.bfloat16, 1, 128, dict(sliding_window=9, soft_cap=6.0)),
 ], ids=["f32-gqa4-d64-lse", "bf16-mha-d128-window-cap"])
-def test_tpu_variant_under_tpu_interpreter(dtype, group, head_dim, kw):
+def test_tpu_variant_under_tpu_interpreter(dtype, group, head_dim, kw, with_sinks):
     from jax.experimental.pallas import tpu as pltpu
 
-    rng = np.random.default_rng([group, head_dim, 9])
+    rng = np.random.default_rng([group, head_dim, 19 if with_sinks else 9])
     ps = 8 if head_dim == 64 else 16
     seqs = [(7, 7), (3, ps + 3), (1, 2 * ps)]
     args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=ps,
                                    dtype=dtype)
-    with pltpu.force_tpu_interpret_mode():
-        res = ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", interpret=False, block_q=4,
-                                     pages_per_block=2, **kw)
-    ref = ref_ragged(*oracle_args, sm_scale=0.1, **kw)
-    if kw.get("return_lse"):
-        assert_close(res[0], ref[0], dtype)
-        assert_lse_close(res[1], ref[1], dtype)
-    else:
-        assert_close(res, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype,group,head_dim,kw", [
-    (jnp.float32, 4, 64, dict(return_lse=True)),
-    (jnp.bfloat16, 1, 128, dict(sliding_window=9, soft_cap=6.0)),
-], ids=["f32-gqa4-d64-lse", "bf16-mha-d128-window-cap"])
-def test_tpu_variant_with_sinks_under_tpu_interpreter(dtype, group, head_dim, kw):
-    from jax.experimental.pallas import tpu as pltpu
-
-    rng = np.random.default_rng([group, head_dim, 19])
-    ps = 8 if head_dim == 64 else 16
-    seqs = [(7, 7), (3, ps + 3), (1, 2 * ps)]
-    args, oracle_args = make_batch(rng, seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=ps,
-                                   dtype=dtype)
-    sinks = make_sinks(rng, 2 * group)
+    sinks = make_sinks(rng, 2 * group) if with_sinks else None
     with pltpu.force_tpu_interpret_mode():
         res = ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", interpret=False, block_q=4,
                                      pages_per_block=2, sinks=sinks, **kw)

@@ -1,0 +1,104 @@
+"""The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
+dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
+expert), and the CPU attention path's key-block size.
+
+    python -m launch.bench_cpu_ops --out=out/bench_cpu_ops.json
+
+Each figure is the least of `repeats` runs after a compile. Prints a table and writes JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("repeats", 5, "timed repeats (least kept)")
+flags.DEFINE_string("out", "out/bench_cpu_ops.json", "JSON output")
+FLAGS = flags.FLAGS
+
+
+def _ms(fn, *args) -> float:
+    import jax
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _rows():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.kernels import reference, xla_attention
+    from jaxserve.model import make_attention_batch
+    from jaxserve.model.moe import grouped_matmul
+
+    rows = []
+    a, b = jnp.ones((544, 256)), jnp.ones((256, 1024))
+    bf = jnp.bfloat16
+    rows.append(("dot 544x256x1024", "f32", _ms(jax.jit(lambda x, y: x @ y), a, b)))
+    rows.append(("dot 544x256x1024", "bf16", _ms(jax.jit(lambda x, y: x @ y), a.astype(bf), b.astype(bf))))
+    rows.append(("dot 544x256x1024", "bf16, f32 accumulation", _ms(jax.jit(
+        lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)), a.astype(bf), b.astype(bf))))
+
+    for dtype in (jnp.float32, bf):
+        k = jnp.ones((8, 1, 128), dtype)
+        slots, offsets = jnp.arange(1, 9, dtype=jnp.int32), jnp.zeros(8, jnp.int32)
+        write = jax.jit(lambda c, k: reference.write_kv(c, 1, k, k, slots, offsets), donate_argnums=0)
+        state = {"cache": jnp.zeros((4, 1024, 16, 2, 128), dtype)}
+
+        def step(k):
+            state["cache"] = write(state["cache"], k)
+            return state["cache"]
+        rows.append(("KV write, 8 tokens into a 4x1024-page cache", jnp.dtype(dtype).name, _ms(step, k)))
+
+    groups = 8
+    x = jax.random.normal(jax.random.key(0), (512, 256))
+    w = jax.random.normal(jax.random.key(1), (groups, 256, 512))
+    sizes = jnp.asarray(np.random.RandomState(0).multinomial(512, [1 / groups] * groups), jnp.int32)
+    rows.append(("grouped matmul 512 rows, 8 groups, 256x512", "lax.ragged_dot",
+                 _ms(jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s)), x, w, sizes)))
+    rows.append(("grouped matmul 512 rows, 8 groups, 256x512", "blocked (moe.grouped_matmul on CPU)",
+                 _ms(jax.jit(lambda x, w, s: grouped_matmul(x, w, s, "cpu")), x, w, sizes)))
+    rows.append(("grouped matmul 512 rows, 8 groups, 256x512", "every expert over every row",
+                 _ms(jax.jit(lambda x, w: jnp.einsum("rk,gkn->grn", x, w)), x, w)))
+    rows.append(("grouped matmul 512 rows, 8 groups, 256x512", "one plain dot (floor)",
+                 _ms(jax.jit(lambda x, w: x @ w[0]), x, w)))
+
+    for length, bucket, pages_bucket in ((544, 768, 64), (4096, 4096, 256)):
+        pages = list(range(1, 1 + -(-length // 16)))
+        kv = jnp.asarray(np.random.RandomState(0).randn(pages_bucket + 2, 16, 2, 128).astype(np.float32))
+        batch, _ = make_attention_batch([length], [length], [pages], page_size=16, num_tokens=bucket, max_seqs=8,
+                                        pages_per_seq=pages_bucket)
+        q = jnp.asarray(np.random.RandomState(1).randn(bucket, 2, 128).astype(np.float32))
+        batch = [jnp.asarray(v) for v in batch][2:]
+        for block_k in (256, 512):
+            fn = jax.jit(lambda q, kv, *bb, bk=block_k: xla_attention.ragged_paged_attention_xla(
+                q, kv, *bb, sm_scale=0.1, block_k=bk))
+            rows.append((f"CPU attention, {length}-token prefill, one layer", f"block_k {block_k}",
+                         _ms(fn, q, kv, *batch)))
+    return rows
+
+
+def main(_):
+    import jax
+    rows = _rows()
+    print(f"\nSingle ops on {jax.default_backend()} ({os.cpu_count()} cores), least of {FLAGS.repeats}\n")
+    print("| op | variant | ms |")
+    print("|---|---|---|")
+    for op, variant, ms in rows:
+        print(f"| {op} | {variant} | {ms:.3f} |")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump([dict(op=op, variant=v, ms=ms) for op, v, ms in rows], f, indent=1)
+    print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
