@@ -67,11 +67,10 @@ class Attention(nn.Module):
             out, kv_cache = self.attention_hook(q, k, v, kv_cache, batch, layer, cfg.sm_scale)
         else:
             kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets)
-            extra = {} if sinks is None else {"sinks": sinks}
             out = dispatch.paged_attention(q, kv_cache[layer], batch.kv_lens, batch.page_indices, batch.cu_q_lens,
                                            batch.num_seqs, sm_scale=cfg.sm_scale, decode_only=decode_only,
                                            impl=self.attention_impl, soft_cap=soft_cap, sliding_window=window,
-                                           **extra)
+                                           sinks=sinks)
         return self.o_proj(out.reshape(*lead, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
