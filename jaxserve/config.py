@@ -61,6 +61,10 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # weights and activations: "float32" or "bfloat16"
+    # Matmul weights (linear kernels, embeddings, experts) when they differ from `dtype`: "bfloat16" with
+    # dtype "float32" keeps bf16 weights and computes every matmul from bf16 inputs with f32 accumulation,
+    # all else in f32 -- the fastest arithmetic on CPU (WORKSPACE_NOTES.md, "Engine speed"). None: `dtype`.
+    weight_dtype: str | None = None
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
@@ -99,6 +103,8 @@ class ModelConfig:
         _require(self.num_heads % self.num_kv_heads == 0,
                  f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         _require(self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        _require(self.weight_dtype in (None, "float32", "bfloat16"),
+                 f"weight_dtype must be None, 'float32' or 'bfloat16', got {self.weight_dtype!r}")
         _require(self.architecture in SUPPORTED_ARCHITECTURES,
                  f"architecture {self.architecture!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         _require(self.norm_style in NORM_STYLES, f"norm_style must be one of {NORM_STYLES}, got {self.norm_style!r}")
@@ -137,6 +143,11 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in self.moe_layers
+
+    @property
+    def matmul_dtype(self) -> str:
+        """The dtype of matmul weights and inputs (see `weight_dtype`)."""
+        return self.weight_dtype or self.dtype
 
     @property
     def sm_scale(self) -> float:

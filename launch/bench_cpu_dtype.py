@@ -1,5 +1,7 @@
-"""Compute dtype on this platform, side by side in one run: the same random Llama served with float32 params
-vs bfloat16 params (computed in bf16), decode time per step and tok/s at batch 1-128, and a cold prefill.
+"""Compute dtype on this platform, side by side in one run: the same random Llama served with float32 params,
+bfloat16 params computed in bf16, and bf16 weights under f32 arithmetic (`bf16_weights`: matmuls from bf16
+inputs with f32 accumulation, the CPU default for a bf16 checkpoint); decode time per step and tok/s at
+batch 1-128, and a cold prefill.
 
     python -m launch.bench_cpu_dtype --out=out/bench_cpu_dtype.json
 
@@ -22,7 +24,8 @@ flags.DEFINE_list("batches", ["1", "8", "32", "128"], "decode batch sizes")
 flags.DEFINE_integer("prefill_len", 544, "cold prefill prompt tokens")
 flags.DEFINE_integer("decode_tokens", 16, "new tokens per sequence when timing decode")
 flags.DEFINE_integer("repeats", 3, "timed repeats (least kept)")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes compared")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16", "bf16_weights"],
+                  "settings compared: float32, bfloat16 (everything bf16), bf16_weights (f32 with bf16 matmuls)")
 flags.DEFINE_string("out", "out/bench_cpu_dtype.json", "JSON output")
 FLAGS = flags.FLAGS
 
@@ -35,7 +38,10 @@ def _measure(dtype):
 
     cfg = ModelConfig(vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.hidden * 4,
                       num_layers=FLAGS.layers, num_heads=2, num_kv_heads=1, head_dim=128,
-                      max_position_embeddings=4096)
+                      max_position_embeddings=4096,
+                      weight_dtype="bfloat16" if dtype == "bf16_weights" else None)
+    if dtype == "bf16_weights":
+        dtype = None
     max_batch = max(map(int, FLAGS.batches))
     llm = LLM(cfg, dtype=dtype, num_pages=max(1024, max_batch * 4), max_num_batched_tokens=max(1024, 32 * max_batch),
               max_num_seqs=max_batch,

@@ -8,6 +8,7 @@ Each figure is the least of `repeats` runs after a compile. Prints a table per l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -49,7 +50,7 @@ def _profile(length: int) -> list[dict]:
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.kernels import reference, xla_attention
     from jaxserve.model import AttentionBatch, make_attention_batch
-    from jaxserve.model.decoder import init_params, kv_cache_shape
+    from jaxserve.model.decoder import abstract_params, init_params, kv_cache_shape
 
     cfg = ModelConfig(vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.intermediate,
                       num_layers=FLAGS.layers, num_heads=FLAGS.heads, num_kv_heads=FLAGS.kv_heads,
@@ -72,6 +73,12 @@ def _profile(length: int) -> list[dict]:
 
     # The step donates its cache: give it a fresh one per call.
     whole_s = _best(lambda: whole(params, jnp.zeros_like(cache)))
+    # The same step with bf16 matmul weights under f32 arithmetic (the CPU default for a bf16 checkpoint).
+    mixed_cfg = dataclasses.replace(cfg, weight_dtype="bfloat16")
+    mixed_params = jax.tree.map(lambda x, want: x.astype(want.dtype), params, abstract_params(mixed_cfg))
+    mixed_step = jitted_step(mixed_cfg, "reference")
+    mixed_s = _best(lambda: mixed_step(mixed_params, jnp.zeros_like(cache), ids, jnp.asarray(positions), batch,
+                                       logits_rows, sampling, decode_only=False)[0])
 
     h, q_dim, kv_dim, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
         cfg.intermediate_size
@@ -79,11 +86,14 @@ def _profile(length: int) -> list[dict]:
     dot = jax.jit(lambda a, b: a @ b)
     matmuls = {"q/k/v projections": [(h, q_dim), (h, kv_dim), (h, kv_dim)], "o projection": [(q_dim, h)],
                "MLP": [(h, inter), (h, inter), (inter, h)]}
+    mixed_dot = jax.jit(lambda a, b: jax.lax.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32))
     rows = []
     for name, shapes in matmuls.items():
         seconds = sum(_best(dot, jnp.ones((tokens, k)), jnp.ones((k, n))) for k, n in shapes) * cfg.num_layers
         flops = sum(2 * length * k * n for k, n in shapes) * cfg.num_layers
         rows.append(dict(part=name, seconds=seconds, gflops=flops / 1e9))
+    bf16_matmul_s = sum(_best(mixed_dot, jnp.ones((tokens, k)), jnp.ones((k, n), jnp.bfloat16))
+                        for shapes in matmuls.values() for k, n in shapes) * cfg.num_layers
     q = jnp.ones((tokens, cfg.num_heads, cfg.head_dim), jnp.float32)
     attn = jax.jit(lambda q, kv: xla_attention.ragged_paged_attention_xla(
         q, kv, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, sm_scale=0.1))
@@ -110,13 +120,16 @@ def _profile(length: int) -> list[dict]:
     matmul_flops = sum(r["gflops"] for r in rows[:3])
     print(f"\nprefill of {length} tokens (bucket {tokens}): whole step {whole_s * 1e3:.1f} ms = "
           f"{total_flops / whole_s:.1f} GFLOP/s achieved; parts alone sum to {parts * 1e3:.1f} ms; plain jnp.dot "
-          f"of the projection + MLP shapes runs at {matmul_flops / matmul_s:.1f} GFLOP/s\n")
+          f"of the projection + MLP shapes runs at {matmul_flops / matmul_s:.1f} GFLOP/s (bf16 inputs, f32 "
+          f"accumulation: {matmul_flops / bf16_matmul_s:.1f}); the whole step with bf16 matmul weights: "
+          f"{mixed_s * 1e3:.1f} ms ({whole_s / mixed_s:.2f}x)\n")
     print("| part | ms (all layers) | share of parts | GFLOP | GFLOP/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         rate = f"{r['gflops'] / r['seconds']:.1f}" if r["gflops"] else "-"
         print(f"| {r['part']} | {r['seconds'] * 1e3:.2f} | {r['seconds'] / parts:.0%} | {r['gflops']:.2f} | {rate} |")
-    return [dict(length=length, bucket=tokens, whole_s=whole_s, parts=rows)]
+    return [dict(length=length, bucket=tokens, whole_s=whole_s, whole_bf16_weights_s=mixed_s,
+                 bf16_matmul_s=bf16_matmul_s, parts=rows)]
 
 
 def main(_):

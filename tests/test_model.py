@@ -196,6 +196,39 @@ def test_bfloat16(loaded):
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+def test_bf16_checkpoint_on_cpu_keeps_bf16_weights_under_f32_arithmetic(loaded, tmp_path):
+    """A bf16 checkpoint loaded with the default dtype on CPU: f32 activations and norms, bf16 matmul weights,
+    every linear layer's dot fed bf16 on both sides (no f32 copy of the weights, which would run at f32
+    speed), logits within bf16 rounding of transformers in f32 over the same bf16 weights."""
+    from jaxserve import model as model_lib
+
+    torch, transformers = _hf_modules()
+    m = loaded("llama3_rope")
+    hf_bf16 = getattr(transformers, HF_CLASSES["llama3_rope"]).from_pretrained(m.folder, dtype=torch.bfloat16)
+    hf_bf16.save_pretrained(tmp_path, safe_serialization=True)
+    assert model_lib.serving_dtypes("bfloat16", None, "cpu") == ("float32", "bfloat16")
+    assert model_lib.serving_dtypes("bfloat16", None, "gpu") == ("bfloat16", None)
+    assert model_lib.serving_dtypes("bfloat16", "float32", "cpu") == ("float32", None)
+    config, params, _ = model_lib.load(tmp_path, require_tokenizer=False)
+    assert (config.dtype, config.weight_dtype) == ("float32", "bfloat16")
+    layer = params["layers_0"]
+    assert layer["mlp"]["down_proj"]["kernel"].dtype == jnp.bfloat16
+    assert layer["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert layer["input_layernorm"]["scale"].dtype == jnp.float32
+    ids = np.stack([_prompt(8, 21)])
+    jaxpr = jax.make_jaxpr(lambda p, t: forward_dense(p, config, t))(params, jnp.asarray(ids))
+    bf16_dots = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "dot_general"
+                 and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    linears_per_layer = 7  # q, k, v, o, gate, up, down
+    assert len(bf16_dots) >= linears_per_layer * config.num_layers + 1  # + lm_head
+    ours = np.asarray(forward_dense(params, config, jnp.asarray(ids)))
+    hf_f32 = hf_bf16.float().eval()
+    with torch.no_grad():
+        ref = hf_f32(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=0.1, rtol=0)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
 # ------------------------------------------------------------------------------------------ param tree, TP
 def test_param_tree_matches_module(loaded):
     m = loaded("qwen2_tied")

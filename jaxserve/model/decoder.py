@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxserve.config import ModelConfig
 from jaxserve.kernels import dispatch, reference
 from jaxserve.model.batch import AttentionBatch
-from jaxserve.model.layers import MLP, Embedding, RMSNorm, causal_attention, dense, f32_accumulating_dot
+from jaxserve.model.layers import MLP, Embedding, RMSNorm, causal_attention, dense
 from jaxserve.model.moe import MoEBlock, expert_partition_specs
 from jaxserve.model.rope import apply_rope, rope_cos_sin, rope_tables
 
@@ -35,10 +35,11 @@ class Attention(nn.Module):
 
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-        self.q_proj = dense(cfg.num_heads * cfg.head_dim, "q_proj", dtype, use_bias=cfg.qkv_bias)
-        self.k_proj = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", dtype, use_bias=cfg.qkv_bias)
-        self.v_proj = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", dtype, use_bias=cfg.qkv_bias)
-        self.o_proj = dense(cfg.hidden_size, "o_proj", dtype, use_bias=cfg.o_bias)
+        linear = functools.partial(dense, dtype=dtype, param_dtype=cfg.matmul_dtype)
+        self.q_proj = linear(cfg.num_heads * cfg.head_dim, "q_proj", use_bias=cfg.qkv_bias)
+        self.k_proj = linear(cfg.num_kv_heads * cfg.head_dim, "k_proj", use_bias=cfg.qkv_bias)
+        self.v_proj = linear(cfg.num_kv_heads * cfg.head_dim, "v_proj", use_bias=cfg.qkv_bias)
+        self.o_proj = linear(cfg.hidden_size, "o_proj", use_bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_style)
             self.k_norm = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_style)
@@ -97,7 +98,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe_layer(self.layer):
             self.moe = MoEBlock(cfg, self.mesh, self.moe_impl)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act, cfg.matmul_dtype)
 
     def __call__(self, x, positions, kv_cache=None, batch=None, decode_only=False):
         cfg = self.config
@@ -121,12 +122,12 @@ class Decoder(nn.Module):
 
     def setup(self):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, param_dtype=cfg.matmul_dtype)
         self.layers = [DecoderLayer(cfg, i, self.attention_impl, self.attention_hook, self.mesh, self.moe_impl)
                        for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_style)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.vocab_size, "lm_head", dtype, dot_general=f32_accumulating_dot)
+            self.lm_head = dense(cfg.vocab_size, "lm_head", dtype, param_dtype=cfg.matmul_dtype, f32_accumulation=True)
 
     def _embed(self, token_ids):
         x = self.embed_tokens(token_ids)

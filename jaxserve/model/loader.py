@@ -7,6 +7,7 @@ since it means the checkpoint has a feature the decoder would silently drop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -154,16 +155,19 @@ def _moe_sources(config: ModelConfig, hf: str, rest: tuple[str, ...], available=
     return table[rest]
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """Read an HF model folder. `dtype` ("float32" / "bfloat16") overrides the checkpoint's own dtype."""
+def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None, weight_dtype: str | None = None
+                       ) -> tuple[ModelConfig, dict]:
+    """Read an HF model folder. `dtype` ("float32" / "bfloat16") overrides the checkpoint's own dtype;
+    `weight_dtype` keeps matmul weights in another one (`ModelConfig.weight_dtype`)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no config.json in {folder} (looked for {config_path})")
     config = config_from_hf(json.loads(config_path.read_text()), dtype)
+    if weight_dtype is not None and weight_dtype != config.dtype:
+        config = dataclasses.replace(config, weight_dtype=weight_dtype)
     files = _weight_files(folder)
     available = frozenset(files)
-    target_dtype = jnp.dtype(config.dtype)
     handles: dict[Path, Any] = {}
     used: set[str] = set()
 
@@ -186,7 +190,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: str | None = None) -> t
             raise ValueError(f"tensor {got} does not give param {'/'.join(path)} its expected shape: got "
                              f"{tuple(value.shape)}, expected {tuple(abstract.shape)} (as torch [out, in]: "
                              f"{tuple(abstract.shape)[::-1]})")
-        return jnp.asarray(value).astype(target_dtype)
+        return jnp.asarray(value).astype(abstract.dtype)
 
     params = jax.tree_util.tree_map_with_path(build, abstract_params(config))
     unused = sorted(n for n in files if n not in used and not n.endswith(_IGNORED))

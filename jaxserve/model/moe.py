@@ -73,9 +73,10 @@ def grouped_matmul(x, w, group_sizes, platform: str | None = None):
     """x [R, K] with rows sorted by group, w [G, K, N], group_sizes i32[G] -> [R, N]; row r is multiplied by
     the weight of its group; rows past sum(group_sizes) give zeros (ragged_dot's contract)."""
     platform = platform or jax.default_backend()
+    inputs = x.astype(w.dtype)  # bf16 experts under f32 activations: bf16 inputs, f32 accumulation
     if platform == "cpu":
-        return _blocked_grouped_matmul(x, w, group_sizes)
-    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        return _blocked_grouped_matmul(inputs, w, group_sizes).astype(x.dtype)
+    return jax.lax.ragged_dot(inputs, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _expert_glu(g, u, rows_expert, p, config: ModelConfig):
@@ -138,9 +139,10 @@ class MoEBlock(nn.Module):
         x = x.reshape(-1, x.shape[-1])
         num_e, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         init = nn.initializers.normal(0.02)
-        p = {"gate_proj": self.param("gate_proj", init, (num_e, hidden, inter), dtype),
-             "up_proj": self.param("up_proj", init, (num_e, hidden, inter), dtype),
-             "down_proj": self.param("down_proj", init, (num_e, inter, hidden), dtype)}
+        weight_dtype = jnp.dtype(cfg.matmul_dtype)
+        p = {"gate_proj": self.param("gate_proj", init, (num_e, hidden, inter), weight_dtype),
+             "up_proj": self.param("up_proj", init, (num_e, hidden, inter), weight_dtype),
+             "down_proj": self.param("down_proj", init, (num_e, inter, hidden), weight_dtype)}
         if cfg.expert_act == "clamped_swiglu":
             p.update(gate_bias=self.param("gate_bias", nn.initializers.zeros, (num_e, inter), dtype),
                      up_bias=self.param("up_bias", nn.initializers.zeros, (num_e, inter), dtype),
