@@ -248,6 +248,10 @@ class EngineConfig:
     # With mesh.seq > 1: a waiting request whose uncached suffix has at least this many tokens is prefilled
     # alone, sequence-parallel over `seq`, in one step; shorter ones take the normal batched path.
     sp_threshold: int = 512
+    # Overlap the host with the device (vLLM's async scheduling): step N+1 is scheduled and dispatched while
+    # step N runs, its decode inputs taken from step N's samples on the device; stop checks land a step late
+    # (a request that stops at step N may compute one extra token, discarded).
+    async_scheduling: bool = True
 
     def __post_init__(self):
         _require(self.sp_threshold >= 1, f"sp_threshold must be >= 1, got {self.sp_threshold}")

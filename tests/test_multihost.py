@@ -177,13 +177,13 @@ def test_pack_unpack_roundtrip():
     T, S, P = 16, 8, 4
     r = np.random.default_rng(0)
     i = lambda *s: r.integers(0, 100, s).astype(np.int32)
-    inp = StepInputs(False, i(T), i(T), AttentionBatch(i(T), i(T), i(S), i(S, P), i(S + 1), i(1)), i(S),
+    inp = StepInputs(False, i(T), i(T) - 50, i(T), AttentionBatch(i(T), i(T), i(S), i(S, P), i(S + 1), i(1)), i(S),
                      dict(temperature=r.random(S).astype(np.float32), top_k=i(S), top_p=r.random(S).astype(np.float32),
                           seeds=r.integers(0, 2**32, S, dtype=np.uint64).astype(np.uint32), output_index=i(S)))
     header, payload = multihost._pack(inp)
     out = multihost._unpack(header, payload)
     assert out.decode_only is False
-    for a, b in zip(list(inp[1:3]) + list(inp.attn) + [inp.logits_indices], list(out[1:3]) + list(out.attn) + [out.logits_indices]):
+    for a, b in zip(list(inp[1:4]) + list(inp.attn) + [inp.logits_indices], list(out[1:4]) + list(out.attn) + [out.logits_indices]):
         np.testing.assert_array_equal(a, b)
     for k, v in inp.sampling.items():
         assert out.sampling[k].dtype == v.dtype

@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.model_runner import ModelRunner
-from jaxserve.engine.request import Request, Status
+from jaxserve.engine.request import PENDING, Request, Status
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.kernels.dispatch import resolve_impl
@@ -110,6 +110,7 @@ class Engine:
         self._ids = itertools.count()
         self.num_prefill_tokens_computed = 0
         self.num_steps = 0
+        self._in_flight = None  # (samples, device tokens) of the dispatched step not yet completed
 
     # -- requests -----------------------------------------------------------------------------------
     def validate(self, prompt_token_ids, params: SamplingParams) -> None:
@@ -181,6 +182,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.finished:
+            req.output_token_ids = req.ready_output_token_ids
+            req.pending_slot = None
             self.scheduler.finish(req, "abort")
             req.finish_time = time.perf_counter()
         elif req is not None and req.pages:  # a prefill-only request still holding its KV
@@ -188,34 +191,79 @@ class Engine:
             req.pages = []
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that got a new token (finished ones included)."""
+        """Dispatch one batch and complete the one before it (async scheduling; without it, complete this
+        one). Returns the requests that got a new token (finished ones included)."""
         batch = self.scheduler.schedule()
         if not batch.entries:
+            if self._in_flight is not None:
+                return self._complete_in_flight()
             if self.scheduler.waiting and not self.scheduler.running:
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"request {req.request_id} cannot be scheduled: the KV pool has "
                                    f"{self.pool.num_free_pages()} free pages")
             return []
-        tokens = self.sp.run(batch) if batch.sequence_parallel else self.runner.run(batch)
+        if batch.sequence_parallel:  # a synchronous step of its own
+            done = self._complete_in_flight()
+            tokens = self.sp.run(batch)
+            return done + self._complete(self._advance(batch), tokens)
+        tokens = self.runner.dispatch(batch)  # reads the requests' progress: before `_advance`
+        samples = self._advance(batch)
+        done = self._complete_in_flight()
+        self._in_flight = (samples, tokens)
+        if not self.config.async_scheduling:
+            done += self._complete_in_flight()
+        return done
+
+    def _advance(self, batch) -> list[tuple[Request, int, int]]:
+        """Host bookkeeping of a dispatched step, before its samples are known: progress, and a PENDING output
+        for every entry that reaches its end. Returns (request, output index, slot) of those samples."""
         self.num_steps += 1
-        now = time.perf_counter()
-        updated = []
-        for (req, n), tok in zip(batch.entries, tokens):
+        samples = []
+        for slot, (req, n) in enumerate(batch.entries):
             if not (n == 1 and req.output_token_ids and req.num_uncomputed == 1):  # not a plain decode
                 self.num_prefill_tokens_computed += n
             req.num_computed += n
-            self.scheduler.index_computed_pages(req)
+            self.scheduler.index_computed_pages(req)  # pages are usable once this step ran: device order
             if req.num_computed < req.num_tokens:
                 continue  # a prefill chunk: no token yet
-            req.output_token_ids.append(int(tok))
+            req.output_token_ids.append(PENDING)
+            req.pending_slot = slot
+            samples.append((req, len(req.output_token_ids) - 1, slot))
+            if req.prefill_only or len(req.output_token_ids) >= req.params.max_tokens \
+                    or req.num_tokens >= req.max_total_len:
+                req.finishing = True  # stops after this token whatever it is: not scheduled again
+        return samples
+
+    def _complete_in_flight(self) -> list[Request]:
+        if self._in_flight is None:
+            return []
+        samples, tokens = self._in_flight
+        self._in_flight = None
+        return self._complete(samples, np.asarray(tokens))
+
+    def _complete(self, samples, tokens) -> list[Request]:
+        """Fill in a step's samples, index what is now known, and apply stop conditions."""
+        now = time.perf_counter()
+        updated = []
+        for req, index, slot in samples:
+            if req.finished:
+                continue  # aborted while its step ran
+            tok = int(tokens[slot])
+            req.output_token_ids[index] = tok
+            if index == len(req.output_token_ids) - 1:
+                req.pending_slot = None
+            if req.status is Status.RUNNING:
+                self.scheduler.index_computed_pages(req)
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = self._stop_reason(req, int(tok))
+            reason = self._stop_reason(req, tok, index + 1)
             if reason:
+                del req.output_token_ids[index + 1:]  # a sample of the step after, not wanted
+                req.pending_slot = None
                 self.scheduler.finish(req, reason)
                 req.finish_time = now
             elif req.prefill_only:
@@ -223,12 +271,13 @@ class Engine:
             updated.append(req)
         return updated
 
-    def _stop_reason(self, req: Request, tok: int) -> str | None:
+    def _stop_reason(self, req: Request, tok: int, num_outputs: int) -> str | None:
+        """Why `req` stops at output `tok`, its `num_outputs`-th (None: it goes on)."""
         p = req.params
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             return "stop"
         if p.stop and self.detokenize is not None:
-            text = self.detokenize(req.output_token_ids)
+            text = self.detokenize(req.output_token_ids[:num_outputs])
             for s in p.stop:
                 at = text.find(s, max(0, len(req.text) - len(s)))
                 if at >= 0:
@@ -236,7 +285,7 @@ class Engine:
             req.text = text
             if req.stop_text_len is not None:
                 return "stop"
-        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= req.max_total_len:
+        if num_outputs >= p.max_tokens or len(req.prompt_token_ids) + num_outputs >= req.max_total_len:
             return "length"
         return None
 

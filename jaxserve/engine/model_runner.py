@@ -14,8 +14,10 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine.request import PENDING
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
@@ -26,6 +28,7 @@ class StepInputs(NamedTuple):
     """One step's host inputs (numpy); `decode_only` and the array shapes are the static compile key."""
     decode_only: bool
     token_ids: np.ndarray       # i32[T]
+    prev_slots: np.ndarray      # i32[T]: >= 0: the token is the previous step's sample in that slot (on device)
     positions: np.ndarray       # i32[T]
     attn: AttentionBatch        # i32 fields, see model/batch.py
     logits_indices: np.ndarray  # i32[S]
@@ -66,10 +69,15 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     models on several devices (their experts are placed explicitly; everything else follows the params)."""
     model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
-    def step(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
+    def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, sampling,
+             decode_only):
+        """last_tokens i32[M]: the previous step's samples, padded to the runner's slot maximum. Returns
+        (sampled i32[S], the same samples padded to [M] for the next step, the updated cache)."""
+        token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        return sample_tokens(logits, **sampling), kv_cache
+        sampled = sample_tokens(logits, **sampling)
+        return sampled, jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache
 
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
 
@@ -86,20 +94,28 @@ class ModelRunner:
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
+        # The last step's samples stay on the device so the next step can start before the host reads them.
+        self.max_slots = max(next_pow2(max_num_seqs), 8)
+        self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
 
     @property
     def num_compilations(self) -> int:
         return len(self.shapes_seen)
 
-    def run(self, batch: ScheduledBatch) -> np.ndarray:
-        """Run one step; returns the sampled token of each entry (meaningful where the entry reached the
-        end of its known tokens)."""
+    def dispatch(self, batch: ScheduledBatch) -> jax.Array:
+        """Start one step; returns its samples as a device array without waiting (entry i's sample in slot i,
+        meaningful where the entry reached the end of its known tokens). A PENDING last token of a request is
+        read on the device from the previous step's slot `req.pending_slot`."""
         inputs = self.prepare(batch)
         if self.on_new_shape is not None and _shape_key(inputs) not in self.shapes_seen:
             self.on_new_shape()  # this step compiles first
         if self.before_execute is not None:  # multi-process instances: the leader broadcasts the inputs
             self.before_execute(inputs)
-        return self.execute(inputs)[:len(batch.entries)]
+        return self.execute(inputs)
+
+    def run(self, batch: ScheduledBatch) -> np.ndarray:
+        """Run one step and wait: the sampled token of each entry."""
+        return np.asarray(self.dispatch(batch))[:len(batch.entries)]
 
     # Set by jaxserve.engine.multihost on a multi-process instance's leader; called with each step's inputs.
     before_execute = None
@@ -121,6 +137,7 @@ class ModelRunner:
         pages_per_seq = min(next_pow2(max(len(r.pages) for r, _ in entries)), self.max_pages_bucket)
 
         token_ids = np.zeros(num_tokens, np.int32)
+        prev_slots = np.full(num_tokens, -1, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         slot_pages = np.zeros(num_tokens, np.int32)   # padding writes go to reserved page 0
         slot_offsets = np.zeros(num_tokens, np.int32)
@@ -133,6 +150,9 @@ class ModelRunner:
             start = req.num_computed
             toks = req.all_token_ids[start:start + n]
             pos = np.arange(start, start + n)
+            if toks[-1] == PENDING:  # sampled by the step still running: read on the device
+                toks[-1] = 0
+                prev_slots[t + n - 1] = req.pending_slot
             token_ids[t:t + n] = toks
             positions[t:t + n] = pos
             pages = np.asarray(req.pages, np.int32)
@@ -150,12 +170,13 @@ class ModelRunner:
         reqs = [r for r, _ in entries]
         sampling = sampling_arrays([r.params for r in reqs], [r.seed for r in reqs],
                                    [len(r.output_token_ids) for r in reqs], num_slots)
-        return StepInputs(decode_only, token_ids, positions, attn, logits_indices, sampling)
+        return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling)
 
-    def execute(self, inputs: "StepInputs") -> np.ndarray:
-        """Run the jitted step on prepared inputs; returns the sampled token of every slot (padding included)."""
+    def execute(self, inputs: "StepInputs") -> jax.Array:
+        """Start the jitted step on prepared inputs; returns the sampled token of every slot (padding included)
+        as a device array, without waiting for it."""
         self.shapes_seen.add(_shape_key(inputs))
-        tokens, self.pool.kv_cache = self._step(self.params, self.pool.kv_cache, inputs.token_ids,
-                                                inputs.positions, inputs.attn, inputs.logits_indices,
-                                                inputs.sampling, decode_only=inputs.decode_only)
-        return np.asarray(tokens)
+        tokens, self._last_tokens, self.pool.kv_cache = self._step(
+            self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
+            inputs.positions, inputs.attn, inputs.logits_indices, inputs.sampling, decode_only=inputs.decode_only)
+        return tokens

@@ -223,7 +223,7 @@ def _pack(inputs) -> tuple[np.ndarray, np.ndarray]:
     if set(inputs.sampling) != {name for name, _ in _SAMPLING}:  # keep the wire format in step with sampling.py
         raise ValueError(f"multihost: sampling inputs {sorted(inputs.sampling)} do not match the wire format "
                          f"{[name for name, _ in _SAMPLING]}")
-    parts = [inputs.token_ids, inputs.positions, a.slot_pages, a.slot_offsets, a.kv_lens, a.page_indices,
+    parts = [inputs.token_ids, inputs.prev_slots, inputs.positions, a.slot_pages, a.slot_offsets, a.kv_lens, a.page_indices,
              a.cu_q_lens, a.num_seqs, inputs.logits_indices]
     parts += [np.asarray(inputs.sampling[name], dt).view(np.int32) for name, dt in _SAMPLING]
     payload = np.concatenate([np.asarray(p).reshape(-1).astype(np.int32, copy=False) for p in parts])
@@ -236,16 +236,16 @@ def _unpack(header: np.ndarray, payload: np.ndarray):
     from jaxserve.engine.model_runner import StepInputs
     from jaxserve.model.batch import AttentionBatch
     _, decode_only, T, S, P = (int(v) for v in header[:5])
-    sizes = [T, T, T, T, S, S * P, S + 1, 1, S] + [S] * len(_SAMPLING)
+    sizes = [T, T, T, T, T, S, S * P, S + 1, 1, S] + [S] * len(_SAMPLING)
     chunks, at = [], 0
     for n in sizes:
         chunks.append(payload[at:at + n])
         at += n
-    tok, pos, sp, so, kvl, pi, cu, ns, li = chunks[:9]
+    tok, prev, pos, sp, so, kvl, pi, cu, ns, li = chunks[:10]
     attn = AttentionBatch(slot_pages=sp, slot_offsets=so, kv_lens=kvl, page_indices=pi.reshape(S, P),
                           cu_q_lens=cu, num_seqs=ns)
-    sampling = {name: np.ascontiguousarray(c).view(dt) for (name, dt), c in zip(_SAMPLING, chunks[9:])}
-    return StepInputs(bool(decode_only), tok, pos, attn, li, sampling)
+    sampling = {name: np.ascontiguousarray(c).view(dt) for (name, dt), c in zip(_SAMPLING, chunks[10:])}
+    return StepInputs(bool(decode_only), tok, prev, pos, attn, li, sampling)
 
 
 def make_leader(engine, bind_host: str = "127.0.0.1") -> None:

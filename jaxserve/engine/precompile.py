@@ -44,7 +44,8 @@ def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_s
     attn = AttentionBatch(slot_pages=z(num_tokens), slot_offsets=z(num_tokens), kv_lens=z(num_slots),
                           page_indices=np.zeros((num_slots, pages_per_seq), np.int32),
                           cu_q_lens=z(num_slots + 1), num_seqs=z(1))
-    return StepInputs(decode_only, z(num_tokens), z(num_tokens), attn, z(num_slots),
+    no_previous = np.full(num_tokens, -1, np.int32)
+    return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots),
                       sampling_arrays([], [], [], num_slots))
 
 

@@ -8,6 +8,10 @@ import time
 
 from jaxserve.engine.sampling import SamplingParams
 
+# Output slot of a token sampled by a step still running on the device (async scheduling): the next step
+# reads its value on the device; the host fills it in when that step completes.
+PENDING = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -42,10 +46,28 @@ class Request:
     prefill_only: bool = False
     preloaded: bool = False
     error: str | None = None                # why a request failed (finish_reason "error")
+    # Async scheduling: the slot of the in-flight step that samples the last (PENDING) output token, and
+    # whether the request stops once that step completes whatever it samples (length, prefill-only).
+    pending_slot: int | None = None
+    finishing: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens known on the host: all but the trailing PENDING ones (at most two: the
+        sample of the running step and that of the step dispatched after it)."""
+        n = len(self.output_token_ids)
+        while n and self.output_token_ids[n - 1] == PENDING:
+            n -= 1
+        return len(self.prompt_token_ids) + n
+
+    @property
+    def ready_output_token_ids(self) -> list[int]:
+        """The output tokens known on the host."""
+        return self.output_token_ids[:self.num_known_tokens - len(self.prompt_token_ids)]
 
     @property
     def num_tokens(self) -> int:

@@ -74,19 +74,27 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.finishing:  # its last token is being sampled (async scheduling)
+                i += 1
+                continue
             n = min(req.num_uncomputed, budget)
             if n < req.num_uncomputed and not self.config.enable_chunked_prefill:
                 i += 1
                 continue
             need = self._pages_for(req.num_computed + n) - len(req.pages)
             while need > 0 and not self.pool.can_alloc(need):
-                victim = self.running[-1]
+                # A finishing request is never the victim: its pages come back when its last step completes.
+                victim = next((r for r in reversed(self.running) if not r.finishing), None)
+                if victim is None:
+                    break
                 self.preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
                 continue  # req preempted itself; the list shrank, `i` now names the next one
+            if need > 0 and not self.pool.can_alloc(need):
+                break  # only finishing requests are left to free pages: wait for them
             if need > 0:
                 req.pages.extend(self.pool.alloc(need))
             entries.append((req, n))
@@ -200,8 +208,9 @@ class Scheduler:
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def index_computed_pages(self, req: Request) -> None:
-        """Offer newly completed full pages to the prompt index (no-op without prefix caching)."""
-        full = req.num_computed // self.page_size
+        """Offer newly completed full pages to the prompt index (no-op without prefix caching); a page whose
+        token is still being sampled on the device (async scheduling) waits for it."""
+        full = min(req.num_computed, req.num_known_tokens) // self.page_size
         if not self.enable_prefix_caching or full <= req.num_indexed_pages:
             return
         self.pool.insert(req.all_token_ids[: full * self.page_size], req.pages[:full])

@@ -345,8 +345,9 @@ class EngineLoop:
             live = self._live.get(req.request_id)
             if live is None:
                 continue  # a profiling request
-            new = req.output_token_ids[live.sent:]
-            live.sent = len(req.output_token_ids)
+            ready = req.ready_output_token_ids
+            new = ready[live.sent:]
+            live.sent = len(ready)
             self.counters["generated_tokens"] += len(new)
             if req.finish_reason == "prefilled":
                 self._prefilled(live)
