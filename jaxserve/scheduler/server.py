@@ -424,8 +424,7 @@ class Scheduler:
     def _instance_request(self, valid: ValidRequest, generated: list[int], expected_cached: int):
         return instance_pb2.InstanceGenerateRequest(
             request_id=valid.request_id, prompt_token_ids=valid.prompt_ids, generated_token_ids=generated,
-            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id,
-            expected_cached_tokens=expected_cached)
+            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id)
 
     def _classify(self, record: InstanceRecord, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
@@ -499,7 +498,7 @@ class Scheduler:
             generated.append(first.first_token_id)
             request = instance_pb2.DecodeRequest(
                 request=self._instance_request(valid, generated, decision.cached_tokens),
-                kv_handle=first.kv_handle, prefill_instance_id=prefill.instance_id)
+                kv_handle=first.kv_handle)
             d_attempt.call = decode.stub.Decode(request, timeout=context.time_remaining())
             async with contextlib.aclosing(self._stream_from(d_attempt.call, d_attempt)) as chunks:
                 async for chunk in chunks:
