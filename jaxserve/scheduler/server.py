@@ -10,6 +10,7 @@ the core and maps its errors (`jaxserve.scheduler.errors`) to gRPC status codes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -114,8 +115,9 @@ class _Servicer(scheduler_pb2_grpc.SchedulerServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             valid = self.core.validate(request)
-            async for response in self.core.generate(valid, deadline):
-                yield response
+            async with contextlib.aclosing(self.core.generate(valid, deadline)) as responses:
+                async for response in responses:
+                    yield response
         except SchedulerError as e:
             await _abort(context, e)
 
