@@ -21,14 +21,11 @@ from typing import AsyncIterator, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jaxserve.proto.enums import FINISH_REASON_NAMES
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "ClientError", "Completion", "Delta", "RetryPolicy", "Usage",
            "tls_credentials"]
-
-_FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                   common_pb2.FINISH_REASON_ABORT: "abort"}
-
 
 class ClientError(Exception):
     """A failed call: `code` is the grpc.StatusCode, `details` the server's message."""
@@ -135,7 +132,7 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None,
 
 def _delta(resp: scheduler_pb2.GenerateResponse) -> Delta:
     return Delta(text=resp.text, token_ids=tuple(resp.token_ids),
-                 finish_reason=_FINISH_REASONS.get(resp.finish_reason),
+                 finish_reason=FINISH_REASON_NAMES.get(resp.finish_reason),
                  usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=resp.request_id)
 
 

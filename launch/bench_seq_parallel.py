@@ -83,7 +83,8 @@ def main(argv):
                    prompt_len=L, page_size=ps, repeats=FLAGS.repeats, prefill=[], overlap=[])
 
     # ---- baseline: the engine's normal single-device step (ragged jnp attention), suffix as one chunk
-    from jaxserve.engine.model_runner import jitted_step, next_pow2
+    from jaxserve.engine.model_runner import jitted_step
+    from jaxserve.util import next_pow2
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.model.batch import make_attention_batch
     dev0 = jax.devices()[0]

@@ -46,7 +46,8 @@ def _profile(length: int) -> list[dict]:
     import numpy as np
 
     from jaxserve.config import ModelConfig
-    from jaxserve.engine.model_runner import jitted_step, next_pow2, token_bucket
+    from jaxserve.engine.model_runner import jitted_step, token_bucket
+    from jaxserve.util import next_pow2
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.kernels import reference, xla_attention
     from jaxserve.model import AttentionBatch, make_attention_batch

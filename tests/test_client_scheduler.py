@@ -353,7 +353,7 @@ def test_instance_reregisters_after_scheduler_forgets_it():
             await client.generate("warm the cache", max_tokens=4)
             await eventually(lambda: scheduler.router.trees[common_pb2.ROLE_COLOCATED].num_tokens > 0)
             record = scheduler.router.instances["fake-0"]
-            scheduler._retire(record, "test", lost=False)  # as if the scheduler had declared it dead
+            scheduler.instances.retire(record, "test", lost=False)  # as if the scheduler had declared it dead
             await eventually(lambda: "fake-0" in scheduler.router.instances, what="re-registration")
             # It came back with a CLEAR + snapshot: the tree knows its cache again.
             await eventually(lambda: scheduler.router.trees[common_pb2.ROLE_COLOCATED].held_tokens("fake-0") > 0)

@@ -440,3 +440,24 @@ def test_a_stream_that_fails_after_it_started_ends_with_an_error_event():
             assert error["code"] == 503 and "failed after" in error["message"]
             assert http.scheduler.admission.requests == 0
     run(body())
+
+
+def test_request_timeout_header_is_a_real_deadline():
+    async def body():
+        async with cluster(fake=dict(token_delay_s=0.02)) as (http, fakes, client):
+            t0 = time.monotonic()
+            status, data = await raw(http, "POST", "/v1/completions",
+                                     dict(model=MODEL, prompt="slow", max_tokens=200),
+                                     headers={"X-Request-Timeout": "0.3"})
+            assert status == 504 and data["error"]["type"] == "GatewayTimeoutError", data
+            assert "Deadline exceeded" in data["error"]["message"] and time.monotonic() - t0 < 2.0
+            await eventually(lambda: http.scheduler.admission.requests == 0, what="the slot to be freed")
+            await eventually(lambda: any(r.startswith("cmpl-") for r in fakes[0].cancelled),
+                             what="the instance to see the deadline")
+            status, data = await raw(http, "POST", "/v1/completions", dict(model=MODEL, prompt="x", max_tokens=2),
+                                     headers={"X-Request-Timeout": "soon"})
+            assert status == 400 and "X-Request-Timeout" in data["error"]["message"], data
+            status, data = await raw(http, "POST", "/v1/completions", dict(model=MODEL, prompt="x", max_tokens=2),
+                                     headers={"X-Request-Timeout": "5"})
+            assert status == 200 and data["choices"][0]["finish_reason"] == "length", data
+    run(body())

@@ -38,6 +38,7 @@ from jaxserve.engine.engine import Engine
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.engine_loop import EngineLoop, Sink, default_seed
 from jaxserve.instance.kv_transfer import KvReceiver, fault
+from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
 
@@ -47,8 +48,6 @@ SERVICE_NAME = "jaxserve.v1.Instance"
 ROLES = {"colocated": common_pb2.ROLE_COLOCATED, "prefill": common_pb2.ROLE_PREFILL,
          "decode": common_pb2.ROLE_DECODE}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-           "abort": common_pb2.FINISH_REASON_ABORT}
 PD_MODES = ("basic", "caching1", "caching2", "caching3")
 
 
@@ -322,7 +321,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                     done = True
                     _, reason, usage, last = event
                     yield instance_pb2.InstanceGenerateResponse(
-                        token_ids=last, finish_reason=_FINISH[reason], usage=common_pb2.InstanceUsage(**usage))
+                        token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
+                        usage=common_pb2.InstanceUsage(**usage))
                     return
                 else:
                     done = True
@@ -382,7 +382,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             if event[0] == "finish":  # the first token ends the request: nothing to send
                 _, reason, usage, last = event
                 return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
-                                                     finish_reason=_FINISH[reason],
+                                                     finish_reason=FINISH_REASON_CODES[reason],
                                                      usage=common_pb2.InstanceUsage(**usage))
             assert event[0] == "prefilled", event
             _, first, usage = event
@@ -459,7 +459,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         name = f"decode instance {target.instance_id or target.address}"
         try:
             prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                request_id=inner.request_id, token_ids=ctx, page_size=ps, source_instance_id=self.instance_id),
+                request_id=inner.request_id, token_ids=ctx, page_size=ps),
                 timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _KvFailed(_kv_code(e), f"KV transfer to {name} failed at PrepareKvTransfer: "
@@ -484,7 +484,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             commit = await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
                 transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=start * ps,
                 num_tokens=len(ctx) - start * ps, **fields,
-                insert=self.config.pd_mode in ("caching2", "caching3"), first_token_id=first,
+                insert=self.config.pd_mode in ("caching2", "caching3"),
                 request=decode_request, send_back_to=instance_pb2.KvTarget(
                     instance_id=self.instance_id, address=self.address) if self.send_back else None),
                 timeout=timeout + 5.0)
@@ -514,7 +514,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
         return instance_pb2.PrepareKvTransferResponse(
             transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
-            receiver_address=self.transfer_server.address, receiver_shards=self._receiver_shards())
+            receiver_shards=self._receiver_shards())
 
     def _receiver_shards(self) -> list[instance_pb2.KvShard]:
         if self._layout is None:
@@ -659,7 +659,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         prepared = offered = False
         try:
             prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                request_id=request_id, token_ids=seq, page_size=ps, source_instance_id=self.instance_id),
+                request_id=request_id, token_ids=seq, page_size=ps),
                 timeout=timeout)
             prepared = True
             start = prep.cached_tokens // ps

@@ -45,7 +45,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from jaxserve.proto.v1 import common_pb2
+from jaxserve.proto.enums import FINISH_REASON_NAMES
 from jaxserve.scheduler.router import HEALTHY, ROLE_NAMES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,8 +58,6 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)
 
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-           common_pb2.FINISH_REASON_ABORT: "abort"}
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1,
                 "float8_e5m2": 1, "int8": 1}
 
@@ -222,7 +220,7 @@ class SchedulerMetrics:
             itl = self.itl.labels(m, inst)
             for gap in gaps:
                 itl.observe(gap)
-        self.success.labels(m, inst, _FINISH.get(finish_reason, "unknown")).inc()
+        self.success.labels(m, inst, FINISH_REASON_NAMES.get(finish_reason, "unknown")).inc()
         self.prompt_tokens.labels(m, inst).inc(usage.prompt_tokens)
         self.generation_tokens.labels(m, inst).inc(usage.completion_tokens)
         self.cache_queries.labels(m, cache_inst).inc(usage.prompt_tokens)

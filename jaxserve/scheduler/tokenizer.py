@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxserve.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer  # noqa: F401 (re-exported)
+from jaxserve.util import resolve_model_path
 
 MODEL_CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "config.json"
-
-# Bundled models by short name (the same folder `jaxserve.model` resolves "demo" to).
-_NAMED_MODELS = {"demo": Path(__file__).resolve().parent.parent / "assets" / "demo_model"}
-
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
@@ -46,12 +43,6 @@ class ModelInfo:
         """The demo model's tokenizer without a folder (tests, benchmarks)."""
         return cls(name=name, max_model_len=max_model_len, vocab_size=vocab_size,
                    tokenizer=ByteTokenizer(vocab_size=vocab_size))
-
-
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    if isinstance(model, str) and model in _NAMED_MODELS:
-        return _NAMED_MODELS[model]
-    return Path(model)
 
 
 def load_model_info(model: str | os.PathLike, max_model_len: int | None = None) -> ModelInfo:

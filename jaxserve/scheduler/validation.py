@@ -7,13 +7,10 @@ import dataclasses
 import math
 
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
+from jaxserve.scheduler.errors import InvalidRequest
 from jaxserve.scheduler.tokenizer import ModelInfo
 
 SEED_LIMIT = 2**32
-
-
-class InvalidRequest(ValueError):
-    """A request the scheduler refuses with INVALID_ARGUMENT; str() is the message for the client."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +20,7 @@ class ValidRequest:
     max_tokens: int
     sampling: common_pb2.SamplingParams
     session_id: str
+    arrival: float = 0.0  # time.monotonic() when the request arrived (TTFT and queue time count from it)
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -47,7 +45,7 @@ def check_sampling(sampling: common_pb2.SamplingParams, vocab_size: int) -> None
 
 
 def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
-             default_max_tokens: int, request_id: str) -> ValidRequest:
+             default_max_tokens: int, request_id: str, arrival: float = 0.0) -> ValidRequest:
     """Raises InvalidRequest with the client-facing message."""
     kind = request.WhichOneof("prompt")
     if kind is None:
@@ -87,4 +85,4 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     else:
         max_tokens = min(default_max_tokens, max_model_len - n)
     return ValidRequest(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
-                        sampling=request.sampling, session_id=request.session_id)
+                        sampling=request.sampling, session_id=request.session_id, arrival=arrival)

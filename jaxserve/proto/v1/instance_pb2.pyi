@@ -8,22 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InstanceGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "session_id", "expected_cached_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "session_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    EXPECTED_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
     sampling: _common_pb2.SamplingParams
     session_id: str
-    expected_cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., expected_cached_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class InstanceGenerateResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "usage")
@@ -68,14 +66,12 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., transferred_tokens: _Optional[int] = ..., kv_handle: _Optional[str] = ..., transferred_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request", "kv_handle", "prefill_instance_id")
+    __slots__ = ("request", "kv_handle")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    PREFILL_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     request: InstanceGenerateRequest
     kv_handle: str
-    prefill_instance_id: str
-    def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., kv_handle: _Optional[str] = ..., prefill_instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., kv_handle: _Optional[str] = ...) -> None: ...
 
 class PrepareKvTransferRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "page_size", "source_instance_id")

@@ -1,0 +1,250 @@
+"""The OpenAI HTTP front's request side: reads and checks a /v1/completions or /v1/chat/completions body
+(field types, unsupported options, sampling, prompts, messages) and builds the scheduler's GenerateRequests.
+Every refusal is an HttpError (400 with vLLM's wording and the offending `param`)."""
+
+from __future__ import annotations
+
+from jaxserve.proto.v1 import common_pb2, scheduler_pb2
+from jaxserve.scheduler.validation import SEED_LIMIT
+
+INT32_MAX = 2**31 - 1
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, counted: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.counted = counted  # the scheduler counted the refusal in its metrics already
+
+
+def bad_request(message: str, param: str | None = None) -> HttpError:
+    return HttpError(400, message, param)
+
+
+def _number(body: dict, name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad_request(f"{name} must be a number, got {v!r}.", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad_request(f"{name} must be an integer, got {v!r}.", name)
+    return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"{name} must be a boolean, got {v!r}.", name)
+    return v
+
+
+def _string(body: dict, name: str) -> str | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise bad_request(f"{name} must be a string, got {v!r}.", name)
+    return v
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _unsupported(body: dict, chat: bool) -> None:
+    if chat:
+        if body.get("logprobs"):
+            raise bad_request("logprobs is not supported by this server.", "logprobs")
+    elif body.get("logprobs") is not None:
+        raise bad_request("logprobs is not supported by this server.", "logprobs")
+    if body.get("top_logprobs"):
+        raise bad_request("top_logprobs is not supported by this server.", "top_logprobs")
+    if body.get("suffix"):
+        raise bad_request("suffix is not supported by this server.", "suffix")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _number(body, name)
+        if v:
+            raise bad_request(f"{name} is not supported by this server (it must be 0), got {v}.", name)
+    v = _number(body, "repetition_penalty")
+    if v is not None and v != 1.0:
+        raise bad_request(f"repetition_penalty is not supported by this server (it must be 1), got {v}.",
+                          "repetition_penalty")
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported by this server.", "logit_bias")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"}).",
+                          "response_format")
+    if chat and body.get("tools") and body.get("tool_choice") != "none":
+        raise bad_request("tools are not supported by this server.", "tools")
+
+
+def _sampling(body: dict, vocab_size: int) -> tuple[common_pb2.SamplingParams, int | None]:
+    """SamplingParams and the seed (applied per choice by the caller)."""
+    s = common_pb2.SamplingParams()
+    t = _number(body, "temperature")
+    s.temperature = 1.0 if t is None else t
+    top_p = _number(body, "top_p")
+    if top_p is not None:
+        s.top_p = top_p
+    top_k = _integer(body, "top_k")
+    if top_k is not None:
+        if top_k < -1:
+            raise bad_request(f"top_k must be -1 (disable), or at least 1, got {top_k}.", "top_k")
+        s.top_k = min(top_k, INT32_MAX)
+    seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise bad_request(f"seed must be in [0, 2**32), got {seed}.", "seed")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise bad_request(f"stop must be a string or a list of strings, got {stop!r}.", "stop")
+        s.stop.extend(stop)
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(_is_int(x) for x in ids):
+            raise bad_request(f"stop_token_ids must be a list of integers, got {ids!r}.", "stop_token_ids")
+        bad = next((x for x in ids if not 0 <= x <= INT32_MAX), None)
+        if bad is not None:
+            raise bad_request(f"stop_token_ids must be in the vocabulary [0, {vocab_size}), got {bad}.",
+                              "stop_token_ids")
+        s.stop_token_ids.extend(ids)
+    s.ignore_eos = boolean(body, "ignore_eos")
+    return s, seed
+
+
+def max_tokens(body: dict, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        v = _integer(body, name)
+        if v is not None:
+            if v < 1:
+                raise bad_request(f"max_tokens must be at least 1, got {v}.", name)
+            if v > INT32_MAX:
+                raise bad_request(f"max_tokens must be at most {INT32_MAX}, got {v}.", name)
+            return v
+    return None
+
+
+def _check_ids(ids: list, vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t <= INT32_MAX), None)
+    if bad is not None:
+        raise bad_request(f"Token id {bad} is out of vocabulary: this model's vocabulary has {vocab_size} tokens "
+                          f"(valid ids are 0 to {vocab_size - 1}).", "prompt")
+
+
+def prompts(body: dict, vocab_size: int) -> list:
+    """The completions `prompt` as a list of str | list[int]."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("The request has no prompt: set prompt to a string, a list of token ids, or a list of "
+                          "either.", "prompt")
+    p = body["prompt"]
+    shape = ("prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids, "
+             f"got {p!r:.80}.")
+    if isinstance(p, str):
+        return [p]
+    if not isinstance(p, list):
+        raise bad_request(shape, "prompt")
+    if not p or all(_is_int(t) for t in p):
+        _check_ids(p, vocab_size)
+        return [p]
+    if all(isinstance(x, str) for x in p):
+        return list(p)
+    if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in p):
+        for x in p:
+            _check_ids(x, vocab_size)
+        return list(p)
+    raise bad_request(shape, "prompt")
+
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_request("messages must be a non-empty list of messages.", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}] must be an object with role and content, got {m!r:.80}.", "messages")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}.", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}]: content part type {kind!r} is not supported: only text parts.",
+                                      "messages")
+                parts.append(part["text"])
+            content = "\n".join(parts)
+        elif content is not None and not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts, got {content!r:.80}.",
+                              "messages")
+        if content is None and role != "assistant":
+            raise bad_request(f"messages[{i}].content is required for role {role}.", "messages")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+def options(body: dict, chat: bool, vocab_size: int):
+    """The fields both routes share: (sampling, seed, n, stream, include_usage, session_id)."""
+    _unsupported(body, chat)
+    sampling, seed = _sampling(body, vocab_size)
+    n = _integer(body, "n")
+    n = 1 if n is None else n
+    if n < 1:
+        raise bad_request(f"n must be at least 1, got {n}.", "n")
+    if n > 128:
+        raise bad_request(f"n must be at most 128, got {n}.", "n")
+    best_of = _integer(body, "best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request("best_of is not supported by this server (it must equal n).", "best_of")
+    stream = boolean(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not stream:
+            raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+        if not isinstance(stream_options, dict):
+            raise bad_request(f"stream_options must be an object, got {stream_options!r}.", "stream_options")
+    include_usage = bool(stream and stream_options and boolean(stream_options, "include_usage"))
+    session = _string(body, "session_id") or ""
+    return sampling, seed, n, stream, include_usage, session
+
+
+def generate_requests(prompts_: list, sampling, seed, n: int, max_tokens_, session: str, request_id: str):
+    """One GenerateRequest per prompt and choice (n per prompt; with a seed, choice j uses seed + j)."""
+    out = []
+    for i, prompt in enumerate(prompts_):
+        for j in range(n):
+            r = scheduler_pb2.GenerateRequest(sampling=sampling, session_id=session,
+                                              request_id=f"{request_id}-{i * n + j}")
+            if seed is not None:
+                r.sampling.seed = (seed + j) % SEED_LIMIT
+            if isinstance(prompt, str):
+                r.text = prompt
+            else:
+                r.token_ids.ids.extend(prompt)
+            if max_tokens_ is not None:
+                r.max_tokens = max_tokens_
+            out.append(r)
+    return out

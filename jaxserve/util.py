@@ -1,0 +1,25 @@
+"""Small helpers every layer shares, written once. Standard library only (no jax, numpy or protobuf), so
+the kernels and the jax-free scheduler, client and simulator import the same code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
+
+# Short names for bundled models; the lead ships the demo model's folder.
+NAMED_MODELS = {"demo": DEMO_MODEL_DIR}
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum) (shape buckets: jit compiles O(log n) shapes)."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """A bundled model's short name ("demo") -> its folder; anything else is taken as a path."""
+    if isinstance(name, str) and name in NAMED_MODELS:
+        return NAMED_MODELS[name]
+    return Path(name)
