@@ -15,7 +15,7 @@ import pytest
 from jaxserve.client import AsyncClient, Client, ClientError, RetryPolicy, tls_credentials
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler, load_model_info
-from jaxserve.scheduler.fake_instance import EOS, FakeInstance, PageCache, expected_tokens
+from jaxserve.scheduler.fake_instance import EOS, FakeInstance, expected_tokens
 from jaxserve.scheduler.tokenizer import ByteTokenizer, IncrementalDetokenizer, TextStream
 
 MAX_LEN = 256
@@ -553,13 +553,17 @@ def test_text_stream_holds_back_a_possible_stop_string():
     assert out == "abcEN"
 
 
-def test_page_cache_reports_inserts_and_evicts_leaves_first():
+def test_fake_instance_cache_reports_inserts_and_evicts_leaves_first():
+    """The fake instance caches with the real prompt index and eviction (a PageBook without KV data)."""
+    fake = FakeInstance(page_size=2, cache_pages=3)
     events = []
-    cache = PageCache(2, 3, lambda kind, tokens: events.append((kind, tuple(tokens))))
+    fake.cache.book.set_event_listener(lambda kind, tokens: events.append((kind, tuple(tokens))))
+    cache = fake.cache
     cache.insert([1, 2, 3, 4, 5])
-    assert events == [(common_pb2.IndexEvent.INSERT, (1, 2, 3, 4))]
-    assert cache.match([1, 2, 3, 4, 9]) == 4 and cache.match([1, 2]) == 0  # one token is always computed
+    assert events == [("insert", (1, 2, 3, 4))]
+    assert fake._match([1, 2, 3, 4, 9]) == 4 and fake._match([1, 2]) == 0  # one token is always computed
     cache.insert([1, 2, 7, 8])
-    cache.insert([9, 9])  # over capacity: the least recently used leaf goes
-    assert events[-1] == (common_pb2.IndexEvent.EVICT, (1, 2, 3, 4))
+    cache.insert([9, 9])  # over capacity: the least recently used leaf goes (for room, before the insert)
+    assert events[-2:] == [("evict", (1, 2, 3, 4)), ("insert", (9, 9))] and len(cache) == 3
     assert sorted(cache.snapshot()) == [(1, 2, 7, 8), (9, 9)]
+    cache.book.check_invariants()

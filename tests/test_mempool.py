@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import CacheConfig, ModelConfig
 from jaxserve.mempool import DEVICE, HOST, MemPool, PageAllocator
-from jaxserve.mempool import mempool as mempool_mod
+from jaxserve.mempool import kv_store as kv_store_mod
 
 MC = ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=2,
                  head_dim=4)
@@ -633,8 +633,8 @@ def test_sharded_cache_keeps_its_sharding():
 
 def test_gather_and_scatter_compile_once_per_bucket():
     pool = make_pool(num_pages=40, host=32)
-    gather0 = mempool_mod._gather_pages._cache_size()
-    scatter = mempool_mod._scatter_fn(None)
+    gather0 = kv_store_mod._gather_pages._cache_size()
+    scatter = kv_store_mod._scatter_fn(None)
     scatter0 = scatter._cache_size()
     for n in range(1, 17):
         pages = pool.alloc(n)
@@ -642,7 +642,7 @@ def test_gather_and_scatter_compile_once_per_bucket():
         pool.free(pages)
         pool.free(pool.swap_in(host))
     # buckets 1, 2, 4, 8, 16
-    assert mempool_mod._gather_pages._cache_size() - gather0 <= 5
+    assert kv_store_mod._gather_pages._cache_size() - gather0 <= 5
     assert scatter._cache_size() - scatter0 <= 5
     pool.check_invariants()
 

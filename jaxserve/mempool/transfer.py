@@ -77,6 +77,15 @@ def _maybe_fail(stage: str) -> None:
         raise TransferError(f"injected failure at stage {stage!r}")
 
 
+def insert_fill(fill: Callable[[list[int]], None]) -> Callable[[list[int]], None]:
+    """`fill` for `MemPool.receive_with_insert`, then the "insert" stage of `inject_failure` (the pages have
+    arrived and the receiver is about to index them): the pool itself has no test hook."""
+    def run(pages: list[int]) -> None:
+        fill(pages)
+        _maybe_fail("insert")
+    return run
+
+
 def bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -498,7 +507,8 @@ class KVReceiver:
 
         try:
             if "tokens" in msg:
-                pages = self.pool.receive_with_insert(msg["tokens"], int(msg.get("start_page", 0)), n, fill)
+                pages = self.pool.receive_with_insert(msg["tokens"], int(msg.get("start_page", 0)), n,
+                                                     insert_fill(fill))
                 self.held.setdefault(rid, []).extend(pages)
                 return dict(pages=pages)
             pages = [int(p) for p in msg["dst_pages"]]

@@ -1,7 +1,8 @@
 """A fake instance server for tests and benchmarks: the real Instance gRPC service (any role) and the
 registration protocol, without an engine. Tokens are a deterministic function of their position, so a
-request moved to another instance continues with exactly the tokens it would have had; a per-instance LRU
-page cache stands in for the MemPool index and reports its inserts and evictions to the scheduler.
+request moved to another instance continues with exactly the tokens it would have had; the real prompt
+index and eviction without KV data (`PrefixCache`, a MemPool's PageBook) stand in for the MemPool and report
+its inserts and evictions to the scheduler.
 
 Failure injection: `kill()` (the server goes away, like a crash), `freeze()` (it stops answering, health
 checks included), `set_serving(False)` (health NOT_SERVING)."""
@@ -9,15 +10,15 @@ checks included), `set_serving(False)` (health NOT_SERVING)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jaxserve.mempool.prefix_cache import PrefixCache
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.cost_model import CostModel
 from jaxserve.scheduler.reporter import InstanceReporter
@@ -33,71 +34,6 @@ def fake_token(position: int, seed: int = 0) -> int:
 def expected_tokens(context_len: int, n: int, seed: int = 0) -> list[int]:
     """What a fake instance generates after a context of context_len tokens."""
     return [fake_token(context_len + i, seed) for i in range(n)]
-
-
-class PageCache:
-    """LRU cache of KV pages keyed by their prefix (a hash chain over page contents). Touching a path walks
-    it deepest first, so an ancestor is always more recent than its descendants and the LRU entry is always
-    a leaf, as in a radix-tree cache that evicts leaves."""
-
-    def __init__(self, page_size: int, capacity_pages: int,
-                 on_event: Callable[[int, Sequence[int]], None] = lambda kind, tokens: None):
-        self.page_size = page_size
-        self.capacity = capacity_pages
-        self.on_event = on_event
-        # key -> [parent key, tokens it was inserted with, end offset, number of children]
-        self._pages: collections.OrderedDict[int, list] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._pages)
-
-    def _keys(self, tokens: Sequence[int]):
-        key = 0
-        for start in range(0, len(tokens) // self.page_size * self.page_size, self.page_size):
-            key = hash((key, tuple(tokens[start:start + self.page_size])))
-            yield key, start + self.page_size
-
-    def _touch(self, keys: list[int]) -> None:
-        for key in reversed(keys):
-            self._pages.move_to_end(key)
-
-    def match(self, tokens: Sequence[int]) -> int:
-        """Cached prefix length; at least one token is left to compute (its logits are needed)."""
-        keys = []
-        for key, end in self._keys(tokens):
-            if key not in self._pages:
-                break
-            keys.append(key)
-        self._touch(keys)
-        usable = (len(tokens) - 1) // self.page_size * self.page_size
-        return min(len(keys) * self.page_size, usable)
-
-    def insert(self, tokens: Sequence[int]) -> int:
-        """Index every whole page of tokens; returns the pages added."""
-        tokens = tuple(tokens)
-        keys, parent, added = [], 0, 0
-        for key, end in self._keys(tokens):
-            if key not in self._pages:
-                self._pages[key] = [parent, tokens, end, 0]
-                if parent:
-                    self._pages[parent][3] += 1
-                added += 1
-            keys.append(key)
-            parent = key
-        self._touch(keys)
-        if added:
-            self.on_event(common_pb2.IndexEvent.INSERT, tokens[:len(keys) * self.page_size])
-        while len(self._pages) > self.capacity:
-            key = next(k for k, v in self._pages.items() if v[3] == 0)  # the first is a leaf (see above)
-            parent, seq, end, _ = self._pages.pop(key)
-            if parent in self._pages:
-                self._pages[parent][3] -= 1
-            self.on_event(common_pb2.IndexEvent.EVICT, seq[:end])
-        return added
-
-    def snapshot(self) -> list[tuple]:
-        """One token sequence per leaf: inserting them all rebuilds the cache's contents."""
-        return [seq[:end] for _, seq, end, children in self._pages.values() if children == 0]
 
 
 class _Health(health_pb2_grpc.HealthServicer):
@@ -132,7 +68,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         self.simulate_prefill = simulate_prefill
         self.report_profile = report_profile  # send the profile with Register instead of answering Profile
         self.scheduler_credentials = scheduler_credentials
-        self.cache = PageCache(page_size, cache_pages, self._on_cache_event)
+        self.cache = PrefixCache(page_size, cache_pages, self._on_cache_event)
         self.reporter: InstanceReporter | None = None
         self.serving = True
         self.draining = False
@@ -218,9 +154,14 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         return common_pb2.Load(num_running_requests=self.running, num_free_pages=self.cache.capacity - len(self.cache),
                                num_total_pages=self.cache.capacity)
 
-    def _on_cache_event(self, kind: int, tokens: Sequence[int]) -> None:
+    def _on_cache_event(self, kind: str, tokens: Sequence[int]) -> None:
         if self.reporter is not None:
-            (self.reporter.insert if kind == common_pb2.IndexEvent.INSERT else self.reporter.evict)(tokens)
+            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+
+    def _match(self, tokens: Sequence[int]) -> int:
+        """Cached prefix length; at least one token is left to compute (its logits are needed)."""
+        usable = (len(tokens) - 1) // self.page_size * self.page_size
+        return min(self.cache.match(tokens), max(usable, 0))
 
     def _profile(self, points) -> list[common_pb2.ProfileSample]:
         return [common_pb2.ProfileSample(prompt_len=p, cached_len=c, seconds=self.cost_model.exec(p, c))
@@ -234,7 +175,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         t0 = time.monotonic()
         async with self._prefill_lock if self.simulate_prefill else contextlib.nullcontext():
             queued = time.monotonic() - t0
-            cached = self.cache.match(context_ids)
+            cached = self._match(context_ids)
             self.num_prompt_tokens += len(context_ids)
             self.num_cached_tokens += cached
             if self.simulate_prefill:
@@ -287,7 +228,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
             if role == common_pb2.ROLE_COLOCATED:
                 cached, queued = await self._prefill(context_ids)
             else:
-                cached, queued = self.cache.match(context_ids), 0.0
+                cached, queued = self._match(context_ids), 0.0
             async for response in self._decode(request, context_ids, first_index, cached, t0, queued):
                 yield response
         except asyncio.CancelledError:
@@ -351,7 +292,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
     async def PrepareKvTransfer(self, request, context):
         transfer_id = uuid.uuid4().hex
         self._pending_kv[transfer_id] = tuple(request.token_ids)
-        cached = self.cache.match(request.token_ids) // self.page_size * self.page_size
+        cached = self._match(request.token_ids)
         return instance_pb2.PrepareKvTransferResponse(transfer_id=transfer_id, cached_tokens=cached,
                                                       receiver_address=self.address)
 

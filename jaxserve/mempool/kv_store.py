@@ -1,0 +1,148 @@
+"""KvStore: the KV arrays of one instance's pool — the paged device cache (a jax array, possibly sharded over
+a mesh or several processes), the host tier (numpy), and the copies between them (one gather / one in-place
+scatter for all layers). It knows nothing about which page holds what: that is the PageBook's
+(jaxserve/mempool/pagebook.py); MemPool (jaxserve/mempool/mempool.py) joins the two.
+
+On a multi-process instance (its pool a global array spanning several hosts) every process keeps the host tier
+of its own shards only (`host_cache` holds this process's range of the KV-head axis), and `host_copy_hook`
+lets the leader send each device<->host copy to the other processes, which run the same copy on their shards
+(jaxserve/engine/multihost.py); the host-side bookkeeping is the leader's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import CacheConfig, ModelConfig
+
+
+def _bucket(n: int) -> int:
+    """Page counts are padded to a power of two so the gather/scatter compile O(log num_pages) times."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@jax.jit
+def _gather_pages(kv: jax.Array, idx: jax.Array) -> jax.Array:
+    # One gather for all layers (MemServe's huge-page aggregation), laid out page-major so each page's K and
+    # V for every layer are one contiguous block on the host.
+    return jnp.swapaxes(kv[:, idx], 0, 1)
+
+
+def _scatter_pages(kv: jax.Array, idx: jax.Array, data: jax.Array) -> jax.Array:
+    return kv.at[:, idx].set(jnp.swapaxes(data, 0, 1).astype(kv.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _scatter_fn(sharding: jax.sharding.Sharding | None):
+    # Module-level cache: pools with the same sharding share compiled executables. The output sharding is
+    # pinned to the pool's so the cache stays where the engine's jitted step expects it, and the donated
+    # input can be reused in place.
+    if sharding is None:
+        return jax.jit(_scatter_pages, donate_argnums=0)
+    return jax.jit(_scatter_pages, donate_argnums=0, out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(sharding: jax.sharding.Sharding):
+    # Multi-process pools: the gathered pages keep the pool's head sharding, so each process reads its shards.
+    return jax.jit(lambda kv, idx: jnp.swapaxes(kv[:, idx], 0, 1), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
+    # Creating the zeros under jit with out_shardings materialises each shard on its own device instead of
+    # building the whole cache on one device first.
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """This process's range of the KV-head axis (3) of a pool sharded over several processes."""
+    ranges = sorted({index[3].indices(shape[3])[:2] for index in
+                     sharding.addressable_devices_indices_map(shape).values()})
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        if start != end:
+            raise ValueError(f"a multi-process pool needs each process's KV heads contiguous, got {ranges}")
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        if any(sl.indices(n)[:2] != (0, n) for axis, (sl, n) in enumerate(zip(index, shape)) if axis != 3):
+            raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
+    return ranges[0][0], ranges[-1][1]
+
+class KvStore:
+    """Device and host KV pages of a pool: `kv_cache` [layers, pages, page_size, 2 * kv_heads, head_dim] on
+    device (page 0 is the padding sink), `host_cache` [host pages, layers, page_size, heads, head_dim]."""
+
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, *,
+                 sharding: jax.sharding.Sharding | None = None, dtype=None):
+        self.num_pages = cache_cfg.num_pages
+        self.num_host_pages = cache_cfg.num_host_pages
+        self.dtype = jnp.dtype(dtype if dtype is not None else model_cfg.dtype)
+        self.page_shape = (model_cfg.num_layers, cache_cfg.page_size, 2 * model_cfg.num_kv_heads,
+                           model_cfg.head_dim)
+        self.sharding = sharding
+        shape = (model_cfg.num_layers, self.num_pages) + self.page_shape[1:]
+        if sharding is None:
+            self.kv_cache: jax.Array = jnp.zeros(shape, self.dtype)
+        else:
+            self.kv_cache = _zeros_fn(shape, self.dtype, sharding)()
+        # A multi-process pool's host tier holds this process's heads [lo, hi) only (see the module docstring).
+        self._local_heads = None if sharding is None or sharding.is_fully_addressable else _local_heads(sharding, shape)
+        host_shape = self.page_shape
+        if self._local_heads is not None:
+            lo, hi = self._local_heads
+            host_shape = self.page_shape[:2] + (hi - lo,) + self.page_shape[3:]
+        self.host_cache = np.zeros((self.num_host_pages,) + host_shape, self.dtype)
+        # Set by a multi-process instance's leader: called as hook(kind, device_pages, host_pages), kind
+        # "to_host" or "to_device", before each copy between the tiers.
+        self.host_copy_hook: Callable[[str, list[int], list[int]], None] | None = None
+        self._scatter_jit = _scatter_fn(sharding)
+
+    def check(self) -> None:
+        assert self.kv_cache.shape == (self.page_shape[0], self.num_pages) + self.page_shape[1:], self.kv_cache.shape
+
+    def copy_to_host(self, pages: Sequence[int], host_pages: Sequence[int]) -> None:
+        """Device pages -> host pages (one gather for all layers); on a multi-process pool, this process's
+        shards only (a follower replays the leader's copies through this)."""
+        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
+        if self.host_copy_hook is not None:
+            self.host_copy_hook("to_host", pages, host_pages)
+        self.host_cache[host_pages] = self._gather(pages)
+
+    def copy_to_device(self, host_pages: Sequence[int], pages: Sequence[int]) -> None:
+        """Host pages -> device pages (one in-place scatter); see `copy_to_host`."""
+        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
+        if self.host_copy_hook is not None:
+            self.host_copy_hook("to_device", pages, host_pages)
+        self._scatter(pages, self.host_cache[host_pages])
+
+    def _gather(self, pages: list[int]) -> np.ndarray:
+        n = len(pages)
+        idx = np.zeros(_bucket(n), np.int32)  # padding reads page 0, which is never indexed
+        idx[:n] = pages
+        if self._local_heads is None:
+            return np.asarray(_gather_pages(self.kv_cache, idx))[:n]
+        out = _gather_fn(self.sharding)(self.kv_cache, idx)
+        parts = {}
+        for shard in out.addressable_shards:  # replicas of a range: any one
+            parts.setdefault(shard.index[3].indices(out.shape[3])[0], shard.data)
+        return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)], axis=3)[:n]
+
+    def _scatter(self, pages: list[int], data: np.ndarray) -> None:
+        n = len(pages)
+        b = _bucket(n)
+        idx = np.zeros(b, np.int32)  # padding writes land in page 0, the padding sink
+        idx[:n] = pages
+        buf = np.zeros((b,) + data.shape[1:], self.dtype)
+        buf[:n] = data
+        if self._local_heads is not None:  # this process's shards of the global buffer, straight to their devices
+            shape = (b,) + self.page_shape
+            lo = self._local_heads[0]
+            arrays = [jax.device_put(buf[:, :, :, index[3].indices(shape[3])[0] - lo:
+                                         index[3].indices(shape[3])[1] - lo], device)
+                      for device, index in self.sharding.addressable_devices_indices_map(shape).items()]
+            buf = jax.make_array_from_single_device_arrays(shape, self.sharding, arrays)
+        self.kv_cache = self._scatter_jit(self.kv_cache, idx, buf)

@@ -1,0 +1,61 @@
+"""PrefixCache: a prompt cache of bounded size with no KV data, for the cluster simulator and the fake
+instance. It is a PageBook (the real allocator, prompt index and LRU eviction, numpy only) driven the way an
+engine drives its MemPool: match a prefix, allocate pages for the rest, index them, give the references
+back. So it caches and evicts exactly as a real instance's index does (least recently used leaves first,
+tail pages first), and reports the same "insert" / "evict" events to the scheduler's prompt trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from jaxserve.mempool.pagebook import PageBook
+from jaxserve.mempool.prompt_index import DEVICE
+
+
+class PrefixCache:
+    """Whole-page prefixes of token sequences, at most `capacity_pages` pages. `on_event(kind, tokens)` as in
+    `PageBook.set_event_listener`: ("insert", t) every whole-page prefix of t is cached; ("evict", t) nothing
+    starting with t is cached any more."""
+
+    def __init__(self, page_size: int, capacity_pages: int,
+                 on_event: Callable[[str, tuple[int, ...]], None] | None = None):
+        self.page_size = int(page_size)
+        self.capacity = int(capacity_pages)
+        self.book = PageBook(self.page_size, self.capacity + 1)  # + page 0, which a PageBook reserves
+        self.book.set_event_listener(on_event)
+
+    def __len__(self) -> int:
+        """Pages cached."""
+        return self.book.index.num_pages[DEVICE]
+
+    def match(self, tokens: Sequence[int]) -> int:
+        """Tokens of the longest cached whole-page prefix of `tokens` (marked as just used); holds nothing."""
+        n, pages = self.book.match(tokens)
+        self.book.free(pages)
+        return n
+
+    def insert(self, tokens: Sequence[int]) -> int:
+        """Caches the whole pages of `tokens`, evicting least recently used leaves for room (never the prefix
+        itself); a sequence longer than the capacity is cached as far as it fits. Returns the pages added."""
+        book, ps = self.book, self.page_size
+        n_pages = len(tokens) // ps
+        _, held = book.match(tokens[:n_pages * ps])  # referenced, so the eviction below spares them
+        want = n_pages - len(held)
+        new = book.alloc(want)
+        if new is None:
+            new = book.alloc(book.num_free_pages() + book.num_evictable_pages())
+        pages = held + new
+        added = book.insert(tokens[:len(pages) * ps], pages) // ps
+        book.free(pages)
+        return added
+
+    def shrink(self, limit: int) -> int:
+        """Evicts least recently used pages until at most `limit` are cached; returns how many went."""
+        excess = len(self) - max(int(limit), 0)
+        return self.book.evict(excess) if excess > 0 else 0
+
+    def snapshot(self) -> list[tuple[int, ...]]:
+        """One token sequence per leaf: inserting them all rebuilds the cache's contents."""
+        index = self.book.index
+        return [index.path_tokens(node) for node in index.iter_nodes() if not node.children]
