@@ -22,6 +22,7 @@ from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.decoder import Decoder
+from jaxserve.util import next_pow2
 
 
 class StepInputs(NamedTuple):
@@ -38,11 +39,6 @@ class StepInputs(NamedTuple):
 def _shape_key(inputs: StepInputs) -> tuple:
     """What selects a compiled step: one compilation per distinct key."""
     return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
-
-
-def next_pow2(n: int, minimum: int = 1) -> int:
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
 
 
 def token_bucket(n: int, minimum: int = 16) -> int:

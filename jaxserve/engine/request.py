@@ -45,7 +45,6 @@ class Request:
     # request arrives with `pages` already holding the KV of its first `num_computed` tokens.
     prefill_only: bool = False
     preloaded: bool = False
-    error: str | None = None                # why a request failed (finish_reason "error")
     # Async scheduling: the slot of the in-flight step that samples the last (PENDING) output token, and
     # whether the request stops once that step completes whatever it samples (length, prefill-only).
     pending_slot: int | None = None

@@ -26,11 +26,7 @@ from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.kernels import reference
 from jaxserve.kernels.ring_attention import padded_length, ring_attention, zigzag_order
 from jaxserve.model.decoder import Decoder
-
-
-def next_pow2(n: int, minimum: int = 1) -> int:
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
+from jaxserve.util import next_pow2
 
 
 class SPBatch(NamedTuple):

@@ -26,6 +26,7 @@ import numpy as np
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
+from jaxserve.proto.enums import FINISH_REASON_CODES
 
 log = logging.getLogger("jaxserve.instance")
 
@@ -105,9 +106,6 @@ class IndexMirror:
             return n
 
 
-_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
 class EngineLoop:
     """Owns `engine` on a background thread. `on_index_event(kind, tokens)` is called on that thread for
     every index insert/evict (after the mirror is updated)."""
@@ -179,10 +177,6 @@ class EngineLoop:
         instead of a finish, and the request keeps its KV pages until `release(internal_id)`."""
         self.submit(lambda: self._add(internal_id, external_id, list(prompt), list(generated), params, sink,
                                       arrival, prefill_only))
-
-    def release(self, internal_id: str) -> concurrent.futures.Future:
-        """Frees the pages a prefilled request kept (full ones stay in the index when prefix caching is on)."""
-        return self.submit(lambda: self._release(internal_id))
 
     def abort(self, internal_id: str) -> concurrent.futures.Future:
         return self.submit(lambda: self._abort(internal_id))
@@ -493,7 +487,7 @@ class EngineLoop:
         context_len = len(req.prompt_token_ids) + live.num_resumed
         self.counters["prompt_tokens"] += context_len
         self.counters["cached_tokens"] += req.num_cached_tokens
-        live.sink.push(("finish", _REASONS.get(req.finish_reason, "length"), dict(
+        live.sink.push(("finish", req.finish_reason if req.finish_reason in FINISH_REASON_CODES else "length", dict(
             prompt_tokens=context_len, cached_tokens=req.num_cached_tokens,
             completion_tokens=len(req.output_token_ids) - live.num_resumed,
             ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),

@@ -36,13 +36,14 @@ from jax.experimental import pallas as pl
 
 from jaxserve.kernels import ragged_paged_attention as rpa
 from jaxserve.kernels import reference
+from jaxserve.util import next_pow2
 
 _TARGET_PROGRAMS = 512  # ~4 waves of 132 SMs (H200) when choosing num_kv_splits
 
 
 def default_num_kv_splits(num_seqs: int, num_kv_heads: int, num_kv_blocks: int) -> int:
     want = rpa.cdiv(_TARGET_PROGRAMS, max(1, num_seqs * num_kv_heads))
-    return int(max(1, min(rpa.next_pow2(want), num_kv_blocks)))
+    return int(max(1, min(next_pow2(want), num_kv_blocks)))
 
 
 def _decode_kernel(lens_ref, pt_ref, q_ref, kv_ref, o_ref, lse_ref, *, page_size, pages_per_block,
@@ -105,11 +106,11 @@ def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window,
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
     group = num_q_heads // num_kv_heads
-    group_pad = rpa.next_pow2(group) if interpret else max(16, rpa.next_pow2(group))
+    group_pad = next_pow2(group) if interpret else max(16, next_pow2(group))
     pages_per_seq = page_indices.shape[1]
     if pages_per_block is None:
         pages_per_block = max(1, 128 // page_size)
-    pages_per_block = min(rpa.next_pow2(pages_per_block), rpa.next_pow2(pages_per_seq))
+    pages_per_block = min(next_pow2(pages_per_block), next_pow2(pages_per_seq))
     if not interpret:
         pages_per_block = max(pages_per_block, rpa.cdiv(16, page_size))  # Triton's dot needs N >= 16
     num_blocks = rpa.cdiv(pages_per_seq, pages_per_block)

@@ -78,6 +78,7 @@ from jax.experimental import pallas as pl
 
 from jaxserve.kernels import reference
 from jaxserve.kernels.reference import MASK_VALUE, apply_sinks
+from jaxserve.util import next_pow2
 _NUM_LANES = 128
 
 
@@ -87,10 +88,6 @@ _NUM_LANES = 128
 
 def cdiv(a, b):
     return (a + b - 1) // b
-
-
-def next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 def resolve_backend(interpret, backend):

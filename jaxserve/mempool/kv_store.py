@@ -19,11 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import CacheConfig, ModelConfig
-
-
-def _bucket(n: int) -> int:
-    """Page counts are padded to a power of two so the gather/scatter compile O(log num_pages) times."""
-    return 1 << max(0, (n - 1).bit_length())
+from jaxserve.util import next_pow2
 
 
 @jax.jit
@@ -121,7 +117,7 @@ class KvStore:
 
     def _gather(self, pages: list[int]) -> np.ndarray:
         n = len(pages)
-        idx = np.zeros(_bucket(n), np.int32)  # padding reads page 0, which is never indexed
+        idx = np.zeros(next_pow2(n), np.int32)  # padding reads page 0, which is never indexed
         idx[:n] = pages
         if self._local_heads is None:
             return np.asarray(_gather_pages(self.kv_cache, idx))[:n]
@@ -133,7 +129,7 @@ class KvStore:
 
     def _scatter(self, pages: list[int], data: np.ndarray) -> None:
         n = len(pages)
-        b = _bucket(n)
+        b = next_pow2(n)
         idx = np.zeros(b, np.int32)  # padding writes land in page 0, the padding sink
         idx[:n] = pages
         buf = np.zeros((b,) + data.shape[1:], self.dtype)

@@ -49,6 +49,8 @@ import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxserve.util import next_pow2
+
 log = logging.getLogger("jaxserve.transfer")
 
 class TransferError(RuntimeError):
@@ -86,12 +88,8 @@ def insert_fill(fill: Callable[[list[int]], None]) -> Callable[[list[int]], None
     return run
 
 
-def bucket(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def padded_index(pages: Sequence[int], size: int | None = None) -> np.ndarray:
-    idx = np.zeros(bucket(len(pages)) if size is None else size, np.int32)  # padding names page 0 (the sink)
+    idx = np.zeros(next_pow2(len(pages)) if size is None else size, np.int32)  # padding names page 0 (the sink)
     idx[:len(pages)] = pages
     return idx
 
@@ -104,9 +102,9 @@ MIN_CHUNK_BYTES = 512 * 1024
 
 
 def chunk_pages(n_pages: int, page_bytes: int) -> int:
-    """Pages per chunk for a transfer of n_pages: a power of two dividing bucket(n_pages), so that at most
+    """Pages per chunk for a transfer of n_pages: a power of two dividing next_pow2(n_pages), so that at most
     MAX_CHUNKS chunks of at least MIN_CHUNK_BYTES (or one chunk) cover the pages."""
-    padded = bucket(n_pages)
+    padded = next_pow2(n_pages)
     k = 1
     while k < MAX_CHUNKS and padded // (2 * k) >= 1 and padded // (2 * k) * page_bytes >= MIN_CHUNK_BYTES:
         k *= 2
@@ -188,7 +186,7 @@ def pool_sharding(pool) -> jax.sharding.Sharding:
 
 
 def gather_block(pool, pages: Sequence[int]) -> jax.Array:
-    """One gather of `pages` for all layers: [layers, bucket(n), page_size, 2*Hkv, D] on the pool's devices."""
+    """One gather of `pages` for all layers: [layers, next_pow2(n), page_size, 2*Hkv, D] on the pool's devices."""
     OP_COUNTS["gather"] += 1
     return _gather(pool.kv_cache, padded_index(pages))
 
@@ -204,7 +202,7 @@ def gather_chunks(pool, pages: Sequence[int]) -> list[jax.Array]:
 
 
 def scatter_block(pool, pages: Sequence[int], block) -> None:
-    """One donated in-place scatter of a gathered block (a single array of bucket(len(pages)) pages), or of
+    """One donated in-place scatter of a gathered block (a single array of next_pow2(len(pages)) pages), or of
     its chunks (a list of equal-size arrays covering the pages, as `gather_chunks` makes them)."""
     if isinstance(block, (list, tuple)):
         chunks = list(block)

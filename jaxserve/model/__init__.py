@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import jax
 
@@ -17,18 +16,7 @@ from jaxserve.model.decoder import (Decoder, abstract_params, forward_dense, ini
 from jaxserve.model.hf_config import config_from_hf
 from jaxserve.model.loader import load_hf_checkpoint
 from jaxserve.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
-
-# Short names for bundled models; the lead ships the demo model's folder.
-_NAMED_MODELS = {"demo": DEMO_MODEL_DIR}
-
-
-def resolve_model_path(name: str | os.PathLike) -> Path:
-    """A bundled model's short name ("demo") -> its folder; anything else is taken as a path."""
-    if isinstance(name, str) and name in _NAMED_MODELS:
-        return _NAMED_MODELS[name]
-    return Path(name)
+from jaxserve.util import DEMO_MODEL_DIR, resolve_model_path
 
 
 def serving_dtypes(checkpoint_dtype: str, requested: str | None = None, platform: str | None = None

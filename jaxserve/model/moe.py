@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
+from jaxserve.util import next_pow2
 from jaxserve.model.layers import activation, dense, f32_accumulating_dot
 
 MOE_IMPLS = ("grouped", "dense")
@@ -37,15 +38,11 @@ def route(logits: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]
     return weights, experts
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _blocked_grouped_matmul(x, w, group_sizes):
     """CPU grouped matmul: rows of each group padded to whole blocks; one dot per live block."""
     rows, k_dim = x.shape
     groups, _, n = w.shape
-    block = min(128, max(8, _next_pow2(-(-rows // groups)) // 2))  # measured: 1/2 of the mean group beats 1/4
+    block = min(128, max(8, next_pow2(-(-rows // groups)) // 2))  # measured: 1/2 of the mean group beats 1/4
     num_blocks = -(-rows // block) + groups  # each group wastes less than one block
     padded = (group_sizes + block - 1) // block * block
     pad_end = jnp.cumsum(padded)
