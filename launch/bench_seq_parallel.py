@@ -83,14 +83,14 @@ def main(argv):
                    prompt_len=L, page_size=ps, repeats=FLAGS.repeats, prefill=[], overlap=[])
 
     # ---- baseline: the engine's normal single-device step (ragged jnp attention), suffix as one chunk
-    from jaxserve.engine.model_runner import jitted_step
+    from jaxserve.engine.model_runner import standalone_step
     from jaxserve.util import next_pow2
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.model.batch import make_attention_batch
     dev0 = jax.devices()[0]
     pool = MemPool(cfg, CacheConfig(page_size=ps, num_pages=L // ps + 8))
     pages = pool.alloc(-(-L // ps))
-    step = jitted_step(cfg, "reference")
+    step = standalone_step(cfg, "reference")
     params0 = jax.device_put(host_params, dev0)
     for f in fractions:
         cached = int(L * f) // ps * ps

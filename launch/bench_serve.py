@@ -104,6 +104,10 @@ flags.DEFINE_integer("max_num_seqs", 32, "jaxserve: requests per engine step")
 flags.DEFINE_integer("max_model_len", 2048, "jaxserve: context length")
 flags.DEFINE_string("dtype", None, "jaxserve compute dtype (default: the instance's: float32 on CPU)")
 flags.DEFINE_bool("precompile", True, "jaxserve instance compiles every step shape before registering")
+flags.DEFINE_bool("async_scheduling", True, "jaxserve instance overlaps host and device (async scheduling)")
+flags.DEFINE_bool("offline_reference", True, "after the servers stop, time the decode workloads offline "
+                  "(`LLM.generate` on the same checkpoint and settings, async scheduling on and off): the served "
+                  "TPOT over the offline one is the serving overhead")
 flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (load, precompile, register)")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long a jaxserve process gets to exit before SIGKILL")
 FLAGS = flags.FLAGS
@@ -272,7 +276,7 @@ class JaxserveServer:
                 f"--page_size={FLAGS.page_size}", f"--num_pages={FLAGS.num_pages}",
                 f"--max_num_batched_tokens={FLAGS.max_num_batched_tokens}", f"--max_num_seqs={FLAGS.max_num_seqs}",
                 f"--max_model_len={FLAGS.max_model_len}", f"--precompile={FLAGS.precompile}",
-                "--profile_at_start"]
+                f"--async_scheduling={FLAGS.async_scheduling}", "--profile_at_start"]
         if FLAGS.dtype:
             inst.append(f"--dtype={FLAGS.dtype}")
         self._spawn("instance", inst)
@@ -376,7 +380,7 @@ async def amain() -> dict:
                       "repeats", "warmup", "cold_len", "prefix_len", "suffix_len", "burst", "ttft_max_tokens",
                       "decode_batches", "decode_prompt_len", "decode_tokens", "page_size", "num_pages",
                       "max_num_batched_tokens", "max_num_seqs", "max_model_len", "dtype", "precompile",
-                      "other_extra_body")})
+                      "async_scheduling", "offline_reference", "other_extra_body")})
     connector = aiohttp.TCPConnector(limit=0)
     # SIGTERM cancels the run like Ctrl-C does, so the finally below stops the jaxserve processes.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
@@ -407,8 +411,38 @@ async def amain() -> dict:
             result.update(bench)
     finally:
         server.stop()
+    if FLAGS.offline_reference:
+        for name, overlap in (("offline", True), ("offline sync", False)):
+            result["rows"][name] = offline_decode(model, rng, vocab, overlap)
     result["loadavg_end"] = os.getloadavg()
     return result
+
+
+def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
+    """The decode workloads through `LLM.generate` in this process, same checkpoint and engine settings as the
+    served instance: per repeat tok/s (tokens after each first / (last - first token)) and median TPOT."""
+    from jaxserve import LLM, SamplingParams
+
+    llm = LLM(model, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
+              max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
+              max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype, async_scheduling=async_scheduling)
+    params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
+    rows: dict[str, list] = {}
+    for rep in range(FLAGS.repeats + 1):  # the first pass compiles
+        for batch in map(int, FLAGS.decode_batches):
+            start = time.perf_counter()
+            outs = llm.generate([random_prompt(rng, FLAGS.decode_prompt_len, vocab) for _ in range(batch)], params)
+            first = start + min(o.ttft_s for o in outs)
+            last = start + max(o.e2e_s for o in outs)
+            tpots = [(o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs]
+            if rep:
+                rows.setdefault(f"decode_b{batch}_tok_s", []).append(
+                    sum(len(o.token_ids) - 1 for o in outs) / (last - first))
+                rows.setdefault(f"decode_b{batch}_tpot_p50_s", []).append(statistics.median(tpots))
+    print(f"offline ({'async' if async_scheduling else 'sync'}): "
+          + ", ".join(f"{k}={statistics.median(v) * (1 if k.endswith('tok_s') else 1e3):.2f}" for k, v in rows.items()),
+          flush=True)
+    return rows
 
 
 def main(argv):

@@ -49,6 +49,7 @@ flags.DEFINE_integer("max_model_len", None, "cap on the context length")
 flags.DEFINE_string("dtype", None, "compute dtype (float32 | bfloat16); default: float32 on CPU, else the "
                     "checkpoint's")
 flags.DEFINE_integer("seed", 0, "engine seed (random weights, unseeded sampling)")
+flags.DEFINE_bool("async_scheduling", True, "dispatch step N+1 before step N's tokens reach the host (overlap)")
 flags.DEFINE_string("compilation_cache", None, "persistent XLA cache folder ('off' to disable)")
 flags.DEFINE_bool("profile_at_start", False, "time the cost-model points before registering")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
@@ -74,7 +75,7 @@ def engine_kwargs_from_flags() -> dict:
                 ep=FLAGS.ep,
                 device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
                 attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
-                seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache)
+                seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache, async_scheduling=FLAGS.async_scheduling)
 
 
 def config_from_flags() -> InstanceConfig:

@@ -46,7 +46,7 @@ def _profile(length: int) -> list[dict]:
     import numpy as np
 
     from jaxserve.config import ModelConfig
-    from jaxserve.engine.model_runner import jitted_step, token_bucket
+    from jaxserve.engine.model_runner import standalone_step, token_bucket
     from jaxserve.util import next_pow2
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.kernels import reference, xla_attention
@@ -67,7 +67,7 @@ def _profile(length: int) -> list[dict]:
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, tokens), jnp.int32)
     logits_rows = jnp.zeros(8, jnp.int32).at[0].set(length - 1)
     sampling = sampling_arrays([], [], [], 8)
-    step = jitted_step(cfg, "reference")
+    step = standalone_step(cfg, "reference")
 
     def whole(params, cache):
         return step(params, cache, ids, jnp.asarray(positions), batch, logits_rows, sampling, decode_only=False)[0]
@@ -77,7 +77,7 @@ def _profile(length: int) -> list[dict]:
     # The same step with bf16 matmul weights under f32 arithmetic (the CPU default for a bf16 checkpoint).
     mixed_cfg = dataclasses.replace(cfg, weight_dtype="bfloat16")
     mixed_params = jax.tree.map(lambda x, want: x.astype(want.dtype), params, abstract_params(mixed_cfg))
-    mixed_step = jitted_step(mixed_cfg, "reference")
+    mixed_step = standalone_step(mixed_cfg, "reference")
     mixed_s = _best(lambda: mixed_step(mixed_params, jnp.zeros_like(cache), ids, jnp.asarray(positions), batch,
                                        logits_rows, sampling, decode_only=False)[0])
 

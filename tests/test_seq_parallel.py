@@ -96,7 +96,7 @@ def test_prefill_logits_and_kv_match_single_device(seq, tp):
     np.testing.assert_array_equal(np.concatenate([greedy_1, greedy_2]), dense.argmax(-1))
 
     # K/V in the pool = the single-device engine step's K/V for the same prompt.
-    from jaxserve.engine.model_runner import jitted_step
+    from jaxserve.engine.model_runner import standalone_step
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.model.batch import make_attention_batch
     ref_cache = jnp.zeros_like(np.asarray(pool.kv_cache))
@@ -104,7 +104,7 @@ def test_prefill_logits_and_kv_match_single_device(seq, tp):
     batch, positions = make_attention_batch([45], [45], [ref_pages], page_size=PAGE, num_tokens=48)
     toks = np.zeros(48, np.int32)
     toks[:45] = tokens
-    _, ref_cache = jitted_step(CFG, "reference")(_params(), ref_cache, toks, positions, batch,
+    _, ref_cache = standalone_step(CFG, "reference")(_params(), ref_cache, toks, positions, batch,
                                                  np.array([44], np.int32), sampling_arrays([None], [0], [0], 1),
                                                  decode_only=False)
     got = np.asarray(pool.kv_cache)[:, pages].reshape(CFG.num_layers, -1, 2 * CFG.num_kv_heads, CFG.head_dim)

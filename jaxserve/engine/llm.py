@@ -50,7 +50,8 @@ class LLM:
                  max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
-                 pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1):
+                 pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1,
+                 async_scheduling: bool = True):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -70,7 +71,8 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
                 mesh=MeshConfig(tp=tp, seq=seq, ep=ep_, device_ids=tuple(device_ids) if device_ids else None),
-                attention_impl=attention_impl, max_model_len=max_model_len, seed=seed, sp_threshold=sp_threshold)
+                attention_impl=attention_impl, max_model_len=max_model_len, seed=seed, sp_threshold=sp_threshold,
+                async_scheduling=async_scheduling)
 
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.pair = None

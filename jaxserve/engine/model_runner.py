@@ -78,6 +78,21 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
 
 
+def standalone_step(model_config, attention_impl: str, mesh=None):
+    """`jitted_step` without the device-side token feed, for tools and tests: `(params, kv_cache, token_ids,
+    positions, batch, logits_indices, sampling, decode_only=...) -> (sampled i32[S], kv_cache)`."""
+    step = jitted_step(model_config, attention_impl, mesh)
+
+    def run(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
+        slots = max(8, len(logits_indices))
+        sampled, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
+                                    np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
+                                    sampling, decode_only=decode_only)
+        return sampled, kv_cache
+
+    return run
+
+
 class ModelRunner:
     def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, attention_impl: str, mesh=None):
