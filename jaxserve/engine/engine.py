@@ -218,6 +218,10 @@ class Engine:
             done += self._complete_in_flight()
         return done
 
+    def sync(self) -> list[Request]:
+        """Wait for the step in flight (if any) and complete it; returns the requests it updated."""
+        return self._complete_in_flight()
+
     def _advance(self, batch) -> list[tuple[Request, int, int]]:
         """Host bookkeeping of a dispatched step, before its samples are known: progress, and a PENDING output
         for every entry that reaches its end. Returns (request, output index, slot) of those samples."""

@@ -130,10 +130,13 @@ class LLM:
             reqs = [self.pair.add_request(t, sp) for t, sp in zip(encoded, params)]
             while any(not r.finished for r in reqs):
                 self.pair.step()
+            self.pair.prefill.sync()
+            self.pair.decode.sync()
             return [self._output(r) for r in reqs]
         reqs = [self.engine.add_request(t, sp) for t, sp in zip(encoded, params)]
         while any(not r.finished for r in reqs):
             self.engine.step()
+        self.engine.sync()  # a step dispatched before the last stop was seen: its samples are discarded
         return [self._output(r) for r in reqs]
 
     def _output(self, req) -> RequestOutput:
