@@ -31,6 +31,8 @@ def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env.setdefault("JAX_PLATFORMS", "cpu")
+    # This checkout's jaxserve, not whichever one the interpreter has installed (the worker runs as a script).
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
