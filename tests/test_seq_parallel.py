@@ -104,9 +104,10 @@ def test_prefill_logits_and_kv_match_single_device(seq, tp):
     batch, positions = make_attention_batch([45], [45], [ref_pages], page_size=PAGE, num_tokens=48)
     toks = np.zeros(48, np.int32)
     toks[:45] = tokens
-    _, ref_cache = jitted_step(CFG, "reference")(_params(), ref_cache, toks, positions, batch,
-                                                 np.array([44], np.int32), sampling_arrays([None], [0], [0], 1),
-                                                 decode_only=False)
+    no_previous = np.full(48, -1, np.int32)  # every token given (none read from a previous step's samples)
+    _, _, ref_cache = jitted_step(CFG, "reference")(_params(), ref_cache, np.zeros(8, np.int32), toks, no_previous,
+                                                    positions, batch, np.array([44], np.int32),
+                                                    sampling_arrays([None], [0], [0], 1), decode_only=False)
     got = np.asarray(pool.kv_cache)[:, pages].reshape(CFG.num_layers, -1, 2 * CFG.num_kv_heads, CFG.head_dim)
     want = np.asarray(ref_cache)[:, ref_pages].reshape(got.shape)
     np.testing.assert_allclose(got[:, :45], want[:, :45], atol=ATOL, rtol=0)

@@ -111,8 +111,8 @@ class KvStore:
         # Anything with the `bind(name, fn)` / `call(name, *args)` of jaxserve.engine.device_ops.DeviceOps
         # (the mempool layer does not import the engine's); None: run here.
         self.ops = ops if ops is not None else _Direct()
-        ops.bind("copy_to_host", self._copy_to_host)
-        ops.bind("copy_to_device", self._copy_to_device)
+        self.ops.bind("copy_to_host", self._copy_to_host)
+        self.ops.bind("copy_to_device", self._copy_to_device)
 
     def check(self) -> None:
         assert self.kv_cache.shape == (self.page_shape[0], self.num_pages) + self.page_shape[1:], self.kv_cache.shape
