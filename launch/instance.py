@@ -116,14 +116,17 @@ def main(argv):
     elif FLAGS.local_cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", FLAGS.local_cpu_devices)
-    engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
     if not multiprocess:
+        engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
         if FLAGS.precompile:
             from jaxserve.engine.precompile import precompile
             logging.info("precompiled: %s", precompile(engine, transfers=FLAGS.role != "colocated"))
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
         return
     import jax
+    # The device-op channel first (collective): every process's engine runs its device work through it.
+    ops = multihost.connect(bind_host=FLAGS.host)
+    engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None
     if FLAGS.role != "colocated":  # KV transfers: every process moves its own shards with its own server
@@ -132,12 +135,12 @@ def main(argv):
         port = server.address.rsplit(":", 1)[1]  # a wildcard bind is advertised as a reachable address
         addresses = multihost.exchange_addresses(f"{multihost.routable_host(FLAGS.host)}:{port}")
         logging.info("process %d: transfer server %s (all: %s)", jax.process_index(), server.address, addresses)
-    if jax.process_index() != 0:  # a follower: no gRPC, only the leader's steps and KV transfer ops
+        multihost.KvShardOps(engine, server, addresses)  # binds the kv_offer / kv_receive ops
+    if jax.process_index() != 0:  # a follower: no gRPC, only the leader's device ops
         logging.info("follower %d of %d: running the leader's steps", jax.process_index(), jax.process_count())
-        steps = multihost.follower_loop(engine, server)
+        steps = multihost.follower_loop(engine)
         logging.info("follower stopped after %d steps", steps)
         return
-    multihost.make_leader(engine, bind_host=FLAGS.host)
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
         from jaxserve.engine.precompile import precompile
         logging.info("precompiled: %s", precompile(engine))

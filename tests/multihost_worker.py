@@ -34,7 +34,8 @@ def main() -> int:
                       num_kv_heads=8, head_dim=16, max_position_embeddings=512)
     # A small device tier (23 usable pages) over a host tier: round 3 evicts the cached prefixes to the host
     # tier, round 4 brings the shared one back from it.
-    llm = LLM(cfg, tp=args.tp, page_size=8, num_pages=24, num_host_pages=32, max_num_batched_tokens=64,
+    ops = multihost.connect() if args.num_processes > 1 else None  # collective: every process, before the engine
+    llm = LLM(cfg, ops=ops, tp=args.tp, page_size=8, num_pages=24, num_host_pages=32, max_num_batched_tokens=64,
               max_num_seqs=8, seed=0, compilation_cache="off", enable_prefix_caching=True,
               sequence_parallel=args.seq, sp_threshold=args.sp_threshold)
     assert len(llm.engine.mesh.devices.flat) == args.seq * args.tp, llm.engine.mesh
@@ -46,8 +47,6 @@ def main() -> int:
         steps = multihost.follower_loop(llm.engine)
         print(f"FOLLOWER steps={steps} sp_prefills={llm.stats()['num_sequence_parallel_prefills']}", flush=True)
         return 0
-    if multihost.is_multiprocess():
-        multihost.make_leader(llm.engine)
     # Rounds: the second hits the prefix cache of the first; the third fills the device tier (the cached
     # prefixes go to the host tier); the fourth matches the shared prefix there and swaps it back in.
     outs = (llm.generate(prompts[:2], sp) + llm.generate(prompts[2:4], sp) + llm.generate(prompts[4:6], sp)

@@ -229,3 +229,20 @@ def test_precompile_covers_every_shape_and_leaves_outputs_unchanged():
     assert fresh.engine.runner.shapes_seen == seen
     assert [o.token_ids for o in fresh.generate(prompts, GREEDY)] == want
     assert_no_leak(fresh)
+
+
+def test_a_request_that_can_never_be_scheduled_raises_unschedulable():
+    """Pages held by a prefill-only request (waiting for its KV transfer) leave too few for the next one:
+    `Engine.step` raises the typed Unschedulable naming it (the instance fails that request alone)."""
+    from jaxserve.engine.engine import Unschedulable
+    engine = make_llm(num_pages=9, enable_prefix_caching=False).engine  # 8 usable pages of 8 tokens
+    engine.add_request(list(range(1, 41)), SamplingParams(max_tokens=4), "held", prefill_only=True)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.num_free_pages() < 4
+    engine.add_request(list(range(50, 80)), SamplingParams(max_tokens=2), "big")
+    with pytest.raises(Unschedulable) as e:
+        engine.step()
+    assert e.value.request_id == "big" and "cannot be scheduled" in str(e.value)
+    engine.release("held")
+    engine.abort("big")

@@ -327,3 +327,38 @@ def test_step_watchdog_fails_requests_of_a_stuck_step():
     finally:
         release.set()
         loop.stop()
+
+
+def test_engine_loop_fails_an_unschedulable_request_alone():
+    """A request that can never fit the free KV pages (the rest held by a prefill-only request waiting for its
+    transfer): the engine raises the typed Unschedulable, and the loop fails that request alone with
+    RESOURCE_EXHAUSTED; the instance is not broken and the held request is still served."""
+    import threading
+
+    from jaxserve.instance.engine_loop import EngineLoop, Sink
+
+    class Events(Sink):
+        def __init__(self):
+            self.events, self.done = [], threading.Event()
+
+        def push(self, event):
+            self.events.append(event)
+            if event[0] in ("error", "prefilled", "finish"):
+                self.done.set()
+
+    engine = make_llm(num_pages=9, enable_prefix_caching=False).engine  # 8 usable pages
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        held, big = Events(), Events()
+        loop.add("held#0", "held", list(range(1, 41)), [], SamplingParams(max_tokens=4), held, time.perf_counter(),
+                 prefill_only=True)
+        assert held.done.wait(60) and held.events[-1][0] == "prefilled", held.events
+        loop.add("big#1", "big", list(range(50, 80)), [], SamplingParams(max_tokens=2), big, time.perf_counter())
+        assert big.done.wait(60), big.events
+        code, message = big.events[-1][1:]
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cannot be scheduled" in message, big.events
+        assert not loop.broken
+        assert loop.submit(lambda: engine.scheduler.has_work()).result(10) is False
+    finally:
+        loop.stop()

@@ -31,6 +31,8 @@ def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env.setdefault("JAX_PLATFORMS", "cpu")
+    # This checkout's jaxserve, not whichever one the interpreter has installed (the worker runs as a script).
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
@@ -158,20 +160,21 @@ def test_check_supported_needs_every_process_in_the_mesh():
 
 def test_sequence_parallel_message_roundtrip():
     import numpy as np
-    from jaxserve.engine import multihost
+    from jaxserve.engine import device_ops
     from jaxserve.engine.sampling import SamplingParams, sampling_arrays
     sampling = sampling_arrays([SamplingParams(temperature=0.7, top_k=5, top_p=0.9)], [2**32 - 3], [4], 1)
-    msg = multihost._sp_message(np.arange(5, 25), 40, [3, 4, 5, 6, 7, 8, 9, 10], "last", sampling)
-    args, kwargs = multihost._sp_arguments(json.loads(json.dumps(msg)))
-    assert args == (list(range(5, 25)), 40, [3, 4, 5, 6, 7, 8, 9, 10]) and kwargs["logits_for"] == "last"
+    frame = device_ops.encode_frame("sp_forward", np.arange(5, 25), 40, [3, 4, 5, 6, 7, 8, 9, 10], "last", sampling)
+    name, (tokens, start, pages, logits_for, got) = device_ops.decode_frame(frame)
+    assert name == "sp_forward" and start == 40 and logits_for == "last"
+    assert list(tokens) == list(range(5, 25)) and list(pages) == [3, 4, 5, 6, 7, 8, 9, 10]
     for k, v in sampling.items():
-        assert kwargs["sampling"][k].dtype == v.dtype
-        np.testing.assert_array_equal(kwargs["sampling"][k], v)
+        assert got[k].dtype == v.dtype
+        np.testing.assert_array_equal(got[k], v)
 
 
 def test_pack_unpack_roundtrip():
     import numpy as np
-    from jaxserve.engine import multihost
+    from jaxserve.engine import device_ops
     from jaxserve.engine.model_runner import StepInputs
     from jaxserve.model.batch import AttentionBatch
     T, S, P = 16, 8, 4
@@ -180,14 +183,102 @@ def test_pack_unpack_roundtrip():
     inp = StepInputs(False, i(T), i(T) - 50, i(T), AttentionBatch(i(T), i(T), i(S), i(S, P), i(S + 1), i(1)), i(S),
                      dict(temperature=r.random(S).astype(np.float32), top_k=i(S), top_p=r.random(S).astype(np.float32),
                           seeds=r.integers(0, 2**32, S, dtype=np.uint64).astype(np.uint32), output_index=i(S)))
-    header, payload = multihost._pack(inp)
-    out = multihost._unpack(header, payload)
-    assert out.decode_only is False
+    name, (out,) = device_ops.decode_frame(device_ops.encode_frame("step", inp))
+    assert name == "step" and out.decode_only is False
     for a, b in zip(list(inp[1:4]) + list(inp.attn) + [inp.logits_indices], list(out[1:4]) + list(out.attn) + [out.logits_indices]):
+        assert a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     for k, v in inp.sampling.items():
         assert out.sampling[k].dtype == v.dtype
         np.testing.assert_array_equal(out.sampling[k], v)
+
+
+def test_kv_op_messages_roundtrip():
+    from jaxserve.engine import device_ops
+    from jaxserve.mempool.transfer import HeadShard, ShardSource
+    layout = [HeadShard(0, 0, 4), HeadShard(1, 4, 8)]
+    assert device_ops.decode_frame(device_ops.encode_frame("kv_offer", [3, 4, 9], 17, layout)) == \
+        ("kv_offer", ([3, 4, 9], 17, layout))
+    sources = [ShardSource(0, "127.0.0.1:5", 40, ((0, 0, 2), (1, 2, 4))), ShardSource(1, "h:6", 41, ((2, 4, 8),))]
+    args = (sources, [2, 3, 8, 16, 8], "float32", 2, [5, 6, 7], 2.5)
+    assert device_ops.decode_frame(device_ops.encode_frame("kv_receive", *args)) == ("kv_receive", args)
+    assert device_ops.decode_frame(device_ops.encode_frame("copy_to_host", [1, 2], [7, 8])) == \
+        ("copy_to_host", ([1, 2], [7, 8]))
+    assert device_ops.decode_frame(device_ops.stop_frame()) == (None, ())
+
+
+def test_undeclared_op_cannot_be_bound_called_or_sent():
+    """A device op must be declared in the table (with its codec) before any channel runs it: a leader
+    refuses to send an undeclared one (nothing reaches the followers), a follower refuses to originate any."""
+    import pytest
+    from jaxserve.engine import device_ops
+    leader, follower = device_ops.local_pair()
+    local = device_ops.LocalOps()
+    for ops in (leader, follower, local):
+        with pytest.raises(device_ops.UndeclaredOp):
+            ops.bind("swap_everything", lambda: None)
+    for ops in (leader, local):
+        with pytest.raises(device_ops.UndeclaredOp):
+            ops.call("swap_everything")
+    with pytest.raises(RuntimeError, match="followers run the leader's ops"):
+        follower.call("copy_to_host", [1], [1])
+    with pytest.raises(ValueError, match="already declared"):
+        device_ops.declare(99, "step", None, None)
+    ran = []
+    follower.bind("copy_to_host", lambda pages, host: ran.append(("to_host", pages, host)))
+    leader.bind("copy_to_host", lambda pages, host: ran.append(("leader", pages, host)))
+    leader.call("copy_to_host", [3], [4])
+    leader.stop_followers()
+    assert follower.serve() == {"copy_to_host": 1}  # only the declared op crossed, then STOP
+    assert ran == [("leader", [3], [4]), ("to_host", [3], [4])]
+
+
+def test_leader_and_follower_run_the_same_device_ops():
+    """Two engines in this process, one the other's follower over an in-memory op channel, on a workload
+    with plain steps, a host-tier eviction and swap-in, and sequence-parallel prefills (mesh seq=2 x tp=4):
+    every op the leader ran goes through the channel (the follower runs the same sequence, recorded where both
+    dispatch), and replaying it leaves the follower's device and host KV tiers bit-identical to the leader's."""
+    import jax
+    import numpy as np
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine import device_ops
+    from jaxserve.engine.llm import LLM
+    from jaxserve.engine.sampling import SamplingParams
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+
+    def recording(cls):
+        class Recording(cls):
+            def __init__(self, transport):
+                super().__init__(transport)
+                self.seen = []
+
+            def _run(self, name, args):
+                self.seen.append(name)
+                return super()._run(name, args)
+        return Recording
+
+    leader_ops, follower_ops = device_ops.local_pair(recording(device_ops.LeaderOps), recording(device_ops.FollowerOps))
+    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                      num_kv_heads=8, head_dim=16, max_position_embeddings=512)
+    kw = dict(tp=4, sequence_parallel=2, sp_threshold=16, page_size=8, num_pages=24, num_host_pages=32,
+              max_num_batched_tokens=64, max_num_seqs=8, seed=0, compilation_cache="off")
+    leader = LLM(cfg, ops=leader_ops, **kw)
+    follower = LLM(cfg, ops=follower_ops, **kw)
+    system = list(range(1, 41))
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for batch in ([system + [50, 51, 52], list(range(100, 113))], [list(range(120, 200)), list(range(130, 210))],
+                  [system + [90, 91]]):
+        leader.generate(batch, sp)
+    stats = leader.engine.pool.stats()
+    assert min(stats["swapped_out_pages"], stats["swapped_in_pages"]) > 0, stats
+    leader_ops.stop_followers()
+    counts = follower_ops.serve()
+    assert follower_ops.seen == leader_ops.seen
+    assert {"step", "sp_forward", "copy_to_host", "copy_to_device"} <= set(counts), counts
+    assert counts["sp_forward"] == leader.stats()["num_sequence_parallel_prefills"] > 0
+    np.testing.assert_array_equal(np.asarray(follower.engine.pool.kv_cache), np.asarray(leader.engine.pool.kv_cache))
+    np.testing.assert_array_equal(follower.engine.pool.host_cache, leader.engine.pool.host_cache)
 
 
 def test_served_two_process_instance_matches_offline(tmp_path):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.model_runner import ModelRunner
 from jaxserve.engine.request import PENDING, Request, Status
 from jaxserve.engine.sampling import SamplingParams
@@ -72,9 +73,21 @@ def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None) -> 
     return model_config.dtype
 
 
+class Unschedulable(RuntimeError):
+    """`Engine.step`: the head of the waiting queue can never be scheduled (nothing runs and it does not fit
+    the free KV pages); the engine itself is fine. `request_id`: that request."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class Engine:
     def __init__(self, model_config: ModelConfig, params, config: EngineConfig, *, eos_token_ids=(),
-                 detokenize=None):
+                 detokenize=None, ops: DeviceOps | None = None):
+        """`ops`: the device-op channel every part that runs device work gets (jaxserve/engine/device_ops.py):
+        a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process."""
+        self.ops = ops if ops is not None else LocalOps()
         self.model_config = model_config
         self.config = config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -90,17 +103,19 @@ class Engine:
         self.params = jax.tree.map(
             lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
         kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())
-        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=kv_storage_dtype(model_config))
+        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=kv_storage_dtype(model_config),
+                            ops=self.ops)
         self.attention_impl = resolve_impl(config.attention_impl)
         self.runner = ModelRunner(model_config, self.params, self.pool,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, attention_impl=self.attention_impl,
-                                  mesh=self.mesh if model_config.num_experts and self.mesh.size > 1 else None)
+                                  mesh=self.mesh if model_config.num_experts and self.mesh.size > 1 else None,
+                                  ops=self.ops)
         self.sp = None
         if config.mesh.seq > 1:  # sequence-parallel prefill of long prompts (engine/seq_parallel.py)
             from jaxserve.engine.seq_parallel import SequenceParallelPrefill
-            self.sp = SequenceParallelPrefill(model_config, self.params, self.pool, self.mesh)
+            self.sp = SequenceParallelPrefill(model_config, self.params, self.pool, self.mesh, ops=self.ops)
         self.scheduler = Scheduler(config.scheduler, self.pool,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    sp_threshold=config.sp_threshold if self.sp is not None else None)
@@ -203,8 +218,8 @@ class Engine:
                 return self._complete_in_flight()
             if self.scheduler.waiting and not self.scheduler.running:
                 req = self.scheduler.waiting[0]
-                raise RuntimeError(f"request {req.request_id} cannot be scheduled: the KV pool has "
-                                   f"{self.pool.num_free_pages()} free pages")
+                raise Unschedulable(req.request_id, f"request {req.request_id} cannot be scheduled: the KV pool "
+                                                    f"has {self.pool.num_free_pages()} free pages")
             return []
         if batch.sequence_parallel:  # a synchronous step of its own
             done = self._complete_in_flight()

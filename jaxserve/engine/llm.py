@@ -42,7 +42,8 @@ def enable_compilation_cache(path: str | None = None) -> None:
 
 
 class LLM:
-    """`LLM(model="demo" | HF folder | Orbax folder | ModelConfig (random weights), ...)`."""
+    """`LLM(model="demo" | HF folder | Orbax folder | ModelConfig (random weights), ...)`. `ops`: the device-op
+    channel of a multi-process instance's process (`jaxserve.engine.multihost.connect`), given to the Engine."""
 
     def __init__(self, model="demo", *, page_size: int = 16, num_pages: int = 512, num_host_pages: int = 0,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
@@ -51,7 +52,7 @@ class LLM:
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
                  pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, ops=None):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -79,8 +80,10 @@ class LLM:
         if not disaggregated:
             self.engine = Engine(cfg, params,
                                  engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel, ep),
-                                 eos_token_ids=eos, detokenize=tokenizer.decode)
+                                 eos_token_ids=eos, detokenize=tokenizer.decode, ops=ops)
             return
+        if ops is not None:
+            raise ValueError("a device-op channel (multi-process instance) serves one engine, not a disaggregated pair")
         # Disaggregated: prefill and decode engines on disjoint meshes; caching per PD mode (DESIGN §2).
         from jaxserve.engine.disagg import DisaggregatedPair, mode_caching
         import jax

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.engine.scheduler import ScheduledBatch
@@ -95,7 +96,9 @@ def standalone_step(model_config, attention_impl: str, mesh=None):
 
 class ModelRunner:
     def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, attention_impl: str, mesh=None):
+                 max_model_len: int, attention_impl: str, mesh=None, ops: DeviceOps | None = None):
+        """`ops`: the instance's device-op channel (default: a single process's); every step runs through it
+        (op "step"), so the followers of a multi-process instance run it too."""
         self.model_config = model_config
         self.params = params
         self.pool = pool
@@ -108,6 +111,8 @@ class ModelRunner:
         # The last step's samples stay on the device so the next step can start before the host reads them.
         self.max_slots = max(next_pow2(max_num_seqs), 8)
         self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
+        self.ops = ops if ops is not None else LocalOps()
+        self.ops.bind("step", lambda inputs: self.execute(inputs))  # late-bound: tests may wrap `execute`
 
     @property
     def num_compilations(self) -> int:
@@ -120,16 +125,16 @@ class ModelRunner:
         inputs = self.prepare(batch)
         if self.on_new_shape is not None and _shape_key(inputs) not in self.shapes_seen:
             self.on_new_shape()  # this step compiles first
-        if self.before_execute is not None:  # multi-process instances: the leader broadcasts the inputs
-            self.before_execute(inputs)
-        return self.execute(inputs)
+        return self.submit(inputs)
+
+    def submit(self, inputs: "StepInputs") -> jax.Array:
+        """Run prepared inputs as the "step" device op (on every process of the instance); see `execute`."""
+        return self.ops.call("step", inputs)
 
     def run(self, batch: ScheduledBatch) -> np.ndarray:
         """Run one step and wait: the sampled token of each entry."""
         return np.asarray(self.dispatch(batch))[:len(batch.entries)]
 
-    # Set by jaxserve.engine.multihost on a multi-process instance's leader; called with each step's inputs.
-    before_execute = None
     # Called before a step whose shapes were never run (it compiles first); a step watchdog extends its deadline.
     on_new_shape = None
 
@@ -184,7 +189,7 @@ class ModelRunner:
         return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling)
 
     def execute(self, inputs: "StepInputs") -> jax.Array:
-        """Start the jitted step on prepared inputs; returns the sampled token of every slot (padding included)
+        """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token of every slot (padding included)
         as a device array, without waiting for it."""
         self.shapes_seen.add(_shape_key(inputs))
         tokens, self._last_tokens, self.pool.kv_cache = self._step(

@@ -50,14 +50,11 @@ def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_s
 
 
 def precompile_steps(runner, shapes=None) -> int:
-    """Runs one dummy step per shape not yet seen (through the multi-process broadcast hook when set, so
-    followers compile too). Returns the number of shapes compiled."""
+    """Runs one dummy step per shape not yet seen, as "step" device ops (so a multi-process instance's
+    followers compile them too). Returns the number of shapes compiled."""
     todo = [s for s in (step_shapes(runner) if shapes is None else shapes) if s not in runner.shapes_seen]
     for shape in todo:
-        inputs = dummy_inputs(*shape)
-        if runner.before_execute is not None:
-            runner.before_execute(inputs)
-        runner.execute(inputs)
+        runner.submit(dummy_inputs(*shape))
     return len(todo)
 
 

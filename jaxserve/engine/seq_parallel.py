@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
 from jaxserve.kernels import reference
 from jaxserve.kernels.ring_attention import padded_length, ring_attention, zigzag_order
@@ -79,7 +80,9 @@ class SequenceParallelPrefill:
     """Runs a single request's prefill over the `seq` axis of `mesh`, reading and writing `pool`."""
 
     def __init__(self, model_config, params, pool, mesh, *, seq_axis: str = "seq", tp_axis: str | None = "tp",
-                 balanced: bool = True, communicate: bool = True):
+                 balanced: bool = True, communicate: bool = True, ops: DeviceOps | None = None):
+        """`ops`: the instance's device-op channel (default: a single process's); every prefill runs through
+        it (op "sp_forward"), so the followers of a multi-process instance run it too."""
         self.model_config = model_config
         self.params = params
         self.pool = pool
@@ -93,6 +96,8 @@ class SequenceParallelPrefill:
         self._replicated = NamedSharding(mesh, P())
         self.shapes_seen: set[tuple] = set()
         self.num_prefills = 0
+        self.ops = ops if ops is not None else LocalOps()
+        self.ops.bind("sp_forward", self._forward)
 
     def prepare(self, token_ids, start: int, pages) -> tuple[np.ndarray, SPBatch, np.ndarray]:
         """Host-side layout. token_ids: the suffix (positions start ... start+n-1); pages: the request's page
@@ -121,16 +126,20 @@ class SequenceParallelPrefill:
     def forward(self, token_ids, start: int, pages, *, logits_for: str = "last", sampling=None):
         """Prefill `token_ids` (the uncached suffix, after `start` cached tokens) into `pages`. Returns
         (sampled tokens, logits f32[k, vocab]) for the last suffix token (`logits_for="last"`) or for every
-        suffix token in order (`"all"`)."""
+        suffix token in order (`"all"`). Runs as the "sp_forward" device op (on every process)."""
+        if sampling is None:  # greedy
+            k = 1 if logits_for == "last" else len(token_ids)
+            sampling = sampling_arrays([None] * k, [0] * k, [0] * k, k)
+        return self.ops.call("sp_forward", np.asarray(token_ids, np.int32), int(start), np.asarray(pages, np.int32),
+                             str(logits_for), sampling)
+
+    def _forward(self, token_ids, start, pages, logits_for, sampling):
+        """The "sp_forward" op's local function."""
         toks, batch, row_of = self.prepare(token_ids, start, pages)
         rows = row_of[-1:] if logits_for == "last" else row_of
-        if sampling is None:  # greedy
-            sampling = sampling_arrays([None] * len(rows), [0] * len(rows), [0] * len(rows), len(rows))
         shape = (len(toks), len(batch.prefix_pages), len(rows))
         if self.on_new_shape is not None and shape not in self.shapes_seen:
             self.on_new_shape()  # this prefill compiles first
-        if self.before_forward is not None:  # multi-process instances: the leader sends the inputs first
-            self.before_forward(token_ids, start, pages, logits_for, sampling)
         put_rows = lambda x: jax.device_put(x, self._rows)
         batch = batch._replace(positions=put_rows(batch.positions))
         self.shapes_seen.add(shape)
@@ -139,9 +148,6 @@ class SequenceParallelPrefill:
         self.num_prefills += 1
         return np.asarray(tokens), logits
 
-    # Set by jaxserve.engine.multihost on a multi-process instance's leader: called with `forward`'s host inputs
-    # (token_ids, start, pages, logits_for, sampling arrays) before its device work, so followers run it too.
-    before_forward = None
     # Called before a prefill whose shapes were never run (it compiles first); a step watchdog extends its deadline.
     on_new_shape = None
 

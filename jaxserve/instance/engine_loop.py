@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
-from jaxserve.engine.engine import Engine
+from jaxserve.engine.engine import Engine, Unschedulable
 from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.proto.enums import FINISH_REASON_CODES
@@ -353,9 +353,9 @@ class EngineLoop:
 
     def _step_failed(self, e: Exception) -> None:
         sched = self.engine.scheduler
-        if isinstance(e, RuntimeError) and "cannot be scheduled" in str(e) and sched.waiting and not sched.running:
+        if isinstance(e, Unschedulable):
             # The head of the queue can never fit: fail it alone, the engine itself is fine.
-            head = sched.waiting[0].request_id
+            head = e.request_id
             log.warning("request %s: %s", head, e)
             self._fail(head, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             if head not in self._live:
@@ -365,7 +365,7 @@ class EngineLoop:
         log.exception("engine step failed (%d in a row); failing %d requests", self._failed_steps, len(self._live))
         # A multi-process instance (its leader broadcasts every step) cannot recover from a failed step: the
         # processes are out of step or one of them is gone (jaxserve/engine/multihost.py).
-        multiprocess = getattr(self.engine.runner, "before_execute", None) is not None
+        multiprocess = self.engine.ops.is_multiprocess
         if (self._failed_steps >= _BROKEN_AFTER or multiprocess) and not self.broken:
             self.broken = f"{type(e).__name__}: {e}"
             if multiprocess:

@@ -4,15 +4,16 @@ scatter for all layers). It knows nothing about which page holds what: that is t
 (jaxserve/mempool/pagebook.py); MemPool (jaxserve/mempool/mempool.py) joins the two.
 
 On a multi-process instance (its pool a global array spanning several hosts) every process keeps the host tier
-of its own shards only (`host_cache` holds this process's range of the KV-head axis), and `host_copy_hook`
-lets the leader send each device<->host copy to the other processes, which run the same copy on their shards
-(jaxserve/engine/multihost.py); the host-side bookkeeping is the leader's.
+of its own shards only (`host_cache` holds this process's range of the KV-head axis). Every copy between the
+tiers runs as a device op ("copy_to_host" / "copy_to_device") on the instance's op channel, given to the
+constructor: the leader sends it to the other processes, which run the same copy on their shards
+(jaxserve/engine/device_ops.py, multihost.py); the host-side bookkeeping is the leader's.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +69,26 @@ def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
             raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
     return ranges[0][0], ranges[-1][1]
 
+class _Direct:
+    """The channel of a store built without one (a single process): runs the bound function."""
+
+    def __init__(self):
+        self._fns = {}
+
+    def bind(self, name, fn) -> None:
+        self._fns[name] = fn
+
+    def call(self, name, *args):
+        return self._fns[name](*args)
+
+
 class KvStore:
     """Device and host KV pages of a pool: `kv_cache` [layers, pages, page_size, 2 * kv_heads, head_dim] on
     device (page 0 is the padding sink), `host_cache` [host pages, layers, page_size, heads, head_dim]."""
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, *,
-                 sharding: jax.sharding.Sharding | None = None, dtype=None):
+                 sharding: jax.sharding.Sharding | None = None, dtype=None, ops=None):
+        """`ops`: the instance's device-op channel (jaxserve.engine.device_ops.DeviceOps); None: one process."""
         self.num_pages = cache_cfg.num_pages
         self.num_host_pages = cache_cfg.num_host_pages
         self.dtype = jnp.dtype(dtype if dtype is not None else model_cfg.dtype)
@@ -92,27 +107,29 @@ class KvStore:
             lo, hi = self._local_heads
             host_shape = self.page_shape[:2] + (hi - lo,) + self.page_shape[3:]
         self.host_cache = np.zeros((self.num_host_pages,) + host_shape, self.dtype)
-        # Set by a multi-process instance's leader: called as hook(kind, device_pages, host_pages), kind
-        # "to_host" or "to_device", before each copy between the tiers.
-        self.host_copy_hook: Callable[[str, list[int], list[int]], None] | None = None
         self._scatter_jit = _scatter_fn(sharding)
+        # Anything with the `bind(name, fn)` / `call(name, *args)` of jaxserve.engine.device_ops.DeviceOps
+        # (the mempool layer does not import the engine's); None: run here.
+        self.ops = ops if ops is not None else _Direct()
+        self.ops.bind("copy_to_host", self._copy_to_host)
+        self.ops.bind("copy_to_device", self._copy_to_device)
 
     def check(self) -> None:
         assert self.kv_cache.shape == (self.page_shape[0], self.num_pages) + self.page_shape[1:], self.kv_cache.shape
 
     def copy_to_host(self, pages: Sequence[int], host_pages: Sequence[int]) -> None:
-        """Device pages -> host pages (one gather for all layers); on a multi-process pool, this process's
-        shards only (a follower replays the leader's copies through this)."""
-        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
-        if self.host_copy_hook is not None:
-            self.host_copy_hook("to_host", pages, host_pages)
-        self.host_cache[host_pages] = self._gather(pages)
+        """Device pages -> host pages (one gather for all layers), as the "copy_to_host" device op: on a
+        multi-process pool every process copies its own shards."""
+        self.ops.call("copy_to_host", [int(p) for p in pages], [int(h) for h in host_pages])
 
     def copy_to_device(self, host_pages: Sequence[int], pages: Sequence[int]) -> None:
-        """Host pages -> device pages (one in-place scatter); see `copy_to_host`."""
-        pages, host_pages = [int(p) for p in pages], [int(h) for h in host_pages]
-        if self.host_copy_hook is not None:
-            self.host_copy_hook("to_device", pages, host_pages)
+        """Host pages -> device pages (one in-place scatter), as the "copy_to_device" device op."""
+        self.ops.call("copy_to_device", [int(h) for h in host_pages], [int(p) for p in pages])
+
+    def _copy_to_host(self, pages: list[int], host_pages: list[int]) -> None:
+        self.host_cache[host_pages] = self._gather(pages)
+
+    def _copy_to_device(self, host_pages: list[int], pages: list[int]) -> None:
         self._scatter(pages, self.host_cache[host_pages])
 
     def _gather(self, pages: list[int]) -> np.ndarray:

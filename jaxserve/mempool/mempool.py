@@ -19,15 +19,16 @@ from jaxserve.mempool.pagebook import EventListener, PageBook  # noqa: F401 (Eve
 class MemPool(PageBook):
     """Page pool of one serving instance: PageBook bookkeeping over the KV arrays of a KvStore.
 
-    `kv_cache`, `host_cache`, `host_copy_hook`, `sharding`, `dtype` and `page_shape` are the store's."""
+    `kv_cache`, `host_cache`, `sharding`, `dtype` and `page_shape` are the store's. `ops`: the instance's
+    device-op channel, passed to the store (its tier copies are device ops)."""
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, *,
-                 sharding: jax.sharding.Sharding | None = None, dtype=None):
+                 sharding: jax.sharding.Sharding | None = None, dtype=None, ops=None):
         super().__init__(cache_cfg.page_size, cache_cfg.num_pages, cache_cfg.num_host_pages,
                          prefix_caching=cache_cfg.enable_prefix_caching)
         self.model_cfg = model_cfg
         self.cache_cfg = cache_cfg
-        self.store = KvStore(model_cfg, cache_cfg, sharding=sharding, dtype=dtype)
+        self.store = KvStore(model_cfg, cache_cfg, sharding=sharding, dtype=dtype, ops=ops)
 
     # ================================================================== data
     @property
@@ -43,14 +44,6 @@ class MemPool(PageBook):
         return self.store.host_cache
 
     @property
-    def host_copy_hook(self) -> Callable[[str, list[int], list[int]], None] | None:
-        return self.store.host_copy_hook
-
-    @host_copy_hook.setter
-    def host_copy_hook(self, fn: Callable[[str, list[int], list[int]], None] | None) -> None:
-        self.store.host_copy_hook = fn
-
-    @property
     def sharding(self) -> jax.sharding.Sharding | None:
         return self.store.sharding
 
@@ -63,8 +56,8 @@ class MemPool(PageBook):
         return self.store.page_shape
 
     def copy_to_host(self, pages: Sequence[int], host_pages: Sequence[int]) -> None:
-        """Device pages -> host pages (one gather for all layers); on a multi-process pool, this process's
-        shards only (a follower replays the leader's copies through this)."""
+        """Device pages -> host pages (one gather for all layers); a device op: on a multi-process pool every
+        process copies its own shards."""
         self.store.copy_to_host(pages, host_pages)
 
     def copy_to_device(self, host_pages: Sequence[int], pages: Sequence[int]) -> None:
