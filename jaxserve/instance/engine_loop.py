@@ -21,11 +21,12 @@ import zlib
 from typing import Callable, Sequence
 
 import grpc
-import numpy as np
 
 from jaxserve.engine.engine import Engine, Unschedulable
 from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
+from jaxserve.instance.index_mirror import IndexMirror  # noqa: F401 - re-exported
+from jaxserve.instance.profiling import time_to_first_token
 from jaxserve.proto.enums import FINISH_REASON_CODES
 
 log = logging.getLogger("jaxserve.instance")
@@ -51,59 +52,6 @@ class _Live:
     arrival: float          # perf_counter when the instance got the request
     sent: int = 0           # output tokens already pushed (the resumed ones count as sent)
     scheduled_at: float | None = None
-
-
-class IndexMirror:
-    """The set of page-aligned prefixes the MemPool's index holds, rebuilt from its insert/evict events (a
-    trie of pages), so the reporter can take a snapshot from any thread without touching the pool."""
-
-    def __init__(self, page_size: int):
-        self.page_size = page_size
-        self._root: dict = {}
-        self._lock = threading.Lock()
-
-    def _pages(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
-        ps = self.page_size
-        return [tuple(tokens[i:i + ps]) for i in range(0, len(tokens) // ps * ps, ps)]
-
-    def insert(self, tokens: Sequence[int]) -> None:
-        with self._lock:
-            node = self._root
-            for page in self._pages(tokens):
-                node = node.setdefault(page, {})
-
-    def evict(self, tokens: Sequence[int]) -> None:
-        pages = self._pages(tokens)
-        if not pages:
-            return
-        with self._lock:
-            node = self._root
-            for page in pages[:-1]:
-                node = node.get(page)
-                if node is None:
-                    return
-            node.pop(pages[-1], None)
-
-    def snapshot(self) -> list[tuple[int, ...]]:
-        """One token sequence per leaf: inserting them all rebuilds the index's prefix set."""
-        with self._lock:
-            out, stack = [], [((), self._root)]
-            while stack:
-                prefix, node = stack.pop()
-                if not node and prefix:
-                    out.append(prefix)
-                for page, child in node.items():
-                    stack.append((prefix + page, child))
-            return out
-
-    def num_pages(self) -> int:
-        with self._lock:
-            n, stack = 0, [self._root]
-            while stack:
-                node = stack.pop()
-                n += len(node)
-                stack.extend(node.values())
-            return n
 
 
 class EngineLoop:
@@ -511,48 +459,9 @@ class EngineLoop:
     # ---------------------------------------------------------------------------- profiling
     def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3, seed: int = 0
                 ) -> list[tuple[int, int, float]]:
-        """Engine thread only (use `submit`). Least seconds from adding a request with prompt_len tokens, of
-        which the first cached_len are in the index, to its first token, per point. One extra run per point
-        warms the jit buckets. Points the engine cannot hold are skipped; live requests keep being served
-        (and share the steps, as they would in production). The random prompts are deleted from the index
-        afterwards."""
-        engine = self.engine
-        ps = engine.pool.page_size
-        capacity = (engine.pool.num_pages - 1) * ps
-        rng = np.random.default_rng(seed)
-        vocab = min(engine.model_config.vocab_size, 256)
-        out = []
-        for prompt_len, cached_len in points:
-            prompt_len, cached_len = int(prompt_len), int(cached_len)
-            if not 1 <= prompt_len < engine.max_model_len or prompt_len + 1 > capacity or cached_len >= prompt_len:
-                continue
-            times = []
-            for r in range(max(repeats, 1) + 1):
-                tokens = [int(t) for t in rng.integers(0, vocab, prompt_len)]
-                if cached_len // ps:
-                    self._run_to_end(tokens[:cached_len // ps * ps + 1])
-                t0 = time.perf_counter()
-                self._run_to_end(tokens)
-                if r:
-                    times.append(time.perf_counter() - t0)
-                engine.pool.delete(tokens)
-                engine.pool.delete(tokens[:cached_len // ps * ps + 1])
-            # The least time, not the median: the cost model is the service time of an idle instance (queueing
-            # is modelled separately), and on a shared host another process's burst lands on some repeats. With
-            # the median, two like instances profiled 50% apart in a served run and one took every request.
-            out.append((prompt_len, cached_len, float(np.min(times))))
-        return out
-
-    def _run_to_end(self, tokens: list[int]) -> Request:
-        req = self.engine.add_request(tokens, SamplingParams(max_tokens=1, ignore_eos=True))
-        try:
-            while not req.finished:
-                self._step()
-                if req.request_id not in self.engine.requests:
-                    raise RuntimeError("profiling request was aborted (engine step failed)")
-        finally:
-            self.engine.requests.pop(req.request_id, None)
-        return req
+        """Engine thread only (use `submit`): `profiling.time_to_first_token` over this loop's steps, so live
+        requests keep being served (and share the steps, as they would in production)."""
+        return time_to_first_token(self.engine, self._step, points, repeats, seed)
 
 
 def default_seed(request_id: str) -> int | None:

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 
 from jaxserve.kernels import ragged_paged_attention as rpa
 from jaxserve.kernels import reference
+from jaxserve.kernels.ragged_paged_attention_tpu import ragged_tpu
 from jaxserve.util import next_pow2
 
 _TARGET_PROGRAMS = 512  # ~4 waves of 132 SMs (H200) when choosing num_kv_splits
@@ -154,7 +155,7 @@ def _decode_jit(q, kv_pages, kv_lens, page_indices, sinks, *, sm_scale, sliding_
     if backend == "tpu":
         num_seqs = q.shape[0]
         cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-        out, lse = rpa._ragged_tpu(q, kv_pages, kv_lens, page_indices, cu, jnp.array([num_seqs], jnp.int32),
+        out, lse = ragged_tpu(q, kv_pages, kv_lens, page_indices, cu, jnp.array([num_seqs], jnp.int32),
                                    sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                    return_lse=return_lse or sinks is not None, interpret=interpret, block_q=1,
                                    pages_per_block=pages_per_block, kv_heads_per_block=None,
