@@ -25,9 +25,9 @@ import time
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import Request, Status
 from jaxserve.engine.sampling import SamplingParams
-from jaxserve.mempool.transfer import TransferError
+from jaxserve.mempool.transfer import InProcessTransport, TransferError
 
-PD_MODES = ("basic", "caching1", "caching2", "caching3")
+PD_MODES = ("basic", "caching1", "caching2", "caching3")  # the one definition (instances use it too)
 
 
 def mode_caching(mode: str) -> tuple[bool, bool]:
@@ -83,7 +83,9 @@ class DisaggregatedPair:
     """A prefill Engine and a decode Engine (disjoint meshes, tensor-parallel degrees may differ) stepped
     together. The engines' prefix caching must match the mode (`mode_caching`)."""
 
-    def __init__(self, prefill: Engine, decode: Engine, mode: str = "basic"):
+    def __init__(self, prefill: Engine, decode: Engine, mode: str = "basic", transport=None):
+        """transport: the in-process transport both directions use (it owns their OpCounts); tests pass one
+        that fails at a chosen stage."""
         p_cache, d_cache = mode_caching(mode)
         if prefill.config.cache.enable_prefix_caching != p_cache or \
                 decode.config.cache.enable_prefix_caching != d_cache:
@@ -99,6 +101,7 @@ class DisaggregatedPair:
         self._handoff: collections.deque[DisaggRequest] = collections.deque()
         self._ids = 0
         self.counters = collections.Counter()
+        self.transport = transport if transport is not None else InProcessTransport()
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None) -> DisaggRequest:
@@ -182,12 +185,12 @@ class DisaggregatedPair:
         try:
             if self.decode_caching:
                 pages = P.transfer_with_insert(D, prompt, preq.pages[start:], start_page=start,
-                                               request_id=dreq.request_id)
+                                               request_id=dreq.request_id, transport=self.transport)
                 indexed = L // ps
             else:
                 pages = D.alloc(n_pages)
                 try:
-                    P.transfer(D, preq.pages, pages, request_id=dreq.request_id)
+                    P.transfer(D, preq.pages, pages, transport=self.transport)
                 except Exception:
                     D.free(pages)
                     raise
@@ -223,7 +226,7 @@ class DisaggregatedPair:
             start = P.cached_prefix_pages(seq[:n])
             if n // ps > start:
                 got = D.transfer_with_insert(P, seq[:n], pages[start:], start_page=start,
-                                             request_id=req.request_id)
+                                             request_id=req.request_id, transport=self.transport)
                 P.free(got)  # the prefill side's index keeps them
                 dreq.returned_tokens = n - start * ps
                 self.counters["returned_tokens"] += dreq.returned_tokens
