@@ -1,6 +1,6 @@
 """A pool in another process, for the transfer benchmark (launch/bench_disagg.py) and tests: `KvPeerServer`
 serves one MemPool to `KvPeer` clients with the serving code's receive path (`transfer.KvReceiver` +
-`CrossProcessTransport`); a tiny JSON control channel (multiprocessing.connection, JSON bytes, never pickle)
+`CrossProcessTransport`); a tiny control channel (newline-delimited JSON over loopback TCP, never pickle)
 stands in for the instance gRPC API. Not used for serving."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import socket
 import threading
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Client, Listener
 
 from jaxserve.mempool.transfer import (BlockOffer, CrossProcessTransport, KvReceiver, ShardSource, TransferError,
                                        num_head_shards)
@@ -35,11 +35,13 @@ class KvPeerServer:
         self.handlers: dict[str, Callable[[dict], dict]] = dict(
             hello=self._hello, lookup=self._lookup, alloc=self._alloc, release=self._release, receive=self._receive)
         self._lock = threading.Lock()
-        self.listener = Listener(("127.0.0.1", 0))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
 
     @property
     def port(self) -> int:
-        return self.listener.address[1]
+        return self.listener.getsockname()[1]
 
     def handle(self, msg: dict) -> dict:
         fn = self.handlers.get(msg.get("op"))
@@ -54,19 +56,23 @@ class KvPeerServer:
     def serve(self) -> None:
         while True:
             try:
-                conn = self.listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
 
-    def _serve_conn(self, conn) -> None:
+    def _serve_conn(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
         with conn:
             while True:
-                try:
-                    msg = json.loads(conn.recv_bytes())
-                except (EOFError, OSError):
+                line = reader.readline()
+                if not line:
                     return
-                conn.send_bytes(json.dumps(self.handle(msg)).encode())
+                try:
+                    reply = self.handle(json.loads(line))
+                except ValueError as e:
+                    reply = dict(ok=False, error=f"bad control message: {e}")
+                conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
 
     def _hello(self, msg):
         return dict(page_shape=list(self.pool.page_shape), dtype=str(self.pool.dtype),
@@ -124,7 +130,8 @@ class KvPeer:
     def __init__(self, port: int, transport: CrossProcessTransport, *, timeout: float = 30.0):
         self.transport = transport
         self.timeout = timeout
-        self._conn = Client(("127.0.0.1", port))
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._reader = self._sock.makefile("rb")
         self._lock = threading.Lock()
         info = self.call(dict(op="hello"))
         self.page_shape = tuple(info["page_shape"])
@@ -133,12 +140,14 @@ class KvPeer:
 
     def call(self, msg: dict, timeout: float | None = None) -> dict:
         with self._lock:
+            self._sock.settimeout(timeout if timeout is not None else self.timeout)
             try:
-                self._conn.send_bytes(json.dumps(msg).encode())
-                if not self._conn.poll(timeout if timeout is not None else self.timeout):
-                    raise TransferError(f"control message {msg.get('op')!r} timed out")
-                reply = json.loads(self._conn.recv_bytes())
-            except (OSError, EOFError, ValueError) as e:
+                self._sock.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+                line = self._reader.readline()
+                if not line:
+                    raise OSError("control connection closed by peer")
+                reply = json.loads(line)
+            except (OSError, ValueError) as e:  # socket.timeout is an OSError
                 raise TransferError(f"control message {msg.get('op')!r} failed: {e}") from e
         if not reply.get("ok"):
             raise TransferError(f"remote {msg.get('op')!r} failed: {reply.get('error')}")
@@ -172,4 +181,4 @@ class KvPeer:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self._conn.close()
+            self._sock.close()
