@@ -12,6 +12,7 @@ from typing import Sequence
 
 import grpc
 
+from jaxserve.engine.pd_protocol import Prepared
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.engine_loop import Sink, default_seed
 from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc
@@ -126,3 +127,45 @@ class KvPath:
             self._layout = [instance_pb2.KvShard(process=x.process, head_start=x.start, head_end=x.end)
                             for x in pool_layout(self.engine.pool)]
         return self._layout
+
+
+class GrpcPeer:
+    """The other instance of a PD exchange (`jaxserve.engine.pd_protocol.Peer`) over its gRPC API: prepare is
+    PrepareKvTransfer, commit is CommitKvTransfer with the offer's fields plus `commit_fields` (the decode
+    request, or cache_only), abort is Abort. A failed RPC raises KvFailed with the status to answer."""
+
+    def __init__(self, stub, name: str, request_id: str, timeout: float, source_address: str, **commit_fields):
+        self.stub, self.name, self.request_id, self.timeout = stub, name, request_id, timeout
+        self.source_address = source_address
+        self.commit_fields = commit_fields
+        self.nbytes = 0
+        self._tokens, self._page_size = 0, 0
+
+    async def prepare(self, request_id: str, tokens: Sequence[int], page_size: int) -> Prepared:
+        self._tokens, self._page_size = len(tokens), page_size
+        try:
+            prep = await self.stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
+                request_id=request_id, token_ids=tokens, page_size=page_size), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at PrepareKvTransfer: "
+                                       f"{e.code().name}: {e.details()}") from None
+        return Prepared(prep.transfer_id, prep.cached_tokens, prep)
+
+    async def commit(self, prepared: Prepared, start_page: int, offer) -> int:
+        """offer: (CommitKvTransferRequest fields, bytes) from `KvPath._offer_pages`, or None (nothing sent)."""
+        fields, self.nbytes = offer if offer is not None else (dict(source_address=self.source_address), 0)
+        ps = self._page_size
+        try:
+            commit = await self.stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                transfer_id=prepared.transfer_id, request_id=self.request_id, start_token=start_page * ps,
+                num_tokens=self._tokens - start_page * ps, **fields, **self.commit_fields),
+                timeout=self.timeout + 5.0)
+        except grpc.aio.AioRpcError as e:
+            raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at CommitKvTransfer: "
+                                       f"{e.code().name}: {e.details()}") from None
+        return commit.received_tokens
+
+    async def abort(self, request_id: str) -> None:
+        """Best effort: free the target's reservation now rather than at its deadline."""
+        await asyncio.shield(self.stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=2.0))
+

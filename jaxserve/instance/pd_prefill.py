@@ -1,6 +1,9 @@
 """Prefill side of the PD protocol (role prefill, any PD mode): prefill with `prefill_only`, sample the first
 token, then move the KV the decode target lacks:
 
+The steps are `jaxserve.engine.pd_protocol.send_kv` (the in-process DisaggregatedPair runs them too), with
+D reached through `GrpcPeer`:
+
     PrepareKvTransfer(context) on D  ->  D references what it caches and reserves the rest (transfer id)
     engine thread: one gather of the missing pages, offered on this process's transfer server (per shard for
                    multi-process instances)
@@ -13,13 +16,13 @@ its deadline anyway)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 import grpc
 
-from jaxserve.instance.pd_common import KvFailed, QueueSink, kv_code, sampling_params
+from jaxserve.engine.pd_protocol import ProtocolError, send_kv
+from jaxserve.instance.pd_common import GrpcPeer, KvFailed, QueueSink, sampling_params
 from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.v1 import common_pb2, instance_pb2
 
@@ -79,57 +82,40 @@ class PrefillSide:
         return self._offer_pages(self.loop_thread.held_pages(internal_id)[start_page:], layout)
 
     async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
-        """Prepare on the decode target, offer the missing pages, commit. (transfer id, tokens, bytes) sent;
-        KvFailed with the status to answer otherwise (the decode side frees its reservation on its own)."""
+        """`pd_protocol.send_kv` to the decode target: prepare there, offer the missing pages, commit with the
+        decode request. (transfer id, tokens, bytes) sent; KvFailed with the status to answer otherwise (the
+        decode side frees its reservation on its own)."""
         ps = self.engine.pool.page_size
         ctx = list(inner.prompt_token_ids) + list(inner.generated_token_ids)
-        n_pages = -(-len(ctx) // ps)
         timeout = self.config.kv_transfer_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.1)
-        stub = self._peer(target.address)
         name = f"decode instance {target.instance_id or target.address}"
-        try:
-            prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                request_id=inner.request_id, token_ids=ctx, page_size=ps),
-                timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            raise KvFailed(kv_code(e), f"KV transfer to {name} failed at PrepareKvTransfer: "
-                                         f"{e.code().name}: {e.details()}") from None
-        start = prep.cached_tokens // ps
-        try:
-            if prep.cached_tokens % ps or start > n_pages:
-                raise KvFailed(grpc.StatusCode.INTERNAL, f"{name} holds {prep.cached_tokens} tokens of a "
-                                                          f"{len(ctx)}-token context with pages of {ps}")
+        decode_request = instance_pb2.InstanceGenerateRequest()
+        decode_request.CopyFrom(inner)
+        decode_request.generated_token_ids.append(first)
+        decode_request.max_tokens = max(inner.max_tokens - 1, 1)
+        peer = GrpcPeer(self._peer(target.address), name, inner.request_id, timeout, self.transfer_server.address,
+                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request,
+                        send_back_to=instance_pb2.KvTarget(instance_id=self.instance_id, address=self.address)
+                        if self.send_back else None)
+
+        async def offer(start: int, prepared):  # engine thread: one gather of the held pages from start on
             try:
-                layout = self._per_shard_layout(prep, name)
+                layout = self._per_shard_layout(prepared.answer, name)
             except ValueError as e:
                 raise KvFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-            fields, nbytes = dict(source_address=self.transfer_server.address), 0
-            if start < n_pages:
-                fields, nbytes = await self._on_engine(self.loop_thread.guarded(
-                    lambda: self._offer(internal_id, start, layout), self.config.kv_transfer_timeout_s))
-            decode_request = instance_pb2.InstanceGenerateRequest()
-            decode_request.CopyFrom(inner)
-            decode_request.generated_token_ids.append(first)
-            decode_request.max_tokens = max(inner.max_tokens - 1, 1)
-            commit = await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
-                transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=start * ps,
-                num_tokens=len(ctx) - start * ps, **fields,
-                insert=self.config.pd_mode in ("caching2", "caching3"),
-                request=decode_request, send_back_to=instance_pb2.KvTarget(
-                    instance_id=self.instance_id, address=self.address) if self.send_back else None),
-                timeout=timeout + 5.0)
-        except BaseException as e:
-            # Best effort: free the target's reservation now rather than at its deadline.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(stub.Abort(instance_pb2.AbortRequest(request_id=inner.request_id), timeout=2.0))
-            if isinstance(e, grpc.aio.AioRpcError):
-                raise KvFailed(kv_code(e), f"KV transfer to {name} failed at CommitKvTransfer: "
-                                             f"{e.code().name}: {e.details()}") from None
-            if isinstance(e, Exception) and not isinstance(e, KvFailed):  # broken: a process of this instance
-                raise KvFailed(grpc.StatusCode.UNAVAILABLE if self.loop_thread.broken else grpc.StatusCode.INTERNAL,
-                                f"KV transfer to {name} failed: {type(e).__name__}: {e}") from None
+            return await self._on_engine(self.loop_thread.guarded(
+                lambda: self._offer(internal_id, start, layout), self.config.kv_transfer_timeout_s))
+
+        try:
+            sent = await send_kv(peer, inner.request_id, ctx, ps, offer)
+        except KvFailed:
             raise
-        return prep.transfer_id, commit.received_tokens, nbytes
+        except ProtocolError as e:
+            raise KvFailed(grpc.StatusCode.INTERNAL, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - broken: a process of this instance
+            raise KvFailed(grpc.StatusCode.UNAVAILABLE if self.loop_thread.broken else grpc.StatusCode.INTERNAL,
+                           f"KV transfer to {name} failed: {type(e).__name__}: {e}") from None
+        return sent.prepared.transfer_id, sent.received, peer.nbytes

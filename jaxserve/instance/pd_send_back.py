@@ -1,6 +1,7 @@
 """PD-Caching-3 send-back (decode side): when a request finishes, the whole pages of its computed context that
 the prefill instance lacks (its decode phase) go back with transfer_with_insert semantics -- PrepareKvTransfer
-there, one gather + offer here, CommitKvTransfer(cache_only) there -- so the next turn's prefill reuses them.
+there, one gather + offer here, CommitKvTransfer(cache_only) there: `pd_protocol.send_kv` in the other
+direction, as the in-process DisaggregatedPair runs it -- so the next turn's prefill reuses them.
 An optimisation only: a failure is logged and counted, never surfaced to the (finished) request."""
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import asyncio
 import contextlib
 import logging
 
-import grpc
-
-from jaxserve.proto.v1 import instance_pb2
+from jaxserve.engine.pd_protocol import send_kv
+from jaxserve.instance.pd_common import GrpcPeer, KvFailed
 
 log = logging.getLogger("jaxserve.instance")
 
@@ -46,37 +46,27 @@ class SendBack:
             await self._on_engine(lambda: pool.free(pages))
             return
         seq = seq[:n]
-        stub = self._peer(target.address)
-        prepared = offered = False
+        peer = GrpcPeer(self._peer(target.address), name, request_id, timeout, self.transfer_server.address,
+                        insert=True, cache_only=True)
+        offered = []
+
+        async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
+            layout = self._per_shard_layout(prepared.answer, name)
+            got = await self._on_engine(self.loop_thread.guarded(
+                lambda: self._offer_pages(pages[start:], layout), timeout))
+            offered.append(True)
+            return got
+
         try:
-            prep = await stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                request_id=request_id, token_ids=seq, page_size=ps),
-                timeout=timeout)
-            prepared = True
-            start = prep.cached_tokens // ps
-            if prep.cached_tokens % ps or start > len(pages):
-                raise RuntimeError(f"{name} holds {prep.cached_tokens} tokens of {len(seq)} with pages of {ps}")
-            layout = self._per_shard_layout(prep, name)
-            fields, nbytes = dict(source_address=self.transfer_server.address), 0
-            if start < len(pages):  # engine thread: one gather of the missing pages, parked for the pull
-                fields, nbytes = await self._on_engine(self.loop_thread.guarded(
-                    lambda: self._offer_pages(pages[start:], layout), timeout))
-                offered = True
-            await stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
-                transfer_id=prep.transfer_id, request_id=request_id, start_token=start * ps,
-                num_tokens=len(seq) - start * ps, **fields, insert=True, cache_only=True), timeout=timeout + 5.0)
-            self.kv_counters["kv_sent_back_tokens"] += len(seq) - start * ps
-            self.kv_counters["kv_sent_back_bytes"] += nbytes
+            sent = await send_kv(peer, request_id, seq, ps, offer)
+            self.kv_counters["kv_sent_back_tokens"] += len(seq) - sent.start_page * ps
+            self.kv_counters["kv_sent_back_bytes"] += peer.nbytes
         except BaseException as e:
             self.kv_counters["kv_send_back_failures"] += 1
-            if prepared:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=2.0))
             if isinstance(e, Exception):
-                detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else \
-                    f"{type(e).__name__}: {e}"
                 log.warning("request %s: sending the decode-phase KV back to %s failed (offered: %s): %s",
-                            request_id, name, offered, detail)
+                            request_id, name, bool(offered), e.message if isinstance(e, KvFailed) else
+                            f"{type(e).__name__}: {e}")
             else:
                 raise
         finally:
