@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -91,10 +90,11 @@ def timed(fn, repeats):
 # ------------------------------------------------------------------------------------------ receiver process
 def run_receiver():
     import jax
+    from jaxserve.bench.kv_peer import KvPeerServer
     from jaxserve.mempool import transfer as tr
     os.sched_setaffinity(0, {1 % os.cpu_count()})
     pool = make_pool((0, 1), FLAGS.transfer_pages + 2)
-    recv = tr.KVReceiver(pool, tr.TransferServer())
+    recv = KvPeerServer(pool, tr.CrossProcessTransport(tr.TransferServer()))
 
     def raw(msg):  # the raw transfer server: pull only, no scatter, no resharding
         import jax.numpy as jnp
@@ -103,7 +103,7 @@ def run_receiver():
                                         jax.sharding.PartitionSpec(None, None, None, "tp", None))
         spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=sh)
         t = time.perf_counter()
-        xs = recv.server.pull(msg["address"], int(msg["uuid"]), [spec] * int(msg.get("chunks", 1)))
+        xs = recv.transport.server.pull(msg["address"], int(msg["uuid"]), [spec] * int(msg.get("chunks", 1)))
         jax.block_until_ready(xs)
         return dict(seconds=time.perf_counter() - t)
 
@@ -114,7 +114,7 @@ def run_receiver():
         sh = jax.sharding.NamedSharding(jax.sharding.Mesh(devs, ("tp",)),
                                         jax.sharding.PartitionSpec(None, None, None, "tp", None))
         spec = jax.ShapeDtypeStruct(tuple(msg["shape"]), jnp.dtype(msg["dtype"]), sharding=sh)
-        x = recv.server.pull(msg["address"], int(msg["uuid"]), [spec])[0]
+        x = recv.transport.server.pull(msg["address"], int(msg["uuid"]), [spec])[0]
         x.block_until_ready()
         t1 = time.perf_counter()
         y = jax.device_put(x, tr.pool_sharding(pool))
@@ -127,13 +127,10 @@ def run_receiver():
 
     recv.handlers["raw"] = raw
     recv.handlers["stages"] = stages
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(2)
     with open(FLAGS.port_file + ".tmp", "w") as f:
-        f.write(str(listener.getsockname()[1]))
+        f.write(str(recv.port))
     os.rename(FLAGS.port_file + ".tmp", FLAGS.port_file)
-    recv.serve(listener)
+    recv.serve()
 
 
 # ------------------------------------------------------------------------------------------ transfer rows
@@ -156,15 +153,18 @@ def bench_transfers():
         src.transfer(dst, sp, dp)
         dst.kv_cache.block_until_ready()
 
+    from jaxserve.bench.layerwise import local_transfer_layerwise
+    baseline = tr.OpCounts()
+
     def layerwise():
-        tr.local_transfer_layerwise(src, dst, sp, dp)
+        local_transfer_layerwise(src, dst, sp, dp, baseline)
         dst.kv_cache.block_until_ready()
 
-    for name, fn in (("same process, aggregated (tp2 -> tp2)", agg),
-                     ("same process, layer-by-layer (tp2 -> tp2)", layerwise)):
-        before = sum(tr.OP_COUNTS.values())
+    for name, fn, counts in (("same process, aggregated (tp2 -> tp2)", agg, src.transport.counts),
+                             ("same process, layer-by-layer (tp2 -> tp2)", layerwise, baseline)):
+        before = counts.total()
         fn()
-        ops = sum(tr.OP_COUNTS.values()) - before
+        ops = counts.total() - before
         rows.append((name, nbytes, timed(fn, FLAGS.repeats), ops))
     dst4 = make_pool((4, 5, 6, 7), n + 2)
     dp4 = dst4.alloc(n)
@@ -181,6 +181,7 @@ def bench_transfers():
 
 def bench_cross_process(src, sp, nbytes):
     import tempfile
+    from jaxserve.bench.kv_peer import KvPeer
     from jaxserve.mempool import transfer as tr
     port_file = os.path.join(tempfile.mkdtemp(), "port")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -195,7 +196,7 @@ def bench_cross_process(src, sp, nbytes):
                 raise RuntimeError("receiver did not start")
             time.sleep(0.1)
         server = tr.TransferServer()
-        remote = tr.RemotePool("127.0.0.1", int(open(port_file).read()), server, timeout=60)
+        remote = KvPeer(int(open(port_file).read()), tr.CrossProcessTransport(server), timeout=60)
         n = len(sp)
         dp = remote.alloc(n, request_id="bench")
         block = tr.gather_block(src, sp)
@@ -210,11 +211,11 @@ def bench_cross_process(src, sp, nbytes):
         t_raw = statistics.median(raw() for _ in range(FLAGS.repeats))
         if FLAGS.profile_transfer:
             profile_stages(src, sp, dp, server, remote, nbytes, t_raw)
-        t_ours = timed(lambda: src.transfer(remote, sp, dp, request_id="bench"), FLAGS.repeats)
+        t_ours = timed(lambda: remote.push(src, sp, dst_pages=dp, request_id="bench"), FLAGS.repeats)
         remote.release("bench")
         remote.close()
         return [("cross process, raw transfer server pull (tp2 -> tp2)", nbytes, t_raw, 1),
-                ("cross process, MemPool.transfer end to end (tp2 -> tp2)", nbytes, t_ours, 4)]
+                ("cross process, transfer end to end (tp2 -> tp2)", nbytes, t_ours, 4)]
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count())))
         child.kill()
@@ -261,7 +262,7 @@ def profile_stages(src, sp, dp, server, remote, nbytes, t_raw):
 
     def e2e():
         t = time.perf_counter()
-        src.transfer(remote, sp, dp, request_id="bench")
+        remote.push(src, sp, dst_pages=dp, request_id="bench")
         return time.perf_counter() - t
 
     def control():
@@ -282,7 +283,7 @@ def profile_stages(src, sp, dp, server, remote, nbytes, t_raw):
             (f"raw pull, same {n_chunks} chunks as ours", "raw_chunks"), ("gather (sender, synced)", "gather"),
             ("control round trip (empty message)", "control"), ("pull into staging layout (synced)", "pull"),
             ("staging -> pool device_put (synced)", "reshard"), ("scatter (synced)", "scatter"),
-            ("pull+reshard+scatter round trip (sender)", "round_trip"), ("end to end, MemPool.transfer", "e2e")]
+            ("pull+reshard+scatter round trip (sender)", "round_trip"), ("end to end, offer + pull + scatter", "e2e")]
     for name, k in rows:
         print(f"  {name:42s} {1e3 * med[k]:8.2f} ms {nbytes / med[k] / 1e9:7.2f} GB/s")
     print(f"  end to end / raw one-array pull = {ratio:.3f}, / raw pull of the same chunks = {ratio_chunks:.3f} "

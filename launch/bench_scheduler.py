@@ -32,7 +32,7 @@ from absl import app, flags
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, ModelInfo, Scheduler
 from jaxserve.scheduler.cost_model import CostModel
-from jaxserve.scheduler.fake_instance import FakeInstance
+from jaxserve.testing.fake_instance import FakeInstance
 from jaxserve.scheduler.policies import LoadGuard
 from jaxserve.scheduler.prompt_tree import PromptTree
 from jaxserve.scheduler.router import COLOCATED, InstanceRecord, Router

@@ -10,7 +10,7 @@ from jaxserve.bench import report, workloads
 from jaxserve.bench.loadgen import LoadConfig, run_load
 from jaxserve.proto.v1 import common_pb2
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
-from jaxserve.scheduler.fake_instance import FakeInstance, expected_tokens
+from jaxserve.testing.fake_instance import FakeInstance, expected_tokens
 
 FAST = dict(health_interval_s=0.1, health_timeout_s=0.2, no_instance_wait_s=0.5, shutdown_grace_s=0.0)
 

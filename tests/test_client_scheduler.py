@@ -15,7 +15,7 @@ import pytest
 from jaxserve.client import AsyncClient, Client, ClientError, RetryPolicy, tls_credentials
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler, load_model_info
-from jaxserve.scheduler.fake_instance import EOS, FakeInstance, expected_tokens
+from jaxserve.testing.fake_instance import EOS, FakeInstance, expected_tokens
 from jaxserve.scheduler.tokenizer import ByteTokenizer, IncrementalDetokenizer, TextStream
 
 MAX_LEN = 256

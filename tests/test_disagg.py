@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.mempool import transfer as tr
+from kv_faults import FailingTransport
 
 from test_engine import CFG, PAGE, make_llm
 
@@ -107,8 +107,8 @@ def test_failed_transfer_is_an_error_and_leaks_nothing(sessions):
     turns, refs = sessions
     for mode, stage in (("basic", "receive"), ("caching2", "insert")):
         llm = make_pair(mode, prefill_devices=[0], decode_devices=[1])
-        with tr.inject_failure(stage):
-            outs = llm.generate(turns[0], GREEDY)
+        llm.pair.transport = FailingTransport(stage)
+        outs = llm.generate(turns[0], GREEDY)
         failed = [o for o in outs if o.error is not None]
         assert len(failed) == 1 and failed[0].finish_reason == "error" and "injected" in failed[0].error
         ok = [o for o in outs if o.error is None]

@@ -57,10 +57,14 @@ async def clean(address) -> bool:
             and s.load.num_queued_requests == 0 and s.kv_pending == 0 and s.kv_held_pages == 0)
 
 
-def spawn(role, scheduler, env, **extra):
+def spawn(role, scheduler, env, die_before_commit=None, **extra):
+    """launch.instance as a process; die_before_commit=PATH: tests/kv_fault_instance.py instead, which exits
+    when a CommitKvTransfer arrives once PATH exists."""
     flags = dict(ENGINE_FLAGS, role=role, scheduler=scheduler, instance_id=f"{role}-0", pd_mode="caching2",
                  shutdown_grace_s=0, kv_transfer_timeout_s=3, **extra)
-    return subprocess.Popen([sys.executable, "-m", "launch.instance"] + [f"--{k}={v}" for k, v in flags.items()],
+    cmd = [sys.executable, "-m", "launch.instance"] if die_before_commit is None else \
+        [sys.executable, str(ROOT / "tests" / "kv_fault_instance.py"), str(die_before_commit)]
+    return subprocess.Popen(cmd + [f"--{k}={v}" for k, v in flags.items()],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -73,8 +77,7 @@ def test_prefill_and_decode_processes_caching2(tmp_path):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
         t_start = time.monotonic()
         procs = {"prefill": spawn("prefill", scheduler.address, env),
-                 "decode": spawn("decode", scheduler.address,
-                                 dict(env, JAXSERVE_KV_FAULT=f"exit_before_commit@{fault_file}"))}
+                 "decode": spawn("decode", scheduler.address, env, die_before_commit=fault_file)}
         try:
             # The offline reference (colocated, no prefix caching) while the instances start.
             llm = LLM("demo", page_size=PAGE, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
@@ -223,16 +226,20 @@ def test_caching3_in_process_sends_decode_kv_back(per_shard, monkeypatch):
     sources`) between a tp=2 prefill and a tp=1 decode instance: the prefill's two shards land on the decode
     device side by side, the decode's one shard is cut in two on the way back."""
     page = 8
-    from jaxserve.mempool import transfer as tr
     received = []
-    receive_shards = tr.receive_shards
-    monkeypatch.setattr(tr, "receive_shards", lambda *a, **k: received.append(a[2]) or receive_shards(*a, **k))
+
+    def record(server):  # what each per-shard receive pulled, read from the instance's own transport
+        fetch = server.kv_transport.fetch
+        server.kv_transport.fetch = lambda pool, offer, timeout=None: (
+            received.append(offer.sources) if offer.sources else None) or fetch(pool, offer, timeout)
 
     async def body():
         p = await InstanceServer(tiny(True, 0, tp=2 if per_shard else 1).engine, InstanceConfig(
             role="prefill", pd_mode="caching3", kv_per_shard=per_shard)).start()
         d = await InstanceServer(tiny(True, 2 if per_shard else 1).engine, InstanceConfig(
             role="decode", pd_mode="caching3", kv_per_shard=per_shard)).start()
+        record(p)
+        record(d)
         ref = tiny(False, 0)
         try:
             async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:

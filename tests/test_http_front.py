@@ -14,7 +14,7 @@ text_string_to_metric_families = pytest.importorskip("prometheus_client.parser")
 
 from jaxserve.proto.v1 import common_pb2  # noqa: E402
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler  # noqa: E402
-from jaxserve.scheduler.fake_instance import FakeInstance, expected_tokens  # noqa: E402
+from jaxserve.testing.fake_instance import FakeInstance, expected_tokens  # noqa: E402
 from jaxserve.scheduler.http_front import HttpFront  # noqa: E402
 from jaxserve.scheduler.tokenizer import ByteTokenizer  # noqa: E402
 

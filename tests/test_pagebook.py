@@ -24,8 +24,9 @@ def _submodules(package: str) -> list[str]:
 
 
 def test_control_plane_and_bookkeeping_import_without_jax():
-    modules = _submodules("jaxserve.scheduler") + _submodules("jaxserve.sim") + ["jaxserve.client"] + BOOKKEEPING
-    assert "jaxserve.scheduler.fake_instance" in modules and "jaxserve.sim.instance" in modules
+    modules = (_submodules("jaxserve.scheduler") + _submodules("jaxserve.sim") + _submodules("jaxserve.testing")
+               + ["jaxserve.client"] + BOOKKEEPING)
+    assert "jaxserve.testing.fake_instance" in modules and "jaxserve.sim.instance" in modules
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
             "jaxish = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib'))\n"
             "assert not jaxish, jaxish\nprint('ok')")

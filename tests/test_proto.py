@@ -64,7 +64,7 @@ def test_messages_round_trip():
 
 
 def test_control_plane_does_not_import_jax():
-    code = ("import sys, jaxserve.scheduler, jaxserve.client, jaxserve.scheduler.fake_instance, "
+    code = ("import sys, jaxserve.scheduler, jaxserve.client, jaxserve.testing.fake_instance, "
             "jaxserve.scheduler.server; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' == "
             "m.split('.')[0]); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

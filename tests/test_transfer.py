@@ -1,12 +1,12 @@
 """MemPool transfer API: same-process transfer between meshes (resharding included), aggregation (a constant
 number of array operations per request whatever the number of layers), transfer_with_insert, failure
-cleanup, and the cross-process backend (jax.experimental.transfer + JSON control messages) between two
+cleanup (faults injected by a failing transport), the transfer state machine, and the cross-process backend
+(jax.experimental.transfer; the benchmark's KvPeer stands in for the gRPC control plane) between two
 processes."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +17,8 @@ import pytest
 from jaxserve.config import CacheConfig, ModelConfig
 from jaxserve.mempool import MemPool
 from jaxserve.mempool import transfer as tr
+from jaxserve.mempool.transfer import ops
+from kv_faults import FailingTransport
 
 PAGE = 4
 
@@ -84,15 +86,16 @@ def test_aggregated_transfer_uses_constant_array_ops():
         src, dst = make_pool((0, 1), layers=layers), make_pool((4, 5), layers=layers)
         sp, dp = src.alloc(7), dst.alloc(7)
         data = fill_random(src, sp, seed=layers)
-        before = dict(tr.OP_COUNTS)
+        before = src.transport.counts.snapshot()
         src.transfer(dst, sp, dp)
-        counts[layers] = {k: tr.OP_COUNTS[k] - before[k] for k in before}
+        counts[layers] = src.transport.counts.since(before)
         np.testing.assert_array_equal(read(dst, dp), data)
         # The layer-by-layer baseline moves the same bytes with 2 x layers of each operation.
+        from jaxserve.bench.layerwise import local_transfer_layerwise
         dp2 = dst.alloc(7)
-        before = dict(tr.OP_COUNTS)
-        tr.local_transfer_layerwise(src, dst, sp, dp2)
-        per_layer = {k: tr.OP_COUNTS[k] - before[k] for k in before}
+        baseline = tr.OpCounts()
+        local_transfer_layerwise(src, dst, sp, dp2, baseline)
+        per_layer = baseline.snapshot()
         np.testing.assert_array_equal(read(dst, dp2), data)
         assert per_layer == dict(gather=2 * layers, device_put=2 * layers, scatter=2 * layers, pull=0)
     assert counts[2] == counts[6] == dict(gather=1, device_put=1, scatter=1, pull=0)
@@ -110,9 +113,9 @@ def test_transfer_with_insert_indexes_and_skips_what_the_receiver_holds():
     dst.free(got)
     # The rest: the sender asks what the receiver holds and sends only pages 3..5.
     start = dst.cached_prefix_pages(tokens)
-    before = tr.OP_COUNTS["scatter"]
+    before = src.transport.counts.scatter
     got = src.transfer_with_insert(dst, tokens, sp[start:], start_page=start)
-    assert tr.OP_COUNTS["scatter"] == before + 1
+    assert src.transport.counts.scatter == before + 1
     assert len(got) == 6 and dst.cached_prefix_pages(tokens) == 5  # the partial last page is not indexed
     np.testing.assert_array_equal(read(dst, got), data)
     n, pages = dst.match(tokens)
@@ -131,8 +134,8 @@ def test_failed_transfer_frees_and_never_indexes(stage):
     sp = src.alloc(4)
     fill_random(src, sp)
     free_before = dst.num_free_pages()
-    with tr.inject_failure(stage), pytest.raises(tr.TransferError, match="injected"):
-        src.transfer_with_insert(dst, tokens, sp)
+    with pytest.raises(tr.TransferError, match="injected"):
+        src.transfer_with_insert(dst, tokens, sp, transport=FailingTransport(stage))
     assert dst.num_free_pages() == free_before
     assert dst.cached_prefix_pages(tokens) == 0 and dst.match(tokens) == (0, [])
     assert_clean(dst)
@@ -151,9 +154,10 @@ def test_failed_transfer_frees_and_never_indexes(stage):
 
 # ---------------------------------------------------------------------------------------------- two processes
 def _child(port_file: str) -> None:
-    """Receiver process: a MemPool on 2 devices behind a KVReceiver; extra ops let the test inspect it."""
+    """Receiver process: a MemPool on 2 devices behind a KvPeerServer; extra ops let the test inspect it."""
+    from jaxserve.bench.kv_peer import KvPeerServer
     pool = make_pool((0, 1))
-    recv = tr.KVReceiver(pool, tr.TransferServer())
+    peer = KvPeerServer(pool, tr.CrossProcessTransport(tr.TransferServer()))
 
     def digest(msg):
         return dict(data=read(pool, msg["pages"]).tolist())
@@ -161,16 +165,63 @@ def _child(port_file: str) -> None:
     def check(msg):
         pool.check_invariants()
         return dict(free=pool.num_free_pages(), evictable=pool.num_evictable_pages(),
-                    cached=pool.cached_prefix_pages(msg["tokens"]), held=sum(map(len, recv.held.values())))
+                    cached=pool.cached_prefix_pages(msg["tokens"]), held=sum(map(len, peer.held.values())),
+                    pending=len(peer.receiver.pending))
 
-    recv.handlers.update(digest=digest, check=check)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    peer.handlers.update(digest=digest, check=check)
     with open(port_file + ".tmp", "w") as f:
-        f.write(str(listener.getsockname()[1]))
+        f.write(str(peer.port))
     os.rename(port_file + ".tmp", port_file)
-    recv.serve(listener)
+    peer.serve()
+
+
+def test_transfer_state_machine():
+    s = tr.TransferState("t")
+    for state in (tr.State.PULLING, tr.State.FILLED, tr.State.COMMITTED):
+        s.to(state)
+    assert s.terminal and s.history == [tr.State.PREPARED, tr.State.PULLING, tr.State.FILLED, tr.State.COMMITTED]
+    with pytest.raises(tr.IllegalTransition):
+        s.to(tr.State.FAILED)
+    for bad in (tr.State.FILLED, tr.State.COMMITTED):  # nothing skips the pull, nothing commits unfilled
+        with pytest.raises(tr.IllegalTransition):
+            tr.TransferState().to(bad)
+    s = tr.TransferState()
+    s.to(tr.State.PULLING)
+    s.to(tr.State.CANCELLED)
+    with pytest.raises(tr.IllegalTransition):
+        s.to(tr.State.PULLING)
+
+
+def test_receiver_reservations_follow_the_state_machine():
+    need_devices(8)
+    src, dst = make_pool((0, 1)), make_pool((4,))
+    tokens = list(range(1, 11))  # 2 whole pages + 2 tokens
+    sp = src.alloc(3)
+    data = fill_random(src, sp)
+    receiver = tr.KvReceiver(dst)
+    r = receiver.prepare("a", tokens, PAGE, 30.0)
+    assert r.state.state is tr.State.PREPARED and len(r.new_pages) == 3
+    with pytest.raises(ValueError, match="not committed"):
+        receiver.take(r.transfer_id)
+    with pytest.raises(tr.IllegalTransition):
+        receiver.commit(r.transfer_id)       # not filled
+    receiver.begin(r.transfer_id)
+    t = src.transport
+    receiver.fill(r.transfer_id, t.fetch(dst, t.offer(src, sp)), t)
+    receiver.commit(r.transfer_id, 123)
+    assert receiver.take(r.transfer_id).pages == r.new_pages and not receiver.pending
+    np.testing.assert_array_equal(read(dst, r.new_pages), data)
+    assert dst.cached_prefix_pages(tokens) == 2 and receiver.counters["kv_received_bytes"] == 123
+    dst.free(r.pages)
+    # A cancelled reservation frees its pages and ends in its terminal state.
+    r2 = receiver.prepare("b", list(range(50, 60)), PAGE, 30.0)
+    receiver.begin(r2.transfer_id)
+    assert receiver.cancel_request("b") and r2.state.state is tr.State.FAILED
+    with pytest.raises(KeyError):
+        receiver.begin(r2.transfer_id)
+    src.free(sp)
+    assert_clean(src)
+    assert_clean(dst)
 
 
 def test_chunked_gather_and_scatter_round_trip(monkeypatch):
@@ -179,16 +230,16 @@ def test_chunked_gather_and_scatter_round_trip(monkeypatch):
     need_devices(8)
     # 32 pages of 256 KiB: 8 chunks of 4; 3 pages (padded 4): 2 chunks of 2 (chunks are >= 512 KiB).
     assert tr.chunk_pages(32, 256 * 1024) == 4 and tr.chunk_pages(3, 256 * 1024) == 2
-    monkeypatch.setattr(tr, "MIN_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ops, "MIN_CHUNK_BYTES", 1)
     src, dst = make_pool((0, 1)), make_pool((4, 5))
     sp, dp = src.alloc(5), dst.alloc(5)
     data = fill_random(src, sp, seed=5)
-    before = dict(tr.OP_COUNTS)
-    chunks = tr.gather_chunks(src, sp)
+    counts = tr.OpCounts()
+    chunks = tr.gather_chunks(src, sp, counts)
     assert len(chunks) == 5 and all(x.shape[1] == 1 for x in chunks)  # bucket 8 -> 8 chunks of 1; 5 needed
     sentinel = np.asarray(dst.kv_cache)[:, 0].copy()
-    tr.scatter_block(dst, dp, [jax.device_put(x, dst.sharding) for x in chunks])
-    assert tr.OP_COUNTS["gather"] - before["gather"] == 1 and tr.OP_COUNTS["scatter"] - before["scatter"] == 1
+    tr.scatter_block(dst, dp, [jax.device_put(x, dst.sharding) for x in chunks], counts)
+    assert counts.gather == 1 and counts.scatter == 1
     np.testing.assert_array_equal(read(dst, dp), data)
     np.testing.assert_array_equal(np.asarray(dst.kv_cache)[:, 0], sentinel)
     with pytest.raises(tr.TransferError, match="do not cover"):
@@ -204,7 +255,7 @@ def test_per_shard_transfer_between_layouts(src_devs, dst_devs, monkeypatch):
     receiver's boundaries into single-device pieces, the receiver pulls each piece straight onto its device,
     joins them and assembles the block without a copy; the pages land as one block would, in several chunks."""
     need_devices(8)
-    monkeypatch.setattr(tr, "MIN_CHUNK_BYTES", 1)  # several chunks
+    monkeypatch.setattr(ops, "MIN_CHUNK_BYTES", 1)  # several chunks
     src, dst = make_pool(src_devs), make_pool(dst_devs)
     sp, dp = src.alloc(5), dst.alloc(5)
     data = fill_random(src, sp, seed=7)
@@ -230,9 +281,11 @@ def test_per_shard_transfer_between_layouts(src_devs, dst_devs, monkeypatch):
 
 def test_cross_process_transfer(tmp_path, monkeypatch):
     need_devices(4)
-    monkeypatch.setattr(tr, "MIN_CHUNK_BYTES", 1)  # the sender splits blocks in chunks of one page
+    monkeypatch.setattr(ops, "MIN_CHUNK_BYTES", 1)  # the sender splits blocks in chunks of one page
     port_file = str(tmp_path / "port")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, __file__, "child", port_file], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -244,7 +297,9 @@ def test_cross_process_transfer(tmp_path, monkeypatch):
             time.sleep(0.1)
         port = int(open(port_file).read())
         src = make_pool((0, 1, 2, 3))  # sender tp=4, receiver tp=2: the receiver reshards after the pull
-        remote = tr.RemotePool("127.0.0.1", port, tr.TransferServer(), timeout=30)
+        from jaxserve.bench.kv_peer import KvPeer
+        transport = tr.CrossProcessTransport(tr.TransferServer())
+        remote = KvPeer(port, transport, timeout=30)
         assert remote.page_shape == src.page_shape and remote.tp == 2
         tokens = list(range(1, 27))    # 6 whole pages + 2 tokens
         sp = src.alloc(7)
@@ -252,18 +307,17 @@ def test_cross_process_transfer(tmp_path, monkeypatch):
 
         # transfer into pages the sender reserved on the receiver
         dp = remote.alloc(3, request_id="a")
-        before = tr.OP_COUNTS["gather"]
-        src.transfer(remote, sp[:3], dp, request_id="a")
-        assert tr.OP_COUNTS["gather"] == before + 1
+        remote.push(src, sp[:3], dst_pages=dp, request_id="a")
+        assert transport.counts.gather == 1 and transport.counts.pull == 0  # the receiver pulls
         got = np.asarray(remote.call(dict(op="digest", pages=dp))["data"], np.float32)
         np.testing.assert_array_equal(got, data[:, :3])
         remote.release("a")
 
         # transfer_with_insert in two parts: the second sends only what the receiver lacks
-        first = src.transfer_with_insert(remote, tokens[:8], sp[:2], request_id="b")
+        first = remote.push(src, sp[:2], tokens=tokens[:8], request_id="b")
         assert remote.cached_prefix_pages(tokens) == 2 and len(first) == 2
         start = remote.cached_prefix_pages(tokens)
-        pages = src.transfer_with_insert(remote, tokens, sp[start:], start_page=start, request_id="c")
+        pages = remote.push(src, sp[start:], tokens=tokens, start_page=start, request_id="c")
         assert len(pages) == 7 and pages[:2] == first
         got = np.asarray(remote.call(dict(op="digest", pages=pages))["data"], np.float32)
         np.testing.assert_array_equal(got, data)
@@ -273,14 +327,15 @@ def test_cross_process_transfer(tmp_path, monkeypatch):
         # a failing receive (prefix not held) frees what it took; nothing is indexed
         other = list(range(100, 126))
         with pytest.raises(tr.TransferError, match="receiver holds 0 of the 3 pages"):
-            src.transfer_with_insert(remote, other, sp[3:], start_page=3, request_id="d")
+            remote.push(src, sp[3:], tokens=other, start_page=3, request_id="d")
         # a pull that never gets its data (unknown transfer id) times out and surfaces as an error
         with pytest.raises(tr.TransferError):
-            remote.call(dict(op="receive", request_id="e", uuid=123456789, address=remote.server.address,
-                             shape=[2, 4, PAGE, 4, 8], dtype="float32", n_pages=3, src_shards=4, timeout=2,
-                             tokens=other[:12], start_page=0), timeout=20)
+            remote.call(dict(op="receive", request_id="e", offer=dict(
+                address=transport.server.address, uuid=123456789, shape=[2, 4, PAGE, 4, 8], dtype="float32",
+                num_shards=4, num_chunks=1, sources=[], nbytes=0), n_pages=3, timeout=2,
+                tokens=other[:12], start_page=0), timeout=20)
         st = remote.call(dict(op="check", tokens=other))
-        assert st["cached"] == 0 and st["held"] == 0
+        assert st["cached"] == 0 and st["held"] == 0 and st["pending"] == 0
         assert st["free"] + st["evictable"] == 31  # every page free or held by the index only
         assert remote.call(dict(op="check", tokens=tokens))["cached"] == 6
         remote.close()

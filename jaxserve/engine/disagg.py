@@ -2,8 +2,10 @@
 
 A prefill Engine on one mesh computes the part of each prompt it has not cached and samples the first token
 (`add_request(..., prefill_only=True)`: it keeps the prompt's pages afterwards); the pair then moves the KV the
-decode Engine lacks through the MemPool transfer API and hands the request to the decode Engine, which admits
-it with that KV in place (`add_prefilled_request`) and decodes to the end.
+decode Engine lacks with the PD protocol the gRPC instances run (`jaxserve.engine.pd_protocol.send_kv`: prepare
+on the decode side's `KvReceiver`, offer, commit; the block moves with an `InProcessTransport`) and hands the
+request to the decode Engine, which admits it with that KV in place (`add_prefilled_request`) and decodes to
+the end.
 
 Modes (`PD_MODES`), as in MemServe:
 - basic:    neither side caches; the full prompt KV moves with `transfer` into pages the decode side allocated.
@@ -11,7 +13,7 @@ Modes (`PD_MODES`), as in MemServe:
             full prompt KV still moves.
 - caching2: as caching1, and the decode side indexes what it receives and its own decode KV; the pair first
             asks the decode side's index how much of the prompt it holds and sends only the rest
-            (`transfer_with_insert`, the receiver allocates, receives and indexes in one step).
+            (transfer_with_insert: the receiver references what it holds, allocates, receives and indexes).
 - caching3: as caching2, and when a request finishes the decode side sends its decode-phase KV (the part the
             prefill side lacks) back with `transfer_with_insert`, so the next turn's prefill reuses it.
 """
@@ -25,16 +27,8 @@ import time
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import Request, Status
 from jaxserve.engine.sampling import SamplingParams
-from jaxserve.mempool.transfer import TransferError
-
-PD_MODES = ("basic", "caching1", "caching2", "caching3")
-
-
-def mode_caching(mode: str) -> tuple[bool, bool]:
-    """(prefill side caches, decode side caches) for a PD mode."""
-    if mode not in PD_MODES:
-        raise ValueError(f"pd_mode must be one of {PD_MODES}, got {mode!r}")
-    return mode != "basic", mode in ("caching2", "caching3")
+from jaxserve.engine.pd_protocol import PD_MODES, LocalPeer, mode_caching, run_sync, send_kv  # noqa: F401
+from jaxserve.mempool.transfer import InProcessTransport, KvReceiver, TransferError
 
 
 @dataclasses.dataclass
@@ -83,7 +77,9 @@ class DisaggregatedPair:
     """A prefill Engine and a decode Engine (disjoint meshes, tensor-parallel degrees may differ) stepped
     together. The engines' prefix caching must match the mode (`mode_caching`)."""
 
-    def __init__(self, prefill: Engine, decode: Engine, mode: str = "basic"):
+    def __init__(self, prefill: Engine, decode: Engine, mode: str = "basic", transport=None):
+        """transport: the in-process transport both directions use (it owns their OpCounts); tests pass one
+        that fails at a chosen stage."""
         p_cache, d_cache = mode_caching(mode)
         if prefill.config.cache.enable_prefix_caching != p_cache or \
                 decode.config.cache.enable_prefix_caching != d_cache:
@@ -99,6 +95,9 @@ class DisaggregatedPair:
         self._handoff: collections.deque[DisaggRequest] = collections.deque()
         self._ids = 0
         self.counters = collections.Counter()
+        self.transport = transport if transport is not None else InProcessTransport()
+        self.decode_receiver = KvReceiver(decode.pool, "decode")
+        self.prefill_receiver = KvReceiver(prefill.pool, "prefill")  # caching3: the decode-phase KV comes back
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None) -> DisaggRequest:
@@ -179,25 +178,21 @@ class DisaggregatedPair:
                 return True
             return False
         t0 = time.perf_counter()
+        committed = []
+        peer = LocalPeer("the decode engine", self.decode_receiver, self.transport, committed.append)
+
+        async def offer(start_page, prepared):
+            return self.transport.offer(P, preq.pages[start_page:])
         try:
-            if self.decode_caching:
-                pages = P.transfer_with_insert(D, prompt, preq.pages[start:], start_page=start,
-                                               request_id=dreq.request_id)
-                indexed = L // ps
-            else:
-                pages = D.alloc(n_pages)
-                try:
-                    P.transfer(D, preq.pages, pages, request_id=dreq.request_id)
-                except Exception:
-                    D.free(pages)
-                    raise
-                indexed = 0
+            sent = run_sync(send_kv(peer, dreq.request_id, prompt, ps, offer))
         except TransferError as e:
             dreq.error = f"KV transfer failed: {e}"
             self.counters["transfer_failures"] += 1
             return True
         finally:
             self.prefill.release(preq.request_id)  # the prefill side's pages, sent or not
+        r = committed[0]
+        start, pages, indexed = sent.start_page, r.pages, L // ps if r.insert else 0
         dreq.transfer_s += time.perf_counter() - t0
         dreq.transferred_pages = n_pages - start
         dreq.transferred_tokens = L - start * ps
@@ -222,10 +217,13 @@ class DisaggregatedPair:
         try:
             start = P.cached_prefix_pages(seq[:n])
             if n // ps > start:
-                got = D.transfer_with_insert(P, seq[:n], pages[start:], start_page=start,
-                                             request_id=req.request_id)
-                P.free(got)  # the prefill side's index keeps them
-                dreq.returned_tokens = n - start * ps
+                peer = LocalPeer("the prefill engine", self.prefill_receiver, self.transport,
+                                 lambda r: P.free(r.pages))  # the prefill side's index keeps them
+
+                async def offer(start_page, prepared):
+                    return self.transport.offer(D, pages[start_page:])
+                sent = run_sync(send_kv(peer, req.request_id, seq[:n], ps, offer))
+                dreq.returned_tokens = sent.received
                 self.counters["returned_tokens"] += dreq.returned_tokens
         except TransferError:
             self.counters["send_back_failures"] += 1  # an optimisation only: the request is complete

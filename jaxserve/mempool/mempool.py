@@ -2,7 +2,7 @@
 
 A MemPool is a PageBook (jaxserve/mempool/pagebook.py: pages, references, tiers, the prompt index and
 eviction, numpy only) whose pages hold data: a KvStore (jaxserve/mempool/kv_store.py: the device and host KV
-arrays and the copies between them). It adds the KV transfers between pools (jaxserve/mempool/transfer.py).
+arrays and the copies between them). It adds the KV transfers between pools (jaxserve/mempool/transfer/).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class MemPool(PageBook):
         self.model_cfg = model_cfg
         self.cache_cfg = cache_cfg
         self.store = KvStore(model_cfg, cache_cfg, sharding=sharding, dtype=dtype, ops=ops)
+        self._transport = None
 
     # ================================================================== data
     @property
@@ -71,64 +72,38 @@ class MemPool(PageBook):
         self.store.check()
 
     # ================================================================== transfer
-    def transfer(self, dst, src_pages: Sequence[int], dst_pages: Sequence[int], *,
-                 timeout: float | None = None, request_id: str = "") -> None:
-        """Copies the KV of `src_pages` (held by the caller) into `dst_pages` of `dst` (held by the
-        caller there): one gather for all layers, one move, one in-place scatter. `dst` is a MemPool of this
-        process (any mesh; resharded by `device_put`) or a `transfer.RemotePool`. Raises TransferError on
-        failure; `dst_pages` stay the caller's to free."""
-        from jaxserve.mempool import transfer as tr
-        src_pages = [int(p) for p in self._check_pages(src_pages, "transfer")]
-        if isinstance(dst, MemPool):
-            dst_pages = [int(p) for p in dst._check_pages(dst_pages, "transfer")]
-            tr.local_transfer(self, dst, src_pages, dst_pages)
-        else:
-            dst.push(self, src_pages, dst_pages=dst_pages, request_id=request_id, timeout=timeout)
+    @property
+    def transport(self):
+        """This pool's in-process transport (it owns the OpCounts of the transfers this pool sends); a test may
+        replace it with a wrapper that fails at a chosen stage."""
+        if self._transport is None:
+            from jaxserve.mempool.transfer import InProcessTransport
+            self._transport = InProcessTransport()
+        return self._transport
 
-    def transfer_with_insert(self, dst, tokens: Sequence[int], src_pages: Sequence[int], *, start_page: int = 0,
-                             timeout: float | None = None, request_id: str = "") -> list[int]:
+    @transport.setter
+    def transport(self, value) -> None:
+        self._transport = value
+
+    def transfer(self, dst: "MemPool", src_pages: Sequence[int], dst_pages: Sequence[int], *,
+                 transport=None) -> None:
+        """Copies the KV of `src_pages` (held by the caller) into `dst_pages` of `dst` (held by the caller
+        there), `dst` a MemPool of this process on any mesh (resharded by `device_put`): one gather for all
+        layers, one move, one in-place scatter. Raises TransferError on failure; `dst_pages` stay the caller's
+        to free. Pools in other processes are reached through `transfer.CrossProcessTransport`."""
+        src_pages = [int(p) for p in self._check_pages(src_pages, "transfer")]
+        dst_pages = [int(p) for p in dst._check_pages(dst_pages, "transfer")]
+        (transport or self.transport).transfer(self, dst, src_pages, dst_pages)
+
+    def transfer_with_insert(self, dst: "MemPool", tokens: Sequence[int], src_pages: Sequence[int], *,
+                             start_page: int = 0, request_id: str = "", transport=None) -> list[int]:
         """Sends pages `start_page, start_page + 1, ...` of `tokens` (their KV in `src_pages`) to `dst`, which
         allocates pages for them, receives, and indexes `tokens` in one step (MemServe: one round trip
-        fewer). The receiver must already cache the first `start_page` pages (see `cached_prefix_pages`).
-        Returns the receiver's pages for all of `tokens`' KV (the first `start_page` from its index), each
-        with one reference owned by the caller on the receiving side. On failure raises TransferError with
-        nothing allocated or indexed on the receiver."""
-        from jaxserve.mempool import transfer as tr
+        fewer; the receive path is `transfer.KvReceiver`, the same as between instances). The receiver must
+        already cache the first `start_page` pages (see `cached_prefix_pages`). Returns the receiver's pages
+        for all of `tokens`' KV (the first `start_page` from its index), each with one reference owned by the
+        caller on the receiving side. On failure raises TransferError with nothing allocated or indexed on
+        the receiver."""
         src_pages = [int(p) for p in self._check_pages(src_pages, "transfer_with_insert")]
-        if isinstance(dst, MemPool):
-            fill = tr.insert_fill(lambda pages: tr.local_transfer(self, dst, src_pages, pages))
-            return dst.receive_with_insert(tokens, start_page, len(src_pages), fill)
-        return dst.push(self, src_pages, tokens=tokens, start_page=start_page, request_id=request_id,
-                        timeout=timeout)
-
-    def receive_with_insert(self, tokens: Sequence[int], start_page: int, n_pages: int,
-                            fill: Callable[[list[int]], None]) -> list[int]:
-        """Receive side of `transfer_with_insert`: takes references to the cached first `start_page` pages of
-        `tokens`, allocates `n_pages` more, lets `fill(new_pages)` write them, then indexes the whole pages
-        of `tokens` (a trailing partial page is received but not indexed). Returns all pages, caller-owned.
-        If anything fails, every reference taken here is dropped before TransferError is raised, and
-        nothing half-received was indexed."""
-        from jaxserve.mempool.transfer import TransferError
-        tokens = [int(t) for t in tokens]
-        ps = self.page_size
-        if not (start_page + n_pages - 1) * ps < len(tokens) <= (start_page + n_pages) * ps:
-            raise ValueError(f"{len(tokens)} tokens do not fill pages {start_page}..{start_page + n_pages - 1}")
-        prefix: list[int] = []
-        if start_page:
-            got, prefix = self.match(tokens[:start_page * ps])
-            if got < start_page * ps:
-                self.free(prefix)
-                raise TransferError(f"receiver holds {got // ps} of the {start_page} pages the sender skipped")
-        new = self.alloc(n_pages)
-        if new is None:
-            self.free(prefix)
-            raise TransferError(f"receiver cannot allocate {n_pages} pages ({self.num_free_pages()} free)")
-        try:
-            fill(new)
-        except Exception as e:
-            self.free(prefix + new)
-            if isinstance(e, TransferError):
-                raise
-            raise TransferError(f"receive failed: {type(e).__name__}: {e}") from e
-        self.insert(tokens, prefix + new)
-        return prefix + new
+        return (transport or self.transport).transfer_with_insert(self, dst, tokens, src_pages, start_page,
+                                                                  request_id)

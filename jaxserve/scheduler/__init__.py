@@ -6,7 +6,7 @@ scheduler.start()`), `python -m launch.scheduler` (a process). One request path 
 `SchedulerCore` (`core`: validate, then generate(valid, deadline)) raises `errors` (typed, each with a gRPC
 status name) that the gRPC servicer (`server`) and the OpenAI HTTP front (`http_front`) map to their codes.
 Instance servers plug in through `InstanceReporter` (Register + ReportEvents) and by serving
-`jaxserve.v1.Instance`; `fake_instance` is a stand-in for tests and benchmarks."""
+`jaxserve.v1.Instance`; `jaxserve.testing.fake_instance` is a stand-in for tests and benchmarks."""
 
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.core import SchedulerCore

@@ -74,30 +74,26 @@ class DecodeRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., kv_handle: _Optional[str] = ...) -> None: ...
 
 class PrepareKvTransferRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "page_size", "source_instance_id")
+    __slots__ = ("request_id", "token_ids", "page_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     page_size: int
-    source_instance_id: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., source_instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class PrepareKvTransferResponse(_message.Message):
-    __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_address", "receiver_shards")
+    __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_shards")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_RESERVED_FIELD_NUMBER: _ClassVar[int]
-    RECEIVER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_SHARDS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     cached_tokens: int
     num_pages_reserved: int
-    receiver_address: str
     receiver_shards: _containers.RepeatedCompositeFieldContainer[KvShard]
-    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_address: _Optional[str] = ..., receiver_shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., num_pages_reserved: _Optional[int] = ..., receiver_shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ...) -> None: ...
 
 class KvShard(_message.Message):
     __slots__ = ("process", "head_start", "head_end")
@@ -142,7 +138,7 @@ class TensorSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CommitKvTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "first_token_id", "request", "send_back_to", "cache_only", "sources")
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "request", "send_back_to", "cache_only", "sources")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -151,7 +147,6 @@ class CommitKvTransferRequest(_message.Message):
     PULL_UUID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     INSERT_FIELD_NUMBER: _ClassVar[int]
-    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     SEND_BACK_TO_FIELD_NUMBER: _ClassVar[int]
     CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -164,12 +159,11 @@ class CommitKvTransferRequest(_message.Message):
     pull_uuid: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     insert: bool
-    first_token_id: int
     request: InstanceGenerateRequest
     send_back_to: KvTarget
     cache_only: bool
     sources: _containers.RepeatedCompositeFieldContainer[KvSource]
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ...) -> None: ...
 
 class CommitKvTransferResponse(_message.Message):
     __slots__ = ("received_tokens", "inserted_tokens", "received_bytes")

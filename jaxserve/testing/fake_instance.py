@@ -269,12 +269,16 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
                     self._peers[target] = grpc.aio.insecure_channel(target)
                 peer = instance_pb2_grpc.InstanceStub(self._peers[target])
                 prep = await peer.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                    request_id=inner.request_id, token_ids=context_ids, page_size=self.page_size,
-                    source_instance_id=self.instance_id), timeout=context.time_remaining())
+                    request_id=inner.request_id, token_ids=context_ids, page_size=self.page_size),
+                    timeout=context.time_remaining())
                 transferred = len(context_ids) - prep.cached_tokens
+                decode_request = instance_pb2.InstanceGenerateRequest()  # as the real prefill side sends it
+                decode_request.CopyFrom(inner)
+                decode_request.generated_token_ids.append(first)
+                decode_request.max_tokens = max(inner.max_tokens - 1, 1)
                 await peer.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
                     transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=prep.cached_tokens,
-                    num_tokens=transferred, insert=True, first_token_id=first), timeout=context.time_remaining())
+                    num_tokens=transferred, insert=True, request=decode_request), timeout=context.time_remaining())
                 handle = prep.transfer_id
             self.num_generated += 1
             return instance_pb2.PrefillResponse(
@@ -293,13 +297,15 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         transfer_id = uuid.uuid4().hex
         self._pending_kv[transfer_id] = tuple(request.token_ids)
         cached = self._match(request.token_ids)
-        return instance_pb2.PrepareKvTransferResponse(transfer_id=transfer_id, cached_tokens=cached,
-                                                      receiver_address=self.address)
+        return instance_pb2.PrepareKvTransferResponse(transfer_id=transfer_id, cached_tokens=cached)
 
     async def CommitKvTransfer(self, request, context):
         tokens = self._pending_kv.pop(request.transfer_id, None)
         if tokens is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer {request.transfer_id}")
+        if not request.cache_only and not request.HasField("request"):  # as the real decode side answers
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {request.transfer_id}: a transfer "
+                                "to a decode instance carries its request (or is cache_only)")
         if request.insert:
             self.cache.insert(tokens)
         return instance_pb2.CommitKvTransferResponse(received_tokens=request.num_tokens,

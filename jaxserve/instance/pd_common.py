@@ -1,0 +1,171 @@
+"""What the PD sides of an instance share (pd_prefill.py, pd_decode.py, pd_send_back.py): the sink that hands
+engine events to a handler, the request's sampling parameters, the status a failed transfer step answers, and
+`KvPath`: peers, the engine thread, and the transport selection -- one whole block, or per-shard pieces when
+either instance has several processes (or `kv_per_shard`), through `CrossProcessTransport` on a single-process
+instance and through the multi-process channel (jaxserve/engine/multihost.py: `offer`, `receive`) otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Sequence
+
+import grpc
+
+from jaxserve.engine.pd_protocol import Prepared
+from jaxserve.engine.sampling import SamplingParams
+from jaxserve.instance.engine_loop import Sink, default_seed
+from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc
+
+
+class KvFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class QueueSink(Sink):
+    """Hands engine-thread events to the handler's asyncio queue. With `on_finish(tokens)`, also keeps the
+    request's whole token sequence (starting from `context`) and calls it on the event loop when the request
+    finishes normally (PD-Caching-3's send-back)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, context: Sequence[int] | None = None, on_finish=None):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens = list(context) if on_finish is not None else None
+        self.on_finish = on_finish
+
+    def push(self, event: tuple) -> None:
+        if self.tokens is not None:
+            if event[0] == "tokens":
+                self.tokens += event[1]
+            elif event[0] == "finish":
+                self.tokens += event[3]
+                if event[1] != "abort":
+                    with contextlib.suppress(RuntimeError):
+                        self.loop.call_soon_threadsafe(self.on_finish, list(self.tokens))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+
+
+def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingParams:
+    """Engine SamplingParams for an instance request; max_tokens counts the resumed tokens too (the engine
+    counts every output token). ValueError for invalid values."""
+    s = request.sampling
+    seed = s.seed if s.HasField("seed") else default_seed(request.request_id)
+    return SamplingParams(
+        max_tokens=len(request.generated_token_ids) + max(request.max_tokens, 1), temperature=s.temperature,
+        top_k=s.top_k if s.HasField("top_k") else -1, top_p=s.top_p if s.HasField("top_p") else 1.0,
+        seed=seed, stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+
+
+
+def tensor_specs(offer) -> list[instance_pb2.TensorSpec]:
+    """The control message's description of an offered block (`BlockOffer`): one TensorSpec per chunk."""
+    return [instance_pb2.TensorSpec(shape=list(offer.shape), dtype=offer.dtype, num_shards=offer.num_shards)
+            for _ in range(offer.num_chunks)]
+
+
+def kv_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The status a Prefill answers when its decode target failed a transfer step."""
+    code = error.code()
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT):
+        return code
+    return grpc.StatusCode.ABORTED  # deadline, pull failure, cancelled...: the transfer, not this instance
+
+
+class KvPath:
+    """Mixin of `InstanceServer`: what the PD sides share. Needs engine, loop_thread, config, transfer_server,
+    kv_transport, num_processes, _transfer_addresses, _peers, _layout."""
+
+    def _peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        channel = self._peers.get(address)
+        if channel is None:
+            channel = self._peers[address] = grpc.aio.insecure_channel(address)
+        return instance_pb2_grpc.InstanceStub(channel)
+
+    async def _on_engine(self, fn):
+        return await asyncio.wrap_future(self.loop_thread.submit(fn))
+
+    def _per_shard_layout(self, prep, peer: str):
+        """The receiver's layout (`HeadShard`s) when this transfer goes per shard -- either instance has several
+        processes, or config.kv_per_shard -- else None (the whole block moves as one offer)."""
+        shards = list(prep.receiver_shards)
+        if not (self.num_processes > 1 or any(x.process for x in shards) or self.config.kv_per_shard):
+            return None
+        if not shards:
+            raise ValueError(f"{peer} does not describe its KV layout (PrepareKvTransferResponse.receiver_shards: "
+                             "an older version?); per-shard transfers need it")
+        from jaxserve.mempool.transfer import HeadShard
+        return [HeadShard(x.process, x.head_start, x.head_end) for x in shards]
+
+    def _offer_pages(self, pages: Sequence[int], layout) -> tuple[dict, int]:
+        """Engine thread: gather `pages` and park them for the receiver (as one block, or per shard for the
+        receiver `layout`: on a multi-process instance every process offers its own shards). Returns the
+        CommitKvTransferRequest fields describing what was offered and the bytes it moves."""
+        if layout is not None and self.num_processes > 1:
+            from jaxserve.engine import multihost
+            sources, chunks, _, total = multihost.offer(self.engine, self.transfer_server, self._transfer_addresses,
+                                                        pages, layout)
+            offer = self.kv_transport.describe(chunks, self.transfer_server.address, sources=sources, nbytes=total)
+        else:
+            offer = self.kv_transport.offer(self.engine.pool, pages, layout)
+        if not offer.sources:
+            return (dict(source_address=offer.address, pull_uuid=offer.uuid, tensors=tensor_specs(offer)),
+                    offer.nbytes)
+        return (dict(source_address=offer.address, tensors=tensor_specs(offer),
+                     sources=[instance_pb2.KvSource(
+                         receiver_process=x.receiver_process, address=x.address, pull_uuid=x.uuid,
+                         pieces=[instance_pb2.KvPiece(receiver_shard=j, head_start=a, head_end=b)
+                                 for j, a, b in x.pieces]) for x in offer.sources]), offer.nbytes)
+
+    def _receiver_shards(self) -> list[instance_pb2.KvShard]:
+        if self._layout is None:
+            from jaxserve.mempool.transfer import pool_layout
+            self._layout = [instance_pb2.KvShard(process=x.process, head_start=x.start, head_end=x.end)
+                            for x in pool_layout(self.engine.pool)]
+        return self._layout
+
+
+class GrpcPeer:
+    """The other instance of a PD exchange (`jaxserve.engine.pd_protocol.Peer`) over its gRPC API: prepare is
+    PrepareKvTransfer, commit is CommitKvTransfer with the offer's fields plus `commit_fields` (the decode
+    request, or cache_only), abort is Abort. A failed RPC raises KvFailed with the status to answer."""
+
+    def __init__(self, stub, name: str, request_id: str, timeout: float, source_address: str, **commit_fields):
+        self.stub, self.name, self.request_id, self.timeout = stub, name, request_id, timeout
+        self.source_address = source_address
+        self.commit_fields = commit_fields
+        self.nbytes = 0
+        self._tokens, self._page_size = 0, 0
+
+    async def prepare(self, request_id: str, tokens: Sequence[int], page_size: int) -> Prepared:
+        self._tokens, self._page_size = len(tokens), page_size
+        try:
+            prep = await self.stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
+                request_id=request_id, token_ids=tokens, page_size=page_size), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at PrepareKvTransfer: "
+                                       f"{e.code().name}: {e.details()}") from None
+        return Prepared(prep.transfer_id, prep.cached_tokens, prep)
+
+    async def commit(self, prepared: Prepared, start_page: int, offer) -> int:
+        """offer: (CommitKvTransferRequest fields, bytes) from `KvPath._offer_pages`, or None (nothing sent)."""
+        fields, self.nbytes = offer if offer is not None else (dict(source_address=self.source_address), 0)
+        ps = self._page_size
+        try:
+            commit = await self.stub.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                transfer_id=prepared.transfer_id, request_id=self.request_id, start_token=start_page * ps,
+                num_tokens=self._tokens - start_page * ps, **fields, **self.commit_fields),
+                timeout=self.timeout + 5.0)
+        except grpc.aio.AioRpcError as e:
+            raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at CommitKvTransfer: "
+                                       f"{e.code().name}: {e.details()}") from None
+        return commit.received_tokens
+
+    async def abort(self, request_id: str) -> None:
+        """Best effort: free the target's reservation now rather than at its deadline."""
+        await asyncio.shield(self.stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=2.0))
+

@@ -1,0 +1,205 @@
+"""Decode side of the PD protocol (role decode; a PD-Caching-3 prefill instance serves Prepare / Commit too, for
+the decode-phase KV sent back to it): every transfer is a `KvReceiver` reservation moving prepared -> pulling
+-> filled -> committed (or failed / cancelled, its pages freed, nothing indexed).
+
+    PrepareKvTransfer   engine thread: reference the cached prefix (caching2/3), reserve the rest
+    CommitKvTransfer    pull the offered block (a worker thread; on a multi-process instance every process
+                        pulls its own pieces on the engine thread), then on the engine thread write it, index it
+                        (transfer_with_insert) and admit the request (`add_prefilled`): it decodes at once and
+                        its tokens wait for the Decode call naming the transfer
+    Decode              stream the tokens of a committed transfer's request
+
+Deadlines: the reaper frees a reservation never committed (the prefill side died) and aborts a committed
+request no Decode call claimed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+
+from jaxserve.instance.pd_common import QueueSink, sampling_params
+from jaxserve.proto.v1 import common_pb2, instance_pb2
+
+log = logging.getLogger("jaxserve.instance")
+
+
+class DecodeSide:
+    """Mixin of `InstanceServer` (with `KvPath` and `SendBack`)."""
+
+    async def PrepareKvTransfer(self, request, context):
+        """Role decode: reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
+        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context, send_back=True)
+        ps = self.engine.pool.page_size
+        try:
+            r = await self._on_engine(lambda: self.kv_receiver.prepare(
+                request.request_id, request.token_ids, request.page_size, self.config.kv_transfer_timeout_s))
+        except MemoryError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"instance {self.instance_id}: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+        return instance_pb2.PrepareKvTransferResponse(
+            transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
+            receiver_shards=self._receiver_shards())
+
+    async def CommitKvTransfer(self, request, context):
+        """Role decode: pull the block, write and index it, admit the request (if given): it starts decoding
+        at once and its tokens wait for the Decode call naming this transfer."""
+        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
+        tid = request.transfer_id
+        if self.role == common_pb2.ROLE_PREFILL and not (request.cache_only and request.insert):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id} (prefill) only "
+                                "takes KV for its prefix cache: cache_only and insert must be set")
+        if request.cache_only and request.HasField("request"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a cache_only transfer admits no request")
+        ps = self.engine.pool.page_size
+        committed = False
+        try:
+            try:
+                r = await self._on_engine(lambda: self.kv_receiver.get(tid))
+            except KeyError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+            if request.start_token != r.start_page * ps or request.num_tokens != len(r.tokens) - r.start_page * ps:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"transfer {tid} sends tokens [{request.start_token}, "
+                                    f"{request.start_token + request.num_tokens}) but "
+                                    f"[{r.start_page * ps}, {len(r.tokens)}) were reserved")
+            if not request.cache_only and not request.HasField("request"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {tid}: a transfer to a decode "
+                                    "instance carries its request (or is cache_only)")
+            from jaxserve.mempool import transfer as tr
+            try:
+                self.kv_receiver.begin(tid)  # prepared -> pulling (touches no pool state)
+            except (KeyError, tr.IllegalTransition) as e:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance {self.instance_id}: {e}")
+            block, nbytes, write = None, 0, None
+            timeout = self.config.kv_transfer_timeout_s
+            if r.new_pages:
+                if not request.tensors:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {tid}: no tensor described")
+                spec = request.tensors[0]
+                if any(t.shape != spec.shape or t.dtype != spec.dtype or t.num_shards != spec.num_shards
+                       for t in request.tensors):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"transfer {tid}: the tensors (chunks) of a block must have one shape")
+                shape, k = list(spec.shape), len(request.tensors)
+                sources = [tr.ShardSource(x.receiver_process, x.address, x.pull_uuid,
+                                          tuple((p.receiver_shard, p.head_start, p.head_end) for p in x.pieces))
+                           for x in request.sources]
+                if not sources and self.num_processes > 1:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"instance {self.instance_id} has {self.num_processes} processes: it takes "
+                                        "per-shard KV transfers only (CommitKvTransferRequest.sources)")
+                if sources and self.num_processes > 1:
+                    # Every process pulls its own pieces and writes them, on the engine thread (in order with the
+                    # steps, which wait meanwhile): see multihost.receive.
+                    from jaxserve.engine import multihost
+                    nbytes = tr.shard_bytes(sources, shape, spec.dtype, k)
+                    write = functools.partial(multihost.receive, self.engine, self.transfer_server, sources, shape,
+                                              spec.dtype, k, timeout=timeout)
+                else:
+                    offer = tr.BlockOffer(request.source_address, request.pull_uuid, tuple(shape), spec.dtype,
+                                          spec.num_shards, k, sources)
+                    pull = functools.partial(self.kv_transport.fetch, self.engine.pool, offer, timeout)
+                    try:
+                        block = await asyncio.get_running_loop().run_in_executor(self._pulls, pull)
+                    except tr.TransferError as e:
+                        await context.abort(grpc.StatusCode.ABORTED,
+                                            f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+                    nbytes = sum(int(x.nbytes) for x in block)
+            sink = None
+            if request.HasField("request"):
+                inner = request.request
+                on_finish = None
+                if self.send_back and request.HasField("send_back_to") and request.send_back_to.address:
+                    target, rid = request.send_back_to, inner.request_id
+                    on_finish = lambda tokens: self._start_send_back(rid, tokens, target)  # noqa: E731
+                sink = QueueSink(asyncio.get_running_loop(),
+                                  list(inner.prompt_token_ids) + list(inner.generated_token_ids), on_finish)
+            internal_id = f"{request.request_id}#{next(self._ids)}"
+            arrival = time.perf_counter()
+
+            def finish():  # engine thread
+                self.kv_receiver.fill(tid, block, self.kv_transport, write=write)
+                got = self.kv_receiver.commit(tid, nbytes)
+                if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
+                    self.engine.pool.free(self.kv_receiver.take(tid).pages)
+                elif sink is not None:
+                    self._admit(self.kv_receiver.take(tid), request.request, sink, internal_id, arrival)
+                return got
+
+            try:
+                r = await self._on_engine(self.loop_thread.guarded(finish, timeout))
+            except KeyError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+            except tr.TransferError as e:
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+            except Exception as e:  # noqa: BLE001 - a clear error, pages freed below
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"instance {self.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
+            committed = True
+            if sink is not None:
+                self._awaiting_decode[tid] = (internal_id, sink, time.monotonic() + self.config.kv_transfer_timeout_s)
+            return instance_pb2.CommitKvTransferResponse(
+                received_tokens=len(r.tokens) - r.start_page * ps,
+                inserted_tokens=len(r.tokens) // ps * ps if r.insert else 0, received_bytes=nbytes)
+        finally:
+            if not committed:  # failed, refused or cancelled: nothing half-received stays
+                self.loop_thread.submit(lambda: self.kv_receiver.cancel(tid))
+
+    def _admit(self, r, inner, sink: "QueueSink", internal_id: str, arrival: float) -> None:
+        """Engine thread: admit a request whose KV a committed reservation holds; frees the pages on failure."""
+        try:
+            params = sampling_params(inner)
+            prompt, generated = list(inner.prompt_token_ids), list(inner.generated_token_ids)
+            if not generated or prompt + generated[:-1] != r.tokens:
+                raise ValueError("the request's context does not match the transferred tokens")
+            ps = self.engine.pool.page_size
+            self.loop_thread.add_prefilled(internal_id, inner.request_id, prompt, generated, params, r.pages,
+                                           num_computed=len(r.tokens),
+                                           num_indexed_pages=len(r.tokens) // ps if r.insert else 0,
+                                           sink=sink, arrival=arrival, num_resumed=len(generated))
+        except BaseException:
+            self.engine.pool.free(r.pages)
+            raise
+
+    async def Decode(self, request, context):
+        """Role decode: stream the tokens of a request whose KV arrived with transfer `kv_handle`."""
+        await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
+        tid = request.kv_handle
+        entry = self._awaiting_decode.pop(tid, None)
+        if entry is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"instance {self.instance_id}: no KV for handle {tid!r} (never committed, aborted, "
+                                f"or not claimed within {self.config.kv_transfer_timeout_s:g} s)")
+        internal_id, sink, _ = entry
+        async for response in self._pump(sink, internal_id, context):
+            yield response
+
+    async def _reap(self) -> None:
+        """Decode side: free reservations never committed and abort received requests never claimed."""
+        while True:
+            await asyncio.sleep(min(0.5, self.config.kv_transfer_timeout_s / 4))
+            now = time.monotonic()
+            try:
+                expired = await self._on_engine(lambda: [
+                    (r.transfer_id, r.request_id) for r in self.kv_receiver.expired(now)
+                    if self.kv_receiver.cancel(r.transfer_id)])
+            except Exception:  # noqa: BLE001 - the engine loop is stopping
+                return
+            for tid, rid in expired:
+                log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
+                            tid, rid, self.config.kv_transfer_timeout_s)
+            for tid, (internal_id, sink, deadline) in list(self._awaiting_decode.items()):
+                if deadline < now:
+                    self._awaiting_decode.pop(tid, None)
+                    self.kv_receiver.counters["kv_transfer_failures"] += 1
+                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", internal_id,
+                                tid, self.config.kv_transfer_timeout_s)
+                    self.loop_thread.abort(internal_id)

@@ -1,0 +1,121 @@
+"""Prefill side of the PD protocol (role prefill, any PD mode): prefill with `prefill_only`, sample the first
+token, then move the KV the decode target lacks:
+
+The steps are `jaxserve.engine.pd_protocol.send_kv` (the in-process DisaggregatedPair runs them too), with
+D reached through `GrpcPeer`:
+
+    PrepareKvTransfer(context) on D  ->  D references what it caches and reserves the rest (transfer id)
+    engine thread: one gather of the missing pages, offered on this process's transfer server (per shard for
+                   multi-process instances)
+    CommitKvTransfer(offer, the decode request) on D  ->  D pulls, writes, indexes, admits
+    release this side's pages (from caching1 on, the index keeps the whole ones)
+
+A failed step answers the status of `kv_code` and asks D to Abort (best effort: D frees its reservation at
+its deadline anyway)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from jaxserve.engine.pd_protocol import ProtocolError, send_kv
+from jaxserve.instance.pd_common import GrpcPeer, KvFailed, QueueSink, sampling_params
+from jaxserve.proto.enums import FINISH_REASON_CODES
+from jaxserve.proto.v1 import common_pb2, instance_pb2
+
+log = logging.getLogger("jaxserve.instance")
+
+
+class PrefillSide:
+    """Mixin of `InstanceServer` (with `KvPath`)."""
+
+    async def Prefill(self, request, context):
+        """Role prefill: prefill (prefill_only), sample the first token, send the KV the decode target lacks,
+        release the pages (the index keeps the full ones from caching1 on), answer."""
+        await self._require_role(common_pb2.ROLE_PREFILL, "Prefill", context)
+        arrival = time.perf_counter()
+        inner = request.request
+        try:
+            params = sampling_params(inner)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        sink = QueueSink(asyncio.get_running_loop())
+        internal_id = f"{inner.request_id}#{next(self._ids)}"
+        self.loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids,
+                             params, sink, arrival, prefill_only=True)
+        try:
+            event = await sink.queue.get()
+            if event[0] == "error":
+                await context.abort(event[1], f"instance {self.instance_id}: {event[2]}")
+            if event[0] == "finish":  # the first token ends the request: nothing to send
+                _, reason, usage, last = event
+                return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
+                                                     finish_reason=FINISH_REASON_CODES[reason],
+                                                     usage=common_pb2.InstanceUsage(**usage))
+            assert event[0] == "prefilled", event
+            _, first, usage = event
+            if not request.decode_target.address:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Prefill needs decode_target.address")
+            try:
+                tid, sent_tokens, sent_bytes = await self._send_kv(internal_id, inner, first,
+                                                                   request.decode_target, context)
+            except KvFailed as e:
+                self.kv_counters["kv_transfer_failures"] += 1
+                log.warning("request %s: %s", inner.request_id, e.message)
+                await context.abort(e.code, f"instance {self.instance_id}: {e.message}")
+            self.kv_counters["kv_sent_tokens"] += sent_tokens
+            self.kv_counters["kv_sent_bytes"] += sent_bytes
+            self.kv_counters["kv_transfers"] += 1
+            return instance_pb2.PrefillResponse(first_token_id=first, usage=common_pb2.InstanceUsage(**usage),
+                                                transferred_tokens=sent_tokens, kv_handle=tid,
+                                                transferred_bytes=sent_bytes)
+        finally:
+            # Sent, failed or cancelled: the prefill side's pages go (the block on its way is a copy).
+            # Unknown ids (finished, failed) are a no-op.
+            self.loop_thread.abort(internal_id)
+
+    def _offer(self, internal_id: str, start_page: int, layout):
+        """Engine thread: gather the held pages from start_page on and park them on the transfer server(s)."""
+        return self._offer_pages(self.loop_thread.held_pages(internal_id)[start_page:], layout)
+
+    async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
+        """`pd_protocol.send_kv` to the decode target: prepare there, offer the missing pages, commit with the
+        decode request. (transfer id, tokens, bytes) sent; KvFailed with the status to answer otherwise (the
+        decode side frees its reservation on its own)."""
+        ps = self.engine.pool.page_size
+        ctx = list(inner.prompt_token_ids) + list(inner.generated_token_ids)
+        timeout = self.config.kv_transfer_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(min(timeout, remaining), 0.1)
+        name = f"decode instance {target.instance_id or target.address}"
+        decode_request = instance_pb2.InstanceGenerateRequest()
+        decode_request.CopyFrom(inner)
+        decode_request.generated_token_ids.append(first)
+        decode_request.max_tokens = max(inner.max_tokens - 1, 1)
+        peer = GrpcPeer(self._peer(target.address), name, inner.request_id, timeout, self.transfer_server.address,
+                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request,
+                        send_back_to=instance_pb2.KvTarget(instance_id=self.instance_id, address=self.address)
+                        if self.send_back else None)
+
+        async def offer(start: int, prepared):  # engine thread: one gather of the held pages from start on
+            try:
+                layout = self._per_shard_layout(prepared.answer, name)
+            except ValueError as e:
+                raise KvFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            return await self._on_engine(self.loop_thread.guarded(
+                lambda: self._offer(internal_id, start, layout), self.config.kv_transfer_timeout_s))
+
+        try:
+            sent = await send_kv(peer, inner.request_id, ctx, ps, offer)
+        except KvFailed:
+            raise
+        except ProtocolError as e:
+            raise KvFailed(grpc.StatusCode.INTERNAL, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - broken: a process of this instance
+            raise KvFailed(grpc.StatusCode.UNAVAILABLE if self.loop_thread.broken else grpc.StatusCode.INTERNAL,
+                           f"KV transfer to {name} failed: {type(e).__name__}: {e}") from None
+        return sent.prepared.transfer_id, sent.received, peer.nbytes

@@ -1,0 +1,74 @@
+"""PD-Caching-3 send-back (decode side): when a request finishes, the whole pages of its computed context that
+the prefill instance lacks (its decode phase) go back with transfer_with_insert semantics -- PrepareKvTransfer
+there, one gather + offer here, CommitKvTransfer(cache_only) there: `pd_protocol.send_kv` in the other
+direction, as the in-process DisaggregatedPair runs it -- so the next turn's prefill reuses them.
+An optimisation only: a failure is logged and counted, never surfaced to the (finished) request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from jaxserve.engine.pd_protocol import send_kv
+from jaxserve.instance.pd_common import GrpcPeer, KvFailed
+
+log = logging.getLogger("jaxserve.instance")
+
+
+class SendBack:
+    """Mixin of `InstanceServer` (with `KvPath`)."""
+
+    def _start_send_back(self, request_id: str, tokens: list[int], target) -> None:
+        """Event loop, at a decode request's finish: send its decode-phase KV back in the background."""
+        if self._stopped:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_back_kv(request_id, tokens, target))
+        self._send_backs.add(task)
+        task.add_done_callback(self._send_backs.discard)
+
+    async def _send_back_kv(self, request_id: str, tokens: list[int], target) -> None:
+        """Decode side, caching3: the whole pages of the finished request's computed context (every token but
+        the last sampled one) that the prefill instance lacks go to it with transfer_with_insert semantics:
+        PrepareKvTransfer there (it references what it holds and reserves the rest), one gather + offer here,
+        CommitKvTransfer(cache_only) there (pull, scatter, index, release). An optimisation only: a failure is
+        logged and counted, never surfaced to the (finished) request."""
+        ps = self.engine.pool.page_size
+        seq = tokens[:(len(tokens) - 1) // ps * ps]
+        if not seq:
+            return
+        name = f"prefill instance {target.instance_id or target.address}"
+        timeout = self.config.kv_transfer_timeout_s
+        pool = self.engine.pool
+        # Reference what this side still holds of it (normally all of it: the decode side indexes its KV).
+        n, pages = await self._on_engine(lambda: pool.match(seq))
+        if n < ps:
+            await self._on_engine(lambda: pool.free(pages))
+            return
+        seq = seq[:n]
+        peer = GrpcPeer(self._peer(target.address), name, request_id, timeout, self.transfer_server.address,
+                        insert=True, cache_only=True)
+        offered = []
+
+        async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
+            layout = self._per_shard_layout(prepared.answer, name)
+            got = await self._on_engine(self.loop_thread.guarded(
+                lambda: self._offer_pages(pages[start:], layout), timeout))
+            offered.append(True)
+            return got
+
+        try:
+            sent = await send_kv(peer, request_id, seq, ps, offer)
+            self.kv_counters["kv_sent_back_tokens"] += len(seq) - sent.start_page * ps
+            self.kv_counters["kv_sent_back_bytes"] += peer.nbytes
+        except BaseException as e:
+            self.kv_counters["kv_send_back_failures"] += 1
+            if isinstance(e, Exception):
+                log.warning("request %s: sending the decode-phase KV back to %s failed (offered: %s): %s",
+                            request_id, name, bool(offered), e.message if isinstance(e, KvFailed) else
+                            f"{type(e).__name__}: {e}")
+            else:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._on_engine(lambda: pool.free(pages)))

@@ -1,0 +1,104 @@
+"""This process's `jax.experimental.transfer` server, and pulls with a deadline.
+
+The sender parks arrays on its server (`offer`, i.e. `await_pull`) under a fresh uuid; the receiver, told the
+uuid, the sender's address and the arrays' shapes over some control plane (protobuf in the instance gRPC API),
+`pull`s them straight into its own devices. The KV never crosses the control plane, and nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import threading
+import time
+
+import jax
+
+from jaxserve.mempool.transfer.ops import OpCounts, _count
+from jaxserve.mempool.transfer.state import TransferError
+
+
+class TransferServer:
+    """This process's `jax.experimental.transfer` server plus a cache of connections to peers."""
+
+    _uuids = itertools.count(int(time.time() * 1000) % 10**9 * 1000)
+    _uuid_lock = threading.Lock()
+
+    def __init__(self, client=None, address: str = "127.0.0.1:0"):
+        from jax.experimental import transfer as jtransfer
+        client = client if client is not None else jax.local_devices()[0].client
+        host = address.rsplit(":", 1)[0]
+        self._server = jtransfer.start_transfer_server(client, address, [f"{host}:0"])
+        self._conns: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self._server.address()
+
+    def next_uuid(self) -> int:
+        with self._uuid_lock:
+            return next(self._uuids)
+
+    def reserve_uuids(self, n: int) -> int:
+        """The first of n consecutive fresh uuids (one per receiver process of a per-shard transfer)."""
+        with self._uuid_lock:
+            first = next(self._uuids)
+            for _ in range(max(int(n), 1) - 1):
+                next(self._uuids)
+        return first
+
+    def offer(self, uuid: int, arrays: list[jax.Array]) -> None:
+        self._server.await_pull(uuid, arrays)
+
+    def pull(self, address: str, uuid: int, specs: list[jax.ShapeDtypeStruct],
+             timeout: float | None = None, counts: OpCounts | None = None) -> list[jax.Array]:
+        with self._lock:
+            conn = self._conns.get(address)
+            if conn is None:
+                conn = self._conns[address] = self._server.connect(address)
+        _count(counts, "pull")
+        if timeout is None:
+            return conn.pull(uuid, specs)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        return conn.pull(uuid, specs, timeout=deadline)
+
+
+def wait_ready(x, timeout: float | None) -> None:
+    """`block_until_ready` with a deadline. On CPU with jax 0.10.2 the pull's own `timeout` does not fire when
+    the sender never offers the transfer id (the array just never becomes ready), so the wait happens on a
+    helper thread; after a timeout that thread and the unfilled buffer are abandoned (never scattered)."""
+    if timeout is None:
+        jax.block_until_ready(x)
+        return
+    err: list[BaseException] = []
+    done = threading.Event()
+
+    def wait():
+        try:
+            jax.block_until_ready(x)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            err.append(e)
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    if not done.wait(timeout):
+        raise TransferError(f"pull did not complete within {timeout:.1f}s")
+    if err:
+        raise TransferError(f"pull failed: {err[0]}") from err[0]
+
+
+
+
+def pull_checked(server: TransferServer, address: str, uuid: int, specs: list[jax.ShapeDtypeStruct],
+                 timeout: float | None, counts: OpCounts | None = None) -> list[jax.Array]:
+    """Pulls and waits for the arrays (TransferError on any failure or after `timeout` seconds): nothing
+    reaches the caller half received."""
+    try:
+        block = list(server.pull(address, int(uuid), specs, timeout=timeout, counts=counts))
+    except TransferError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection refused, bad id...: one error type for callers
+        raise TransferError(f"pull from {address} failed: {type(e).__name__}: {e}") from e
+    wait_ready(block, timeout)  # raises on failure or timeout, before anything is written
+    return block
