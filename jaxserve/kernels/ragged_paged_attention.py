@@ -127,6 +127,15 @@ def dot_nn(a, b, precision):
                            preferred_element_type=jnp.float32)
 
 
+def kernel_geometry(q, kv_pages):
+    """(tokens, q heads, head dim, pages, page size, kv heads, GQA group, group padded to a power of two)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, combined, _ = kv_pages.shape
+    num_kv_heads = combined // 2
+    group = num_q_heads // num_kv_heads
+    return num_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, group, next_pow2(group)
+
+
 def whole(shape):
     """BlockSpec of a whole array (kept in global memory and indexed inside the kernel on GPU)."""
     return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
@@ -348,11 +357,8 @@ def _gpu_kernel(meta_ref, pt_ref, q_ref, kv_ref, o_ref, *lse_refs, group_pad, pa
 def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
                 soft_cap, return_lse, interpret, block_q, pages_per_block, num_warps, num_stages,
                 out_dtype=None):
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, combined, _ = kv_pages.shape
-    num_kv_heads = combined // 2
-    group = num_q_heads // num_kv_heads
-    group_pad = next_pow2(group)
+    num_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, group, group_pad = \
+        kernel_geometry(q, kv_pages)
     if block_q is None:
         block_q = max(1, 64 // group_pad)
     block_q = next_pow2(block_q)

@@ -12,7 +12,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.kernels.ragged_paged_attention import (_NUM_LANES, MASK_VALUE, _kv_block_ranges, _page_table, _q_tiles,
-                                                     _tile_plan, _untile, cdiv, dot_nn, dot_nt, dot_precision)
+                                                     _tile_plan, _untile, cdiv, dot_nn, dot_nt, dot_precision,
+                                                     kernel_geometry)
 from jaxserve.util import next_pow2
 
 
@@ -89,11 +90,8 @@ def _tpu_kernel(seq_ref, qpos_ref, kvlen_ref, lo_ref, hi_ref, last_page_ref, pt_
 def ragged_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
                 soft_cap, return_lse, interpret, block_q, pages_per_block, kv_heads_per_block,
                 out_dtype=None):
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, combined, _ = kv_pages.shape
-    num_kv_heads = combined // 2
-    group = num_q_heads // num_kv_heads
-    group_pad = next_pow2(group)
+    num_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, group, group_pad = \
+        kernel_geometry(q, kv_pages)
     if block_q is None:
         block_q = max(1, 128 // group_pad)
     # rows = block_q * Gp should fill whole sublane tiles (8 rows f32, 16 bf16)

@@ -61,14 +61,17 @@ class PromptTree:
         return set(self._held_tokens)
 
     # ------------------------------------------------------------------------------------------- updates
+    def _whole_pages(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        """token_ids without a trailing partial page."""
+        return tuple(token_ids[:len(token_ids) // self.page_size * self.page_size])
+
     def insert(self, instance_id: str, token_ids: Sequence[int]) -> int:
         """The instance holds every page of token_ids (a trailing partial page is ignored); returns the
         tokens it newly holds."""
-        ps = self.page_size
-        n = len(token_ids) // ps * ps
+        ps, tokens = self.page_size, self._whole_pages(token_ids)
+        n = len(tokens)
         if n == 0:
             return 0
-        tokens = tuple(token_ids[:n])
         gained = 0
         node, pos = self._root, 0
         while pos < n:
@@ -97,11 +100,10 @@ class PromptTree:
     def evict(self, instance_id: str, token_ids: Sequence[int]) -> int:
         """The instance dropped the last page of token_ids and everything extending it; returns the tokens
         it no longer holds."""
-        ps = self.page_size
-        n = len(token_ids) // ps * ps
+        ps, tokens = self.page_size, self._whole_pages(token_ids)
+        n = len(tokens)
         if n == 0:
             return 0
-        tokens = tuple(token_ids[:n])
         start = n - ps  # the evicted page begins here
         node, pos = self._root, 0
         while True:
