@@ -9,8 +9,10 @@ the decode-phase KV sent back to it): every transfer is a `KvReceiver` reservati
                         its tokens wait for the Decode call naming the transfer
     Decode              stream the tokens of a committed transfer's request
 
-Deadlines: the reaper frees a reservation never committed (the prefill side died) and aborts a committed
-request no Decode call claimed."""
+One table, the receiver's: a transfer is one `Reservation` from PrepareKvTransfer until its Decode call
+claims it (`KvReceiver.hand_over` / `claim`; the claim is the one access from the event loop, under the
+receiver's lock). Deadlines: the reaper frees a reservation never committed (the prefill side died) and aborts
+a committed request no Decode call claimed."""
 
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ class DecodeSide:
         self.engine, self.loop_thread, self.config = kv.engine, kv.loop_thread, kv.config
         self.num_processes = kv.num_processes
         self.receiver = KvReceiver(self.engine.pool)
-        # transfer id -> (internal id, sink, deadline): admitted at commit, waiting for its Decode call
-        self._awaiting_decode: dict[str, tuple[str, QueueSink, float]] = {}
+        # The one table of this side's transfers, prepare to Decode call: a committed transfer's request is
+        # admitted at commit and its reservation, handed over, holds the sink its Decode call claims.
         self._reaper: asyncio.Task | None = None
         self._pulls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
 
@@ -78,12 +80,7 @@ class DecodeSide:
 
     async def abort(self, request_id: str) -> bool:
         """Abort's decode part: free a reservation whose prefill gave up, forget a received request."""
-        found = await self.kv.on_engine(lambda: self.receiver.cancel_request(request_id))
-        for tid, (internal_id, sink, _) in list(self._awaiting_decode.items()):
-            if internal_id.rsplit("#", 1)[0] == request_id:
-                self._awaiting_decode.pop(tid, None)
-                found = True
-        return found
+        return await self.kv.on_engine(lambda: self.receiver.cancel_request(request_id))
 
     async def stats(self) -> tuple[int, int]:
         """(transfers pending or waiting for their Decode call, pages reserved)."""
@@ -91,7 +88,7 @@ class DecodeSide:
         with contextlib.suppress(Exception):
             pending, held = await self.kv.on_engine(
                 lambda: (len(self.receiver.pending), self.receiver.held_pages()))
-        return pending + len(self._awaiting_decode), held
+        return pending, held
 
     async def commit(self, request, context):
         """Pull the block, write and index it, admit the request (if given): it starts decoding at once and its
@@ -174,8 +171,13 @@ class DecodeSide:
                 got = self.receiver.commit(tid, nbytes)
                 if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
                     self.engine.pool.free(self.receiver.take(tid).pages)
-                elif sink is not None:
-                    self._admit(self.receiver.take(tid), request.request, sink, internal_id, arrival)
+                elif sink is not None:  # the entry stays, with the sink, until its Decode call claims it
+                    r = self.receiver.hand_over(tid, internal_id, sink, self.config.kv_transfer_timeout_s)
+                    try:
+                        self._admit(r, request.request, sink, internal_id, arrival)
+                    except BaseException:
+                        self.receiver.claim(tid)  # nothing to claim: the pages are freed
+                        raise
                 return got
 
             try:
@@ -191,8 +193,6 @@ class DecodeSide:
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"instance {self.identity.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
             committed = True
-            if sink is not None:
-                self._awaiting_decode[tid] = (internal_id, sink, time.monotonic() + self.config.kv_transfer_timeout_s)
             return instance_pb2.CommitKvTransferResponse(
                 received_tokens=len(r.tokens) - r.start_page * ps,
                 inserted_tokens=len(r.tokens) // ps * ps if r.insert else 0, received_bytes=nbytes)
@@ -219,13 +219,12 @@ class DecodeSide:
     async def decode(self, request, context):
         """Stream the tokens of a request whose KV arrived with transfer `kv_handle`."""
         tid = request.kv_handle
-        entry = self._awaiting_decode.pop(tid, None)
-        if entry is None:
+        r = self.receiver.claim(tid)  # the receiver's table is locked for this event-loop call
+        if r is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"instance {self.identity.instance_id}: no KV for handle {tid!r} (never committed, aborted, "
                                 f"or not claimed within {self.config.kv_transfer_timeout_s:g} s)")
-        internal_id, sink, _ = entry
-        async for response in pump(sink, internal_id, context, self.loop_thread, self.identity):
+        async for response in pump(r.waiter, r.internal_id, context, self.loop_thread, self.identity):
             yield response
 
     async def _reap(self) -> None:
@@ -235,17 +234,14 @@ class DecodeSide:
             now = time.monotonic()
             try:
                 expired = await self.kv.on_engine(lambda: [
-                    (r.transfer_id, r.request_id) for r in self.receiver.expired(now)
-                    if self.receiver.cancel(r.transfer_id)])
+                    r for r in self.receiver.expired(now) if self.receiver.cancel(r.transfer_id)])
             except Exception:  # noqa: BLE001 - the engine loop is stopping
                 return
-            for tid, rid in expired:
-                log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
-                            tid, rid, self.config.kv_transfer_timeout_s)
-            for tid, (internal_id, sink, deadline) in list(self._awaiting_decode.items()):
-                if deadline < now:
-                    self._awaiting_decode.pop(tid, None)
-                    self.receiver.counters["kv_transfer_failures"] += 1
-                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", internal_id,
-                                tid, self.config.kv_transfer_timeout_s)
-                    self.loop_thread.abort(internal_id)
+            for r in expired:
+                if r.handed_over:  # committed and admitted, but no Decode call claimed it
+                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", r.internal_id,
+                                r.transfer_id, self.config.kv_transfer_timeout_s)
+                    self.loop_thread.abort(r.internal_id)
+                else:
+                    log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
+                                r.transfer_id, r.request_id, self.config.kv_transfer_timeout_s)
