@@ -1,6 +1,7 @@
 """What the PD sides of an instance share (pd_prefill.py, pd_decode.py, pd_send_back.py): the sink that hands
 engine events to a handler, the request's sampling parameters, the status a failed transfer step answers, and
-`pump` (a request's sink as InstanceGenerateResponses), `KvPath`: peers, the engine thread, and the transport selection -- one whole block, or per-shard pieces when
+`pump` (a request's sink as InstanceGenerateResponses), `KvPath`: peers, the engine thread, and the transport
+selection -- one whole block, or per-shard pieces when
 either instance has several processes (or `kv_per_shard`), through `CrossProcessTransport` on a single-process
 instance and through the multi-process channel (jaxserve/engine/multihost.py: `offer`, `receive`) otherwise."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
@@ -62,6 +63,22 @@ def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingPa
         top_k=s.top_k if s.HasField("top_k") else -1, top_p=s.top_p if s.HasField("top_p") else 1.0,
         seed=seed, stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
+
+
+async def add_request(loop_thread, ids: Iterator[int], inner: instance_pb2.InstanceGenerateRequest, context,
+                      arrival: float, **kwargs) -> tuple[str, QueueSink]:
+    """Start `inner` on the engine (`EngineLoop.add`, with kwargs): its internal id and the sink its events
+    arrive on. Invalid sampling parameters end the call with INVALID_ARGUMENT."""
+    try:
+        params = sampling_params(inner)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    sink = QueueSink(asyncio.get_running_loop())
+    # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
+    internal_id = f"{inner.request_id}#{next(ids)}"
+    loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids, params, sink,
+                    arrival, **kwargs)
+    return internal_id, sink
 
 
 def tensor_specs(offer) -> list[instance_pb2.TensorSpec]:

@@ -64,6 +64,10 @@ class DecodeSide:
             self._reaper = None
         self._pulls.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def me(self) -> str:
+        return f"instance {self.identity.instance_id}"
+
     async def prepare(self, request, context):
         """Reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
         ps = self.engine.pool.page_size
@@ -71,9 +75,9 @@ class DecodeSide:
             r = await self.kv.on_engine(lambda: self.receiver.prepare(
                 request.request_id, request.token_ids, request.page_size, self.config.kv_transfer_timeout_s))
         except MemoryError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"instance {self.identity.instance_id}: {e}")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.me}: {e}")
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.identity.instance_id}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me}: {e}")
         return instance_pb2.PrepareKvTransferResponse(
             transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
             receiver_shards=self.kv.receiver_shards())
@@ -95,7 +99,7 @@ class DecodeSide:
         tokens wait for the Decode call naming this transfer."""
         tid = request.transfer_id
         if self.cache_only and not (request.cache_only and request.insert):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.identity.instance_id} (prefill) only "
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me} (prefill) only "
                                 "takes KV for its prefix cache: cache_only and insert must be set")
         if request.cache_only and request.HasField("request"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a cache_only transfer admits no request")
@@ -105,7 +109,7 @@ class DecodeSide:
             try:
                 r = await self.kv.on_engine(lambda: self.receiver.get(tid))
             except KeyError as e:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.identity.instance_id}: {e.args[0]}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{self.me}: {e.args[0]}")
             if request.start_token != r.start_page * ps or request.num_tokens != len(r.tokens) - r.start_page * ps:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"transfer {tid} sends tokens [{request.start_token}, "
@@ -118,7 +122,7 @@ class DecodeSide:
             try:
                 self.receiver.begin(tid)  # prepared -> pulling (touches no pool state)
             except (KeyError, tr.IllegalTransition) as e:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance {self.identity.instance_id}: {e}")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.me}: {e}")
             block, nbytes, write = None, 0, None
             timeout = self.config.kv_transfer_timeout_s
             if r.new_pages:
@@ -135,7 +139,7 @@ class DecodeSide:
                            for x in request.sources]
                 if not sources and self.num_processes > 1:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"instance {self.identity.instance_id} has {self.num_processes} processes: it takes "
+                                        f"{self.me} has {self.num_processes} processes: it takes "
                                         "per-shard KV transfers only (CommitKvTransferRequest.sources)")
                 if sources and self.num_processes > 1:
                     # Every process pulls its own pieces and writes them, on the engine thread (in order with the
@@ -152,7 +156,7 @@ class DecodeSide:
                         block = await asyncio.get_running_loop().run_in_executor(self._pulls, pull)
                     except tr.TransferError as e:
                         await context.abort(grpc.StatusCode.ABORTED,
-                                            f"instance {self.identity.instance_id}: KV pull for transfer {tid} failed: {e}")
+                                            f"{self.me}: KV pull for transfer {tid} failed: {e}")
                     nbytes = sum(int(x.nbytes) for x in block)
             sink = None
             if request.HasField("request"):
@@ -183,15 +187,15 @@ class DecodeSide:
             try:
                 r = await self.kv.on_engine(self.loop_thread.guarded(finish, timeout))
             except KeyError as e:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.identity.instance_id}: {e.args[0]}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{self.me}: {e.args[0]}")
             except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.identity.instance_id}: {e}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me}: {e}")
             except tr.TransferError as e:
                 await context.abort(grpc.StatusCode.ABORTED,
-                                    f"instance {self.identity.instance_id}: KV pull for transfer {tid} failed: {e}")
+                                    f"{self.me}: KV pull for transfer {tid} failed: {e}")
             except Exception as e:  # noqa: BLE001 - a clear error, pages freed below
                 await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"instance {self.identity.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
+                                    f"{self.me}: commit of {tid} failed: {type(e).__name__}: {e}")
             committed = True
             return instance_pb2.CommitKvTransferResponse(
                 received_tokens=len(r.tokens) - r.start_page * ps,
@@ -222,7 +226,7 @@ class DecodeSide:
         r = self.receiver.claim(tid)  # the receiver's table is locked for this event-loop call
         if r is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"instance {self.identity.instance_id}: no KV for handle {tid!r} (never committed, aborted, "
+                                f"{self.me}: no KV for handle {tid!r} (never committed, aborted, "
                                 f"or not claimed within {self.config.kv_transfer_timeout_s:g} s)")
         async for response in pump(r.waiter, r.internal_id, context, self.loop_thread, self.identity):
             yield response

@@ -23,8 +23,9 @@ from typing import Iterator
 import grpc
 
 from jaxserve.engine.pd_protocol import ProtocolError, send_kv
-from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, QueueSink, sampling_params
+from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, add_request
 from jaxserve.proto.enums import FINISH_REASON_CODES
+from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
@@ -42,23 +43,20 @@ class PrefillSide:
         self.loop_thread, self.engine, self.config = kv.loop_thread, kv.engine, kv.config
         self.counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0)
 
+    @property
+    def me(self) -> str:
+        return f"instance {self.identity.instance_id}"
+
     async def prefill(self, request, context):
         """Role prefill: prefill (prefill_only), sample the first token, send the KV the decode target lacks,
         release the pages (the index keeps the full ones from caching1 on), answer."""
         arrival = time.perf_counter()
         inner = request.request
-        try:
-            params = sampling_params(inner)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        sink = QueueSink(asyncio.get_running_loop())
-        internal_id = f"{inner.request_id}#{next(self.ids)}"
-        self.loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids,
-                             params, sink, arrival, prefill_only=True)
+        internal_id, sink = await add_request(self.loop_thread, self.ids, inner, context, arrival, prefill_only=True)
         try:
             event = await sink.queue.get()
             if event[0] == "error":
-                await context.abort(event[1], f"instance {self.identity.instance_id}: {event[2]}")
+                await context.abort(event[1], f"{self.me}: {event[2]}")
             if event[0] == "finish":  # the first token ends the request: nothing to send
                 _, reason, usage, last = event
                 return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
@@ -74,7 +72,7 @@ class PrefillSide:
             except KvFailed as e:
                 self.counters["kv_transfer_failures"] += 1
                 log.warning("request %s: %s", inner.request_id, e.message)
-                await context.abort(e.code, f"instance {self.identity.instance_id}: {e.message}")
+                await context.abort(e.code, f"{self.me}: {e.message}")
             self.counters["kv_sent_tokens"] += sent_tokens
             self.counters["kv_sent_bytes"] += sent_bytes
             self.counters["kv_transfers"] += 1
@@ -101,13 +99,10 @@ class PrefillSide:
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.1)
         name = f"decode instance {target.instance_id or target.address}"
-        decode_request = instance_pb2.InstanceGenerateRequest()
-        decode_request.CopyFrom(inner)
-        decode_request.generated_token_ids.append(first)
-        decode_request.max_tokens = max(inner.max_tokens - 1, 1)
         peer = GrpcPeer(self.kv.peer(target.address), name, inner.request_id, timeout, self.kv.transfer_server.address,
-                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request,
-                        send_back_to=instance_pb2.KvTarget(instance_id=self.identity.instance_id, address=self.identity.address)
+                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request(inner, first),
+                        send_back_to=instance_pb2.KvTarget(instance_id=self.identity.instance_id,
+                                                           address=self.identity.address)
                         if self.send_back else None)
 
         async def offer(start: int, prepared):  # engine thread: one gather of the held pages from start on

@@ -3,7 +3,8 @@ plus `grpc.health.v1`, registered with the global scheduler through `InstanceRep
 its prompt-index inserts/evictions and its load (`jaxserve.testing.fake_instance` is its engine-less stand-in).
 This module is the servicer and its lifecycle; it delegates the PD RPCs to the objects it owns:
 `PrefillSide` (pd_prefill.py), `DecodeSide` (pd_decode.py), `SendBack` (pd_send_back.py, PD-Caching-3), all on
-one `KvPath` (pd_common.py: engine thread, peers, transport selection), the KV path itself in `jaxserve.mempool.transfer`.
+one `KvPath` (pd_common.py: engine thread, peers, transport selection), the KV path itself in
+`jaxserve.mempool.transfer`.
 
 Role colocated serves Generate. Role prefill serves Prefill: it prefills with `prefill_only`, samples the
 first token and sends the KV its decode target lacks (PrepareKvTransfer / CommitKvTransfer on the target; the
@@ -36,7 +37,7 @@ from grpc_health.v1.health import aio as health_aio
 from jaxserve.engine.disagg import PD_MODES, mode_caching
 from jaxserve.engine.engine import Engine
 from jaxserve.instance.engine_loop import EngineLoop
-from jaxserve.instance.pd_common import Identity, KvPath, QueueSink, pump, sampling_params  # noqa: F401 (re-exported)
+from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
@@ -244,15 +245,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         if self.loop_thread.broken:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"instance {self.instance_id}: the engine is broken ({self.loop_thread.broken})")
-        try:
-            params = sampling_params(request)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        sink = QueueSink(asyncio.get_running_loop())
-        # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
-        internal_id = f"{request.request_id}#{next(self._ids)}"
-        self.loop_thread.add(internal_id, request.request_id, request.prompt_token_ids, request.generated_token_ids,
-                             params, sink, arrival)
+        internal_id, sink = await add_request(self.loop_thread, self._ids, request, context, arrival)
         async for response in pump(sink, internal_id, context, self.loop_thread, self.identity):
             yield response
 
