@@ -15,7 +15,6 @@ its deadline anyway)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Iterator
