@@ -20,7 +20,6 @@ kernels, which use `apply_sinks`). With `return_lse` the lse is that of the keys
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
