@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxserve.proto.enums import FINISH_REASON_NAMES
+from jaxserve.proto.messages import set_prompt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "ClientError", "Completion", "Delta", "RetryPolicy", "Usage",
@@ -120,14 +121,8 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None,
         sampling.top_k = top_k
     if seed is not None:
         sampling.seed = seed
-    request = scheduler_pb2.GenerateRequest(sampling=sampling, session_id=session_id, request_id=request_id)
-    if isinstance(prompt, str):
-        request.text = prompt
-    else:
-        request.token_ids.ids.extend(prompt)
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    return request
+    return set_prompt(scheduler_pb2.GenerateRequest(sampling=sampling, session_id=session_id,
+                                                    request_id=request_id), prompt, max_tokens)
 
 
 def _delta(resp: scheduler_pb2.GenerateResponse) -> Delta:
@@ -157,19 +152,39 @@ class _Deadline:
         return self.at is None or time.monotonic() + sleep_s < self.at
 
 
-class Client:
-    """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
+class _Connected:
+    """What both clients hold: the channel (made by `_channels`, grpc or grpc.aio), the stubs, the defaults."""
+    _channels = grpc
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
                  timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None):
         self.timeout_s = timeout_s
         self.retry = retry
         if credentials is not None:
-            self._channel = grpc.secure_channel(target, credentials, options=_channel_args(options))
+            self._channel = self._channels.secure_channel(target, credentials, options=_channel_args(options))
         else:
-            self._channel = grpc.insecure_channel(target, options=_channel_args(options))
+            self._channel = self._channels.insecure_channel(target, options=_channel_args(options))
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call(self, prompt, timeout_s: float | None, kwargs: dict) -> tuple[scheduler_pb2.GenerateRequest, _Deadline]:
+        """A stream's request (build_request's keyword arguments) and its deadline (default: the client's)."""
+        return build_request(prompt, **kwargs), _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+
+    def _backoff(self, error: grpc.RpcError, started: bool, attempt: int, deadline: _Deadline) -> float:
+        """How long to wait before attempt `attempt + 1` of a stream that failed with `error`: only a stream
+        refused before its first response (UNAVAILABLE) is retried, within the policy and the deadline;
+        otherwise raises ClientError."""
+        code = error.code()
+        backoff = self.retry.backoff(attempt - 1)
+        if (code == grpc.StatusCode.UNAVAILABLE and not started and attempt < self.retry.max_attempts
+                and deadline.allows(backoff)):
+            return backoff
+        raise ClientError(code, error.details()) from None
+
+
+class Client(_Connected):
+    """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
 
     def close(self) -> None:
         self._channel.close()
@@ -182,8 +197,7 @@ class Client:
 
     def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **kwargs) -> Iterator[Delta]:
         """Yield deltas; the keyword arguments are build_request's. Closing the iterator early cancels."""
-        request = build_request(prompt, **kwargs)
-        deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        request, deadline = self._call(prompt, timeout_s, kwargs)
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining())
@@ -194,14 +208,8 @@ class Client:
                     yield _delta(resp)
                 return
             except grpc.RpcError as e:
-                code = e.code()
                 attempt += 1
-                backoff = self.retry.backoff(attempt - 1)
-                if (code == grpc.StatusCode.UNAVAILABLE and not started and attempt < self.retry.max_attempts
-                        and deadline.allows(backoff)):
-                    time.sleep(backoff)
-                    continue
-                raise ClientError(code, e.details()) from None
+                time.sleep(self._backoff(e, started, attempt, deadline))
             finally:
                 call.cancel()  # no-op when finished; frees the request when the caller stopped early
 
@@ -233,19 +241,9 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-class AsyncClient:
+class AsyncClient(_Connected):
     """asyncio client; the same calls as Client, awaited. Create it inside the event loop that uses it."""
-
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None):
-        self.timeout_s = timeout_s
-        self.retry = retry
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_channel_args(options))
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=_channel_args(options))
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _channels = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
@@ -258,8 +256,7 @@ class AsyncClient:
 
     async def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                      **kwargs) -> AsyncIterator[Delta]:
-        request = build_request(prompt, **kwargs)
-        deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        request, deadline = self._call(prompt, timeout_s, kwargs)
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining())
@@ -270,14 +267,8 @@ class AsyncClient:
                     yield _delta(resp)
                 return
             except grpc.aio.AioRpcError as e:
-                code = e.code()
                 attempt += 1
-                backoff = self.retry.backoff(attempt - 1)
-                if (code == grpc.StatusCode.UNAVAILABLE and not started and attempt < self.retry.max_attempts
-                        and deadline.allows(backoff)):
-                    await asyncio.sleep(backoff)
-                    continue
-                raise ClientError(code, e.details()) from None
+                await asyncio.sleep(self._backoff(e, started, attempt, deadline))
             finally:
                 call.cancel()
 

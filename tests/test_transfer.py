@@ -219,6 +219,23 @@ def test_receiver_reservations_follow_the_state_machine():
     assert receiver.cancel_request("b") and r2.state.state is tr.State.FAILED
     with pytest.raises(KeyError):
         receiver.begin(r2.transfer_id)
+    # Handed over (an instance's decode side): the pages go to the engine, the entry stays until claimed.
+    r3 = receiver.prepare("c", list(range(100, 110)), PAGE, 30.0)
+    assert receiver.claim(r3.transfer_id) is None            # not committed: nothing to claim
+    with pytest.raises(ValueError, match="not committed"):
+        receiver.hand_over(r3.transfer_id, "c#0", "sink")
+    receiver.fill(r3.transfer_id, t.fetch(dst, t.offer(src, sp)), t)
+    receiver.commit(r3.transfer_id)
+    receiver.hand_over(r3.transfer_id, "c#0", "sink")
+    assert receiver.held_pages() == 0 and len(receiver.pending) == 1
+    with pytest.raises(tr.IllegalTransition):
+        receiver.begin(r3.transfer_id)                         # committed is terminal
+    with pytest.raises(ValueError, match="handed over"):
+        receiver.take(r3.transfer_id)
+    got = receiver.claim(r3.transfer_id)
+    assert (got.internal_id, got.waiter) == ("c#0", "sink") and not receiver.pending
+    assert receiver.claim(r3.transfer_id) is None
+    dst.free(r3.pages)                                         # the engine's, in an instance
     src.free(sp)
     assert_clean(src)
     assert_clean(dst)

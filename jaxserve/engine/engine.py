@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -88,6 +89,9 @@ class Engine:
         """`ops`: the device-op channel every part that runs device work gets (jaxserve/engine/device_ops.py):
         a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process."""
         self.ops = ops if ops is not None else LocalOps()
+        # Called (engine thread) before a step or sequence-parallel prefill whose shapes never ran (it compiles
+        # first): `add_new_shape_hook`; a step watchdog extends its deadline.
+        self._new_shape_hooks: list[Callable[[], None]] = []
         self.model_config = model_config
         self.config = config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -111,11 +115,12 @@ class Engine:
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, attention_impl=self.attention_impl,
                                   mesh=self.mesh if model_config.num_experts and self.mesh.size > 1 else None,
-                                  ops=self.ops)
+                                  ops=self.ops, on_new_shape=self._new_shape)
         self.sp = None
         if config.mesh.seq > 1:  # sequence-parallel prefill of long prompts (engine/seq_parallel.py)
             from jaxserve.engine.seq_parallel import SequenceParallelPrefill
-            self.sp = SequenceParallelPrefill(model_config, self.params, self.pool, self.mesh, ops=self.ops)
+            self.sp = SequenceParallelPrefill(model_config, self.params, self.pool, self.mesh, ops=self.ops,
+                                              on_new_shape=self._new_shape)
         self.scheduler = Scheduler(config.scheduler, self.pool,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    sp_threshold=config.sp_threshold if self.sp is not None else None)
@@ -126,6 +131,14 @@ class Engine:
         self.num_prefill_tokens_computed = 0
         self.num_steps = 0
         self._in_flight = None  # (samples, device tokens) of the dispatched step not yet completed
+
+    def add_new_shape_hook(self, hook: Callable[[], None]) -> None:
+        """`hook()` runs before every step or sequence-parallel prefill that compiles first (new shapes)."""
+        self._new_shape_hooks.append(hook)
+
+    def _new_shape(self) -> None:
+        for hook in self._new_shape_hooks:
+            hook()
 
     # -- requests -----------------------------------------------------------------------------------
     def validate(self, prompt_token_ids, params: SamplingParams) -> None:

@@ -11,6 +11,7 @@ Shapes come from a small set of buckets so the number of compilations stays boun
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -96,9 +97,11 @@ def standalone_step(model_config, attention_impl: str, mesh=None):
 
 class ModelRunner:
     def __init__(self, model_config, params, pool, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, attention_impl: str, mesh=None, ops: DeviceOps | None = None):
+                 max_model_len: int, attention_impl: str, mesh=None, ops: DeviceOps | None = None,
+                 on_new_shape: Callable[[], None] | None = None):
         """`ops`: the instance's device-op channel (default: a single process's); every step runs through it
-        (op "step"), so the followers of a multi-process instance run it too."""
+        (op "step"), so the followers of a multi-process instance run it too. `on_new_shape()`: called before a
+        step whose shapes were never run (it compiles first; a step watchdog extends its deadline)."""
         self.model_config = model_config
         self.params = params
         self.pool = pool
@@ -112,6 +115,7 @@ class ModelRunner:
         self.max_slots = max(next_pow2(max_num_seqs), 8)
         self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
         self.ops = ops if ops is not None else LocalOps()
+        self.on_new_shape = on_new_shape
         self.ops.bind("step", lambda inputs: self.execute(inputs))  # late-bound: tests may wrap `execute`
 
     @property
@@ -134,9 +138,6 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> np.ndarray:
         """Run one step and wait: the sampled token of each entry."""
         return np.asarray(self.dispatch(batch))[:len(batch.entries)]
-
-    # Called before a step whose shapes were never run (it compiles first); a step watchdog extends its deadline.
-    on_new_shape = None
 
     def prepare(self, batch: ScheduledBatch) -> "StepInputs":
         """The host-side (numpy) inputs of one step: everything `execute` needs, nothing request-shaped."""

@@ -16,6 +16,7 @@ any request after the prefill; heads are split over `tp` inside the ring as well
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -80,9 +81,11 @@ class SequenceParallelPrefill:
     """Runs a single request's prefill over the `seq` axis of `mesh`, reading and writing `pool`."""
 
     def __init__(self, model_config, params, pool, mesh, *, seq_axis: str = "seq", tp_axis: str | None = "tp",
-                 balanced: bool = True, communicate: bool = True, ops: DeviceOps | None = None):
+                 balanced: bool = True, communicate: bool = True, ops: DeviceOps | None = None,
+                 on_new_shape: Callable[[], None] | None = None):
         """`ops`: the instance's device-op channel (default: a single process's); every prefill runs through
-        it (op "sp_forward"), so the followers of a multi-process instance run it too."""
+        it (op "sp_forward"), so the followers of a multi-process instance run it too. `on_new_shape()`: called
+        before a prefill whose shapes were never run (it compiles first; a step watchdog extends its deadline)."""
         self.model_config = model_config
         self.params = params
         self.pool = pool
@@ -97,6 +100,7 @@ class SequenceParallelPrefill:
         self.shapes_seen: set[tuple] = set()
         self.num_prefills = 0
         self.ops = ops if ops is not None else LocalOps()
+        self.on_new_shape = on_new_shape
         self.ops.bind("sp_forward", self._forward)
 
     def prepare(self, token_ids, start: int, pages) -> tuple[np.ndarray, SPBatch, np.ndarray]:
@@ -147,9 +151,6 @@ class SequenceParallelPrefill:
                                                         np.asarray(rows, np.int32), sampling)
         self.num_prefills += 1
         return np.asarray(tokens), logits
-
-    # Called before a prefill whose shapes were never run (it compiles first); a step watchdog extends its deadline.
-    on_new_shape = None
 
     def run(self, batch) -> np.ndarray:
         """Engine entry: a ScheduledBatch with a single (request, n) entry computing its whole suffix."""

@@ -92,9 +92,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         if self.step_timeout_s > 0:
-            self.engine.runner.on_new_shape = self._extend_for_compile
-            if getattr(self.engine, "sp", None) is not None:  # sequence-parallel prefills compile per shape too
-                self.engine.sp.on_new_shape = self._extend_for_compile
+            self.engine.add_new_shape_hook(self._extend_for_compile)  # steps and sequence-parallel prefills
             self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
             self._watchdog.start()
         return self

@@ -1,6 +1,7 @@
 """What the PD sides of an instance share (pd_prefill.py, pd_decode.py, pd_send_back.py): the sink that hands
 engine events to a handler, the request's sampling parameters, the status a failed transfer step answers, and
-`KvPath`: peers, the engine thread, and the transport selection -- one whole block, or per-shard pieces when
+`pump` (a request's sink as InstanceGenerateResponses), `KvPath`: peers, the engine thread, and the transport
+selection -- one whole block, or per-shard pieces when
 either instance has several processes (or `kv_per_shard`), through `CrossProcessTransport` on a single-process
 instance and through the multi-process channel (jaxserve/engine/multihost.py: `offer`, `receive`) otherwise."""
 
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Sequence
+import dataclasses
+from typing import Iterator, Sequence
 
 import grpc
 
 from jaxserve.engine.pd_protocol import Prepared
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.engine_loop import Sink, default_seed
-from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc
+from jaxserve.proto.enums import FINISH_REASON_CODES
+from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 
 
 class KvFailed(Exception):
@@ -62,6 +65,22 @@ def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingPa
 
 
 
+async def add_request(loop_thread, ids: Iterator[int], inner: instance_pb2.InstanceGenerateRequest, context,
+                      arrival: float, **kwargs) -> tuple[str, QueueSink]:
+    """Start `inner` on the engine (`EngineLoop.add`, with kwargs): its internal id and the sink its events
+    arrive on. Invalid sampling parameters end the call with INVALID_ARGUMENT."""
+    try:
+        params = sampling_params(inner)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    sink = QueueSink(asyncio.get_running_loop())
+    # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
+    internal_id = f"{inner.request_id}#{next(ids)}"
+    loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids, params, sink,
+                    arrival, **kwargs)
+    return internal_id, sink
+
+
 def tensor_specs(offer) -> list[instance_pb2.TensorSpec]:
     """The control message's description of an offered block (`BlockOffer`): one TensorSpec per chunk."""
     return [instance_pb2.TensorSpec(shape=list(offer.shape), dtype=offer.dtype, num_shards=offer.num_shards)
@@ -76,20 +95,83 @@ def kv_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
     return grpc.StatusCode.ABORTED  # deadline, pull failure, cancelled...: the transfer, not this instance
 
 
-class KvPath:
-    """Mixin of `InstanceServer`: what the PD sides share. Needs engine, loop_thread, config, transfer_server,
-    kv_transport, num_processes, _transfer_addresses, _peers, _layout."""
+@dataclasses.dataclass
+class Identity:
+    """Who this instance is, as the PD sides name it: set by the servicer when it starts (address) and when the
+    scheduler registers it (instance_id)."""
+    instance_id: str = ""
+    address: str = ""
 
-    def _peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
+
+async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity: Identity):
+    """Yield a running request's InstanceGenerateResponses from its sink; if the call goes away first
+    (cancelled, deadline), abort the request in the engine, which frees its pages."""
+    done = False
+    try:
+        while True:
+            event = await sink.queue.get()
+            if event[0] == "tokens":
+                yield instance_pb2.InstanceGenerateResponse(token_ids=event[1])
+            elif event[0] == "finish":
+                done = True
+                _, reason, usage, last = event
+                yield instance_pb2.InstanceGenerateResponse(
+                    token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
+                    usage=common_pb2.InstanceUsage(**usage))
+                return
+            else:
+                done = True
+                _, code, message = event
+                await context.abort(code, f"instance {identity.instance_id}: {message}")
+    finally:
+        if not done:
+            loop_thread.abort(internal_id)
+
+
+class KvPath:
+    """What the PD sides share: the engine thread, peers (gRPC channels to other instances) and the KV
+    transport -- one whole block, or per-shard pieces. `start()` creates the transfer server (when the
+    instance did not pass one) and the transport on it; `close()` closes the peers' channels."""
+
+    def __init__(self, engine, loop_thread, config, *, num_processes: int = 1, transfer_server=None,
+                 transfer_addresses: Sequence[str] | None = None):
+        self.engine, self.loop_thread, self.config = engine, loop_thread, config
+        self.num_processes = num_processes
+        self.transfer_server = transfer_server  # jax.experimental.transfer server (roles prefill and decode)
+        self.transport = None  # CrossProcessTransport on it; owns the OpCounts of this instance's KV
+        self.addresses = list(transfer_addresses) if transfer_addresses else None
+        self._layout: list[instance_pb2.KvShard] | None = None  # this pool's, for PrepareKvTransfer answers
+        self._peers: dict[str, grpc.aio.Channel] = {}
+
+    def start(self, transfers: bool) -> None:
+        """transfers: this instance's role moves KV (it needs a transfer server)."""
+        if transfers and self.transfer_server is None:
+            if self.num_processes > 1:
+                raise RuntimeError("a multi-process instance needs the transfer server of every process: pass "
+                                   "transfer_server and transfer_addresses (launch.instance does)")
+            from jaxserve.mempool.transfer import TransferServer
+            self.transfer_server = TransferServer(address=f"{self.config.host}:0")
+        if self.transfer_server is not None and self.addresses is None:
+            self.addresses = [self.transfer_server.address]
+        if self.transfer_server is not None:
+            from jaxserve.mempool.transfer import CrossProcessTransport
+            self.transport = CrossProcessTransport(self.transfer_server, self.addresses)
+
+    async def close(self) -> None:
+        for channel in self._peers.values():
+            await channel.close(grace=0)
+        self._peers.clear()
+
+    def peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
         channel = self._peers.get(address)
         if channel is None:
             channel = self._peers[address] = grpc.aio.insecure_channel(address)
         return instance_pb2_grpc.InstanceStub(channel)
 
-    async def _on_engine(self, fn):
+    async def on_engine(self, fn):
         return await asyncio.wrap_future(self.loop_thread.submit(fn))
 
-    def _per_shard_layout(self, prep, peer: str):
+    def per_shard_layout(self, prep, peer: str):
         """The receiver's layout (`HeadShard`s) when this transfer goes per shard -- either instance has several
         processes, or config.kv_per_shard -- else None (the whole block moves as one offer)."""
         shards = list(prep.receiver_shards)
@@ -101,17 +183,17 @@ class KvPath:
         from jaxserve.mempool.transfer import HeadShard
         return [HeadShard(x.process, x.head_start, x.head_end) for x in shards]
 
-    def _offer_pages(self, pages: Sequence[int], layout) -> tuple[dict, int]:
+    def offer_pages(self, pages: Sequence[int], layout) -> tuple[dict, int]:
         """Engine thread: gather `pages` and park them for the receiver (as one block, or per shard for the
         receiver `layout`: on a multi-process instance every process offers its own shards). Returns the
         CommitKvTransferRequest fields describing what was offered and the bytes it moves."""
         if layout is not None and self.num_processes > 1:
             from jaxserve.engine import multihost
-            sources, chunks, _, total = multihost.offer(self.engine, self.transfer_server, self._transfer_addresses,
+            sources, chunks, _, total = multihost.offer(self.engine, self.transfer_server, self.addresses,
                                                         pages, layout)
-            offer = self.kv_transport.describe(chunks, self.transfer_server.address, sources=sources, nbytes=total)
+            offer = self.transport.describe(chunks, self.transfer_server.address, sources=sources, nbytes=total)
         else:
-            offer = self.kv_transport.offer(self.engine.pool, pages, layout)
+            offer = self.transport.offer(self.engine.pool, pages, layout)
         if not offer.sources:
             return (dict(source_address=offer.address, pull_uuid=offer.uuid, tensors=tensor_specs(offer)),
                     offer.nbytes)
@@ -121,7 +203,7 @@ class KvPath:
                          pieces=[instance_pb2.KvPiece(receiver_shard=j, head_start=a, head_end=b)
                                  for j, a, b in x.pieces]) for x in offer.sources]), offer.nbytes)
 
-    def _receiver_shards(self) -> list[instance_pb2.KvShard]:
+    def receiver_shards(self) -> list[instance_pb2.KvShard]:
         if self._layout is None:
             from jaxserve.mempool.transfer import pool_layout
             self._layout = [instance_pb2.KvShard(process=x.process, head_start=x.start, head_end=x.end)
@@ -152,7 +234,7 @@ class GrpcPeer:
         return Prepared(prep.transfer_id, prep.cached_tokens, prep)
 
     async def commit(self, prepared: Prepared, start_page: int, offer) -> int:
-        """offer: (CommitKvTransferRequest fields, bytes) from `KvPath._offer_pages`, or None (nothing sent)."""
+        """offer: (CommitKvTransferRequest fields, bytes) from `KvPath.offer_pages`, or None (nothing sent)."""
         fields, self.nbytes = offer if offer is not None else (dict(source_address=self.source_address), 0)
         ps = self._page_size
         try:

@@ -9,49 +9,97 @@ the decode-phase KV sent back to it): every transfer is a `KvReceiver` reservati
                         its tokens wait for the Decode call naming the transfer
     Decode              stream the tokens of a committed transfer's request
 
-Deadlines: the reaper frees a reservation never committed (the prefill side died) and aborts a committed
-request no Decode call claimed."""
+One table, the receiver's: a transfer is one `Reservation` from PrepareKvTransfer until its Decode call
+claims it (`KvReceiver.hand_over` / `claim`; the claim is the one access from the event loop, under the
+receiver's lock). Deadlines: the reaper frees a reservation never committed (the prefill side died) and aborts
+a committed request no Decode call claimed."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
+from typing import Iterator
 
 import grpc
 
-from jaxserve.instance.pd_common import QueueSink, sampling_params
-from jaxserve.proto.v1 import common_pb2, instance_pb2
+from jaxserve.instance.pd_common import Identity, KvPath, QueueSink, pump, sampling_params
+from jaxserve.instance.pd_send_back import SendBack
+from jaxserve.mempool.transfer import KvReceiver
+from jaxserve.proto.v1 import instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
 
 
 class DecodeSide:
-    """Mixin of `InstanceServer` (with `KvPath` and `SendBack`)."""
+    """The receive side of an instance (role decode; a caching3 prefill instance for the send-back): the
+    servicer delegates PrepareKvTransfer, CommitKvTransfer and Decode to `prepare`, `commit` and `decode`, and
+    the decode part of Abort and GetStats to `abort` and `stats`. `start()` starts the reaper, `stop()` stops it."""
 
-    async def PrepareKvTransfer(self, request, context):
-        """Role decode: reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
-        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context, send_back=True)
+    def __init__(self, kv: KvPath, identity: Identity, ids: Iterator[int], *, cache_only: bool,
+                 send_back: SendBack | None = None):
+        """kv: the instance's engine thread, peers and transport; identity: who this instance is (for error
+        messages); ids: the instance's internal request id counter; cache_only: this instance only takes KV for
+        its prefix cache (a caching3 prefill instance); send_back: sends a finished request's decode-phase KV
+        back (caching3 decode instance)."""
+        self.kv, self.identity, self.ids = kv, identity, ids
+        self.cache_only, self.send_back = cache_only, send_back
+        self.engine, self.loop_thread, self.config = kv.engine, kv.loop_thread, kv.config
+        self.num_processes = kv.num_processes
+        self.receiver = KvReceiver(self.engine.pool)
+        # The one table of this side's transfers, prepare to Decode call: a committed transfer's request is
+        # admitted at commit and its reservation, handed over, holds the sink its Decode call claims.
+        self._reaper: asyncio.Task | None = None
+        self._pulls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        self._pulls.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def me(self) -> str:
+        return f"instance {self.identity.instance_id}"
+
+    async def prepare(self, request, context):
+        """Reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
         ps = self.engine.pool.page_size
         try:
-            r = await self._on_engine(lambda: self.kv_receiver.prepare(
+            r = await self.kv.on_engine(lambda: self.receiver.prepare(
                 request.request_id, request.token_ids, request.page_size, self.config.kv_transfer_timeout_s))
         except MemoryError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"instance {self.instance_id}: {e}")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.me}: {e}")
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me}: {e}")
         return instance_pb2.PrepareKvTransferResponse(
             transfer_id=r.transfer_id, cached_tokens=r.start_page * ps, num_pages_reserved=len(r.new_pages),
-            receiver_shards=self._receiver_shards())
+            receiver_shards=self.kv.receiver_shards())
 
-    async def CommitKvTransfer(self, request, context):
-        """Role decode: pull the block, write and index it, admit the request (if given): it starts decoding
-        at once and its tokens wait for the Decode call naming this transfer."""
-        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
+    async def abort(self, request_id: str) -> bool:
+        """Abort's decode part: free a reservation whose prefill gave up, forget a received request."""
+        return await self.kv.on_engine(lambda: self.receiver.cancel_request(request_id))
+
+    async def stats(self) -> tuple[int, int]:
+        """(transfers pending or waiting for their Decode call, pages reserved)."""
+        pending = held = 0
+        with contextlib.suppress(Exception):
+            pending, held = await self.kv.on_engine(
+                lambda: (len(self.receiver.pending), self.receiver.held_pages()))
+        return pending, held
+
+    async def commit(self, request, context):
+        """Pull the block, write and index it, admit the request (if given): it starts decoding at once and its
+        tokens wait for the Decode call naming this transfer."""
         tid = request.transfer_id
-        if self.role == common_pb2.ROLE_PREFILL and not (request.cache_only and request.insert):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id} (prefill) only "
+        if self.cache_only and not (request.cache_only and request.insert):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me} (prefill) only "
                                 "takes KV for its prefix cache: cache_only and insert must be set")
         if request.cache_only and request.HasField("request"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a cache_only transfer admits no request")
@@ -59,9 +107,9 @@ class DecodeSide:
         committed = False
         try:
             try:
-                r = await self._on_engine(lambda: self.kv_receiver.get(tid))
+                r = await self.kv.on_engine(lambda: self.receiver.get(tid))
             except KeyError as e:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{self.me}: {e.args[0]}")
             if request.start_token != r.start_page * ps or request.num_tokens != len(r.tokens) - r.start_page * ps:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"transfer {tid} sends tokens [{request.start_token}, "
@@ -72,9 +120,9 @@ class DecodeSide:
                                     "instance carries its request (or is cache_only)")
             from jaxserve.mempool import transfer as tr
             try:
-                self.kv_receiver.begin(tid)  # prepared -> pulling (touches no pool state)
+                self.receiver.begin(tid)  # prepared -> pulling (touches no pool state)
             except (KeyError, tr.IllegalTransition) as e:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance {self.instance_id}: {e}")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.me}: {e}")
             block, nbytes, write = None, 0, None
             timeout = self.config.kv_transfer_timeout_s
             if r.new_pages:
@@ -91,67 +139,70 @@ class DecodeSide:
                            for x in request.sources]
                 if not sources and self.num_processes > 1:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"instance {self.instance_id} has {self.num_processes} processes: it takes "
+                                        f"{self.me} has {self.num_processes} processes: it takes "
                                         "per-shard KV transfers only (CommitKvTransferRequest.sources)")
                 if sources and self.num_processes > 1:
                     # Every process pulls its own pieces and writes them, on the engine thread (in order with the
                     # steps, which wait meanwhile): see multihost.receive.
                     from jaxserve.engine import multihost
                     nbytes = tr.shard_bytes(sources, shape, spec.dtype, k)
-                    write = functools.partial(multihost.receive, self.engine, self.transfer_server, sources, shape,
+                    write = functools.partial(multihost.receive, self.engine, self.kv.transfer_server, sources, shape,
                                               spec.dtype, k, timeout=timeout)
                 else:
                     offer = tr.BlockOffer(request.source_address, request.pull_uuid, tuple(shape), spec.dtype,
                                           spec.num_shards, k, sources)
-                    pull = functools.partial(self.kv_transport.fetch, self.engine.pool, offer, timeout)
+                    pull = functools.partial(self.kv.transport.fetch, self.engine.pool, offer, timeout)
                     try:
                         block = await asyncio.get_running_loop().run_in_executor(self._pulls, pull)
                     except tr.TransferError as e:
                         await context.abort(grpc.StatusCode.ABORTED,
-                                            f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+                                            f"{self.me}: KV pull for transfer {tid} failed: {e}")
                     nbytes = sum(int(x.nbytes) for x in block)
             sink = None
             if request.HasField("request"):
                 inner = request.request
                 on_finish = None
-                if self.send_back and request.HasField("send_back_to") and request.send_back_to.address:
+                if self.send_back is not None and request.HasField("send_back_to") and request.send_back_to.address:
                     target, rid = request.send_back_to, inner.request_id
-                    on_finish = lambda tokens: self._start_send_back(rid, tokens, target)  # noqa: E731
+                    on_finish = lambda tokens: self.send_back.start(rid, tokens, target)  # noqa: E731
                 sink = QueueSink(asyncio.get_running_loop(),
                                   list(inner.prompt_token_ids) + list(inner.generated_token_ids), on_finish)
-            internal_id = f"{request.request_id}#{next(self._ids)}"
+            internal_id = f"{request.request_id}#{next(self.ids)}"
             arrival = time.perf_counter()
 
             def finish():  # engine thread
-                self.kv_receiver.fill(tid, block, self.kv_transport, write=write)
-                got = self.kv_receiver.commit(tid, nbytes)
+                self.receiver.fill(tid, block, self.kv.transport, write=write)
+                got = self.receiver.commit(tid, nbytes)
                 if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
-                    self.engine.pool.free(self.kv_receiver.take(tid).pages)
-                elif sink is not None:
-                    self._admit(self.kv_receiver.take(tid), request.request, sink, internal_id, arrival)
+                    self.engine.pool.free(self.receiver.take(tid).pages)
+                elif sink is not None:  # the entry stays, with the sink, until its Decode call claims it
+                    r = self.receiver.hand_over(tid, internal_id, sink, self.config.kv_transfer_timeout_s)
+                    try:
+                        self._admit(r, request.request, sink, internal_id, arrival)
+                    except BaseException:
+                        self.receiver.claim(tid)  # nothing to claim: the pages are freed
+                        raise
                 return got
 
             try:
-                r = await self._on_engine(self.loop_thread.guarded(finish, timeout))
+                r = await self.kv.on_engine(self.loop_thread.guarded(finish, timeout))
             except KeyError as e:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {self.instance_id}: {e.args[0]}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{self.me}: {e.args[0]}")
             except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {self.instance_id}: {e}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me}: {e}")
             except tr.TransferError as e:
                 await context.abort(grpc.StatusCode.ABORTED,
-                                    f"instance {self.instance_id}: KV pull for transfer {tid} failed: {e}")
+                                    f"{self.me}: KV pull for transfer {tid} failed: {e}")
             except Exception as e:  # noqa: BLE001 - a clear error, pages freed below
                 await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"instance {self.instance_id}: commit of {tid} failed: {type(e).__name__}: {e}")
+                                    f"{self.me}: commit of {tid} failed: {type(e).__name__}: {e}")
             committed = True
-            if sink is not None:
-                self._awaiting_decode[tid] = (internal_id, sink, time.monotonic() + self.config.kv_transfer_timeout_s)
             return instance_pb2.CommitKvTransferResponse(
                 received_tokens=len(r.tokens) - r.start_page * ps,
                 inserted_tokens=len(r.tokens) // ps * ps if r.insert else 0, received_bytes=nbytes)
         finally:
             if not committed:  # failed, refused or cancelled: nothing half-received stays
-                self.loop_thread.submit(lambda: self.kv_receiver.cancel(tid))
+                self.loop_thread.submit(lambda: self.receiver.cancel(tid))
 
     def _admit(self, r, inner, sink: "QueueSink", internal_id: str, arrival: float) -> None:
         """Engine thread: admit a request whose KV a committed reservation holds; frees the pages on failure."""
@@ -169,17 +220,15 @@ class DecodeSide:
             self.engine.pool.free(r.pages)
             raise
 
-    async def Decode(self, request, context):
-        """Role decode: stream the tokens of a request whose KV arrived with transfer `kv_handle`."""
-        await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
+    async def decode(self, request, context):
+        """Stream the tokens of a request whose KV arrived with transfer `kv_handle`."""
         tid = request.kv_handle
-        entry = self._awaiting_decode.pop(tid, None)
-        if entry is None:
+        r = self.receiver.claim(tid)  # the receiver's table is locked for this event-loop call
+        if r is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"instance {self.instance_id}: no KV for handle {tid!r} (never committed, aborted, "
+                                f"{self.me}: no KV for handle {tid!r} (never committed, aborted, "
                                 f"or not claimed within {self.config.kv_transfer_timeout_s:g} s)")
-        internal_id, sink, _ = entry
-        async for response in self._pump(sink, internal_id, context):
+        async for response in pump(r.waiter, r.internal_id, context, self.loop_thread, self.identity):
             yield response
 
     async def _reap(self) -> None:
@@ -188,18 +237,15 @@ class DecodeSide:
             await asyncio.sleep(min(0.5, self.config.kv_transfer_timeout_s / 4))
             now = time.monotonic()
             try:
-                expired = await self._on_engine(lambda: [
-                    (r.transfer_id, r.request_id) for r in self.kv_receiver.expired(now)
-                    if self.kv_receiver.cancel(r.transfer_id)])
+                expired = await self.kv.on_engine(lambda: [
+                    r for r in self.receiver.expired(now) if self.receiver.cancel(r.transfer_id)])
             except Exception:  # noqa: BLE001 - the engine loop is stopping
                 return
-            for tid, rid in expired:
-                log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
-                            tid, rid, self.config.kv_transfer_timeout_s)
-            for tid, (internal_id, sink, deadline) in list(self._awaiting_decode.items()):
-                if deadline < now:
-                    self._awaiting_decode.pop(tid, None)
-                    self.kv_receiver.counters["kv_transfer_failures"] += 1
-                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", internal_id,
-                                tid, self.config.kv_transfer_timeout_s)
-                    self.loop_thread.abort(internal_id)
+            for r in expired:
+                if r.handed_over:  # committed and admitted, but no Decode call claimed it
+                    log.warning("request %s: no Decode call for transfer %s within %.1f s: aborted", r.internal_id,
+                                r.transfer_id, self.config.kv_transfer_timeout_s)
+                    self.loop_thread.abort(r.internal_id)
+                else:
+                    log.warning("KV transfer %s (request %s) not committed within %.1f s: its pages are freed",
+                                r.transfer_id, r.request_id, self.config.kv_transfer_timeout_s)

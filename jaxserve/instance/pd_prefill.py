@@ -15,41 +15,47 @@ its deadline anyway)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from typing import Iterator
 
 import grpc
 
 from jaxserve.engine.pd_protocol import ProtocolError, send_kv
-from jaxserve.instance.pd_common import GrpcPeer, KvFailed, QueueSink, sampling_params
+from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, add_request
 from jaxserve.proto.enums import FINISH_REASON_CODES
+from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
 
 
 class PrefillSide:
-    """Mixin of `InstanceServer` (with `KvPath`)."""
+    """The prefill side of an instance (role prefill): the servicer delegates Prefill to `prefill`. Owns its
+    counters (kv_sent_*, kv_transfers, kv_transfer_failures)."""
 
-    async def Prefill(self, request, context):
+    def __init__(self, kv: KvPath, identity: Identity, ids: Iterator[int], *, send_back: bool):
+        """kv: the instance's engine thread, peers and transport; identity: who this instance is (named in
+        CommitKvTransfer for a caching3 send-back); ids: the instance's internal request id counter;
+        send_back: PD-Caching-3 (ask the decode side to send the decode-phase KV back)."""
+        self.kv, self.identity, self.ids, self.send_back = kv, identity, ids, send_back
+        self.loop_thread, self.engine, self.config = kv.loop_thread, kv.engine, kv.config
+        self.counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0)
+
+    @property
+    def me(self) -> str:
+        return f"instance {self.identity.instance_id}"
+
+    async def prefill(self, request, context):
         """Role prefill: prefill (prefill_only), sample the first token, send the KV the decode target lacks,
         release the pages (the index keeps the full ones from caching1 on), answer."""
-        await self._require_role(common_pb2.ROLE_PREFILL, "Prefill", context)
         arrival = time.perf_counter()
         inner = request.request
-        try:
-            params = sampling_params(inner)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        sink = QueueSink(asyncio.get_running_loop())
-        internal_id = f"{inner.request_id}#{next(self._ids)}"
-        self.loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids,
-                             params, sink, arrival, prefill_only=True)
+        internal_id, sink = await add_request(self.loop_thread, self.ids, inner, context, arrival, prefill_only=True)
         try:
             event = await sink.queue.get()
             if event[0] == "error":
-                await context.abort(event[1], f"instance {self.instance_id}: {event[2]}")
+                await context.abort(event[1], f"{self.me}: {event[2]}")
             if event[0] == "finish":  # the first token ends the request: nothing to send
                 _, reason, usage, last = event
                 return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
@@ -63,12 +69,12 @@ class PrefillSide:
                 tid, sent_tokens, sent_bytes = await self._send_kv(internal_id, inner, first,
                                                                    request.decode_target, context)
             except KvFailed as e:
-                self.kv_counters["kv_transfer_failures"] += 1
+                self.counters["kv_transfer_failures"] += 1
                 log.warning("request %s: %s", inner.request_id, e.message)
-                await context.abort(e.code, f"instance {self.instance_id}: {e.message}")
-            self.kv_counters["kv_sent_tokens"] += sent_tokens
-            self.kv_counters["kv_sent_bytes"] += sent_bytes
-            self.kv_counters["kv_transfers"] += 1
+                await context.abort(e.code, f"{self.me}: {e.message}")
+            self.counters["kv_sent_tokens"] += sent_tokens
+            self.counters["kv_sent_bytes"] += sent_bytes
+            self.counters["kv_transfers"] += 1
             return instance_pb2.PrefillResponse(first_token_id=first, usage=common_pb2.InstanceUsage(**usage),
                                                 transferred_tokens=sent_tokens, kv_handle=tid,
                                                 transferred_bytes=sent_bytes)
@@ -79,7 +85,7 @@ class PrefillSide:
 
     def _offer(self, internal_id: str, start_page: int, layout):
         """Engine thread: gather the held pages from start_page on and park them on the transfer server(s)."""
-        return self._offer_pages(self.loop_thread.held_pages(internal_id)[start_page:], layout)
+        return self.kv.offer_pages(self.loop_thread.held_pages(internal_id)[start_page:], layout)
 
     async def _send_kv(self, internal_id: str, inner, first: int, target, context) -> tuple[str, int, int]:
         """`pd_protocol.send_kv` to the decode target: prepare there, offer the missing pages, commit with the
@@ -92,21 +98,18 @@ class PrefillSide:
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.1)
         name = f"decode instance {target.instance_id or target.address}"
-        decode_request = instance_pb2.InstanceGenerateRequest()
-        decode_request.CopyFrom(inner)
-        decode_request.generated_token_ids.append(first)
-        decode_request.max_tokens = max(inner.max_tokens - 1, 1)
-        peer = GrpcPeer(self._peer(target.address), name, inner.request_id, timeout, self.transfer_server.address,
-                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request,
-                        send_back_to=instance_pb2.KvTarget(instance_id=self.instance_id, address=self.address)
+        peer = GrpcPeer(self.kv.peer(target.address), name, inner.request_id, timeout, self.kv.transfer_server.address,
+                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request(inner, first),
+                        send_back_to=instance_pb2.KvTarget(instance_id=self.identity.instance_id,
+                                                           address=self.identity.address)
                         if self.send_back else None)
 
         async def offer(start: int, prepared):  # engine thread: one gather of the held pages from start on
             try:
-                layout = self._per_shard_layout(prepared.answer, name)
+                layout = self.kv.per_shard_layout(prepared.answer, name)
             except ValueError as e:
                 raise KvFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-            return await self._on_engine(self.loop_thread.guarded(
+            return await self.kv.on_engine(self.loop_thread.guarded(
                 lambda: self._offer(internal_id, start, layout), self.config.kv_transfer_timeout_s))
 
         try:

@@ -9,23 +9,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from jaxserve.engine.pd_protocol import send_kv
-from jaxserve.instance.pd_common import GrpcPeer, KvFailed
+from jaxserve.instance.pd_common import GrpcPeer, KvFailed, KvPath
 
 log = logging.getLogger("jaxserve.instance")
 
 
 class SendBack:
-    """Mixin of `InstanceServer` (with `KvPath`)."""
+    """The decode side's PD-Caching-3 send-back: `start(request_id, tokens, target)` at a request's finish.
+    Owns its background tasks and counters (kv_sent_back_*)."""
 
-    def _start_send_back(self, request_id: str, tokens: list[int], target) -> None:
+    def __init__(self, kv: KvPath, stopping: Callable[[], bool]):
+        """kv: the instance's engine thread, peers and transport; stopping: whether the instance is stopping
+        (no new send-back then)."""
+        self.kv, self.stopping = kv, stopping
+        self.engine, self.loop_thread, self.config = kv.engine, kv.loop_thread, kv.config
+        self.counters = dict(kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, request_id: str, tokens: list[int], target) -> None:
         """Event loop, at a decode request's finish: send its decode-phase KV back in the background."""
-        if self._stopped:
+        if self.stopping():
             return
         task = asyncio.get_running_loop().create_task(self._send_back_kv(request_id, tokens, target))
-        self._send_backs.add(task)
-        task.add_done_callback(self._send_backs.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     async def _send_back_kv(self, request_id: str, tokens: list[int], target) -> None:
         """Decode side, caching3: the whole pages of the finished request's computed context (every token but
@@ -41,28 +55,28 @@ class SendBack:
         timeout = self.config.kv_transfer_timeout_s
         pool = self.engine.pool
         # Reference what this side still holds of it (normally all of it: the decode side indexes its KV).
-        n, pages = await self._on_engine(lambda: pool.match(seq))
+        n, pages = await self.kv.on_engine(lambda: pool.match(seq))
         if n < ps:
-            await self._on_engine(lambda: pool.free(pages))
+            await self.kv.on_engine(lambda: pool.free(pages))
             return
         seq = seq[:n]
-        peer = GrpcPeer(self._peer(target.address), name, request_id, timeout, self.transfer_server.address,
+        peer = GrpcPeer(self.kv.peer(target.address), name, request_id, timeout, self.kv.transfer_server.address,
                         insert=True, cache_only=True)
         offered = []
 
         async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
-            layout = self._per_shard_layout(prepared.answer, name)
-            got = await self._on_engine(self.loop_thread.guarded(
-                lambda: self._offer_pages(pages[start:], layout), timeout))
+            layout = self.kv.per_shard_layout(prepared.answer, name)
+            got = await self.kv.on_engine(self.loop_thread.guarded(
+                lambda: self.kv.offer_pages(pages[start:], layout), timeout))
             offered.append(True)
             return got
 
         try:
             sent = await send_kv(peer, request_id, seq, ps, offer)
-            self.kv_counters["kv_sent_back_tokens"] += len(seq) - sent.start_page * ps
-            self.kv_counters["kv_sent_back_bytes"] += peer.nbytes
+            self.counters["kv_sent_back_tokens"] += len(seq) - sent.start_page * ps
+            self.counters["kv_sent_back_bytes"] += peer.nbytes
         except BaseException as e:
-            self.kv_counters["kv_send_back_failures"] += 1
+            self.counters["kv_send_back_failures"] += 1
             if isinstance(e, Exception):
                 log.warning("request %s: sending the decode-phase KV back to %s failed (offered: %s): %s",
                             request_id, name, bool(offered), e.message if isinstance(e, KvFailed) else
@@ -71,4 +85,4 @@ class SendBack:
                 raise
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._on_engine(lambda: pool.free(pages)))
+                await asyncio.shield(self.kv.on_engine(lambda: pool.free(pages)))

@@ -1,9 +1,10 @@
 """The Instance gRPC server: one engine (owned by an `EngineLoop` thread) served as `jaxserve.v1.Instance`
 plus `grpc.health.v1`, registered with the global scheduler through `InstanceReporter`, to which it streams
 its prompt-index inserts/evictions and its load (`jaxserve.testing.fake_instance` is its engine-less stand-in).
-This module is the servicer and its lifecycle; the PD protocol lives in `pd_prefill.py` (prefill side),
-`pd_decode.py` (decode side), `pd_send_back.py` (PD-Caching-3 send-back) and `pd_common.py` (transport
-selection), the KV path itself in `jaxserve.mempool.transfer`.
+This module is the servicer and its lifecycle; it delegates the PD RPCs to the objects it owns:
+`PrefillSide` (pd_prefill.py), `DecodeSide` (pd_decode.py), `SendBack` (pd_send_back.py, PD-Caching-3), all on
+one `KvPath` (pd_common.py: engine thread, peers, transport selection), the KV path itself in
+`jaxserve.mempool.transfer`.
 
 Role colocated serves Generate. Role prefill serves Prefill: it prefills with `prefill_only`, samples the
 first token and sends the KV its decode target lacks (PrepareKvTransfer / CommitKvTransfer on the target; the
@@ -23,8 +24,6 @@ PrepareKvTransfer (`receiver_shards`)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -38,12 +37,10 @@ from grpc_health.v1.health import aio as health_aio
 from jaxserve.engine.disagg import PD_MODES, mode_caching
 from jaxserve.engine.engine import Engine
 from jaxserve.instance.engine_loop import EngineLoop
-from jaxserve.instance.pd_common import KvPath, QueueSink, sampling_params  # noqa: F401 (sampling_params re-exported)
+from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
-from jaxserve.mempool.transfer import CrossProcessTransport, KvReceiver
-from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
 
@@ -53,6 +50,8 @@ SERVICE_NAME = "jaxserve.v1.Instance"
 ROLES = {"colocated": common_pb2.ROLE_COLOCATED, "prefill": common_pb2.ROLE_PREFILL,
          "decode": common_pb2.ROLE_DECODE}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
+KV_COUNTERS = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0,
+                   kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
 
 
 def pd_mode_caching(role: str, pd_mode: str, colocated_default: bool = True) -> bool:
@@ -100,7 +99,7 @@ class InstanceConfig:
                              f"{self.compile_grace_s}")
 
 
-class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grpc.InstanceServicer):
+class InstanceServer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: Engine, config: InstanceConfig = InstanceConfig(), *,
                  scheduler_credentials: grpc.ChannelCredentials | None = None, transfer_server=None,
                  transfer_addresses: Sequence[str] | None = None):
@@ -111,7 +110,7 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
         self.engine = engine
         self.config = config
         self.role = ROLES[config.role]
-        self.instance_id = config.instance_id
+        self.identity = Identity(instance_id=config.instance_id)
         self.num_processes = jax.process_count()
         self.loop_thread = EngineLoop(engine, on_index_event=self._on_index_event,
                                       step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s)
@@ -123,24 +122,37 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
         self._server: grpc.aio.Server | None = None
         self._ids = itertools.count()
         self._stopped = False
-        # Disaggregation state.
-        self.transfer_server = transfer_server  # jax.experimental.transfer server (roles prefill and decode)
-        self.kv_transport: CrossProcessTransport | None = None  # on it; owns the OpCounts of this instance's KV
-        self._transfer_addresses = list(transfer_addresses) if transfer_addresses else None
-        self._layout: list[instance_pb2.KvShard] | None = None  # this pool's, for PrepareKvTransfer answers
+        # Disaggregation: the parts the PD RPCs are delegated to.
+        self.kv_path = KvPath(engine, self.loop_thread, config, num_processes=self.num_processes,
+                              transfer_server=transfer_server, transfer_addresses=transfer_addresses)
         # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
         self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
                                                                          common_pb2.ROLE_DECODE)
+        self.send_back_side = (SendBack(self.kv_path, stopping=lambda: self._stopped)
+                               if self.send_back and self.role == common_pb2.ROLE_DECODE else None)
+        self.prefill_side = (PrefillSide(self.kv_path, self.identity, self._ids, send_back=self.send_back)
+                             if self.role == common_pb2.ROLE_PREFILL else None)
         receives = self.role == common_pb2.ROLE_DECODE or (self.send_back and self.role == common_pb2.ROLE_PREFILL)
-        self.kv_receiver = KvReceiver(engine.pool) if receives else None
-        self.kv_counters = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0,
-                                kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
-        self._send_backs: set[asyncio.Task] = set()
-        self._peers: dict[str, grpc.aio.Channel] = {}
-        # transfer id -> (internal id, sink, deadline): admitted at commit, waiting for its Decode call
-        self._awaiting_decode: dict[str, tuple[str, QueueSink, float]] = {}
-        self._reaper: asyncio.Task | None = None
-        self._pulls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
+        self.decode_side = (DecodeSide(self.kv_path, self.identity, self._ids,
+                                       cache_only=self.role == common_pb2.ROLE_PREFILL,
+                                       send_back=self.send_back_side) if receives else None)
+
+    @property
+    def instance_id(self) -> str:
+        return self.identity.instance_id
+
+    @instance_id.setter
+    def instance_id(self, value: str) -> None:
+        self.identity.instance_id = value
+
+    @property
+    def transfer_server(self):
+        return self.kv_path.transfer_server
+
+    @property
+    def kv_transport(self):
+        """The instance's CrossProcessTransport (its `counts` are this instance's KV ops), or None."""
+        return self.kv_path.transport
 
     @property
     def address(self) -> str:
@@ -149,18 +161,9 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> "InstanceServer":
         """Start the engine thread and the server; register with the scheduler (if any)."""
-        if self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE) and self.transfer_server is None:
-            if self.num_processes > 1:
-                raise RuntimeError("a multi-process instance needs the transfer server of every process: pass "
-                                   "transfer_server and transfer_addresses (launch.instance does)")
-            from jaxserve.mempool.transfer import TransferServer
-            self.transfer_server = TransferServer(address=f"{self.config.host}:0")
-        if self.transfer_server is not None and self._transfer_addresses is None:
-            self._transfer_addresses = [self.transfer_server.address]
-        if self.transfer_server is not None:
-            self.kv_transport = CrossProcessTransport(self.transfer_server, self._transfer_addresses)
-        if self.kv_receiver is not None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE))
+        if self.decode_side is not None:
+            self.decode_side.start()
         loop = asyncio.get_running_loop()
         self.loop_thread.on_broken = lambda why: asyncio.run_coroutine_threadsafe(self._set_serving(False), loop)
         self.loop_thread.start()
@@ -172,6 +175,7 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
+        self.identity.address = self.address
         await self._set_serving(not self.loop_thread.broken)
         if self.config.scheduler_address:
             registration = scheduler_pb2.RegisterRequest(
@@ -205,15 +209,11 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
         await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
 
     async def _stop_disagg(self) -> None:
-        for task in list(self._send_backs):
-            task.cancel()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-        for channel in self._peers.values():
-            await channel.close(grace=0)
-        self._peers.clear()
-        self._pulls.shutdown(wait=False, cancel_futures=True)
+        if self.send_back_side is not None:
+            self.send_back_side.cancel()
+        if self.decode_side is not None:
+            self.decode_side.stop()
+        await self.kv_path.close()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -245,41 +245,9 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
         if self.loop_thread.broken:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"instance {self.instance_id}: the engine is broken ({self.loop_thread.broken})")
-        try:
-            params = sampling_params(request)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        sink = QueueSink(asyncio.get_running_loop())
-        # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
-        internal_id = f"{request.request_id}#{next(self._ids)}"
-        self.loop_thread.add(internal_id, request.request_id, request.prompt_token_ids, request.generated_token_ids,
-                             params, sink, arrival)
-        async for response in self._pump(sink, internal_id, context):
+        internal_id, sink = await add_request(self.loop_thread, self._ids, request, context, arrival)
+        async for response in pump(sink, internal_id, context, self.loop_thread, self.identity):
             yield response
-
-    async def _pump(self, sink: QueueSink, internal_id: str, context):
-        """Yield a running request's InstanceGenerateResponses from its sink; if the call goes away first
-        (cancelled, deadline), abort the request in the engine, which frees its pages."""
-        done = False
-        try:
-            while True:
-                event = await sink.queue.get()
-                if event[0] == "tokens":
-                    yield instance_pb2.InstanceGenerateResponse(token_ids=event[1])
-                elif event[0] == "finish":
-                    done = True
-                    _, reason, usage, last = event
-                    yield instance_pb2.InstanceGenerateResponse(
-                        token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
-                        usage=common_pb2.InstanceUsage(**usage))
-                    return
-                else:
-                    done = True
-                    _, code, message = event
-                    await context.abort(code, f"instance {self.instance_id}: {message}")
-        finally:
-            if not done:
-                self.loop_thread.abort(internal_id)
 
     async def Generate(self, request, context):
         if self.role != common_pb2.ROLE_COLOCATED:
@@ -301,16 +269,28 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"instance {self.instance_id}: the engine is broken ({self.loop_thread.broken})")
 
+    async def Prefill(self, request, context):
+        await self._require_role(common_pb2.ROLE_PREFILL, "Prefill", context)
+        return await self.prefill_side.prefill(request, context)
+
+    async def PrepareKvTransfer(self, request, context):
+        await self._require_role(common_pb2.ROLE_DECODE, "PrepareKvTransfer", context, send_back=True)
+        return await self.decode_side.prepare(request, context)
+
+    async def CommitKvTransfer(self, request, context):
+        await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
+        return await self.decode_side.commit(request, context)
+
+    async def Decode(self, request, context):
+        await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
+        async for response in self.decode_side.decode(request, context):
+            yield response
+
     # ----------------------------------------------------------------------------------- operations
     async def Abort(self, request, context):
         found = await asyncio.wrap_future(self.loop_thread.abort_external(request.request_id))
-        if self.kv_receiver is not None:  # a reservation whose prefill gave up
-            found = await asyncio.wrap_future(self.loop_thread.submit(
-                lambda: self.kv_receiver.cancel_request(request.request_id))) or found
-            for tid, (internal_id, sink, _) in list(self._awaiting_decode.items()):
-                if internal_id.rsplit("#", 1)[0] == request.request_id:
-                    self._awaiting_decode.pop(tid, None)
-                    found = True
+        if self.decode_side is not None:  # a reservation whose prefill gave up, a received request
+            found = await self.decode_side.abort(request.request_id) or found
         return instance_pb2.AbortResponse(found=found)
 
     async def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3) -> list[common_pb2.ProfileSample]:
@@ -328,15 +308,14 @@ class InstanceServer(PrefillSide, DecodeSide, SendBack, KvPath, instance_pb2_grp
 
     async def GetStats(self, request, context):
         c = self.loop_thread.counters
-        kv = dict(self.kv_counters)
+        kv = dict(KV_COUNTERS)
         pending = held = 0
-        if self.kv_receiver is not None:
-            for k, v in self.kv_receiver.counters.items():
-                kv[k] = kv.get(k, 0) + v
-            with contextlib.suppress(Exception):
-                pending, held = await asyncio.wrap_future(self.loop_thread.submit(
-                    lambda: (len(self.kv_receiver.pending), self.kv_receiver.held_pages())))
-            pending += len(self._awaiting_decode)
+        for side in (self.prefill_side, self.send_back_side, self.decode_side):
+            if side is not None:
+                for k, v in (side.receiver if side is self.decode_side else side).counters.items():
+                    kv[k] = kv.get(k, 0) + v
+        if self.decode_side is not None:
+            pending, held = await self.decode_side.stats()
         return instance_pb2.InstanceStats(
             kv_pending=pending, kv_held_pages=held, **kv,
             instance_id=self.instance_id, role=self.role, load=self.load(), num_requests=c["num_requests"],

@@ -20,12 +20,23 @@ kernels, which use `apply_sinks`). With `return_lse` the lse is that of the keys
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def masked_scores(qg, k, q_pos, k_pos, k_valid, sm_scale: float, soft_cap, sliding_window):
+    """Attention scores f32[Hkv, group, Q, K] of grouped queries qg [Q, Hkv, group, D] against keys k [K, Hkv, D]:
+    scaled, soft-capped (soft_cap), and MASK_VALUE where a key is invalid (k_valid), after its query (causal by
+    position) or outside the sliding window; and that mask bool[Q, K]."""
+    s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if sliding_window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    return jnp.where(mask[None, None], s, MASK_VALUE), mask
 
 
 def _split_kv(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -40,13 +51,7 @@ def _scores_to_output(q, k, v, q_pos, k_pos, k_valid, *, sm_scale, sliding_windo
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     qg = q.reshape(num_q, num_kv_heads, group, head_dim)
-    s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    mask = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-    if sliding_window is not None:
-        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    s = jnp.where(mask[None, None], s, MASK_VALUE)
+    s, mask = masked_scores(qg, k, q_pos, k_pos, k_valid, sm_scale, soft_cap, sliding_window)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     p = jnp.where(mask[None, None], p, 0.0)

@@ -15,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxserve.kernels.reference import MASK_VALUE, _split_kv, apply_sinks, validate_inputs, validate_sinks
+from jaxserve.kernels.reference import (MASK_VALUE, _split_kv, apply_sinks, masked_scores, validate_inputs,
+                                       validate_sinks)
 
 
 def default_block_k(context: int) -> int:
@@ -84,13 +85,7 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
             k, v = _split_kv(kv_pages[pages].reshape(block_k, 2 * num_kv_heads, head_dim))
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
-            s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            mask = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            if sliding_window is not None:
-                mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-            s = jnp.where(mask, s, MASK_VALUE)
+            s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.

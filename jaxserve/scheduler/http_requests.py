@@ -4,6 +4,7 @@ Every refusal is an HttpError (400 with vLLM's wording and the offending `param`
 
 from __future__ import annotations
 
+from jaxserve.proto.messages import set_prompt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler.validation import SEED_LIMIT
 
@@ -43,22 +44,22 @@ def _integer(body: dict, name: str) -> int | None:
     return v
 
 
-def boolean(body: dict, name: str, default: bool = False) -> bool:
+def _typed(body: dict, name: str, kind: type, what: str, default=None):
+    """body[name] if it is a `kind` (`what` in the error), `default` if absent; a 400 otherwise."""
     v = body.get(name)
     if v is None:
         return default
-    if not isinstance(v, bool):
-        raise bad_request(f"{name} must be a boolean, got {v!r}.", name)
+    if not isinstance(v, kind):
+        raise bad_request(f"{name} must be {what}, got {v!r}.", name)
     return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    return _typed(body, name, bool, "a boolean", default)
 
 
 def _string(body: dict, name: str) -> str | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise bad_request(f"{name} must be a string, got {v!r}.", name)
-    return v
+    return _typed(body, name, str, "a string")
 
 
 def _is_int(v) -> bool:
@@ -240,11 +241,5 @@ def generate_requests(prompts_: list, sampling, seed, n: int, max_tokens_, sessi
                                               request_id=f"{request_id}-{i * n + j}")
             if seed is not None:
                 r.sampling.seed = (seed + j) % SEED_LIMIT
-            if isinstance(prompt, str):
-                r.text = prompt
-            else:
-                r.token_ids.ids.extend(prompt)
-            if max_tokens_ is not None:
-                r.max_tokens = max_tokens_
-            out.append(r)
+            out.append(set_prompt(r, prompt, max_tokens_))
     return out

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxserve.mempool.prefix_cache import PrefixCache
+from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.cost_model import CostModel
 from jaxserve.scheduler.reporter import InstanceReporter
@@ -221,9 +222,8 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         if self.role != role:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this instance's role is {self.role}")
         self.requests.append(request)
-        self.running += 1
         t0 = time.monotonic()
-        try:
+        with self._running(request.request_id):
             context_ids = [*request.prompt_token_ids, *request.generated_token_ids]
             if role == common_pb2.ROLE_COLOCATED:
                 cached, queued = await self._prefill(context_ids)
@@ -231,8 +231,15 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
                 cached, queued = self._match(context_ids), 0.0
             async for response in self._decode(request, context_ids, first_index, cached, t0, queued):
                 yield response
+
+    @contextlib.contextmanager
+    def _running(self, request_id: str):
+        """Counts a request as running while it is served; a cancelled one is recorded in `cancelled`."""
+        self.running += 1
+        try:
+            yield
         except asyncio.CancelledError:
-            self.cancelled.add(request.request_id)
+            self.cancelled.add(request_id)
             raise
         finally:
             self.running -= 1
@@ -253,9 +260,8 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         if self.role != common_pb2.ROLE_PREFILL:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this instance's role is {self.role}")
         self.requests.append(request)
-        self.running += 1
         t0 = time.monotonic()
-        try:
+        with self._running(inner.request_id):
             context_ids = [*inner.prompt_token_ids, *inner.generated_token_ids]
             cached, queued = await self._prefill(context_ids)
             seed = inner.sampling.seed if inner.sampling.HasField("seed") else 0
@@ -272,13 +278,10 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
                     request_id=inner.request_id, token_ids=context_ids, page_size=self.page_size),
                     timeout=context.time_remaining())
                 transferred = len(context_ids) - prep.cached_tokens
-                decode_request = instance_pb2.InstanceGenerateRequest()  # as the real prefill side sends it
-                decode_request.CopyFrom(inner)
-                decode_request.generated_token_ids.append(first)
-                decode_request.max_tokens = max(inner.max_tokens - 1, 1)
-                await peer.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(
+                await peer.CommitKvTransfer(instance_pb2.CommitKvTransferRequest(  # as the real prefill side does
                     transfer_id=prep.transfer_id, request_id=inner.request_id, start_token=prep.cached_tokens,
-                    num_tokens=transferred, insert=True, request=decode_request), timeout=context.time_remaining())
+                    num_tokens=transferred, insert=True, request=decode_request(inner, first)),
+                    timeout=context.time_remaining())
                 handle = prep.transfer_id
             self.num_generated += 1
             return instance_pb2.PrefillResponse(
@@ -286,11 +289,6 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
                 usage=common_pb2.InstanceUsage(prompt_tokens=len(context_ids), cached_tokens=cached,
                                                completion_tokens=1, ttft_s=time.monotonic() - t0,
                                                queue_time_s=queued))
-        except asyncio.CancelledError:
-            self.cancelled.add(inner.request_id)
-            raise
-        finally:
-            self.running -= 1
 
     # ------------------------------------------------------------------------------- KV transfer control
     async def PrepareKvTransfer(self, request, context):

@@ -7,10 +7,15 @@ PD-Caching-3 send-back): reservations keyed by transfer id, each moving through 
     fill      write the arrived block into the reserved pages (one scatter)                          FILLED
     commit    index the whole pages (transfer_with_insert) and count the transfer                    COMMITTED
     take      hand the pages (one reference each) to the caller: the engine, or whoever frees them
+    hand_over hand the pages to the engine (an admitted request) but keep the entry, with what waits for it,
+              until `claim` (an instance's Decode call) takes it or its deadline passes
     cancel    free every page of a pending transfer, never indexed                                   FAILED | CANCELLED
 
-Every method touches the pool: call them on the thread that owns it (an instance's engine thread). The pull
-itself (`CrossProcessTransport.fetch`) touches no pool state and may run elsewhere.
+This table is the one record of a transfer on its receiver, from prepare until its Decode call claims it.
+Every method but `claim` touches the pool: call them on the thread that owns it (an instance's engine thread).
+`claim` is called from an instance's event loop (a Decode call must not wait for an engine step), so the table
+itself is guarded by one small lock, held only around its own reads and writes, never around pool work. The
+pull itself (`CrossProcessTransport.fetch`) touches no pool state and may run elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +41,7 @@ class Reservation:
     deadline: float             # monotonic; past it, the reaper frees the pages
     state: TransferState = dataclasses.field(default_factory=TransferState)
     internal_id: str = ""       # the engine request, once admitted
+    waiter: object = None       # once handed over: what the claim returns (an instance's sink)
 
     @property
     def start_page(self) -> int:
@@ -48,6 +55,11 @@ class Reservation:
     def committed(self) -> bool:
         return self.state.state is State.COMMITTED
 
+    @property
+    def handed_over(self) -> bool:
+        """Committed and its pages given to the engine: only its claim is left."""
+        return self.waiter is not None
+
 
 class KvReceiver:
     """Reservations for incoming KV on one pool, keyed by transfer id."""
@@ -58,6 +70,7 @@ class KvReceiver:
         self.pool = pool
         self.tag = instance_tag or f"{os.getpid()}"
         self.pending: dict[str, Reservation] = {}
+        self._lock = threading.Lock()  # guards `pending` only (see the module docstring)
         self.counters = dict(kv_received_tokens=0, kv_received_bytes=0, kv_transfers=0, kv_transfer_failures=0)
 
     def prepare(self, request_id: str, tokens: Sequence[int], page_size: int = 0, timeout_s: float = float("inf"),
@@ -83,7 +96,8 @@ class KvReceiver:
         tid = f"kv-{self.tag}-{next(self._ids)}"
         r = Reservation(tid, request_id, tokens, prefix, new, caching if insert is None else (insert and caching),
                         time.monotonic() + timeout_s, TransferState(tid))
-        self.pending[tid] = r
+        with self._lock:
+            self.pending[tid] = r
         return r
 
     def _reserve(self, tokens: list[int], caching: bool) -> tuple[list[int], list[int]]:
@@ -170,33 +184,66 @@ class KvReceiver:
 
     def take(self, transfer_id: str) -> Reservation:
         """Hands a committed reservation's page references to the caller (the engine, via admission)."""
+        r = self._committed(transfer_id)
+        with self._lock:
+            del self.pending[transfer_id]
+        return r
+
+    def _committed(self, transfer_id: str) -> Reservation:
         r = self.get(transfer_id)
-        if not r.committed:
-            raise ValueError(f"KV transfer {transfer_id} is {r.state.state.value}, not committed")
-        del self.pending[transfer_id]
+        if not r.committed or r.handed_over:
+            raise ValueError(f"KV transfer {transfer_id} is {r.state.state.value}"
+                             f"{' and handed over' if r.handed_over else ''}, not committed")
+        return r
+
+    def hand_over(self, transfer_id: str, internal_id: str, waiter, timeout_s: float = float("inf")
+                  ) -> Reservation:
+        """A committed reservation's pages go to the engine request `internal_id`; the entry stays, holding
+        `waiter`, until `claim` takes it or `timeout_s` passes (`expired`)."""
+        r = self._committed(transfer_id)
+        r.internal_id, r.waiter, r.deadline = internal_id, waiter, time.monotonic() + timeout_s
+        return r
+
+    def claim(self, transfer_id: str) -> Reservation | None:
+        """Any thread: removes and returns a handed-over reservation (None if there is none: never committed,
+        aborted, expired or claimed already)."""
+        with self._lock:
+            r = self.pending.get(transfer_id)
+            if r is None or not r.handed_over:
+                return None
+            del self.pending[transfer_id]
         return r
 
     def cancel(self, transfer_id: str, failed: bool = True) -> bool:
-        """Frees a pending reservation's pages (never indexed unless it was committed). True if it existed."""
-        r = self.pending.pop(transfer_id, None)
+        """Frees a pending reservation's pages (never indexed unless it was committed; a handed-over one's
+        pages are the engine's: only the entry goes). True if it existed."""
+        with self._lock:
+            r = self.pending.pop(transfer_id, None)
         if r is None:
             return False
         if not r.state.terminal:
             r.state.to(State.FAILED if failed else State.CANCELLED)
-        self.pool.free(r.pages)
+        if not r.handed_over:
+            self.pool.free(r.pages)
         if failed:
             self.counters["kv_transfer_failures"] += 1
         return True
 
     def cancel_request(self, request_id: str) -> bool:
-        ids = [t for t, r in self.pending.items() if r.request_id == request_id]
-        for t in ids:
-            self.cancel(t)
-        return bool(ids)
+        """Cancels every reservation of `request_id` (a handed-over one is dropped without counting a failure:
+        its request is aborted in the engine by whoever asks)."""
+        with self._lock:
+            found = [r for r in self.pending.values() if r.request_id == request_id]
+        for r in found:
+            self.cancel(r.transfer_id, failed=not r.handed_over)
+        return bool(found)
 
     def expired(self, now: float | None = None) -> list[Reservation]:
         now = time.monotonic() if now is None else now
-        return [r for r in self.pending.values() if r.deadline < now]
+        with self._lock:
+            return [r for r in self.pending.values() if r.deadline < now]
 
     def held_pages(self) -> int:
-        return sum(len(r.pages) for r in self.pending.values())
+        """Pages the reservations hold (not those handed over to the engine)."""
+        with self._lock:
+            return sum(len(r.pages) for r in self.pending.values() if not r.handed_over)
