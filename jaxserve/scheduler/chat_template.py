@@ -67,7 +67,7 @@ class ChatTemplate:
     def is_plain(self) -> bool:
         return self._compiled is None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, /, **extra) -> str:
         if self._compiled is None:
             text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages)
             return text + ("assistant:" if add_generation_prompt else "")

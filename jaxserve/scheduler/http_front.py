@@ -68,7 +68,8 @@ class HttpFront:
     def __init__(self, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  served_model_names: list[str] | None = None, chat_template: str | None = None,
                  model_path=None, metrics: SchedulerMetrics | None = None, shutdown_grace_s: float = 1.0,
-                 max_body_bytes: int = 64 << 20):
+                 max_body_bytes: int = 64 << 20, max_json_depth: int = 64, max_completions_per_request: int = 256,
+                 max_prompt_bytes: int = 4 << 20):
         self.scheduler = scheduler
         self.host = host
         self.requested_port = port
@@ -87,6 +88,9 @@ class HttpFront:
                 scheduler.observer = metrics
         self.metrics = metrics
         self.shutdown_grace_s = shutdown_grace_s
+        self.max_json_depth = max_json_depth
+        self.max_completions_per_request = max_completions_per_request
+        self.max_prompt_bytes = max_prompt_bytes
         self.created = int(time.time())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -172,8 +176,12 @@ class HttpFront:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"The request body is not valid JSON: {e}.") from None
+        except RecursionError:
+            raise bad_request(f"The request body is nested too deeply: JSON arrays and objects may nest at most "
+                              f"{self.max_json_depth} deep.") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
+        hr.check_json(body, self.max_json_depth)
         model = body.get("model")
         if model is not None and model not in self.names:
             raise HttpError(404, f"The model `{model}` does not exist.", "model")
@@ -184,6 +192,8 @@ class HttpFront:
         vocab = self.scheduler.model.vocab_size
         sampling, seed, n, stream, include_usage, session = hr.options(body, False, vocab)
         prompts = hr.prompts(body, vocab)
+        hr.check_fanout(len(prompts), n, self.max_completions_per_request)
+        hr.check_prompt_bytes(hr.prompt_bytes(prompts), self.max_prompt_bytes, "prompt")
         max_tokens = hr.max_tokens(body, ("max_tokens",))
         echo = hr.boolean(body, "echo")
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -201,12 +211,14 @@ class HttpFront:
         body = await self._body(request)
         sampling, seed, n, stream, include_usage, session = hr.options(body, True, self.scheduler.model.vocab_size)
         messages = hr.messages(body)
+        hr.check_fanout(1, n, self.max_completions_per_request)
+        hr.check_prompt_bytes(sum(len((m["content"] or "").encode("utf-8")) for m in messages),
+                              self.max_prompt_bytes, "messages")
         max_tokens = hr.max_tokens(body, ("max_completion_tokens", "max_tokens"))
         add_generation_prompt = hr.boolean(body, "add_generation_prompt", True)
-        extra = body.get("chat_template_kwargs") or {}
-        if not isinstance(extra, dict):
-            raise bad_request("chat_template_kwargs must be an object.", "chat_template_kwargs")
+        extra = hr.template_kwargs(body)
         text = self.template.render(messages, add_generation_prompt, **extra)
+        hr.check_prompt_bytes(len(text.encode("utf-8")), self.max_prompt_bytes, "messages")
         tok = self.scheduler.model.tokenizer
         if tok is None:
             raise bad_request(f"This scheduler has no tokenizer for model {self.scheduler.model.name!r}: use "

@@ -4,6 +4,8 @@ Every refusal is an HttpError (400 with vLLM's wording and the offending `param`
 
 from __future__ import annotations
 
+import re
+
 from jaxserve.proto.messages import set_prompt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler.validation import SEED_LIMIT
@@ -22,6 +24,79 @@ class HttpError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, message, param)
+
+
+def _top(path: str) -> str | None:
+    """The top-level field of a JSON path like `messages[0].content` (the error's `param`)."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
+
+
+def _check_string(s: str, path: str) -> None:
+    if s.isascii():
+        return
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{path or 'The request body'} contains a lone surrogate ({s[e.start]!r}): strings must "
+                          "be valid Unicode (UTF-8 encodable, no unpaired \\ud800-\\udfff escapes).",
+                          _top(path)) from None
+
+
+def check_json(body, max_depth: int) -> None:
+    """Walks the parsed body without recursion: arrays and objects nest at most `max_depth` deep (the body
+    itself is depth 1), and every string and key is valid Unicode. A 400 naming the field otherwise."""
+    stack = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > max_depth:
+            raise bad_request(f"The request body is nested too deeply at {path}: JSON arrays and objects may "
+                              f"nest at most {max_depth} deep.", _top(path))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, v in items:
+            if isinstance(key, str):
+                _check_string(key, f"{path}.{key}" if path else key)
+                child = f"{path}.{key}" if path else key
+            else:
+                child = f"{path}[{key}]"
+            if isinstance(v, str):
+                _check_string(v, child)
+            elif isinstance(v, (dict, list)):
+                stack.append((v, child, depth + 1))
+
+
+def prompt_bytes(prompts_: list) -> int:
+    """The size of completion prompts as the limit counts it: UTF-8 bytes of text, 4 bytes per token id."""
+    return sum(len(p.encode("utf-8")) if isinstance(p, str) else 4 * len(p) for p in prompts_)
+
+
+def check_fanout(num_prompts: int, n: int, limit: int) -> None:
+    if num_prompts * n > limit:
+        raise bad_request(f"This request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} completions; "
+                          f"at most {limit} are allowed per request (prompts x n <= {limit}).", "n")
+
+
+def check_prompt_bytes(size: int, limit: int, param: str) -> None:
+    if size > limit:
+        raise bad_request(f"The prompt is {size} bytes (UTF-8 text, 4 bytes per token id); at most {limit} bytes "
+                          "are allowed per request.", param)
+
+
+# Names the chat template's render sets itself: chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def template_kwargs(body: dict) -> dict:
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise bad_request(f"chat_template_kwargs must be an object, got {extra!r:.80}.", "chat_template_kwargs")
+    bad = [k for k in extra if k in RESERVED_TEMPLATE_KWARGS]
+    if bad:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}: the server sets "
+                          f"{', '.join(RESERVED_TEMPLATE_KWARGS)} itself (use the request's messages and "
+                          "add_generation_prompt fields).", "chat_template_kwargs")
+    return extra
 
 
 def _number(body: dict, name: str) -> float | None:

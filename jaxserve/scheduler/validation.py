@@ -11,6 +11,7 @@ from jaxserve.scheduler.errors import InvalidRequest
 from jaxserve.scheduler.tokenizer import ModelInfo
 
 SEED_LIMIT = 2**32
+REQUEST_ID_MAX_LEN = 128  # a request id is echoed in every streamed response and in logs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,19 @@ def check_sampling(sampling: common_pb2.SamplingParams, vocab_size: int) -> None
             raise InvalidRequest(f"stop_token_ids must be in the vocabulary [0, {vocab_size}), got {t}.")
 
 
+def check_request_id(request_id: str) -> None:
+    """A client's request_id: at most REQUEST_ID_MAX_LEN characters of printable ASCII without spaces."""
+    if len(request_id) > REQUEST_ID_MAX_LEN:
+        raise InvalidRequest(f"request_id must be at most {REQUEST_ID_MAX_LEN} characters, got {len(request_id)}.")
+    if not all("!" <= c <= "~" for c in request_id):
+        raise InvalidRequest(f"request_id may contain only printable ASCII characters without spaces ('!' to "
+                             f"'~'), got {request_id[:80]!r}.")
+
+
 def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
              default_max_tokens: int, request_id: str, arrival: float = 0.0) -> ValidRequest:
     """Raises InvalidRequest with the client-facing message."""
+    check_request_id(request.request_id)
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("The request has no prompt: set either text or token_ids.")

@@ -1,0 +1,157 @@
+"""Issue 16 ("Lock the doors"): hostile or malformed client input is a 400 (gRPC: INVALID_ARGUMENT) naming the
+field and what is allowed, never a 500, and one request cannot fan out or grow without bound."""
+
+import json
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("aiohttp")
+grpc = pytest.importorskip("grpc")
+
+from jaxserve.proto.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
+from test_http_front import MODEL, cluster, raw, run  # noqa: E402
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def post(http, path, body):
+    """A raw POST; json.dumps escapes a lone surrogate as \\ud800, as any JSON client would send it."""
+    return await raw(http, "POST", path, data=json.dumps(body).encode(), headers=JSON)
+
+
+def assert_400(code, err, param, *fragments):
+    assert code == 400, (code, err)
+    e = err["error"]
+    assert e["type"] == "BadRequestError" and e["code"] == 400, e
+    assert e["param"] == param, e
+    for fragment in fragments:
+        assert fragment in e["message"], (fragment, e["message"])
+
+
+def test_lone_surrogates_are_400_naming_the_field():
+    chat = [{"role": "user", "content": "hi"}]
+    cases = [
+        ("/v1/completions", {"prompt": "a\ud800b"}, "prompt", "prompt contains a lone surrogate"),
+        ("/v1/completions", {"prompt": ["ok", "\ud800"]}, "prompt", "prompt[1] contains a lone surrogate"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["\udfff"]}, "stop", "stop[0]"),
+        ("/v1/completions", {"prompt": "hi", "session_id": "s\ud800"}, "session_id", "session_id"),
+        ("/v1/completions", {"prompt": "hi", "\ud800": 1}, None, "lone surrogate"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages",
+         "messages[0].content contains a lone surrogate"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+         "messages", "messages[0].content[0].text"),
+        ("/v1/chat/completions", {"messages": chat, "session_id": "\ud800"}, "session_id", "session_id"),
+    ]
+
+    async def body():
+        async with cluster() as (http, fakes, client):
+            for path, b, param, fragment in cases:
+                code, err = await post(http, path, {"model": MODEL, "max_tokens": 2, **b})
+                if param is None:
+                    param = err["error"]["param"]  # the key itself is the field
+                assert_400(code, err, param, fragment, "valid Unicode")
+            assert fakes[0].requests == []
+    run(body(), timeout=30)
+
+
+def test_deep_json_is_400_naming_the_limit():
+    async def body():
+        async with cluster() as (http, fakes, client):
+            for depth in (100_000, 1_000, 100):
+                data = b'{"model": "byte", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
+                code, err = await raw(http, "POST", "/v1/completions", data=data, headers=JSON)
+                assert code == 400, (depth, code, err)
+                assert "nested too deeply" in err["error"]["message"] and "at most 64 deep" in err["error"]["message"]
+            # Within the limit the ordinary checks answer.
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": [[[1]]]})
+            assert_400(code, err, "prompt", "prompt must be a string")
+        async with cluster(front=dict(max_json_depth=3)) as (http, fakes, client):
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": [[[1]]]})
+            assert_400(code, err, "prompt", "nested too deeply at prompt[0][0]", "at most 3 deep")
+    run(body(), timeout=30)
+
+
+def test_chat_template_kwargs_cannot_override_the_render_arguments():
+    msgs = [{"role": "user", "content": "hi"}]
+
+    async def body():
+        async with cluster() as (http, fakes, client):
+            for kwargs in ({"messages": []}, {"add_generation_prompt": False}, {"bos_token": "x"}):
+                code, err = await post(http, "/v1/chat/completions",
+                                       {"model": MODEL, "messages": msgs, "chat_template_kwargs": kwargs})
+                assert_400(code, err, "chat_template_kwargs", f"may not set {next(iter(kwargs))}",
+                           "messages, add_generation_prompt, bos_token, eos_token")
+            code, err = await post(http, "/v1/chat/completions",
+                                   {"model": MODEL, "messages": msgs, "chat_template_kwargs": [1]})
+            assert_400(code, err, "chat_template_kwargs", "must be an object")
+            # Other names still reach the template.
+            code, ok = await post(http, "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2,
+                                                                 "chat_template_kwargs": {"enable_thinking": False}})
+            assert code == 200, ok
+    run(body(), timeout=30)
+
+
+def test_prompts_times_n_is_capped():
+    async def body():
+        async with cluster() as (http, fakes, client):
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 3, "n": 100})
+            assert_400(code, err, "n", "3 prompt(s) x n=100 = 300", "prompts x n <= 256")
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 300})
+            assert_400(code, err, "n", "prompts x n <= 256")
+            assert fakes[0].requests == []
+        async with cluster(front=dict(max_completions_per_request=4)) as (http, fakes, client):
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "n": 3})
+            assert_400(code, err, "n", "prompts x n <= 4")
+            code, err = await post(http, "/v1/chat/completions",
+                                   {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 5})
+            assert_400(code, err, "n", "prompts x n <= 4")
+            code, ok = await post(http, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "n": 2,
+                                                            "max_tokens": 1})
+            assert code == 200 and len(ok["choices"]) == 4, ok
+    run(body(), timeout=30)
+
+
+def test_prompt_bytes_are_capped_before_tokenizing():
+    async def body():
+        async with cluster() as (http, fakes, client):
+            tok = http.scheduler.model.tokenizer
+            calls = []
+            encode = tok.encode
+            tok.encode = lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1]
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": "a" * (5 << 20)})
+            assert_400(code, err, "prompt", f"{5 << 20} bytes", f"at most {4 << 20} bytes")
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": ["a" * (3 << 20)] * 2})
+            assert_400(code, err, "prompt", f"at most {4 << 20} bytes")
+            code, err = await post(http, "/v1/chat/completions",
+                                   {"model": MODEL, "messages": [{"role": "user", "content": "é" * (3 << 20)}]})
+            assert_400(code, err, "messages", f"{6 << 20} bytes", f"at most {4 << 20} bytes")
+            assert calls == []  # nothing was tokenized
+        async with cluster(front=dict(max_prompt_bytes=100)) as (http, fakes, client):
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": [[1] * 26]})
+            assert_400(code, err, "prompt", "104 bytes", "at most 100 bytes")
+            code, ok = await post(http, "/v1/completions", {"model": MODEL, "prompt": "a" * 100, "max_tokens": 1})
+            assert code == 200, ok
+    run(body(), timeout=60)
+
+
+def test_request_id_length_and_charset_over_grpc():
+    async def generate(address, request_id):
+        request = scheduler_pb2.GenerateRequest(text="hi", max_tokens=1, request_id=request_id)
+        async with grpc.aio.insecure_channel(address) as channel:
+            return [r async for r in scheduler_pb2_grpc.SchedulerStub(channel).Generate(request)]
+
+    async def body():
+        async with cluster() as (http, fakes, client):
+            address = http.scheduler.address
+            for rid, fragment in (("x" * 129, "request_id must be at most 128 characters, got 129"),
+                                  ("a b", "printable ASCII characters without spaces"),
+                                  ("é", "printable ASCII"), ("a\nb", "printable ASCII")):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await generate(address, rid)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rid
+                assert fragment in e.value.details(), (rid, e.value.details())
+            assert fakes[0].requests == []
+            out = await generate(address, "r" * 128)
+            assert out and all(r.request_id == "r" * 128 for r in out)
+    run(body(), timeout=30)
