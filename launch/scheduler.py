@@ -47,6 +47,10 @@ flags.DEFINE_string("http_host", None, "address the HTTP API binds (default: --h
 flags.DEFINE_string("api_key", None, "HTTP API key (Authorization: Bearer); default $JAXSERVE_API_KEY, unset: none")
 flags.DEFINE_list("served_model_name", None, "model names the HTTP API answers to (default: --model)")
 flags.DEFINE_string("chat_template", None, "chat template (a file or the template text) instead of the model's")
+flags.DEFINE_integer("http_max_json_depth", 64, "HTTP bodies: JSON arrays and objects nest at most this deep")
+flags.DEFINE_integer("http_max_completions_per_request", 256, "HTTP: at most this many prompts x n per request")
+flags.DEFINE_integer("http_max_prompt_bytes", 4 << 20, "HTTP: prompt bytes per request (UTF-8 text, 4 per token "
+                     "id), checked before tokenizing")
 FLAGS = flags.FLAGS
 
 
@@ -68,7 +72,9 @@ async def serve(config: GlobalSchedulerConfig) -> None:
         front = HttpFront(scheduler, host=FLAGS.http_host or config.host, port=FLAGS.http_port,
                           api_key=FLAGS.api_key or os.environ.get("JAXSERVE_API_KEY"),
                           served_model_names=FLAGS.served_model_name, chat_template=FLAGS.chat_template,
-                          shutdown_grace_s=config.shutdown_grace_s)
+                          shutdown_grace_s=config.shutdown_grace_s, max_json_depth=FLAGS.http_max_json_depth,
+                          max_completions_per_request=FLAGS.http_max_completions_per_request,
+                          max_prompt_bytes=FLAGS.http_max_prompt_bytes)
         await front.start()
         logging.info("OpenAI HTTP API and /metrics on %s", front.url)
     stop = asyncio.Event()
