@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app, flags
+
+from jaxserve.bench.timing import least_seconds
 
 flags.DEFINE_integer("repeats", 5, "timed repeats (least kept)")
 flags.DEFINE_string("out", "out/bench_cpu_ops.json", "JSON output")
@@ -20,14 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def _ms(fn, *args) -> float:
-    import jax
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return least_seconds(fn, *args, repeats=FLAGS.repeats) * 1e3
 
 
 def _rows():

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 from absl import app, flags
+
+from jaxserve.bench.timing import least_seconds
 
 flags.DEFINE_list("lengths", ["544", "4096"], "prompt lengths (one prefill step each)")
 flags.DEFINE_integer("hidden", 256, "hidden size")
@@ -30,14 +31,7 @@ PAGE = 16
 
 
 def _best(fn, *args):
-    import jax
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+    return least_seconds(fn, *args, repeats=FLAGS.repeats)
 
 
 def _profile(length: int) -> list[dict]:
