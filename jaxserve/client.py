@@ -231,8 +231,11 @@ class Client(_Connected):
     def stats(self, timeout_s: float | None = None) -> scheduler_pb2.SchedulerStats:
         return self._unary(self._stub.GetStats, scheduler_pb2.SchedulerStatsRequest(), timeout_s)
 
-    def drain_instance(self, instance_id: str, drain_timeout_s: float = 0.0, timeout_s: float | None = None) -> int:
-        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s)
+    def drain_instance(self, instance_id: str, drain_timeout_s: float = 0.0, timeout_s: float | None = None,
+                       wait: bool = False) -> int:
+        """Take an instance out of routing and have it drain; returns at once, or with wait=True once its
+        running requests finished (or drain_timeout_s / timeout_s passed). Returns the requests still running."""
+        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s, wait=wait)
         return self._unary(self._stub.DrainInstance, request, timeout_s).num_unfinished
 
     def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
@@ -294,8 +297,9 @@ class AsyncClient(_Connected):
         return await self._unary(self._stub.GetStats, scheduler_pb2.SchedulerStatsRequest(), timeout_s)
 
     async def drain_instance(self, instance_id: str, drain_timeout_s: float = 0.0,
-                             timeout_s: float | None = None) -> int:
-        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s)
+                             timeout_s: float | None = None, wait: bool = False) -> int:
+        """See Client.drain_instance."""
+        request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, timeout_s=drain_timeout_s, wait=wait)
         return (await self._unary(self._stub.DrainInstance, request, timeout_s)).num_unfinished
 
     async def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:

@@ -334,7 +334,7 @@ def test_health_service_serving_and_not_serving():
             await eventually(lambda: scheduler.router.instances[fake.instance_id].routable)
             assert await client.health() == "SERVING"
             # Draining: not routed, and the instance is asked to drain.
-            assert await client.drain_instance(fake.instance_id, drain_timeout_s=1.0) == 0
+            assert await client.drain_instance(fake.instance_id, drain_timeout_s=1.0, wait=True) == 0
             assert fake.draining and await client.health() == "NOT_SERVING"
             await scheduler.stop(0)
             with pytest.raises(ClientError):
@@ -345,6 +345,30 @@ def test_health_service_serving_and_not_serving():
                 await fake.kill()
             await scheduler.stop(0)
     run(body())
+
+
+def test_drain_instance_returns_once_out_of_routing_and_waits_on_request():
+    async def body():
+        async with cluster(n=2, fake=dict(token_delay_s=0.01)) as (scheduler, fakes, client):
+            # Without wait: returns at once (the instance deregistering must not leave the call hanging).
+            assert await client.drain_instance("fake-0", timeout_s=15.0) == 0
+            info = {i.instance_id: i for i in await client.list_instances()}
+            assert "fake-0" not in info or info["fake-0"].state == scheduler_pb2.INSTANCE_STATE_DRAINING
+            await eventually(lambda: fakes[0].draining and "fake-0" not in scheduler.router.instances,
+                             what="fake-0 drained and deregistered")
+            d = [d async for d in client.stream("after drain", max_tokens=4)][-1]
+            assert d.usage.instance_id == "fake-1"
+            # With wait: returns once the running request finished, with nothing left.
+            stream = client.stream("long one", max_tokens=60)
+            first = await stream.__anext__()
+            assert first.token_ids
+            drain = asyncio.ensure_future(client.drain_instance("fake-1", wait=True, timeout_s=15.0))
+            rest = [d async for d in stream]
+            assert rest[-1].usage.instance_id == "fake-1"
+            assert await drain == 0
+            assert fakes[1].running == 0 and fakes[1].draining
+            await eventually(lambda: "fake-1" not in scheduler.router.instances, what="fake-1 deregistered")
+    run(body(), timeout=30.0)
 
 
 def test_instance_reregisters_after_scheduler_forgets_it():

@@ -173,12 +173,29 @@ class InstanceRegistry:
         self.notify_changed()
 
     def _maybe_close_channel(self, record: InstanceRecord) -> None:
-        if record.removed and not record.attempts and record.channel is not None:
+        if record.removed and not record.attempts and not record.pins and record.channel is not None:
             channel, record.channel = record.channel, None
             self.spawn(channel.close())
 
     def on_attempt_closed(self, record: InstanceRecord) -> None:
         if record.removed:
+            self._maybe_close_channel(record)
+
+    async def drain(self, record: InstanceRecord, timeout_s: float) -> int | grpc.aio.AioRpcError:
+        """Ask the instance to drain (Instance.Drain): it refuses new requests, lets its running ones finish (up
+        to timeout_s, 0: no limit) and deregisters. Returns how many it left running, or the call's error. The
+        channel stays open meanwhile: the instance deregisters before it answers, and closing the channel
+        then would cancel this call and leave it without an answer."""
+        record.pins += 1
+        try:
+            resp = await record.stub.Drain(instance_pb2.DrainRequest(timeout_s=timeout_s),
+                                           timeout=timeout_s + 30.0 if timeout_s else None)
+            return resp.num_unfinished
+        except grpc.aio.AioRpcError as e:
+            log.warning("instance %s: Drain failed (%s: %s)", record.instance_id, e.code().name, e.details())
+            return e
+        finally:
+            record.pins -= 1
             self._maybe_close_channel(record)
 
     # ------------------------------------------------------------------------------------------ health

@@ -55,6 +55,7 @@ class InstanceRecord:
     probing: bool = False
     removed: bool = False
     attempts: set = dataclasses.field(default_factory=set)  # calls in flight on it (gRPC layer)
+    pins: int = 0  # other calls on its channel (Drain) that must outlive its retirement
     channel: Any = None
     stub: Any = None
     health_stub: Any = None

@@ -10,6 +10,7 @@ the core and maps its errors (`jaxserve.scheduler.errors`) to gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -17,7 +18,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from jaxserve.proto.v1 import instance_pb2, scheduler_pb2, scheduler_pb2_grpc
+from jaxserve.proto.v1 import scheduler_pb2, scheduler_pb2_grpc
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.core import SchedulerCore
 from jaxserve.scheduler.errors import SchedulerError
@@ -136,17 +137,25 @@ class _Servicer(scheduler_pb2_grpc.SchedulerServicer):
         return self.core.scheduler_stats()
 
     async def DrainInstance(self, request, context):
+        """Out of routing now; the instance drains in the background (Instance.Drain). Without `wait`, returns
+        at once; with it, once the instance finished its requests, or just before the call's deadline."""
         record = self.instances.router.instances.get(request.instance_id)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r}")
         record.state = DRAINING
         self.instances.notify_changed()
-        try:
-            resp = await record.stub.Drain(instance_pb2.DrainRequest(timeout_s=request.timeout_s),
-                                           timeout=context.time_remaining())
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), f"instance {request.instance_id}: {e.details()}")
-        return scheduler_pb2.DrainInstanceResponse(num_unfinished=resp.num_unfinished)
+        task = self.instances.spawn(self.instances.drain(record, request.timeout_s))
+        if not request.wait or task is None:
+            return scheduler_pb2.DrainInstanceResponse(num_unfinished=len(record.attempts))
+        remaining = context.time_remaining()
+        budget = None if remaining is None else max(0.0, remaining - min(0.5, 0.1 * remaining))
+        done, _ = await asyncio.wait({task}, timeout=budget)  # on timeout the drain goes on regardless
+        if not done:
+            return scheduler_pb2.DrainInstanceResponse(num_unfinished=len(record.attempts))
+        result = task.result()
+        if isinstance(result, grpc.aio.AioRpcError):
+            await context.abort(result.code(), f"instance {request.instance_id}: {result.details()}")
+        return scheduler_pb2.DrainInstanceResponse(num_unfinished=result)
 
     async def Register(self, request, context):
         try:

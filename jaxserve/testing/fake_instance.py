@@ -329,4 +329,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         deadline = time.monotonic() + (request.timeout_s or float("inf"))
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self.reporter is not None:  # as the real instance does: deregister once drained
+            await self.reporter.stop(deregister=True)
+            self.reporter = None
         return instance_pb2.DrainResponse(num_unfinished=self.running)

@@ -172,12 +172,14 @@ class SchedulerStats(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_rejected: _Optional[int] = ..., num_failed: _Optional[int] = ..., num_migrations: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., hit_rate: _Optional[float] = ..., predicted_cached_tokens: _Optional[int] = ..., trees: _Optional[_Iterable[_Union[PromptTreeStats, _Mapping]]] = ...) -> None: ...
 
 class DrainInstanceRequest(_message.Message):
-    __slots__ = ("instance_id", "timeout_s")
+    __slots__ = ("instance_id", "timeout_s", "wait")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     timeout_s: float
-    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    wait: bool
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ...) -> None: ...
 
 class DrainInstanceResponse(_message.Message):
     __slots__ = ("num_unfinished",)
