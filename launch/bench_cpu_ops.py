@@ -41,6 +41,22 @@ def _rows():
     rows.append(("dot 544x256x1024", "bf16, f32 accumulation", _ms(jax.jit(
         lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)), a.astype(bf), b.astype(bf))))
 
+    # The gated MLP of a 768-token prefill bucket: f32; bf16 weights with bf16 inputs and f32 accumulation
+    # (model.layers.Linear's path); the same with the weights first promoted to f32 (what nn.Dense did).
+    x = jnp.ones((768, 256))
+    w = [jnp.full(shape, 0.01, bf) for shape in ((256, 1024), (256, 1024), (1024, 256))]
+
+    def mlp(cast, promote):
+        def dot(u, v):
+            v = v.astype(jnp.float32) if promote else v
+            return jnp.dot(cast(u), cast(v), preferred_element_type=jnp.float32)
+        return jax.jit(lambda x, a, b, c: dot(jax.nn.silu(dot(x, a)) * dot(x, b), c))
+
+    f32_weights = [v.astype(jnp.float32) for v in w]
+    rows.append(("MLP 768x256x1024", "f32", _ms(mlp(lambda u: u, False), x, *f32_weights)))
+    rows.append(("MLP 768x256x1024", "bf16 weights, bf16 in, f32 acc", _ms(mlp(lambda u: u.astype(bf), False), x, *w)))
+    rows.append(("MLP 768x256x1024", "same, weights via f32", _ms(mlp(lambda u: u.astype(bf), True), x, *w)))
+
     for dtype in (jnp.float32, bf):
         k = jnp.ones((8, 1, 128), dtype)
         slots, offsets = jnp.arange(1, 9, dtype=jnp.int32), jnp.zeros(8, jnp.int32)

@@ -285,9 +285,9 @@ class EngineLoop:
             live = self._live.get(req.request_id)
             if live is None:
                 continue  # a profiling request
-            ready = req.ready_output_token_ids
-            new = ready[live.sent:]
-            live.sent = len(ready)
+            known = req.num_known_tokens - len(req.prompt_token_ids)  # outputs on the host (no PENDING)
+            new = req.output_token_ids[live.sent:known]
+            live.sent = known
             self.counters["generated_tokens"] += len(new)
             if req.finish_reason == "prefilled":
                 self._prefilled(live)

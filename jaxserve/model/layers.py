@@ -60,8 +60,8 @@ class Embedding(nn.Module):
 class Linear(nn.Module):
     """x @ kernel (+ bias), params "kernel" [in, out] and "bias" [out] in `param_dtype`, result in `dtype`.
     When the two differ (bf16 weights under f32 activations) the inputs are rounded to the weights' dtype and
-    the dot accumulates in f32: XLA:CPU's fastest dot. Written out rather than `nn.Dense` because flax would
-    first promote the weights to f32, and XLA does not fold that round trip (the dot then runs at f32 speed)."""
+    the dot accumulates in f32: XLA:CPU's fastest dot. Written out rather than `nn.Dense` so the dot is fed
+    the bf16 weights directly instead of relying on XLA to fold flax's f32 promotion of them."""
 
     features: int
     dtype: jnp.dtype
