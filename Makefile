@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m launch.demo            # offline API: multi-turn chat, per-turn cached tokens and TTFT
-	$(VENV)/bin/python -m launch.demo_cluster    # the same chat through a local gRPC cluster and the client
+	$(VENV)/bin/python -m jaxserve.launch.demo            # offline API: multi-turn chat, per-turn cached tokens and TTFT
+	$(VENV)/bin/python -m jaxserve.launch.demo_cluster    # the same chat through a local gRPC cluster and the client
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q -x --durations=15

@@ -1,4 +1,4 @@
-"""`python tests/kv_fault_instance.py DIE_FILE --flags of launch.instance`: launch.instance whose server exits
+"""`python tests/kv_fault_instance.py DIE_FILE --flags of jaxserve.launch.instance`: jaxserve.launch.instance whose server exits
 abruptly (status 17) when a CommitKvTransfer arrives once DIE_FILE exists, as a crash between prepare and
 commit would. The fault is this test-side subclass; production code has no hook for it."""
 
@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 
 from jaxserve.instance.server import InstanceServer  # noqa: E402
-from launch import instance as launcher  # noqa: E402
+from jaxserve.launch import instance as launcher  # noqa: E402
 
 
 def dying_server(die_file: str):

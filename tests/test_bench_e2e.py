@@ -94,9 +94,9 @@ def test_bench_has_no_jax():
 
 
 def test_bench_settings_build_their_clusters():
-    """Every setting builds a launch.local cluster (not started): pd = 1 prefill + 1 decode, basic; pd+cache =
+    """Every setting builds a jaxserve.launch.local cluster (not started): pd = 1 prefill + 1 decode, basic; pd+cache =
     the chosen caching mode; colocated = 2 colocated instances with or without prefix caching."""
-    from launch.bench import SETTINGS, cluster_for, kv_moved
+    from jaxserve.launch.bench import SETTINGS, cluster_for, kv_moved
     roles = {}
     for s in SETTINGS:
         c = cluster_for(s, "locality", pd_cache_mode="caching2")
@@ -113,7 +113,7 @@ def test_bench_settings_build_their_clusters():
 
 
 def test_shape_twin_warmup_has_the_shapes_and_none_of_the_tokens():
-    from launch.bench import make_workload, shape_twin
+    from jaxserve.launch.bench import make_workload, shape_twin
     wl = make_workload("multi_turn", seed=0)
     twin = shape_twin(wl)
     assert twin.prompt_lengths() == wl.prompt_lengths() and twin.sessions == wl.sessions

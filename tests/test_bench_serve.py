@@ -1,4 +1,4 @@
-"""Helpers of launch/bench_serve.py (jaxserve/bench/openai_client.py): event-stream parsing, token chunks, decode statistics, the table."""
+"""Helpers of jaxserve/launch/bench_serve.py (jaxserve/bench/openai_client.py): event-stream parsing, token chunks, decode statistics, the table."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The disaggregated path served over gRPC: a scheduler plus a prefill and a decode instance, the KV moving by
 `jax.experimental.transfer` with its control carried by PrepareKvTransfer / CommitKvTransfer.
 
-- processes (launch.instance, demo model, caching2): greedy streams equal offline `LLM.generate` (colocated,
+- processes (jaxserve.launch.instance, demo model, caching2): greedy streams equal offline `LLM.generate` (colocated,
   uncached); a session's second turn sends only the KV the decode side lacks (stats); a reservation never
   committed is freed at its deadline; no leaked pages on either side; the decode process dying before commit
   ends the request with a clear UNAVAILABLE in bounded time and leaves the prefill side clean.
@@ -58,11 +58,11 @@ async def clean(address) -> bool:
 
 
 def spawn(role, scheduler, env, die_before_commit=None, **extra):
-    """launch.instance as a process; die_before_commit=PATH: tests/kv_fault_instance.py instead, which exits
+    """jaxserve.launch.instance as a process; die_before_commit=PATH: tests/kv_fault_instance.py instead, which exits
     when a CommitKvTransfer arrives once PATH exists."""
     flags = dict(ENGINE_FLAGS, role=role, scheduler=scheduler, instance_id=f"{role}-0", pd_mode="caching2",
                  shutdown_grace_s=0, kv_transfer_timeout_s=3, **extra)
-    cmd = [sys.executable, "-m", "launch.instance"] if die_before_commit is None else \
+    cmd = [sys.executable, "-m", "jaxserve.launch.instance"] if die_before_commit is None else \
         [sys.executable, str(ROOT / "tests" / "kv_fault_instance.py"), str(die_before_commit)]
     return subprocess.Popen(cmd + [f"--{k}={v}" for k, v in flags.items()],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -219,7 +219,7 @@ def test_health_drain_profile_and_unimplemented_roles():
 
 # ------------------------------------------------------------------------------- instance killed mid-stream
 def test_killed_instance_process_ends_in_migrated_or_failed_request():
-    """Two instance processes (launch.instance, demo model); SIGKILL the one serving a stream: the request
+    """Two instance processes (jaxserve.launch.instance, demo model); SIGKILL the one serving a stream: the request
     completes on the other with the same greedy tokens (migrated), or fails with UNAVAILABLE, in bounded time."""
     async def body():
         scheduler = Scheduler(GlobalSchedulerConfig(port=0, **FAST), ModelInfo.byte_level(1024))
@@ -229,7 +229,7 @@ def test_killed_instance_process_ends_in_migrated_or_failed_request():
         try:
             for k in range(2):
                 procs[f"proc-{k}"] = subprocess.Popen(
-                    [sys.executable, "-m", "launch.instance", f"--scheduler={scheduler.address}",
+                    [sys.executable, "-m", "jaxserve.launch.instance", f"--scheduler={scheduler.address}",
                      f"--instance_id=proc-{k}", "--model=demo", "--page_size=16", "--num_pages=64",
                      "--max_num_batched_tokens=64", "--shutdown_grace_s=0"],
                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

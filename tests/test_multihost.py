@@ -53,13 +53,13 @@ def _save_tiny_model(tmp_path):
 
 
 def _instance_cmd(scheduler_address, folder, *extra):
-    return [sys.executable, "-m", "launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
+    return [sys.executable, "-m", "jaxserve.launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
             "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
             "--compilation_cache=off", *extra]
 
 
 def _launch_two_process_instance(scheduler_address, folder, tmp_path, *extra, name="proc"):
-    """`launch.instance --num_processes=2` (process 0 leads); returns the processes and a log reader."""
+    """`jaxserve.launch.instance --num_processes=2` (process 0 leads); returns the processes and a log reader."""
     cmd = _instance_cmd(scheduler_address, folder, "--tp=8", "--local_cpu_devices=4",
                         f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", *extra)
     logs = [open(tmp_path / f"{name}{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
@@ -282,7 +282,7 @@ def test_leader_and_follower_run_the_same_device_ops():
 
 
 def test_served_two_process_instance_matches_offline(tmp_path):
-    """launch.instance with --num_processes=2 (process 0 serves gRPC, process 1 follows) behind the global
+    """jaxserve.launch.instance with --num_processes=2 (process 0 serves gRPC, process 1 follows) behind the global
     scheduler: greedy streams equal the offline single-process 8-device engine's on the same checkpoint."""
     import asyncio
 

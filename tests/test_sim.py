@@ -115,7 +115,7 @@ def test_pd_caching2_sends_nothing_back():
 
 
 def test_table_prefill_fraction_and_validate_compare(tmp_path):
-    from launch.sim import compare, prefill_fraction
+    from jaxserve.launch.sim import compare, prefill_fraction
     assert prefill_fraction("0.25", "loogle") == 0.25
     assert prefill_fraction("sharegpt:0.125,loogle:0.5", "sharegpt") == 0.125
     assert prefill_fraction("sharegpt:0.125", "react") == 0.5
@@ -127,9 +127,9 @@ def test_table_prefill_fraction_and_validate_compare(tmp_path):
 
 
 def test_calibration_fit_recovers_a_per_chunk_cost():
-    """fit_samples (launch.sim calibrate / refit): prefill samples whose time has a per-chunk overhead and
+    """fit_samples (jaxserve.launch.sim calibrate / refit): prefill samples whose time has a per-chunk overhead and
     decode samples are fitted back exactly by the 6-term step model."""
-    from launch.sim import fit_samples
+    from jaxserve.launch.sim import fit_samples
     true = LinearStep(6e-4, 4e-5, 1.3e-7, 7e-5, 1.3e-6, 3.6e-3)
     samples = []
     for n in (32, 128, 256, 512, 896):

@@ -1,4 +1,4 @@
-"""A pool in another process, for the transfer benchmark (launch/bench_disagg.py) and tests: `KvPeerServer`
+"""A pool in another process, for the transfer benchmark (jaxserve/launch/bench_disagg.py) and tests: `KvPeerServer`
 serves one MemPool to `KvPeer` clients with the serving code's receive path (`transfer.KvReceiver` +
 `CrossProcessTransport`); a tiny control channel (newline-delimited JSON over loopback TCP, never pickle)
 stands in for the instance gRPC API. Not used for serving."""

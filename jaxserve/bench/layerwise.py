@@ -1,4 +1,4 @@
-"""Benchmark baseline without aggregation (launch/bench_disagg.py, tests/test_transfer.py): the KV of each layer's
+"""Benchmark baseline without aggregation (jaxserve/launch/bench_disagg.py, tests/test_transfer.py): the KV of each layer's
 K and V moves separately, 2 x layers gathers, device_puts and scatters per request, as a system whose cache is
 one array per layer and per K/V would do. Not used for serving."""
 

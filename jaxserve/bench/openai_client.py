@@ -1,4 +1,4 @@
-"""Streamed OpenAI completions over HTTP (aiohttp) and their statistics, for `launch/bench_serve.py`: an
+"""Streamed OpenAI completions over HTTP (aiohttp) and their statistics, for `jaxserve/launch/bench_serve.py`: an
 event-stream parser, one timed streaming request (TTFT = first chunk that carries a token), batch decode rate,
 and the markdown table with ratios. No jax, no flags (so tests can import it beside other launchers)."""
 

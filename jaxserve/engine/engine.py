@@ -67,7 +67,7 @@ def check_parallelism(model_config: ModelConfig, tp: int, ep: int = 1, seq: int 
 
 def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None) -> str:
     """The KV pool's dtype: the model's, except bf16 on CPU, which is stored in f32: XLA:CPU upcasts a bf16
-    scatter through the whole cache (`launch.bench_cpu_ops`: 24-42 ms per layer write of 8 tokens into a 33 MB
+    scatter through the whole cache (`jaxserve.launch.bench_cpu_ops`: 24-42 ms per layer write of 8 tokens into a 33 MB
     cache, against 0.009 ms in f32), so the in-place KV write only stays in place in f32 there."""
     if (platform or jax.default_backend()) == "cpu":
         return "float32"

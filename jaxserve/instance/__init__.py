@@ -1,5 +1,5 @@
 """A serving instance: one engine behind the `jaxserve.v1.Instance` gRPC service, registered with the
-global scheduler. `InstanceServer(engine, InstanceConfig(...))` in-process, `python -m launch.instance` as a
+global scheduler. `InstanceServer(engine, InstanceConfig(...))` in-process, `python -m jaxserve.launch.instance` as a
 process; `EngineLoop` is the thread that owns the engine."""
 
 from jaxserve.instance.engine_loop import EngineLoop

@@ -148,7 +148,7 @@ class KvPath:
         if transfers and self.transfer_server is None:
             if self.num_processes > 1:
                 raise RuntimeError("a multi-process instance needs the transfer server of every process: pass "
-                                   "transfer_server and transfer_addresses (launch.instance does)")
+                                   "transfer_server and transfer_addresses (jaxserve.launch.instance does)")
             from jaxserve.mempool.transfer import TransferServer
             self.transfer_server = TransferServer(address=f"{self.config.host}:0")
         if self.transfer_server is not None and self.addresses is None:

@@ -2,7 +2,7 @@
 prompt trees and a policy, proxies the instances' token streams, and keeps the fleet healthy.
 
 Entry points: `Scheduler(GlobalSchedulerConfig(...), load_model_info(model))` (in-process; `await
-scheduler.start()`), `python -m launch.scheduler` (a process). One request path serves both fronts:
+scheduler.start()`), `python -m jaxserve.launch.scheduler` (a process). One request path serves both fronts:
 `SchedulerCore` (`core`: validate, then generate(valid, deadline)) raises `errors` (typed, each with a gRPC
 status name) that the gRPC servicer (`server`) and the OpenAI HTTP front (`http_front`) map to their codes.
 Instance servers plug in through `InstanceReporter` (Register + ReportEvents) and by serving

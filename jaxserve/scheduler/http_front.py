@@ -32,7 +32,7 @@ cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/f
 repetition_penalty != 1, logit_bias, response_format other than text, tools (unless tool_choice is "none"),
 non-text content parts.
 
-Limits (issue 16; HttpFront arguments, `--http_max_*` flags of launch.scheduler): every string and key in
+Limits (issue 16; HttpFront arguments, `--http_max_*` flags of jaxserve.launch.scheduler): every string and key in
 a body must be valid Unicode (a lone surrogate such as \\ud800 is a 400 naming the field), bodies nest at
 most `max_json_depth` (64) deep (checked without recursion), a request asks for at most
 `max_completions_per_request` (256) prompts x n, and its prompts total at most `max_prompt_bytes` (4 MiB;

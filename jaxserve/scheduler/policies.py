@@ -96,7 +96,7 @@ class LeastLoad(Policy):
 # Locality scores an instance by its queued prefill work + this request's exec time there + MISS_WEIGHT x the
 # exec time it adds over the best-cached instance. Pure greedy TTFT (weight 0) moves a request off its cache
 # holder whenever the holder's queue is a little longer; the recomputed prefix lengthens every later queue and
-# the duplicate copies crowd the caches. Simulator sweep (`launch.sim --mode=sweep`, H200 preset, pd+cache;
+# the duplicate copies crowd the caches. Simulator sweep (`jaxserve.launch.sim --mode=sweep`, H200 preset, pd+cache;
 # WORKSPACE_NOTES.md): ShareGPT-like chat at 32 instances and twice the uncached capacity, mean TTFT 292 / 124 /
 # 18 / 16 ms at weights 0 / 1 / 3 / 10 (session affinity 15 ms); LooGLE-like at 16 instances 437 / 220 / 212 /
 # 166 ms; ReAct flat.

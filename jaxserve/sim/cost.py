@@ -6,7 +6,7 @@ requests whose contexts sum to `decode_ctx` tokens. Two step models:
 
 - `LinearStep`: fixed + per_token x tokens + attn x pairs + per_seq x decodes + ctx x decode context +
   chunk x prefill chunks; fitted
-  by non-negative least squares to timings of the real engine (`launch.sim calibrate`);
+  by non-negative least squares to timings of the real engine (`jaxserve.launch.sim calibrate`);
 - `RooflineStep`: max(FLOPs / (peak x mfu), bytes / (HBM bandwidth x mbu)) + overhead, from a GPU's or TPU's
   figures and a model shape (`h200_llama8b()` preset: 989 TFLOP/s bf16 dense, 4.8 TB/s, Llama-3-8B)."""
 

@@ -2,7 +2,7 @@
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
 expert), and the CPU attention path's key-block size.
 
-    python -m launch.bench_cpu_ops --out=out/bench_cpu_ops.json
+    python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
 Each figure is the least of `repeats` runs after a compile. Prints a table and writes JSON."""
 

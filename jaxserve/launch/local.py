@@ -1,9 +1,9 @@
 """A whole cluster on one machine: the global scheduler (in this process) plus N colocated instances, or P
-prefill and D decode instances (disaggregated), each its own process (`launch.instance`), pinned to its own
+prefill and D decode instances (disaggregated), each its own process (`jaxserve.launch.instance`), pinned to its own
 core when there are enough of them.
 
-    python -m launch.local --model=demo --num_instances=2 --port=50050
-    python -m launch.local --model=demo --prefill_instances=1 --decode_instances=1 --pd_mode=caching2
+    python -m jaxserve.launch.local --model=demo --num_instances=2 --port=50050
+    python -m jaxserve.launch.local --model=demo --prefill_instances=1 --decode_instances=1 --pd_mode=caching2
 
 Prints `cluster ready: scheduler at HOST:PORT` once every instance has registered. Ctrl-C / SIGTERM stops the
 instances (SIGTERM, then SIGKILL after --shutdown_timeout_s) and the scheduler; instances also die with this
@@ -49,7 +49,7 @@ flags.DEFINE_integer("max_model_len", None, "cap on the context length")
 flags.DEFINE_bool("profile_instances", True, "instances time the cost-model points before registering")
 flags.DEFINE_float("ready_timeout_s", 300.0, "how long instances get to start and register")
 flags.DEFINE_bool("precompile", False, "instances compile every step / KV transfer shape before registering "
-                  "(launch.instance --precompile): no request waits on a compilation; slower start")
+                  "(jaxserve.launch.instance --precompile): no request waits on a compilation; slower start")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long instances get to exit before SIGKILL")
 FLAGS = flags.FLAGS
 
@@ -114,7 +114,7 @@ class LocalCluster:
             flags_.setdefault("pd_mode", self.pd_mode)
         if self.max_model_len:
             flags_.setdefault("max_model_len", self.max_model_len)
-        cmd = [sys.executable, "-m", "launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
+        cmd = [sys.executable, "-m", "jaxserve.launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
         cores = self._cores()
         if cores and _has_taskset():
             cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd

@@ -1,7 +1,7 @@
 """Scheduler benchmark: routing decision latency with big prompt trees, requests per second through the
 scheduler, and the prefix-cache hit rate of each policy on a multi-turn workload.
 
-    python -m launch.bench_scheduler --out=out/bench_scheduler.json
+    python -m jaxserve.launch.bench_scheduler --out=out/bench_scheduler.json
 
 1. Routing: prompt trees holding --tree_tokens+ tokens across --instances instances (shared system prompts,
    conversations); p50/p99 of one routing decision (tree match + policy) per policy, no I/O.
@@ -194,7 +194,7 @@ async def bench_throughput():
         else:
             # The same module in client-only mode; the result comes back as JSON on stdout.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "launch.bench_scheduler", f"--client_only={scheduler.address}",
+                sys.executable, "-m", "jaxserve.launch.bench_scheduler", f"--client_only={scheduler.address}",
                 f"--rps_requests={FLAGS.rps_requests}", f"--rps_concurrency={FLAGS.rps_concurrency}",
                 f"--rps_prompt_len={FLAGS.rps_prompt_len}", f"--rps_max_tokens={FLAGS.rps_max_tokens}",
                 f"--seed={FLAGS.seed}", stdout=asyncio.subprocess.PIPE)

@@ -1,9 +1,9 @@
 """Side-by-side benchmark of serving settings on this machine, through the real scheduler and instances.
 
-    python -m launch.bench --settings=colocated,colocated+cache,pd,pd+cache --workload=multi_turn --rate=1 \
+    python -m jaxserve.launch.bench --settings=colocated,colocated+cache,pd,pd+cache --workload=multi_turn --rate=1 \
         --duration_s=60 --grace_s=90 --out=out/bench
 
-Each (setting, policy) starts its own cluster with `launch.local` (scheduler + two instances, each pinned to
+Each (setting, policy) starts its own cluster with `jaxserve.launch.local` (scheduler + two instances, each pinned to
 its own core: colocated x2, or pd = 1 prefill + 1 decode instance, pd_mode basic; pd+cache = --pd_cache_mode,
 caching2 by default), warms it up with the workload's shape twin (same sessions, lengths and arrivals, other
 tokens: the jit buckets get compiled and no prefix is shared), plays the workload (same seed: the same sessions
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-# launch.local forks its instance processes (subprocess with a preexec_fn) from a process whose gRPC threads are
+# jaxserve.launch.local forks its instance processes (subprocess with a preexec_fn) from a process whose gRPC threads are
 # live; gRPC's fork handlers then sometimes abort the child before it execs ("epoll_wait error: Bad file
 # descriptor", exit -6). The children exec at once and need nothing from gRPC's fork support: turn it off
 # before grpc is imported.
@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 
 from jaxserve.bench import report, workloads
 from jaxserve.bench.loadgen import LoadConfig, run_load
-from launch import local  # noqa: F401  (its flags: --model, --num_instances, --num_pages, --page_size, ...)
+from jaxserve.launch import local  # noqa: F401  (its flags: --model, --num_instances, --num_pages, --page_size, ...)
 
 SETTINGS = ("colocated", "colocated+cache", "pd", "pd+cache")
 
@@ -91,8 +91,8 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
                 page_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
                 pd_cache_mode: str = "caching2", kv_transfer_timeout_s: float = 30.0, quiet: bool = True,
                 precompile: bool = True, ready_timeout_s: float = 900.0):
-    """A launch.local cluster for the setting (not started)."""
-    from launch.local import LocalCluster
+    """A jaxserve.launch.local cluster for the setting (not started)."""
+    from jaxserve.launch.local import LocalCluster
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     cache = setting.endswith("+cache")
@@ -104,7 +104,7 @@ def cluster_for(setting: str, policy: str, *, model: str = "demo", num_instances
                   ready_timeout_s=ready_timeout_s)
     if setting.startswith("pd"):
         # 1 prefill + 1 decode instance for the 2-instance default (half and half in general), each pinned to
-        # its own core by launch.local. pd: MemServe's PD-Basic; pd+cache: `pd_cache_mode` (caching2 by
+        # its own core by jaxserve.launch.local. pd: MemServe's PD-Basic; pd+cache: `pd_cache_mode` (caching2 by
         # default: both sides cache, the decode side indexes the KV it receives and only the KV it lacks is
         # sent; caching3 also sends the decode-phase KV back, once the instance server implements it).
         n_p = max(1, num_instances // 2)

@@ -1,14 +1,14 @@
 """Offline engine benchmark: shared-prefix workload with prefix caching off vs on, and decode throughput
 at several batch sizes beside Hugging Face transformers' `generate` on the same weights.
 
-    python -m launch.bench_offline --out=out/bench_offline.json
+    python -m jaxserve.launch.bench_offline --out=out/bench_offline.json
 
 With --disaggregated it runs the disaggregation benchmark instead (issue 4 §4; one implementation, in
-`launch/bench_disagg.py`, whose flags it accepts): KV transfer throughput of each backend against a same-size
+`jaxserve/launch/bench_disagg.py`, whose flags it accepts): KV transfer throughput of each backend against a same-size
 memory copy, KV moved per turn in each PD mode, and JCT / TTFT / TPOT of colocated vs disaggregated serving with
 and without caching, in one run:
 
-    python -m launch.bench_offline --disaggregated --transfer_pages=32 --repeats=3 --out=out/bench_disagg.json
+    python -m jaxserve.launch.bench_offline --disaggregated --transfer_pages=32 --repeats=3 --out=out/bench_disagg.json
 
 Prints tables and writes JSON. Timings are ratios within one run; the machine is shared and noisy."""
 
@@ -36,10 +36,10 @@ flags.DEFINE_bool("hf", True, "also time transformers' generate when it is insta
 flags.DEFINE_bool("precompile", True, "compile every step shape before timing (otherwise shapes the warm-up "
                   "did not hit compile inside the timed runs)")
 flags.DEFINE_string("out", "out/bench_offline.json", "JSON output")
-flags.DEFINE_bool("disaggregated", False, "run the disaggregation benchmark (launch/bench_disagg.py) instead")
+flags.DEFINE_bool("disaggregated", False, "run the disaggregation benchmark (jaxserve/launch/bench_disagg.py) instead")
 FLAGS = flags.FLAGS
 
-from launch import bench_disagg  # noqa: E402  (defines the disaggregation benchmark's own flags)
+from jaxserve.launch import bench_disagg  # noqa: E402  (defines the disaggregation benchmark's own flags)
 
 
 def make_hf_model(folder, layers, hidden):

@@ -2,7 +2,7 @@
 parts timed alone at the same shapes (projections, attention, MLP, norms + RoPE, KV write, lm_head), with
 FLOP rates and the rate of a plain `jnp.dot` of the same matmul shapes on this machine.
 
-    python -m launch.profile_prefill --lengths=544,4096 --out=out/profile_prefill.json
+    python -m jaxserve.launch.profile_prefill --lengths=544,4096 --out=out/profile_prefill.json
 
 Each figure is the least of `repeats` runs after a compile. Prints a table per length and writes JSON."""
 

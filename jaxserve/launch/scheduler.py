@@ -1,6 +1,6 @@
 """Run the global scheduler as a process.
 
-    python -m launch.scheduler --model=demo --port=50050 --policy=locality --http_port=8000
+    python -m jaxserve.launch.scheduler --model=demo --port=50050 --policy=locality --http_port=8000
 
 Instances register themselves with it (Scheduler.Register); clients use `jaxserve.client`. Stops cleanly on
 SIGINT / SIGTERM (health goes NOT_SERVING, running requests get `--shutdown_grace_s` to finish).

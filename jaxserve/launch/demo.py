@@ -8,7 +8,7 @@ import time
 
 from absl import app, flags
 
-from launch.chat_script import SYSTEM, TURNS, USERS
+from jaxserve.launch.chat_script import SYSTEM, TURNS, USERS
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("sessions", 3, "concurrent chat sessions")

@@ -1,8 +1,8 @@
 """Run one serving instance (an engine behind the Instance gRPC service) as a process.
 
-    python -m launch.instance --role=colocated --scheduler=127.0.0.1:50050 --port=0 --model=demo
-    python -m launch.instance --role=prefill --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
-    python -m launch.instance --role=decode --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
+    python -m jaxserve.launch.instance --role=colocated --scheduler=127.0.0.1:50050 --port=0 --model=demo
+    python -m jaxserve.launch.instance --role=prefill --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
+    python -m jaxserve.launch.instance --role=decode --pd_mode=caching2 --scheduler=127.0.0.1:50050 --model=demo
 
 Roles prefill and decode serve the disaggregated path (the scheduler pairs them); every instance of a
 disaggregated cluster should use the same --pd_mode, which sets their prefix caching (prefill: caching1+,

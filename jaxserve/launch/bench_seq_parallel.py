@@ -2,7 +2,7 @@
 axis, with 0 / 50 / 90% of it cached in the pool (the cached part is prefilled untimed first; the timed run
 computes only the suffix, attending to the prefix pages), plus ring-attention overlap and zig-zag balance.
 
-    python -m launch.bench_seq_parallel [--prompt_len=2048] [--devices=1,2,4,8] [--json_out=...]
+    python -m jaxserve.launch.bench_seq_parallel [--prompt_len=2048] [--devices=1,2,4,8] [--json_out=...]
 
 Method: per (devices, cached fraction): one warm-up call (compiles), then `--repeats` timed calls, median
 reported (block_until_ready on the logits). Scaling efficiency = T(1) / (N x T(N)) at the same cached fraction.

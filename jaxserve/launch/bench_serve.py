@@ -1,12 +1,12 @@
 """Served latency and throughput over the OpenAI HTTP API, jaxserve beside a second OpenAI-compatible server
 (vLLM, say) in the same run (issue 14's side-by-side).
 
-    python -m launch.bench_serve --make_checkpoint=/tmp/ckpt_issue14          # the random test Llama, once
-    python -m launch.bench_serve --model=/tmp/ckpt_issue14 --out=out/bench_serve.json          # jaxserve only
-    python -m launch.bench_serve --model=/tmp/ckpt_issue14 --other_url=http://127.0.0.1:8100 --other_name=vllm \
+    python -m jaxserve.launch.bench_serve --make_checkpoint=/tmp/ckpt_issue14          # the random test Llama, once
+    python -m jaxserve.launch.bench_serve --model=/tmp/ckpt_issue14 --out=out/bench_serve.json          # jaxserve only
+    python -m jaxserve.launch.bench_serve --model=/tmp/ckpt_issue14 --other_url=http://127.0.0.1:8100 --other_name=vllm \
         --repeats=2 --out=out/bench_serve.json
 
-The jaxserve side is started here: `launch.scheduler` with the HTTP front and one colocated `launch.instance`
+The jaxserve side is started here: `jaxserve.launch.scheduler` with the HTTP front and one colocated `jaxserve.launch.instance`
 (with `--precompile`, so no request waits on a compilation) as child processes on 127.0.0.1; the benchmark
 waits until `/health` answers and `/v1/models` lists the model, and stops both at the end (SIGTERM, then
 SIGKILL; also on error, Ctrl-C or SIGTERM, and the children get SIGTERM if this process dies). Their logs go
@@ -245,7 +245,7 @@ def _die_with_parent() -> None:
 
 
 class JaxserveServer:
-    """`launch.scheduler --http_port` + one colocated `launch.instance`, as child processes."""
+    """`jaxserve.launch.scheduler --http_port` + one colocated `jaxserve.launch.instance`, as child processes."""
 
     def __init__(self, model: str, log_dir: Path):
         self.model = model
@@ -268,10 +268,10 @@ class JaxserveServer:
         self.procs.append((name, p))
 
     def start(self) -> None:
-        self._spawn("scheduler", ["launch.scheduler", f"--model={self.model}", "--host=127.0.0.1",
+        self._spawn("scheduler", ["jaxserve.launch.scheduler", f"--model={self.model}", "--host=127.0.0.1",
                                   f"--port={self.grpc_port}", f"--http_port={self.http_port}",
                                   f"--max_model_len={FLAGS.max_model_len}"])
-        inst = ["launch.instance", "--role=colocated", f"--scheduler=127.0.0.1:{self.grpc_port}",
+        inst = ["jaxserve.launch.instance", "--role=colocated", f"--scheduler=127.0.0.1:{self.grpc_port}",
                 "--host=127.0.0.1", "--port=0", "--instance_id=bench-0", f"--model={self.model}",
                 f"--page_size={FLAGS.page_size}", f"--num_pages={FLAGS.num_pages}",
                 f"--max_num_batched_tokens={FLAGS.max_num_batched_tokens}", f"--max_num_seqs={FLAGS.max_num_seqs}",

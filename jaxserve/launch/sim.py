@@ -1,24 +1,24 @@
 """The cluster simulator's commands.
 
     # MemServe's table: workloads x settings x policies at 8..64 instances, H200-class preset
-    python -m launch.sim --mode=table --instances=8,16,32,64 --sim_out=out/sim_table
+    python -m jaxserve.launch.sim --mode=table --instances=8,16,32,64 --sim_out=out/sim_table
 
     # calibrate the step model from the real engine (offline LLM API, this machine), pinned to one core as the
     # instances are; writes the JSON and its samples (.samples.json); --mode=refit fits them again (no timing)
-    taskset -c 0 python -m launch.sim --mode=calibrate --calibration=out/sim_calib_demo.json
+    taskset -c 0 python -m jaxserve.launch.sim --mode=calibrate --calibration=out/sim_calib_demo.json
 
     # one simulated run (cost: a preset name or a calibration JSON)
-    python -m launch.sim --mode=run --cost=h200 --workload=react --setting=pd+cache --sim_policy=locality
+    python -m jaxserve.launch.sim --mode=run --cost=h200 --workload=react --setting=pd+cache --sim_policy=locality
 
-    # validation: the same workload, seed, rate and setting for real (launch.local, 2 instances each pinned to
+    # validation: the same workload, seed, rate and setting for real (jaxserve.launch.local, 2 instances each pinned to
     # its own core, after a shape-twin warm-up) and simulated; PASS when mean TTFT and JCT are within
-    # --tolerance (15%). --real_records=FILE compares with an earlier real run instead (e.g. a launch.bench
+    # --tolerance (15%). --real_records=FILE compares with an earlier real run instead (e.g. a jaxserve.launch.bench
     # run's <setting>.jsonl with the same workload, seed and rate).
-    python -m launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1 \
+    python -m jaxserve.launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1 \
         --setting=pd+cache --sim_out=out/sim_validate
 
     # MemServe's table where queueing matters (pd clusters split per workload)
-    python -m launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
+    python -m jaxserve.launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
         --pd_prefill_fraction=sharegpt:0.125,loogle:0.5,react:0.5 --sim_out=out/sim_table
 
 The `table` mode prints avg/p99 JCT and TTFT, hit rate and KV moved per (workload, setting, policy,
@@ -37,14 +37,14 @@ from absl import app, flags
 from jaxserve.bench import report, workloads
 from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
 from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
-from launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; launch.local's)
+from jaxserve.launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; jaxserve.launch.local's)
 
 flags.DEFINE_enum("mode", "table", ["table", "sweep", "calibrate", "refit", "fit_overheads", "validate", "run"],
                   "what to do")
 flags.DEFINE_list("miss_weights", ["0", "1", "3", "10"], "sweep: locality MISS_WEIGHT values to compare")
-flags.DEFINE_string("colocated_records", None, "fit_overheads: a real colocated run's records (launch.bench "
+flags.DEFINE_string("colocated_records", None, "fit_overheads: a real colocated run's records (jaxserve.launch.bench "
                     "colocated.jsonl, same workload, seed and rate)")
-flags.DEFINE_string("pd_records", None, "fit_overheads: a real pd run's records (launch.bench pd.jsonl)")
+flags.DEFINE_string("pd_records", None, "fit_overheads: a real pd run's records (jaxserve.launch.bench pd.jsonl)")
 flags.DEFINE_string("sim_out", "out/sim", "output folder")
 flags.DEFINE_string("cost", "h200", "cost model: a preset (h200) or a calibration JSON")
 flags.DEFINE_string("calibration", "out/sim_calib_demo.json", "calibrate: where to write the JSON")
@@ -60,7 +60,7 @@ flags.DEFINE_float("rpc_overhead_s", None, "override the cost model's client/sch
 flags.DEFINE_float("step_overhead_s", None, "override the cost model's per-step serving overhead")
 flags.DEFINE_float("tolerance", 0.15, "validate: allowed relative error of mean TTFT and JCT")
 flags.DEFINE_string("real_records", None, "validate: compare with this real run's records (JSON lines, e.g. a "
-                    "previous validate's real.jsonl or a launch.bench run of the same workload, seed, rate and "
+                    "previous validate's real.jsonl or a jaxserve.launch.bench run of the same workload, seed, rate and "
                     "setting) instead of running the real cluster again")
 flags.DEFINE_string("pd_prefill_fraction", "0.5", "table: prefill share of the pd clusters' instances (at least "
                     "one of each): a number, or workload:number pairs (sharegpt:0.125,loogle:0.5)")
@@ -129,7 +129,7 @@ def calibrate(path: str, repeats: int = 3) -> ClusterCost:
             print(f"decode b={b} prompt={plen}: {step_s * 1e3:.2f} ms/step", flush=True)
     step, err = fit_samples(samples, budget, steps)
     kv_bytes = 2 * 4 * 2 * 64 * 4  # demo: 4 layers x 2 kv heads x 64 dims x K,V x f32
-    # Serving overheads the offline engine does not see, fitted on a real launch.bench run on this machine
+    # Serving overheads the offline engine does not see, fitted on a real jaxserve.launch.bench run on this machine
     # (out/bench_pd6: colocated+cache for the per-step and per-request overheads, pd for the transfer latency):
     # 0.8 ms per engine step (streaming over gRPC from the instance's one core), 5.6 ms per request (client ->
     # scheduler -> instance and back), 10 ms per KV transfer (Prepare/Commit RPCs + the transfer backend).
@@ -318,7 +318,7 @@ def fit_overheads(cost: ClusterCost, colocated: list[dict], pd: list[dict] | Non
     them is a held-out test."""
     import dataclasses
     import itertools
-    from launch.bench import make_workload
+    from jaxserve.launch.bench import make_workload
     wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
     real = report.summarize(colocated)
     grid = itertools.product([i * 0.5e-3 for i in range(31)], [i * 0.1e-3 for i in range(21)])
@@ -337,9 +337,9 @@ def fit_overheads(cost: ClusterCost, colocated: list[dict], pd: list[dict] | Non
 
 # ------------------------------------------------------------------------------------------------ validate
 def validate(cost: ClusterCost, out: Path) -> dict:
-    """The same workload (seed, rate, warm-up) and setting for real (launch.local: 2 instances, each pinned to
+    """The same workload (seed, rate, warm-up) and setting for real (jaxserve.launch.local: 2 instances, each pinned to
     its own core, the cost file's engine settings) and in the simulator; compares mean TTFT and JCT."""
-    from launch.bench import machine, make_warmup, make_workload, run_setting
+    from jaxserve.launch.bench import machine, make_warmup, make_workload, run_setting
     from jaxserve.bench.loadgen import LoadConfig
     wl = make_workload(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
     if FLAGS.real_records:

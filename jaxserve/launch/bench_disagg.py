@@ -2,7 +2,7 @@
 layer-by-layer transfer, KV moved per turn in each PD mode on a multi-turn workload, and JCT / TTFT / TPOT of
 colocated vs disaggregated serving with and without caching, all in one run.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m launch.bench_disagg --out=out/bench_disagg.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jaxserve.launch.bench_disagg --out=out/bench_disagg.json
 
 Prints tables and writes JSON. On CPU the 8 fake devices share the machine's cores (2 here), so the
 "prefill mesh" and the "decode mesh" compete for the same cores: compare ratios, not absolute numbers.
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def _define(kind: str, name: str, default, help_: str) -> None:
-    # `launch.bench_offline --disaggregated` imports this module: flags it defines itself (layers, output_len,
+    # `jaxserve.launch.bench_offline --disaggregated` imports this module: flags it defines itself (layers, output_len,
     # out) keep its definition.
     if name not in FLAGS:
         getattr(flags, f"DEFINE_{kind}")(name, default, help_)
@@ -185,7 +185,7 @@ def bench_cross_process(src, sp, nbytes):
     from jaxserve.mempool import transfer as tr
     port_file = os.path.join(tempfile.mkdtemp(), "port")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    args = [sys.executable, "-m", "launch.bench_disagg", "--role=receiver", f"--port_file={port_file}"] + \
+    args = [sys.executable, "-m", "jaxserve.launch.bench_disagg", "--role=receiver", f"--port_file={port_file}"] + \
         [f"--{k}={getattr(FLAGS, k)}" for k in ("layers", "kv_heads", "head_dim", "page_size", "transfer_pages")]
     child = subprocess.Popen(args, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.sched_setaffinity(0, {0})

@@ -1,9 +1,9 @@
 """The served demo: start a local cluster (scheduler + instances) on the demo model, run a multi-turn chat
 through `jaxserve.client`, print each completion and a per-turn table of cached tokens and TTFT, stop it.
 
-    python -m launch.demo_cluster --num_instances=2 --sessions=2 --turns=3
+    python -m jaxserve.launch.demo_cluster --num_instances=2 --sessions=2 --turns=3
 
-Cluster flags are `launch.local`'s. Each session keeps its own history; every turn resends it, so from the
+Cluster flags are `jaxserve.launch.local`'s. Each session keeps its own history; every turn resends it, so from the
 second turn on the locality policy sends the session to the instance that holds its prefix and the prompt
 is mostly served from the prefix cache."""
 
@@ -14,9 +14,9 @@ import time
 
 from absl import app, flags
 
-from launch.chat_script import SYSTEM, TURNS, USERS
+from jaxserve.launch.chat_script import SYSTEM, TURNS, USERS
 
-from launch import local  # noqa: F401 - defines the cluster flags
+from jaxserve.launch import local  # noqa: F401 - defines the cluster flags
 
 flags.DEFINE_integer("sessions", 2, "concurrent chat sessions")
 flags.DEFINE_integer("turns", 3, "turns per session")
@@ -37,7 +37,7 @@ async def chat(address: str, header: str = "", show: bool = True) -> list[tuple]
             prompts = [h + TURNS[turn % len(TURNS)] for h in histories]
             outs = await asyncio.gather(*(
                 client.generate(p, max_tokens=FLAGS.max_tokens, stop=["\n\n\n"], session_id=f"{header}session-{s}",
-                                temperature=0.7, top_p=0.95, seed=s,  # as launch.demo: seeded sampling
+                                temperature=0.7, top_p=0.95, seed=s,  # as jaxserve.launch.demo: seeded sampling
                                 timeout_s=120) for s, p in enumerate(prompts)))
             for s, (p, out) in enumerate(zip(prompts, outs)):
                 if show:

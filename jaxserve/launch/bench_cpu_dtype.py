@@ -3,7 +3,7 @@ bfloat16 params computed in bf16, and bf16 weights under f32 arithmetic (`bf16_w
 inputs with f32 accumulation, the CPU default for a bf16 checkpoint); decode time per step and tok/s at
 batch 1-128, and a cold prefill.
 
-    python -m launch.bench_cpu_dtype --out=out/bench_cpu_dtype.json
+    python -m jaxserve.launch.bench_cpu_dtype --out=out/bench_cpu_dtype.json
 
 The default shape is the one of issue 14's report (hidden 256, 4 layers, 2 heads / 1 KV head of 128, vocab
 8192). Every shape is compiled by a warm-up pass first; each figure is the least of `repeats`. Prints a table

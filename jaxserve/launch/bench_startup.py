@@ -2,7 +2,7 @@
 and then with a warm persistent compilation cache. Reports load time, first-token latency, total time and
 the number of compilations (shape buckets) the workload triggered.
 
-    python -m launch.bench_startup --model=demo --out=out/bench_startup.json
+    python -m jaxserve.launch.bench_startup --model=demo --out=out/bench_startup.json
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv):
     rows = {}
     with tempfile.TemporaryDirectory() as cache:
         for name in ("cold", "warm"):
-            out = subprocess.run([sys.executable, "-m", "launch.bench_startup", "--child", f"--model={FLAGS.model}",
+            out = subprocess.run([sys.executable, "-m", "jaxserve.launch.bench_startup", "--child", f"--model={FLAGS.model}",
                                   f"--cache_dir={cache}"], capture_output=True, text=True, check=True)
             rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{'start':6s} {'load s':>7s} {'first token s':>14s} {'workload total s':>17s} {'compilations':>13s}")

@@ -1,7 +1,7 @@
 """Mixture-of-experts step time, side by side in one run: expert parallelism (ep=1 vs ep=N) and the grouped
 expert matmul vs a dense loop over every expert, for a prefill step and decode steps of a small random MoE.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m launch.bench_moe --out=out/bench_moe.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jaxserve.launch.bench_moe --out=out/bench_moe.json
 
 Each setting compiles once, then takes the least of `repeats` timed steps (ratios within one run; the box
 is shared and noisy). Prints a table and writes JSON."""
