@@ -29,12 +29,10 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
 
 def step_shapes(runner) -> list[tuple[bool, int, int, int]]:
     """Every (decode_only, tokens T, slots S, pages per sequence P) `ModelRunner.prepare` can produce."""
-    max_slots = next_pow2(runner.max_num_seqs)
-    pages = _pow2_range(1, runner.max_pages_bucket)
-    shapes = [(True, s, s, p) for s in _pow2_range(1, max_slots) for p in pages]
-    mixed_slots = _pow2_range(min(8, max_slots), max_slots)
-    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket) for s in mixed_slots
-               for p in pages]
+    pages = runner.page_buckets()
+    shapes = [(True, s, s, p) for s in runner.slot_buckets(True) for p in pages]
+    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket)
+               for s in runner.slot_buckets(False) for p in pages]
     return shapes
 
 
