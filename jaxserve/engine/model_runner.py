@@ -124,6 +124,11 @@ class ModelRunner:
         self.ops.bind("step", lambda inputs: self.execute(inputs))  # late-bound: tests may wrap `execute`
 
     @property
+    def first_step_pending(self) -> bool:
+        """No step has run yet: the next one reads the last-token buffer from host memory."""
+        return isinstance(self._last_tokens, np.ndarray)
+
+    @property
     def num_compilations(self) -> int:
         return len(self.shapes_seen)
 

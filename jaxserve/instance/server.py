@@ -99,6 +99,19 @@ class InstanceConfig:
                              f"{self.compile_grace_s}")
 
 
+def model_identity(model_name: str) -> dict:
+    """architecture and tokenizer_fingerprint of a model folder (or bundled name), for the registration."""
+    from jaxserve.scheduler.tokenizer import model_architecture, tokenizer_fingerprint
+    from jaxserve.util import resolve_model_path
+    try:
+        folder = resolve_model_path(model_name) if model_name else None
+    except (OSError, ValueError):
+        folder = None
+    if folder is None or not folder.is_dir():
+        return {}
+    return dict(architecture=model_architecture(folder), tokenizer_fingerprint=tokenizer_fingerprint(folder))
+
+
 class InstanceServer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: Engine, config: InstanceConfig = InstanceConfig(), *,
                  scheduler_credentials: grpc.ChannelCredentials | None = None, transfer_server=None,
@@ -181,7 +194,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             registration = scheduler_pb2.RegisterRequest(
                 instance_id=self.instance_id, address=self.address, role=self.role, model=self.config.model_name,
                 page_size=self.engine.pool.page_size, max_model_len=self.engine.max_model_len,
-                vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1)
+                vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1,
+                **model_identity(self.config.model_name))
             if self.config.profile_at_start:
                 from jaxserve.scheduler.cost_model import profile_points
                 samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+import time
 
 from absl import app, flags, logging
 
@@ -91,6 +93,22 @@ def multiprocess_flags() -> bool:
     return bool(FLAGS.distributed_auto or FLAGS.num_processes is not None or FLAGS.coordinator_address)
 
 
+def precompile_with_progress(engine, transfers: bool = False) -> dict:
+    """`precompile.precompile` with a progress bar (counts, rate and ETA) on stderr."""
+    from tqdm import tqdm
+
+    from jaxserve.engine.precompile import precompile
+    name = FLAGS.instance_id or "instance"
+    with tqdm(desc=f"{name}: compiling step shapes", unit="shape", file=sys.stderr, mininterval=1.0,
+              dynamic_ncols=True) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        result = precompile(engine, transfers=transfers, progress=progress)
+    logging.info("%s: precompiled %s", name, result)
+    return result
+
+
 async def serve(server: InstanceServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,10 +135,11 @@ def main(argv):
         import jax
         jax.config.update("jax_num_cpu_devices", FLAGS.local_cpu_devices)
     if not multiprocess:
+        t0 = time.perf_counter()
         engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
+        logging.info("%s: model loaded in %.1f s", FLAGS.instance_id or "instance", time.perf_counter() - t0)
         if FLAGS.precompile:
-            from jaxserve.engine.precompile import precompile
-            logging.info("precompiled: %s", precompile(engine, transfers=FLAGS.role != "colocated"))
+            precompile_with_progress(engine, transfers=FLAGS.role != "colocated")
         asyncio.run(serve(InstanceServer(engine, config_from_flags())))
         return
     import jax
@@ -142,8 +161,7 @@ def main(argv):
         logging.info("follower stopped after %d steps", steps)
         return
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
-        from jaxserve.engine.precompile import precompile
-        logging.info("precompiled: %s", precompile(engine))
+        precompile_with_progress(engine)
     try:
         asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
                                          transfer_addresses=addresses)))

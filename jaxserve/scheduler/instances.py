@@ -18,7 +18,7 @@ from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
 from jaxserve.scheduler.router import DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
-from jaxserve.scheduler.tokenizer import ModelInfo
+from jaxserve.scheduler.tokenizer import ModelInfo, identity_mismatch
 
 log = logging.getLogger("jaxserve.scheduler")
 
@@ -108,9 +108,10 @@ class InstanceRegistry:
             raise ValueError("address (host:port of the Instance service) is required")
         if request.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {request.page_size}")
-        if request.vocab_size and request.vocab_size < self.model.vocab_size:
-            raise RegistrationRefused(f"the instance's vocab_size {request.vocab_size} is smaller than the scheduler's "
-                             f"vocabulary of {self.model.vocab_size} ({self.model.name}): is it the same model?")
+        mismatch = identity_mismatch(self.model, request.model, request.architecture, request.vocab_size,
+                                     request.tokenizer_fingerprint)
+        if mismatch:
+            raise RegistrationRefused(mismatch)
         instance_id = request.instance_id or f"{ROLE_NAMES[request.role]}-{next(self._ids)}"
         record = InstanceRecord(instance_id=instance_id, address=request.address, role=request.role,
                                 page_size=request.page_size, max_model_len=request.max_model_len,
@@ -164,8 +165,9 @@ class InstanceRegistry:
         if self.router.instances.get(record.instance_id) is record:
             self.router.remove(record.instance_id)
         record.removed = True
-        log.warning("instance %s out of routing: %s (%d requests %s)", record.instance_id, reason,
-                    len(record.attempts), "to move" if lost else "finishing there")
+        # A departure the instance announced (deregistered, drained) is routine; a lost one is not.
+        log.log(logging.WARNING if lost else logging.INFO, "instance %s out of routing: %s (%d requests %s)",
+                record.instance_id, reason, len(record.attempts), "to move" if lost else "finishing there")
         if lost:
             for attempt in list(record.attempts):
                 attempt.mark_lost(f"instance {record.instance_id} {reason}")
