@@ -6,7 +6,12 @@ refused by an instance. In process (tiny random model) and as processes (`LocalC
 
 import asyncio
 import json
+import os
 import ssl
+
+# LocalCluster forks instance processes from this one; gRPC's fork handlers can abort such a child (the
+# launchers set this too, before grpc loads).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc
 import pytest
@@ -169,8 +174,6 @@ def test_pd_pair_over_mtls_matches_offline_greedy(pki):
 def test_local_cluster_processes_with_tls_flags_and_secret_env(pki):
     """jaxserve.launch.instance processes get --tls_* flags and the cluster secret in their environment
     (LocalCluster); two colocated instances register over mTLS and serve the offline greedy tokens."""
-    import os
-
     from jaxserve.launch.local import LocalCluster
 
     t = pki["tls"]["instance-0"]
