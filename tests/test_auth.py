@@ -297,3 +297,47 @@ def test_real_prefill_instance_refuses_a_direct_prefill_and_a_wildcard_bind():
                 w.close()
             await server.stop(0)
     run(body(), timeout=180)
+
+
+def test_multihost_op_channel_handshake_needs_the_cluster_secret():
+    """The leader/follower device-op channel of a multi-process instance: with a secret both sides prove they
+    know it (HMAC challenge-response); a stranger, a wrong secret or a follower without one is refused."""
+    import socket
+    import threading
+
+    from jaxserve.engine.multihost import handshake_follower, handshake_leader
+
+    def pair(leader_secret, follower_secret, index=3):
+        a, b = socket.socketpair()
+        a.settimeout(10)
+        b.settimeout(10)
+        out = {}
+
+        def follower():
+            try:
+                handshake_follower(b, index, follower_secret)
+                out["follower"] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                out["follower"] = e
+            finally:
+                b.close()  # a refused follower hangs up; so does one that finished (the leader read all)
+        t = threading.Thread(target=follower)
+        t.start()
+        try:
+            out["leader"] = handshake_leader(a, leader_secret)
+        except Exception as e:  # noqa: BLE001
+            out["leader"] = e
+        finally:
+            a.close()
+        t.join(10)
+        return out
+
+    assert pair(None, None) == {"leader": 3, "follower": "ok"}  # the unauthenticated protocol is unchanged
+    assert pair(SECRET, SECRET) == {"leader": 3, "follower": "ok"}
+    wrong = pair(SECRET, "another-secret")
+    assert isinstance(wrong["follower"], PermissionError) and "leader does not know" in str(wrong["follower"])
+    assert isinstance(wrong["leader"], (PermissionError, ConnectionError))
+    unauth = pair(SECRET, None)  # a follower (or anyone) without the secret
+    assert isinstance(unauth["leader"], PermissionError) and "cluster secrets" in str(unauth["leader"])
+    # A stranger posing as the leader cannot feed a follower ops: it cannot answer the challenge.
+    assert isinstance(pair(None, SECRET)["follower"], (PermissionError, ConnectionError))

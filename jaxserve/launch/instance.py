@@ -23,7 +23,7 @@ import signal
 from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
-from jaxserve.security import Secrets
+from jaxserve.security import Secrets, check_bind
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -117,6 +117,8 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
+    # Before anything listens (the multi-process op channel binds --host too).
+    check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance", flag="--cluster_secret")
     multiprocess = multiprocess_flags()
     if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
         from jaxserve.engine import multihost
@@ -137,7 +139,7 @@ def main(argv):
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
-    ops = multihost.connect(bind_host=FLAGS.host)
+    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret)
     engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None
