@@ -341,3 +341,34 @@ def test_multihost_op_channel_handshake_needs_the_cluster_secret():
     assert isinstance(unauth["leader"], PermissionError) and "cluster secrets" in str(unauth["leader"])
     # A stranger posing as the leader cannot feed a follower ops: it cannot answer the challenge.
     assert isinstance(pair(None, SECRET)["follower"], (PermissionError, ConnectionError))
+
+
+def test_two_process_instance_with_cluster_secret_serves(tmp_path, monkeypatch):
+    """End to end: `jaxserve.launch.instance --num_processes=2` with $JAXSERVE_CLUSTER_SECRET: the op channel's
+    authenticated handshake, registration and the scheduler's calls all carry the secret; it serves."""
+    from test_multihost import (_launch_two_process_instance, _save_tiny_model, _skip_without_cpu_collectives,
+                                _wait_registered)
+
+    from proc_utils import stop_processes
+
+    _skip_without_cpu_collectives()
+    folder = _save_tiny_model(tmp_path)
+    monkeypatch.setenv("JAXSERVE_CLUSTER_SECRET", SECRET)  # the processes' environment (test_multihost._env)
+
+    async def body():
+        sch = await start_scheduler(secrets=Secrets(cluster_secret=SECRET), profile_instances=False)
+        procs, read = _launch_two_process_instance(sch.address, folder, tmp_path)
+        try:
+            await _wait_registered(sch, procs, read, timeout_s=240)
+            async with AsyncClient(sch.address, retry=ONE_TRY) as client:  # no API key: client RPCs open
+                r = await client.generate("Hello", max_tokens=4, ignore_eos=True, timeout_s=120)
+            assert len(r.token_ids) == 4
+            procs[0].terminate()
+            loop = asyncio.get_running_loop()
+            rcs = [await loop.run_in_executor(None, p.wait, 60) for p in procs]
+            assert rcs == [0, 0], [read(i)[-3000:] for i in range(2)]
+            assert "follower stopped after" in read(1), read(1)[-3000:]
+        finally:
+            stop_processes(procs, grace_s=0)
+            await sch.stop(0)
+    run(body(), timeout=600)
