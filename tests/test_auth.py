@@ -372,3 +372,22 @@ def test_two_process_instance_with_cluster_secret_serves(tmp_path, monkeypatch):
             stop_processes(procs, grace_s=0)
             await sch.stop(0)
     run(body(), timeout=600)
+
+
+def test_instance_refusing_the_schedulers_secret_is_taken_out_and_the_request_moves():
+    """Misconfiguration (the instance has a secret the scheduler lacks): not the client's fault, so no
+    UNAUTHENTICATED reaches it; the instance leaves routing and the request is served elsewhere."""
+    async def body():
+        scheduler = await start_scheduler(secrets=Secrets())
+        bad = await fake(scheduler, secret="only-the-instance-has-it", instance_id="bad").start()
+        good = await fake(scheduler, secret=None, instance_id="good").start()
+        try:
+            async with AsyncClient(scheduler.address, retry=ONE_TRY) as client:
+                served = [await client.generate(f"prompt {i}", max_tokens=2, timeout_s=10) for i in range(4)]
+            assert {r.usage.instance_id for r in served} == {"good"}
+            assert all(len(r.token_ids) == 2 for r in served)
+        finally:
+            await bad.stop()
+            await good.stop()
+            await scheduler.stop(0)
+    run(body())
