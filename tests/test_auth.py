@@ -378,7 +378,7 @@ def test_instance_refusing_the_schedulers_secret_is_taken_out_and_the_request_mo
     """Misconfiguration (the instance has a secret the scheduler lacks): not the client's fault, so no
     UNAUTHENTICATED reaches it; the instance leaves routing and the request is served elsewhere."""
     async def body():
-        scheduler = await start_scheduler(secrets=Secrets())
+        scheduler = await start_scheduler(secrets=Secrets(), policy="round_robin")  # "bad" gets a turn
         bad = await fake(scheduler, secret="only-the-instance-has-it", instance_id="bad").start()
         good = await fake(scheduler, secret=None, instance_id="good").start()
         try:
@@ -386,6 +386,8 @@ def test_instance_refusing_the_schedulers_secret_is_taken_out_and_the_request_mo
                 served = [await client.generate(f"prompt {i}", max_tokens=2, timeout_s=10) for i in range(4)]
             assert {r.usage.instance_id for r in served} == {"good"}
             assert all(len(r.token_ids) == 2 for r in served)
+            assert sum(r.usage.num_migrations for r in served) >= 1  # one went to "bad" first
+            assert bad.requests == []  # refused before the servicer
         finally:
             await bad.stop()
             await good.stop()
