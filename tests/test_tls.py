@@ -147,11 +147,12 @@ def test_colocated_cluster_over_tls_and_mtls_matches_offline_greedy(pki):
 
 
 def test_pd_pair_over_mtls_matches_offline_greedy(pki):
-    """Prefill -> decode control (PrepareKvTransfer / CommitKvTransfer) over mTLS with the cluster secret."""
+    """Prefill -> decode control (PrepareKvTransfer / CommitKvTransfer) and, in PD-Caching-3, the decode
+    side's send-back to the prefill side, over mTLS with the cluster secret."""
     async def body():
         scheduler = await start_scheduler(pki)
         servers = [await InstanceServer(tiny(k, caching=True).engine, instance_config(
-            pki, f"instance-{k}", role=role, pd_mode="caching2", scheduler_address=scheduler.address,
+            pki, f"instance-{k}", role=role, pd_mode="caching3", scheduler_address=scheduler.address,
             instance_id=role), secrets=Secrets(cluster_secret=SECRET)).start()
             for k, role in enumerate(("prefill", "decode"))]
         try:
@@ -163,6 +164,15 @@ def test_pd_pair_over_mtls_matches_offline_greedy(pki):
                 got = await client.generate(prompt, max_tokens=6, ignore_eos=True, timeout_s=120)
             assert list(got.token_ids) == want
             assert got.usage.prefill_instance_id == "prefill" and got.usage.instance_id == "decode"
+            async with grpc.aio.secure_channel(servers[1].address, pki["tls"]["user"].channel_credentials()) as ch:
+                stub = instance_pb2_grpc.InstanceStub(ch)
+                md = (("authorization", f"Bearer {SECRET}"),)
+                for _ in range(200):  # the send-back runs after the request finished
+                    sd = await stub.GetStats(instance_pb2.InstanceStatsRequest(), metadata=md, timeout=10)
+                    if sd.kv_sent_back_tokens or sd.kv_send_back_failures:
+                        break
+                    await asyncio.sleep(0.05)
+            assert sd.kv_sent_back_tokens > 0 and sd.kv_send_back_failures == 0
             await refused_without_a_cluster_certificate(pki, servers[1].address)
         finally:
             for s in servers:
