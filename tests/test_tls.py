@@ -209,3 +209,75 @@ def test_local_cluster_processes_with_tls_flags_and_secret_env(pki):
             assert all(SECRET not in " ".join(p.args) for p in cluster.procs)  # not on the command line
         assert os.environ.get("JAXSERVE_CLUSTER_SECRET") != SECRET
     run(body(), timeout=600)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scheduler_launcher_flags_tls_https_and_keys(pki):
+    """`jaxserve.launch.scheduler` with --api_key / --cluster_secret (environment) / --tls_* / --http_port:
+    gRPC over TLS needs the key, HTTPS serves with it; without a secret it refuses a wildcard bind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    refused = subprocess.run([sys.executable, "-m", "jaxserve.launch.scheduler", "--host=0.0.0.0", "--port=0"],
+                             cwd=root, capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("JAXSERVE_")})
+    assert refused.returncode != 0 and "--insecure" in refused.stderr and "Traceback" not in refused.stderr
+
+    t = pki["tls"]["scheduler"]
+    port, http_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.launch.scheduler", f"--port={port}",
+                             f"--http_port={http_port}", f"--tls_cert_file={t.cert_file}",
+                             f"--tls_key_file={t.key_file}", f"--tls_ca_file={t.ca_file}", "--model=demo"],
+                            cwd=root, env=dict(os.environ, JAXSERVE_API_KEY=API_KEY, JAXSERVE_CLUSTER_SECRET=SECRET),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    async def body():
+        address = f"127.0.0.1:{port}"
+        credentials = tls_credentials(ca_bytes(pki))
+        async with AsyncClient(address, credentials=credentials, api_key=API_KEY) as client:
+            for _ in range(600):
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                try:
+                    assert await client.tokenize("ab", timeout_s=5) == [256, 97, 98]  # BOS + bytes
+                    break
+                except ClientError as e:
+                    if e.code != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the scheduler did not come up")
+            with pytest.raises(ClientError) as e:  # the client's key does not drain
+                await client.drain_instance("colocated-0", timeout_s=5)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        async with AsyncClient(address, credentials=credentials, api_key=SECRET) as admin:
+            with pytest.raises(ClientError) as e:  # the cluster secret gets past auth: no such instance
+                await admin.drain_instance("colocated-0", timeout_s=5)
+            assert e.value.code == grpc.StatusCode.NOT_FOUND
+        async with AsyncClient(address, credentials=credentials, retry=ONE_TRY) as anonymous:
+            with pytest.raises(ClientError) as e:
+                await anonymous.tokenize("ab", timeout_s=5)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        context = ssl.create_default_context(cafile=pki["ca"].ca_file)
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{http_port}/v1/models"
+            async with session.get(url, ssl=context) as r:
+                assert r.status == 401
+            async with session.get(url, ssl=context, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                assert r.status == 200 and (await r.json())["data"][0]["id"] == "demo"
+
+    try:
+        run(body(), timeout=180)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

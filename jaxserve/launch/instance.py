@@ -23,7 +23,7 @@ import signal
 from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
-from jaxserve.security import Secrets, check_bind
+from jaxserve.security import Secrets, TlsFiles, check_bind
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -117,8 +117,13 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
-    # Before anything listens (the multi-process op channel binds --host too).
-    check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance", flag="--cluster_secret")
+    try:  # before anything listens (the multi-process op channel binds --host too); a message, not a traceback
+        config_from_flags()
+        TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)  # the files exist
+        check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance",
+                   flag="--cluster_secret")
+    except ValueError as e:
+        raise SystemExit(f"jaxserve.launch.instance: {e}") from None
     multiprocess = multiprocess_flags()
     if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
         from jaxserve.engine import multihost

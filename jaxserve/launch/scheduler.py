@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
 from jaxserve.scheduler.config import MODES
-from jaxserve.security import Secrets, TlsFiles
+from jaxserve.security import Secrets, TlsFiles, check_bind
 
 flags.DEFINE_string("model", "demo", "model folder (or a bundled name) for the tokenizer and context length")
 flags.DEFINE_integer("max_model_len", None, "cap on the model's context length")
@@ -71,8 +71,7 @@ def config_from_flags() -> GlobalSchedulerConfig:
     return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
 
 
-async def serve(config: GlobalSchedulerConfig) -> None:
-    secrets = Secrets.resolve(FLAGS.api_key, FLAGS.cluster_secret)
+async def serve(config: GlobalSchedulerConfig, secrets: Secrets) -> None:
     scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len), secrets=secrets)
     await scheduler.start()
     front = None
@@ -103,7 +102,17 @@ async def serve(config: GlobalSchedulerConfig) -> None:
 
 def main(argv):
     del argv
-    asyncio.run(serve(config_from_flags()))
+    try:  # a bad setting is the user's to fix: the message, not a traceback
+        config = config_from_flags()
+        config.tls  # noqa: B018 - checks the files exist
+        TlsFiles.of(FLAGS.http_tls_cert_file, FLAGS.http_tls_key_file)
+        secrets = Secrets.resolve(FLAGS.api_key, FLAGS.cluster_secret)
+        check_bind(config.host, secrets.api_key or secrets.cluster_secret, config.insecure, "scheduler")
+        if FLAGS.http_port is not None:
+            check_bind(FLAGS.http_host or config.host, secrets.api_key, config.insecure, "HTTP front")
+    except ValueError as e:
+        raise SystemExit(f"jaxserve.launch.scheduler: {e}") from None
+    asyncio.run(serve(config, secrets))
 
 
 if __name__ == "__main__":
