@@ -28,7 +28,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 from absl import app, flags, logging  # noqa: E402
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info  # noqa: E402
-from jaxserve.security import CLUSTER_SECRET_ENV, Secrets, TlsFiles  # noqa: E402
+from jaxserve.security import API_KEY_ENV, CLUSTER_SECRET_ENV, Secrets, TlsFiles  # noqa: E402
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("num_instances", 2, "colocated instances (ignored when --prefill_instances/--decode_instances "
@@ -138,9 +138,12 @@ class LocalCluster:
         if cores and _has_taskset():
             cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
         out = subprocess.DEVNULL if self.quiet else None
-        env = dict(os.environ, **(self.env or {})) if self.env is not None else None
-        if self.secrets.cluster_secret is not None:  # the environment, not argv: ps shows argv to everyone
-            env = dict(env if env is not None else os.environ, **{CLUSTER_SECRET_ENV: self.secrets.cluster_secret})
+        # The secret goes in the environment, not argv (ps shows argv to everyone); without one, the children
+        # must not pick one up from ours either, or they would refuse this scheduler.
+        env = {k: v for k, v in dict(os.environ, **(self.env or {})).items()
+               if k not in (API_KEY_ENV, CLUSTER_SECRET_ENV)}
+        if self.secrets.cluster_secret is not None:
+            env[CLUSTER_SECRET_ENV] = self.secrets.cluster_secret
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent, env=env)
 
     async def start(self) -> "LocalCluster":
