@@ -18,25 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
 import sys
 import time
 
-LOOPBACK_HOSTS = ("localhost",)
 ABSL_VERBOSITY = {"debug": 1, "info": 0, "warning": -1, "error": -2}
 DEFAULT_MAX_MODEL_LEN = 2048  # a checkpoint's own context can be 32k+: pages and shapes grow with it
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -48,6 +37,13 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
                    "$JAXSERVE_API_KEY; unset: no key, allowed on loopback only unless --insecure)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--cluster-secret", default=None, help="secret of the internal gRPC links (default: "
+                   "$JAXSERVE_CLUSTER_SECRET, else the API key)")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (and TLS on the internal links) with this "
+                   "certificate chain (PEM)")
+    p.add_argument("--ssl-keyfile", default=None, help="the key of --ssl-certfile (PEM)")
+    p.add_argument("--ssl-ca-certs", default=None, help="CA of the internal links' certificates: with it, the "
+                   "scheduler and instances use mutual TLS")
     p.add_argument("--served-model-name", nargs="+", default=None, help="model names the API answers to "
                    "(default: MODEL)")
     p.add_argument("--grpc-port", type=int, default=0, help="the scheduler's gRPC port (default: any free port)")
@@ -105,10 +101,13 @@ async def serve(args) -> int:
     from jaxserve.launch.local import LocalCluster
     from jaxserve.scheduler.http_front import HttpFront
 
-    api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY")
-    if not api_key and not is_loopback(args.host) and not args.insecure:
-        print(f"jaxserve serve: --host {args.host} is not a loopback address and no API key is set: pass "
-              f"--api-key (or $JAXSERVE_API_KEY), or --insecure to serve without one", file=sys.stderr)
+    from jaxserve.security import Secrets, TlsFiles, check_bind
+    try:
+        secrets = Secrets.resolve(args.api_key, args.cluster_secret)
+        check_bind(args.host, secrets.api_key, args.insecure, "jaxserve serve", flag="--api-key")
+        tls = TlsFiles.of(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
+    except ValueError as e:
+        print(f"jaxserve serve: {e}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     max_model_len = max_model_len_for(args.model, args.max_model_len)
@@ -117,7 +116,7 @@ async def serve(args) -> int:
                            scheduler_config=dict(profile_instances=not args.no_profile),
                            max_model_len=max_model_len, ready_timeout_s=args.ready_timeout,
                            prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
-                           pd_mode=args.pd_mode)
+                           pd_mode=args.pd_mode, secrets=secrets, tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,8 +136,8 @@ async def serve(args) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"jaxserve serve: {e}", file=sys.stderr)
         return 1
-    front = HttpFront(cluster.scheduler, host=args.host, port=args.port, api_key=api_key,
-                      served_model_names=args.served_model_name)
+    front = HttpFront(cluster.scheduler, host=args.host, port=args.port, api_key=secrets.api_key,
+                      served_model_names=args.served_model_name, tls=tls, insecure=args.insecure)
     try:
         await front.start()
         print(f"jaxserve: ready in {time.monotonic() - t0:.1f} s: OpenAI API at {front.url}/v1 (model "

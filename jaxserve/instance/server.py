@@ -43,6 +43,7 @@ from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
+from jaxserve.security import AuthInterceptor, LinkSecurity, Secrets, TlsFiles, check_bind, serve_port
 
 log = logging.getLogger("jaxserve.instance")
 
@@ -84,8 +85,17 @@ class InstanceConfig:
     # Per-shard KV transfers even between single-process instances (tests); they are used automatically when
     # either side has several processes.
     kv_per_shard: bool = False
+    # mTLS on every link of the instance (all three or none): its certificate and key (server identity, and
+    # client identity towards the scheduler and peers) and the cluster's CA (verifies every caller).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    insecure: bool = False                 # allow a non-loopback bind with no cluster secret
 
     def __post_init__(self):
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(f is not None for f in tls) and any(f is None for f in tls):
+            raise ValueError("an instance's TLS is mTLS: give tls_cert_file, tls_key_file and tls_ca_file together")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
@@ -115,13 +125,16 @@ def model_identity(model_name: str) -> dict:
 class InstanceServer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: Engine, config: InstanceConfig = InstanceConfig(), *,
                  scheduler_credentials: grpc.ChannelCredentials | None = None, transfer_server=None,
-                 transfer_addresses: Sequence[str] | None = None):
+                 transfer_addresses: Sequence[str] | None = None, secrets: Secrets = Secrets()):
         """transfer_server / transfer_addresses: a multi-process instance's leader passes its own transfer
         server and every process's address, by process index (`multihost.exchange_addresses`); otherwise the
-        server starts its own when its role transfers KV."""
+        server starts its own when its role transfers KV. secrets: the cluster secret, required from every
+        caller (scheduler, peers) and sent on every call this instance makes (`jaxserve.security`)."""
         import jax
         self.engine = engine
         self.config = config
+        self.link = LinkSecurity(secrets, TlsFiles.of(config.tls_cert_file, config.tls_key_file, config.tls_ca_file),
+                                 config.insecure)
         self.role = ROLES[config.role]
         self.identity = Identity(instance_id=config.instance_id)
         self.num_processes = jax.process_count()
@@ -137,7 +150,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self._stopped = False
         # Disaggregation: the parts the PD RPCs are delegated to.
         self.kv_path = KvPath(engine, self.loop_thread, config, num_processes=self.num_processes,
-                              transfer_server=transfer_server, transfer_addresses=transfer_addresses)
+                              transfer_server=transfer_server, transfer_addresses=transfer_addresses,
+                              link=self.link)
         # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
         self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
                                                                          common_pb2.ROLE_DECODE)
@@ -174,16 +188,19 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> "InstanceServer":
         """Start the engine thread and the server; register with the scheduler (if any)."""
+        check_bind(self.config.host, self.link.secrets.cluster_secret, self.config.insecure, "instance",
+                   flag="--cluster_secret")
         self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE))
         if self.decode_side is not None:
             self.decode_side.start()
         loop = asyncio.get_running_loop()
         self.loop_thread.on_broken = lambda why: asyncio.run_coroutine_threadsafe(self._set_serving(False), loop)
         self.loop_thread.start()
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[AuthInterceptor(self.link.secrets, "instance")])
         instance_pb2_grpc.add_InstanceServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = serve_port(server, f"{self.config.host}:{self.config.port}", self.link.tls,
+                               require_client_cert=True)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -202,8 +219,10 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 registration.profile.extend(samples)
             self.reporter = InstanceReporter(self.config.scheduler_address, registration,
                                              snapshot=self.loop_thread.mirror.snapshot, load=self.load,
-                                             credentials=self._scheduler_credentials, retry_interval_s=0.2,
-                                             max_retry_interval_s=2.0)
+                                             credentials=self._scheduler_credentials or (
+                                                 self.link.tls.channel_credentials() if self.link.mtls else None),
+                                             retry_interval_s=0.2, max_retry_interval_s=2.0,
+                                             secret=self.link.secrets.cluster_secret)
             await self.reporter.start(timeout=60.0)
             self.instance_id = self.reporter.instance_id
         log.info("instance %s (%s) serving on %s", self.instance_id or "-", self.config.role, self.address)

@@ -25,6 +25,7 @@ import time
 from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
+from jaxserve.security import Secrets, TlsFiles, check_bind
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -67,6 +68,12 @@ flags.DEFINE_float("step_timeout_s", 60.0, "multi-process instance: a step (or K
 flags.DEFINE_float("compile_grace_s", 600.0, "multi-process instance: extra seconds for a step that compiles first")
 flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode, every KV "
                   "transfer shape) before registering, so no request waits on a compilation (vLLM does this on TPU)")
+flags.DEFINE_string("cluster_secret", None, "secret every caller must present (scheduler, peers) and that this "
+                    "instance sends; default $JAXSERVE_CLUSTER_SECRET, then $JAXSERVE_API_KEY; unset: none")
+flags.DEFINE_string("tls_cert_file", None, "mTLS: this instance's certificate (PEM; its server and client identity)")
+flags.DEFINE_string("tls_key_file", None, "mTLS: the private key of --tls_cert_file")
+flags.DEFINE_string("tls_ca_file", None, "mTLS: the cluster's CA (PEM); verifies the scheduler, peers and callers")
+flags.DEFINE_bool("insecure", False, "allow binding a non-loopback --host with no cluster secret")
 FLAGS = flags.FLAGS
 
 
@@ -86,7 +93,12 @@ def config_from_flags() -> InstanceConfig:
                           profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
                           pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s,
                           step_timeout_s=FLAGS.step_timeout_s if multiprocess_flags() else 0.0,
-                          compile_grace_s=FLAGS.compile_grace_s)
+                          compile_grace_s=FLAGS.compile_grace_s, tls_cert_file=FLAGS.tls_cert_file,
+                          tls_key_file=FLAGS.tls_key_file, tls_ca_file=FLAGS.tls_ca_file, insecure=FLAGS.insecure)
+
+
+def secrets_from_flags() -> Secrets:
+    return Secrets.resolve(cluster_secret=FLAGS.cluster_secret)
 
 
 def multiprocess_flags() -> bool:
@@ -123,6 +135,13 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
+    try:  # before anything listens (the multi-process op channel binds --host too); a message, not a traceback
+        config_from_flags()
+        TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)  # the files exist
+        check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance",
+                   flag="--cluster_secret")
+    except ValueError as e:
+        raise SystemExit(f"jaxserve.launch.instance: {e}") from None
     multiprocess = multiprocess_flags()
     if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
         from jaxserve.engine import multihost
@@ -140,11 +159,11 @@ def main(argv):
         logging.info("%s: model loaded in %.1f s", FLAGS.instance_id or "instance", time.perf_counter() - t0)
         if FLAGS.precompile:
             precompile_with_progress(engine, transfers=FLAGS.role != "colocated")
-        asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+        asyncio.run(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
-    ops = multihost.connect(bind_host=FLAGS.host)
+    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret)
     engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None
@@ -164,7 +183,7 @@ def main(argv):
         precompile_with_progress(engine)
     try:
         asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
-                                         transfer_addresses=addresses)))
+                                         transfer_addresses=addresses, secrets=secrets_from_flags())))
     finally:
         try:
             multihost.stop_followers(engine)

@@ -45,6 +45,10 @@ class GlobalSchedulerConfig:
     shutdown_grace_s: float = 5.0
     tls_cert_file: str | None = None     # server TLS (both or neither)
     tls_key_file: str | None = None
+    # The CA of the cluster: with it, the links to instances are mTLS (the scheduler verifies each instance's
+    # certificate and shows its own cert/key as client certificate). Clients of the scheduler need no cert.
+    tls_ca_file: str | None = None
+    insecure: bool = False               # allow a non-loopback bind with no API key / cluster secret
 
     def __post_init__(self):
         _require(0 <= self.port < 65536, f"port must be in [0, 65536), got {self.port}")
@@ -67,6 +71,15 @@ class GlobalSchedulerConfig:
         _require(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         _require((self.tls_cert_file is None) == (self.tls_key_file is None),
                  "tls_cert_file and tls_key_file go together")
+        _require(self.tls_ca_file is None or self.tls_cert_file is not None,
+                 "tls_ca_file (mTLS to the instances) needs tls_cert_file and tls_key_file (the scheduler's own "
+                 "certificate, shown to the instances)")
+
+    @property
+    def tls(self):
+        """The TLS files as one `jaxserve.security.TlsFiles` (None: plaintext)."""
+        from jaxserve.security import TlsFiles
+        return TlsFiles.of(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
 
     @property
     def address(self) -> str:

@@ -224,6 +224,13 @@ class SchedulerCore:
 
     def _classify(self, record: InstanceRecord, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # The instance does not accept our cluster secret: a misconfigured instance, not the client's
+            # fault. Out of routing; the request moves to an instance that does.
+            log.error("instance %s refuses the scheduler's credentials (%s): check its --cluster_secret",
+                      record.instance_id, error.details())
+            self.instances.retire(record, "refused the scheduler's cluster secret", lost=True)
+            return _InstanceFailed(record, f"instance {record.instance_id} refused the scheduler's credentials")
         if code in _MIGRATE_CODES:
             if code in _SUSPECT_CODES:
                 self.instances.suspect(record)

@@ -19,6 +19,7 @@ from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
 from jaxserve.scheduler.router import DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
 from jaxserve.scheduler.tokenizer import ModelInfo, identity_mismatch
+from jaxserve.security import LinkSecurity
 
 log = logging.getLogger("jaxserve.scheduler")
 
@@ -39,9 +40,11 @@ def cancelled_from_outside() -> bool:
 class InstanceRegistry:
     """The registered instances and their health. All state lives on the server's event loop."""
 
-    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo):
+    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo, link: LinkSecurity = LinkSecurity()):
+        """link: how to reach the instances (the cluster secret on every call; mTLS with a CA)."""
         self.config = config
         self.model = model
+        self.link = link
         self.router = Router(config.policy, LoadGuard(config.load_guard_factor, config.load_guard_slack), config.mode)
         self.health = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task] = set()
@@ -120,7 +123,7 @@ class InstanceRegistry:
             old = self.router.add(record)
         except ValueError as e:
             raise RegistrationRefused(str(e)) from None
-        record.channel = grpc.aio.insecure_channel(request.address, options=CHANNEL_OPTIONS)
+        record.channel = self.link.channel(request.address, options=CHANNEL_OPTIONS)
         record.stub = instance_pb2_grpc.InstanceStub(record.channel)
         record.health_stub = health_pb2_grpc.HealthStub(record.channel)
         if old is not None:

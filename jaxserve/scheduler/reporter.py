@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import grpc
 
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from jaxserve.security import aio_channel
 
 log = logging.getLogger("jaxserve.scheduler.reporter")
 
@@ -27,13 +28,16 @@ class InstanceReporter:
                  snapshot: Callable[[], Iterable[Sequence[int]]] | None = None,
                  load: Callable[[], common_pb2.Load] | None = None,
                  credentials: grpc.ChannelCredentials | None = None, retry_interval_s: float = 0.5,
-                 max_retry_interval_s: float = 5.0):
+                 max_retry_interval_s: float = 5.0, secret: str | None = None):
+        """secret: the cluster secret, sent on every call (the scheduler refuses Register without it)."""
         self._address = scheduler_address
         self._registration = scheduler_pb2.RegisterRequest()
         self._registration.CopyFrom(registration)
         self._snapshot = snapshot or (lambda: ())
         self._load = load
         self._credentials = credentials
+        self._secret = secret
+        self.refused: grpc.aio.AioRpcError | None = None  # the scheduler turned our credentials down
         self._retry = retry_interval_s
         self._max_retry = max_retry_interval_s
         self.report_interval_s = 0.5
@@ -56,14 +60,21 @@ class InstanceReporter:
         """Start reporting; with wait, return once registered (TimeoutError past timeout)."""
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(self._address, self._credentials)
-        else:
-            self._channel = grpc.aio.insecure_channel(self._address)
+        self._channel = aio_channel(self._address, secret=self._secret, credentials=self._credentials)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._task = self._loop.create_task(self._run())
         if wait:
-            await asyncio.wait_for(self.registered.wait(), timeout)
+            registered = self._loop.create_task(self.registered.wait())
+            try:
+                await asyncio.wait({registered, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                registered.cancel()
+            if self.refused is not None:
+                raise PermissionError(f"the scheduler at {self._address} refused this instance: "
+                                      f"{self.refused.code().name}: {self.refused.details()}")
+            if not self.registered.is_set():
+                raise asyncio.TimeoutError(f"not registered with the scheduler at {self._address} "
+                                           f"after {timeout} s")
 
     # ------------------------------------------------------------------------- events (any thread)
     def _put(self, event: common_pb2.IndexEvent) -> None:
@@ -137,6 +148,10 @@ class InstanceReporter:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self.refused = e  # retrying with the same credentials cannot help
+                    log.error("instance %s: the scheduler refused us: %s", self.instance_id, e.details())
+                    return
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     need_register = True  # the scheduler forgot us (restart, or it declared us dead)
                 log.info("instance %s: scheduler stream ended (%s: %s); retrying in %.1f s", self.instance_id,
