@@ -41,6 +41,7 @@ from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
+from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
 from jaxserve.security import AuthInterceptor, LinkSecurity, Secrets, TlsFiles, check_bind, serve_port
@@ -139,7 +140,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self.identity = Identity(instance_id=config.instance_id)
         self.num_processes = jax.process_count()
         self.loop_thread = EngineLoop(engine, on_index_event=self._on_index_event,
-                                      step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s)
+                                      step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s,
+                                      throughput_log=ThroughputLog(config.instance_id or config.role))
         self.reporter: InstanceReporter | None = None
         self.health = health_aio.HealthServicer()
         self.draining = False
