@@ -1,0 +1,98 @@
+"""Tier tracking of the global prompt tree (issue 18): OFFLOAD marks an instance's copy as host-tier only,
+INSERT brings it back to device, EVICT drops it; `match_tiers` against a brute-force model."""
+
+from hypothesis import given, settings, strategies as st
+
+from jaxserve.scheduler.prompt_tree import PromptTree
+
+PS = 2
+INSTANCES = ("a", "b", "c")
+
+
+class BruteForce:
+    """Each instance's held page-aligned prefixes, each with its tier."""
+
+    def __init__(self):
+        self.held = {i: {} for i in INSTANCES}
+
+    def insert(self, i, seq):
+        for k in range(1, len(seq) // PS + 1):
+            self.held[i][tuple(seq[:k * PS])] = "device"
+
+    def _under(self, i, seq):
+        n = len(seq) // PS * PS
+        prefix = tuple(seq[:n])
+        return [p for p in self.held[i] if n and len(p) >= n and p[:n] == prefix]
+
+    def evict(self, i, seq):
+        for p in self._under(i, seq):
+            del self.held[i][p]
+
+    def offload(self, i, seq):
+        for p in self._under(i, seq):
+            self.held[i][p] = "host"
+
+    def remove(self, i):
+        self.held[i] = {}
+
+    def match_tiers(self, query):
+        out = {}
+        for i, prefixes in self.held.items():
+            lens = [k * PS for k in range(1, len(query) // PS + 1) if tuple(query[:k * PS]) in prefixes]
+            if lens:
+                dev = [n for n in lens if prefixes[tuple(query[:n])] == "device"]
+                out[i] = (max(lens), max(dev, default=0))
+        return out
+
+
+tokens = st.lists(st.integers(0, 2), max_size=12)
+ops = st.one_of(
+    st.tuples(st.just("insert"), st.sampled_from(INSTANCES), tokens),
+    st.tuples(st.just("evict"), st.sampled_from(INSTANCES), tokens),
+    st.tuples(st.just("offload"), st.sampled_from(INSTANCES), tokens),
+    st.tuples(st.just("remove"), st.sampled_from(INSTANCES), st.just([])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ops, max_size=40), st.lists(tokens, min_size=1, max_size=6))
+def test_tiers_match_brute_force(operations, queries):
+    tree, model = PromptTree(PS), BruteForce()
+    for op, inst, seq in operations:
+        if op == "remove":
+            tree.remove_instance(inst)
+            model.remove(inst)
+        else:
+            getattr(tree, op)(inst, seq)
+            getattr(model, op)(inst, seq)
+        tree.check_invariants()
+        for i in INSTANCES:
+            assert tree.held_tokens(i) == len(model.held[i]) * PS
+            assert tree.host_tokens(i) == sum(t == "host" for t in model.held[i].values()) * PS
+        for q in queries + [seq]:
+            expect = model.match_tiers(q)
+            assert tree.match_tiers(q) == expect, (op, inst, seq, q)
+            assert tree.match(q) == {i: total for i, (total, _) in expect.items()}
+
+
+def test_offload_and_reload_by_hand():
+    tree = PromptTree(4)
+    seq = list(range(16))
+    tree.insert("a", seq)
+    tree.insert("b", seq[:8])
+    # a's last two pages go to its host tier: still a holder (match), no longer on device.
+    assert tree.offload("a", seq[:12]) == 8
+    assert tree.match(seq) == {"a": 16, "b": 8}
+    assert tree.match_tiers(seq) == {"a": (16, 8), "b": (8, 8)}
+    assert tree.host_tokens("a") == 8 and tree.held_tokens("a") == 16
+    # A swap-in of the first of them (an INSERT of that prefix) brings it back to device.
+    tree.insert("a", seq[:12])
+    assert tree.match_tiers(seq)["a"] == (16, 12)
+    # Offloading what the instance does not hold changes nothing.
+    assert tree.offload("b", seq) == 0
+    tree.evict("a", seq[:16])
+    assert tree.match_tiers(seq) == {"a": (12, 12), "b": (8, 8)}
+    assert tree.host_tokens("a") == 0
+    tree.check_invariants()
+    tree.remove_instance("a")
+    tree.check_invariants()
