@@ -96,3 +96,54 @@ def test_offload_and_reload_by_hand():
     tree.check_invariants()
     tree.remove_instance("a")
     tree.check_invariants()
+
+
+def _book_tiers(book, tokens):
+    """(cached tokens on either tier, on device) of tokens' longest cached prefix in a PageBook."""
+    from jaxserve.mempool.prompt_index import DEVICE
+    path, last = book.index.walk(book.index.page_keys(tokens))
+    total = device = 0
+    for j, node in enumerate(path):
+        n = (last if j == len(path) - 1 else len(node)) * book.page_size
+        total += n
+        if node.tier == DEVICE and device == total - n:
+            device = total
+    return total, device
+
+
+def test_pagebook_events_keep_the_tree_tiers_in_step():
+    """A PageBook with a host tier (eviction offloads, match swaps in, insert replaces host copies) feeding a
+    prompt tree through its events: the tree's tiers equal the book's after every operation."""
+    import random
+    from jaxserve.mempool.pagebook import PageBook
+    tree = PromptTree(2)
+    book = PageBook(2, 12, 10)
+    book.set_event_listener(lambda kind, tokens: getattr(tree, kind)("i0", tokens))
+    rng = random.Random(0)
+    stems = [[rng.randrange(4) for _ in range(rng.randrange(1, 4) * 2)] for _ in range(4)]
+    held = []
+    offloads = 0
+    for _ in range(600):
+        tokens = rng.choice(stems) + [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+        op = rng.random()
+        if op < 0.35:
+            n, pages = book.match(tokens)
+            more = book.alloc(len(tokens) // 2 - len(pages))
+            if more is None:
+                book.free(pages)
+            else:
+                book.insert(tokens, pages + more)
+                held.append(pages + more)
+        elif op < 0.6:
+            n, pages = book.match(tokens)
+            held.append(pages)
+        elif op < 0.8 and held:
+            book.free(held.pop(rng.randrange(len(held))))
+        else:
+            offloads += book.evict(rng.randrange(1, 5))
+        tree.check_invariants()
+        for q in stems + [tokens]:
+            total, device = _book_tiers(book, q)
+            got = tree.match_tiers(q).get("i0", (0, 0))
+            assert got == (total, device), (q, got, total, device)
+    assert offloads and book.stats()["swapped_in_pages"] > 0

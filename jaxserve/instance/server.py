@@ -228,7 +228,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         # Engine thread; the reporter's insert/evict are thread-safe. Before registration the mirror's
         # snapshot (sent first on every report stream) covers these.
         if self.reporter is not None:
-            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+            self.reporter.event(kind, tokens)
 
     def load(self) -> common_pb2.Load:
         load = dict(self.loop_thread.load)

@@ -15,8 +15,8 @@ from jaxserve.mempool.prompt_index import DEVICE
 
 class PrefixCache:
     """Whole-page prefixes of token sequences, at most `capacity_pages` pages. `on_event(kind, tokens)` as in
-    `PageBook.set_event_listener`: ("insert", t) every whole-page prefix of t is cached; ("evict", t) nothing
-    starting with t is cached any more."""
+    `PageBook.set_event_listener`: ("insert", t) every whole-page prefix of t is cached (on device); ("evict",
+    t) nothing starting with t is cached any more; ("offload", t) from t's last page on it is in the host tier."""
 
     def __init__(self, page_size: int, capacity_pages: int,
                  on_event: Callable[[str, tuple[int, ...]], None] | None = None):

@@ -79,6 +79,14 @@ class InstanceReporter:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.EVICT, token_ids=token_ids,
                                         page_size=self._registration.page_size))
 
+    def offload(self, token_ids: Sequence[int]) -> None:
+        self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.OFFLOAD, token_ids=token_ids,
+                                        page_size=self._registration.page_size))
+
+    def event(self, kind: str, token_ids: Sequence[int]) -> None:
+        """A PageBook listener event ("insert", "evict" or "offload")."""
+        {"insert": self.insert, "evict": self.evict, "offload": self.offload}[kind](token_ids)
+
     def clear(self) -> None:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.CLEAR))
 

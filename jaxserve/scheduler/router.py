@@ -26,6 +26,7 @@ DRAINING = scheduler_pb2.INSTANCE_STATE_DRAINING
 _INSERT = common_pb2.IndexEvent.INSERT
 _EVICT = common_pb2.IndexEvent.EVICT
 _CLEAR = common_pb2.IndexEvent.CLEAR
+_OFFLOAD = common_pb2.IndexEvent.OFFLOAD
 
 
 @dataclasses.dataclass(eq=False)
@@ -127,6 +128,8 @@ class Router:
             tree.insert(record.instance_id, event.token_ids)
         elif event.kind == _EVICT:
             tree.evict(record.instance_id, event.token_ids)
+        elif event.kind == _OFFLOAD:
+            tree.offload(record.instance_id, event.token_ids)
         else:
             raise ValueError(f"unknown index event kind {event.kind}")
 

@@ -64,7 +64,7 @@ class SimInstance:
         # what they leave free (`shrink`).
         def on_event(kind: str, pages: tuple) -> None:
             tree = sim.router.trees[role]
-            (tree.insert if kind == "insert" else tree.evict)(iid, pages)
+            {"insert": tree.insert, "evict": tree.evict, "offload": tree.offload}[kind](iid, pages)
 
         self.cache = PrefixCache(1, c.kv_pages, on_event) if caching else None
         self.waiting: collections.deque[SimRequest] = collections.deque()   # to prefill (or recompute)
