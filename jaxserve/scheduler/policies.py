@@ -17,7 +17,7 @@ from typing import Mapping, Protocol, Sequence
 
 from jaxserve.scheduler.cost_model import CostModel
 
-POLICIES = ("locality", "least_load", "round_robin", "session")
+POLICIES = ("locality", "least_load", "round_robin", "session", "kv_pool")
 
 
 class InstanceLoad(Protocol):
@@ -189,4 +189,9 @@ def make_policy(name: str, guard: LoadGuard = LoadGuard()) -> Policy:
         return RoundRobin()
     if name == "session":
         return Session(guard)
+    if name == "kv_pool":  # jaxserve/scheduler/kv_pool.py (it builds on Locality, so imported here)
+        from jaxserve.scheduler.kv_pool import KVPool
+        # Served instances cannot pull from peers yet (issue 18 item 5): host tiers only. The simulator
+        # builds its own KVPool with peer fetch and its link model.
+        return KVPool(guard, peer_fetch=False)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
