@@ -37,6 +37,8 @@ flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
+flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the model's KV page "
+                   "size and the pool's dtype; not with --num_host_pages)")
 flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
@@ -70,6 +72,7 @@ FLAGS = flags.FLAGS
 
 def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
+                host_kv_gib=FLAGS.host_kv_gib,
                 enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                 max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
                 ep=FLAGS.ep,
