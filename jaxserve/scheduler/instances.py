@@ -17,7 +17,7 @@ from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
-from jaxserve.scheduler.router import DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
+from jaxserve.scheduler.router import COLOCATED, DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
 from jaxserve.scheduler.tokenizer import ModelInfo
 
 log = logging.getLogger("jaxserve.scheduler")
@@ -42,7 +42,13 @@ class InstanceRegistry:
     def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo):
         self.config = config
         self.model = model
-        self.router = Router(config.policy, LoadGuard(config.load_guard_factor, config.load_guard_slack), config.mode)
+        guard = LoadGuard(config.load_guard_factor, config.load_guard_slack)
+        self.router = Router(config.policy, guard, config.mode)
+        if config.peer_fetch:
+            from jaxserve.scheduler.kv_pool import KVPool, TransferModel
+            transfer = TransferModel(kv_bytes_per_token=config.kv_bytes_per_token,
+                                     link_bytes_s=config.peer_link_bytes_s, link_latency_s=config.peer_link_latency_s)
+            self.router.set_policy(COLOCATED, KVPool(guard, transfer=transfer, peer_fetch=True))
         self.health = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
