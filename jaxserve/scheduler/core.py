@@ -286,15 +286,15 @@ class SchedulerCore:
             request_id=valid.request_id, token_ids=valid.prompt_ids[:decision.cached_tokens],
             target=instance_pb2.KvTarget(instance_id=target.instance_id, address=target.address))
         ok, tokens, nbytes = False, 0, 0
-        try:
-            resp = await holder.stub.PushKv(request, timeout=timeout)
+        resp = await self.instances.push_kv(holder, request, timeout)
+        if isinstance(resp, grpc.aio.AioRpcError):
+            self.peer_fetch["failures"] += 1
+            log.warning("request %s: peer fetch from %s to %s failed (%s: %s); it recomputes the prefix",
+                        valid.request_id, holder.instance_id, target.instance_id, resp.code().name, resp.details())
+        else:
             ok, tokens, nbytes = True, resp.sent_tokens, resp.sent_bytes
             self.peer_fetch["tokens"] += tokens
             self.peer_fetch["bytes"] += nbytes
-        except grpc.aio.AioRpcError as e:
-            self.peer_fetch["failures"] += 1
-            log.warning("request %s: peer fetch from %s to %s failed (%s: %s); it recomputes the prefix",
-                        valid.request_id, holder.instance_id, target.instance_id, e.code().name, e.details())
         if self.observer is not None and hasattr(self.observer, "on_peer_fetch"):
             self.observer.on_peer_fetch(holder.instance_id, target.instance_id, tokens, nbytes, ok)
 

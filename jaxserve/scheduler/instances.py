@@ -204,6 +204,19 @@ class InstanceRegistry:
             record.pins -= 1
             self._maybe_close_channel(record)
 
+    async def push_kv(self, record: InstanceRecord, request: instance_pb2.PushKvRequest,
+                      timeout_s: float) -> instance_pb2.PushKvResponse | grpc.aio.AioRpcError:
+        """Peer fetch: the holder `record` pushes a prefix to another instance. Its channel stays open meanwhile
+        (as for Drain): an instance leaving mid-push must answer with an error, not leave the call hanging."""
+        record.pins += 1
+        try:
+            return await record.stub.PushKv(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return e
+        finally:
+            record.pins -= 1
+            self._maybe_close_channel(record)
+
     # ------------------------------------------------------------------------------------------ health
     def suspect(self, record: InstanceRecord) -> None:
         """Something suggests the instance is gone: stop routing to it and probe it now."""
