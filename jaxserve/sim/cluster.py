@@ -17,7 +17,11 @@ not O(tokens).
 
 Settings: colocated, colocated+cache, pd, pd+cache (PD-Caching-3: the prefill side indexes its prompt KV,
 only the KV the decode side lacks is sent, the decode side indexes what it receives and what it decodes,
-and sends its decode-phase KV back at the end)."""
+and sends its decode-phase KV back at the end).
+
+Cluster KV pool (issue 18): with `host_tier` each instance's evicted prefixes move to a host tier, and the
+`kv_pool` policy may have a request's prefix pulled from a peer; both moves happen before the request queues
+(jaxserve/sim/pool.py)."""
 
 from __future__ import annotations
 
@@ -146,8 +150,7 @@ class Simulator:
                 inst, r, d = payload
                 self.pool.arrive(t, inst, r, d)
             elif kind == "fetched":
-                pool, inst, r, prefix = payload
-                pool.fetched(t, inst, r, prefix)
+                self.pool.fetched(t, *payload)
             elif kind == "transfer":
                 self._transfer_done(t, *payload)
             elif kind == "index":

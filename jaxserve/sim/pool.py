@@ -71,7 +71,7 @@ class PoolMoves:
         r.kv_bytes += m.peer_bytes
         if end <= t:
             return self._queue(inst, r, t)
-        sim.push(end, "fetched", (self, inst, r, pages[:total + pull]))
+        sim.push(end, "fetched", (inst, r, pages[:total + pull]))
 
     def fetched(self, t: float, inst, r, prefix: tuple) -> None:
         m = r.moves
