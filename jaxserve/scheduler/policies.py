@@ -191,7 +191,7 @@ def make_policy(name: str, guard: LoadGuard = LoadGuard()) -> Policy:
         return Session(guard)
     if name == "kv_pool":  # jaxserve/scheduler/kv_pool.py (it builds on Locality, so imported here)
         from jaxserve.scheduler.kv_pool import KVPool
-        # Served instances cannot pull from peers yet (issue 18 item 5): host tiers only. The simulator
-        # builds its own KVPool with peer fetch and its link model.
+        # Host tiers only: pulls need instances that serve PushKv, so GlobalSchedulerConfig.peer_fetch (and the
+        # simulator) set up their own KVPool with peer fetch and a transfer model.
         return KVPool(guard, peer_fetch=False)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
