@@ -114,3 +114,25 @@ def test_replay_rows_split_hits_and_stay_below_the_ideal(tmp_path):
         assert r["hit_rate"] <= r["ideal_hit_rate"] + 1e-9
         assert r["hit_local_device"] + r["hit_local_host"] + r["hit_peer"] == pytest.approx(r["hit_rate"])
     assert "of ideal" in table_md(rows)
+
+
+def test_launch_sim_trace_mode_writes_table_and_json(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from jaxserve.bench.workloads import DEFAULT_TRACE
+    if not DEFAULT_TRACE.exists():
+        pytest.skip(f"no shared trace at {DEFAULT_TRACE}")
+    out = tmp_path / "trace"
+    cmd = [sys.executable, "-m", "jaxserve.launch.sim", "--mode=trace", "--cost=h200", "--instances=2",
+           "--trace_requests=30", "--trace_settings=colocated+cache", "--trace_variants=locality,kv_pool peer+host",
+           f"--sim_out={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((out / "trace.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["locality", "kv_pool peer+host"]
+    assert all(r["requests"] == 30 and 0 <= r["hit_rate"] <= r["ideal_hit_rate"] + 1e-9 for r in data["rows"])
+    assert "of ideal" in (out / "trace.md").read_text()
+    bad = subprocess.run(cmd[:-2] + ["--trace_variants=nope", f"--sim_out={out}"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert bad.returncode != 0 and "unknown --trace_variants" in bad.stderr
