@@ -440,12 +440,7 @@ class EngineLoop:
             prefill_time_s=max(first - scheduled, 0.0)), new))
 
     def _index_event(self, kind: str, tokens: tuple) -> None:
-        if kind == "insert":
-            self.mirror.insert(tokens)
-        elif kind == "evict":
-            self.mirror.evict(tokens)
-        # "offload": still held (host tier); the mirror tracks what is held, not where, so a snapshot after a
-        # report gap shows it as device until the next OFFLOAD.
+        getattr(self.mirror, kind)(tokens)  # insert, evict or offload
         if self._on_index_event is not None:
             self._on_index_event(kind, tokens)
 

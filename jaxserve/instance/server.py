@@ -197,7 +197,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)
                 registration.profile.extend(samples)
             self.reporter = InstanceReporter(self.config.scheduler_address, registration,
-                                             snapshot=self.loop_thread.mirror.snapshot, load=self.load,
+                                             snapshot_tiers=self.loop_thread.mirror.snapshot_tiers, load=self.load,
                                              credentials=self._scheduler_credentials, retry_interval_s=0.2,
                                              max_retry_interval_s=2.0)
             await self.reporter.start(timeout=60.0)
