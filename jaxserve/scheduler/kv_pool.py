@@ -121,7 +121,7 @@ class KVPool(Locality):
                     break
                 if src is c:
                     continue
-                s_total, s_device = tiers[src.instance_id]
+                s_device = tiers[src.instance_id][1]
                 src_host = max(0, n - max(min(s_device, cap), total))
                 # The own host part (if any) swaps in while the rest arrives from the peer.
                 t = max(tm.pull_s(src.instance_id, c.instance_id, n - total, src_host), tm.swap_in_s(host))
