@@ -120,6 +120,15 @@ def test_routed_instance_pulls_the_busy_holders_prefix():
                 await eventually(lambda: clean(s.address), what=f"{s.instance_id} clean")
                 s.engine.pool.check_invariants()
             assert scheduler.core.peer_fetch == dict(tokens=64, bytes=sa.kv_peer_sent_bytes, failures=0)
+            # Bad PushKv calls are refused naming what is missing.
+            async with grpc.aio.insecure_channel(servers["a"].address) as ch:
+                stub = instance_pb2_grpc.InstanceStub(ch)
+                for req, what in ((instance_pb2.PushKvRequest(token_ids=prefix), "target.address"),
+                                  (instance_pb2.PushKvRequest(target=instance_pb2.KvTarget(address="x:1")),
+                                   "token_ids")):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.PushKv(req, timeout=10)
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
     asyncio.run(asyncio.wait_for(body(), 240))
 
 
