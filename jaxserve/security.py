@@ -36,13 +36,15 @@ ACCESS: dict[str, str] = {
     "/jaxserve.v1.Scheduler/ReportEvents": CLUSTER,
     "/jaxserve.v1.Scheduler/Deregister": CLUSTER,
     # The Instance service is internal throughout: the scheduler calls Generate/Prefill/Decode/Abort/
-    # Profile/GetStats/Drain, peers call PrepareKvTransfer/CommitKvTransfer (PD transfers and send-back).
+    # Profile/GetStats/Drain/PushKv, peers call PrepareKvTransfer/CommitKvTransfer (PD transfers, send-back
+    # and peer fetch).
     # Requiring the secret on Prefill is what keeps an instance from dialling addresses for strangers.
     "/jaxserve.v1.Instance/Generate": CLUSTER,
     "/jaxserve.v1.Instance/Prefill": CLUSTER,
     "/jaxserve.v1.Instance/Decode": CLUSTER,
     "/jaxserve.v1.Instance/PrepareKvTransfer": CLUSTER,
     "/jaxserve.v1.Instance/CommitKvTransfer": CLUSTER,
+    "/jaxserve.v1.Instance/PushKv": CLUSTER,  # scheduler -> holder: offer a cached prefix to another instance
     "/jaxserve.v1.Instance/Abort": CLUSTER,
     "/jaxserve.v1.Instance/Profile": CLUSTER,
     "/jaxserve.v1.Instance/GetStats": CLUSTER,

@@ -445,7 +445,7 @@ class EngineLoop:
             prefill_time_s=max(first - scheduled, 0.0)), new))
 
     def _index_event(self, kind: str, tokens: tuple) -> None:
-        (self.mirror.insert if kind == "insert" else self.mirror.evict)(tokens)
+        getattr(self.mirror, kind)(tokens)  # insert, evict or offload
         if self._on_index_event is not None:
             self._on_index_event(kind, tokens)
 

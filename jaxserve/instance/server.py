@@ -41,6 +41,7 @@ from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
+from jaxserve.instance.peer_push import PeerPush
 from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
@@ -53,7 +54,8 @@ ROLES = {"colocated": common_pb2.ROLE_COLOCATED, "prefill": common_pb2.ROLE_PREF
          "decode": common_pb2.ROLE_DECODE}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 KV_COUNTERS = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0,
-                   kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
+                   kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0,
+                   kv_peer_sent_tokens=0, kv_peer_sent_bytes=0, kv_peer_push_failures=0)
 
 
 def pd_mode_caching(role: str, pd_mode: str, colocated_default: bool = True) -> bool:
@@ -92,6 +94,9 @@ class InstanceConfig:
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     insecure: bool = False                 # allow a non-loopback bind with no cluster secret
+    # Peer fetch (issue 18), colocated instances: serve PushKv (offer a cached prefix to another instance) and
+    # take pushed prefixes into the prefix cache (PrepareKvTransfer / CommitKvTransfer cache_only).
+    peer_fetch: bool = False
 
     def __post_init__(self):
         tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
@@ -105,6 +110,8 @@ class InstanceConfig:
             raise ValueError(f"pd_mode must be one of {PD_MODES}, got {self.pd_mode!r}")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if self.peer_fetch and self.role != "colocated":
+            raise ValueError(f"peer_fetch is for colocated instances; this one has role {self.role!r}")
         if self.step_timeout_s < 0 or self.compile_grace_s < 0:
             raise ValueError(f"step_timeout_s and compile_grace_s must be >= 0, got {self.step_timeout_s}, "
                              f"{self.compile_grace_s}")
@@ -161,9 +168,12 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                                if self.send_back and self.role == common_pb2.ROLE_DECODE else None)
         self.prefill_side = (PrefillSide(self.kv_path, self.identity, self._ids, send_back=self.send_back)
                              if self.role == common_pb2.ROLE_PREFILL else None)
-        receives = self.role == common_pb2.ROLE_DECODE or (self.send_back and self.role == common_pb2.ROLE_PREFILL)
+        self.peer_fetch = config.peer_fetch
+        self.peer_push = PeerPush(self.kv_path) if self.peer_fetch else None
+        receives = (self.role == common_pb2.ROLE_DECODE or self.peer_fetch
+                    or (self.send_back and self.role == common_pb2.ROLE_PREFILL))
         self.decode_side = (DecodeSide(self.kv_path, self.identity, self._ids,
-                                       cache_only=self.role == common_pb2.ROLE_PREFILL,
+                                       cache_only=self.role != common_pb2.ROLE_DECODE,
                                        send_back=self.send_back_side) if receives else None)
 
     @property
@@ -192,7 +202,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         """Start the engine thread and the server; register with the scheduler (if any)."""
         check_bind(self.config.host, self.link.secrets.cluster_secret, self.config.insecure, "instance",
                    flag="--cluster_secret")
-        self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE))
+        self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE) or self.peer_fetch)
         if self.decode_side is not None:
             self.decode_side.start()
         loop = asyncio.get_running_loop()
@@ -220,7 +230,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)
                 registration.profile.extend(samples)
             self.reporter = InstanceReporter(self.config.scheduler_address, registration,
-                                             snapshot=self.loop_thread.mirror.snapshot, load=self.load,
+                                             snapshot_tiers=self.loop_thread.mirror.snapshot_tiers, load=self.load,
                                              credentials=self._scheduler_credentials or (
                                                  self.link.tls.channel_credentials() if self.link.mtls else None),
                                              retry_interval_s=0.2, max_retry_interval_s=2.0,
@@ -263,7 +273,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         # Engine thread; the reporter's insert/evict are thread-safe. Before registration the mirror's
         # snapshot (sent first on every report stream) covers these.
         if self.reporter is not None:
-            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+            self.reporter.event(kind, tokens)
 
     def load(self) -> common_pb2.Load:
         load = dict(self.loop_thread.load)
@@ -293,8 +303,10 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
 
     # ------------------------------------------------------------------------------- disaggregation
     async def _require_role(self, role: int, rpc: str, context, *, send_back: bool = False) -> None:
-        """send_back: a PD-Caching-3 prefill instance serves this RPC too (it receives the decode-phase KV)."""
-        if self.role != role and not (send_back and self.send_back and self.role == common_pb2.ROLE_PREFILL):
+        """send_back: a PD-Caching-3 prefill instance serves this RPC too (it receives the decode-phase KV), and
+        so does a colocated instance with peer fetch (it receives pushed prefixes)."""
+        if self.role != role and not (send_back and self.send_back and self.role == common_pb2.ROLE_PREFILL) \
+                and not (send_back and self.peer_fetch):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 f"{rpc} is served by instances of role {ROLE_NAMES[role]}; instance "
                                 f"{self.instance_id or self.address} has role {ROLE_NAMES[self.role]}")
@@ -315,6 +327,15 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     async def CommitKvTransfer(self, request, context):
         await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
         return await self.decode_side.commit(request, context)
+
+    async def PushKv(self, request, context):
+        if self.peer_push is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"PushKv is served by colocated instances started with peer fetch; instance "
+                                f"{self.instance_id or self.address} ({ROLE_NAMES[self.role]}) was not")
+        if self.draining or self._stopped or self.loop_thread.broken:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is not serving")
+        return await self.peer_push.push(request, context)
 
     async def Decode(self, request, context):
         await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
@@ -345,7 +366,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         c = self.loop_thread.counters
         kv = dict(KV_COUNTERS)
         pending = held = 0
-        for side in (self.prefill_side, self.send_back_side, self.decode_side):
+        for side in (self.prefill_side, self.send_back_side, self.decode_side, self.peer_push):
             if side is not None:
                 for k, v in (side.receiver if side is self.decode_side else side).counters.items():
                     kv[k] = kv.get(k, 0) + v

@@ -40,6 +40,10 @@ flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
+flags.DEFINE_bool("peer_fetch", False, "colocated: serve PushKv and take prefixes other instances push (the "
+                  "scheduler's kv_pool policy with --peer_fetch; issue 18)")
+flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the model's KV page "
+                   "size and the pool's dtype; not with --num_host_pages)")
 flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
@@ -79,6 +83,7 @@ FLAGS = flags.FLAGS
 
 def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
+                host_kv_gib=FLAGS.host_kv_gib,
                 enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                 max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
                 ep=FLAGS.ep,
@@ -92,6 +97,7 @@ def config_from_flags() -> InstanceConfig:
                           instance_id=FLAGS.instance_id, model_name=FLAGS.model,
                           profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
                           pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s,
+                          peer_fetch=FLAGS.peer_fetch,
                           step_timeout_s=FLAGS.step_timeout_s if multiprocess_flags() else 0.0,
                           compile_grace_s=FLAGS.compile_grace_s, tls_cert_file=FLAGS.tls_cert_file,
                           tls_key_file=FLAGS.tls_key_file, tls_ca_file=FLAGS.tls_ca_file, insecure=FLAGS.insecure)

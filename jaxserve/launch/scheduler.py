@@ -40,6 +40,12 @@ flags.DEFINE_float("stall_timeout_s", None, "a started stream silent this long c
 flags.DEFINE_float("no_instance_wait_s", 5.0, "how long a request waits for an instance to come up")
 flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model with Instance.Profile")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
+flags.DEFINE_bool("peer_fetch", False, "policy kv_pool: a request routed away from its prefix's holder has the holder "
+                  "push the prefix first (instances need --peer_fetch; issue 18)")
+flags.DEFINE_float("peer_fetch_timeout_s", 10.0, "peer fetch: longest wait for a push before recomputing")
+flags.DEFINE_integer("kv_bytes_per_token", 131072, "peer fetch: the model's KV bytes per token (transfer model)")
+flags.DEFINE_float("peer_link_bytes_s", 50e9, "peer fetch: instance-to-instance KV bandwidth (transfer model)")
+flags.DEFINE_float("peer_link_latency_s", 5e-4, "peer fetch: per-pull latency (transfer model)")
 flags.DEFINE_string("tls_cert_file", None, "server certificate chain (PEM) for TLS")
 flags.DEFINE_string("tls_key_file", None, "server private key (PEM) for TLS")
 flags.DEFINE_integer("http_port", None, "port of the OpenAI-compatible HTTP API and /metrics (unset: no HTTP; "
@@ -67,7 +73,8 @@ def config_from_flags() -> GlobalSchedulerConfig:
     names = ("host", "port", "policy", "mode", "max_queued_requests", "max_queued_tokens", "default_max_tokens",
              "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
              "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
-             "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_ca_file", "insecure")
+             "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_ca_file", "insecure", "peer_fetch",
+             "peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s", "peer_link_latency_s")
     return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
 
 

@@ -17,7 +17,7 @@ from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
-from jaxserve.scheduler.router import DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
+from jaxserve.scheduler.router import COLOCATED, DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
 from jaxserve.scheduler.tokenizer import ModelInfo, identity_mismatch
 from jaxserve.security import LinkSecurity
 
@@ -45,7 +45,13 @@ class InstanceRegistry:
         self.config = config
         self.model = model
         self.link = link
-        self.router = Router(config.policy, LoadGuard(config.load_guard_factor, config.load_guard_slack), config.mode)
+        guard = LoadGuard(config.load_guard_factor, config.load_guard_slack)
+        self.router = Router(config.policy, guard, config.mode)
+        if config.peer_fetch:
+            from jaxserve.scheduler.kv_pool import KVPool, TransferModel
+            transfer = TransferModel(kv_bytes_per_token=config.kv_bytes_per_token,
+                                     link_bytes_s=config.peer_link_bytes_s, link_latency_s=config.peer_link_latency_s)
+            self.router.set_policy(COLOCATED, KVPool(guard, transfer=transfer, peer_fetch=True))
         self.health = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
@@ -198,6 +204,19 @@ class InstanceRegistry:
             return resp.num_unfinished
         except grpc.aio.AioRpcError as e:
             log.warning("instance %s: Drain failed (%s: %s)", record.instance_id, e.code().name, e.details())
+            return e
+        finally:
+            record.pins -= 1
+            self._maybe_close_channel(record)
+
+    async def push_kv(self, record: InstanceRecord, request: instance_pb2.PushKvRequest,
+                      timeout_s: float) -> instance_pb2.PushKvResponse | grpc.aio.AioRpcError:
+        """Peer fetch: the holder `record` pushes a prefix to another instance. Its channel stays open meanwhile
+        (as for Drain): an instance leaving mid-push must answer with an error, not leave the call hanging."""
+        record.pins += 1
+        try:
+            return await record.stub.PushKv(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
             return e
         finally:
             record.pins -= 1

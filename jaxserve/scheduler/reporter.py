@@ -3,9 +3,10 @@ ReportEvents stream of index events and load, reconnecting (and re-registering w
 forgotten the instance) until stopped; Deregister on a clean stop. jax-free, so any instance server (the
 engine's, or a fake) can use it.
 
-Every (re)connected stream starts with CLEAR and then an INSERT for each sequence of `snapshot()`, so the
-scheduler's prompt tree is rebuilt from what the instance really holds after any gap. `insert`, `evict`
-and `clear` may be called from any thread."""
+Every (re)connected stream starts with CLEAR and then an INSERT for each sequence of `snapshot()` (and, with
+`snapshot_tiers`, an OFFLOAD where each host-tier part begins), so the scheduler's prompt tree is rebuilt from
+what the instance really holds, and where, after any gap. `insert`, `evict`, `offload` and `clear` may be
+called from any thread."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ _MAX_EVENTS_PER_REPORT = 256
 class InstanceReporter:
     def __init__(self, scheduler_address: str, registration: scheduler_pb2.RegisterRequest, *,
                  snapshot: Callable[[], Iterable[Sequence[int]]] | None = None,
+                 snapshot_tiers: Callable[[], tuple[Iterable[Sequence[int]], Iterable[Sequence[int]]]] | None = None,
                  load: Callable[[], common_pb2.Load] | None = None,
                  credentials: grpc.ChannelCredentials | None = None, retry_interval_s: float = 0.5,
                  max_retry_interval_s: float = 5.0, secret: str | None = None):
@@ -33,7 +35,8 @@ class InstanceReporter:
         self._address = scheduler_address
         self._registration = scheduler_pb2.RegisterRequest()
         self._registration.CopyFrom(registration)
-        self._snapshot = snapshot or (lambda: ())
+        # snapshot_tiers (IndexMirror.snapshot_tiers): (sequences held, prefixes where a host-tier part begins)
+        self._snapshot_tiers = snapshot_tiers or (lambda: ((snapshot or (lambda: ()))(), ()))
         self._load = load
         self._credentials = credentials
         self._secret = secret
@@ -90,6 +93,14 @@ class InstanceReporter:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.EVICT, token_ids=token_ids,
                                         page_size=self._registration.page_size))
 
+    def offload(self, token_ids: Sequence[int]) -> None:
+        self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.OFFLOAD, token_ids=token_ids,
+                                        page_size=self._registration.page_size))
+
+    def event(self, kind: str, token_ids: Sequence[int]) -> None:
+        """A PageBook listener event ("insert", "evict" or "offload")."""
+        {"insert": self.insert, "evict": self.evict, "offload": self.offload}[kind](token_ids)
+
     def clear(self) -> None:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.CLEAR))
 
@@ -112,8 +123,12 @@ class InstanceReporter:
         while not self._queue.empty():
             self._queue.get_nowait()
         events = [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.CLEAR)]
-        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.INSERT, token_ids=seq,
-                                         page_size=self._registration.page_size) for seq in self._snapshot()]
+        held, offloaded = self._snapshot_tiers()
+        ps = self._registration.page_size
+        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.INSERT, token_ids=seq, page_size=ps)
+                   for seq in held]
+        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.OFFLOAD, token_ids=seq, page_size=ps)
+                   for seq in offloaded]
         for i in range(0, len(events), _MAX_EVENTS_PER_REPORT):
             yield self._report(events[i:i + _MAX_EVENTS_PER_REPORT])
         while True:

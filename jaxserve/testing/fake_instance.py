@@ -164,7 +164,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
 
     def _on_cache_event(self, kind: str, tokens: Sequence[int]) -> None:
         if self.reporter is not None:
-            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+            self.reporter.event(kind, tokens)
 
     def _match(self, tokens: Sequence[int]) -> int:
         """Cached prefix length; at least one token is left to compute (its logits are needed)."""
