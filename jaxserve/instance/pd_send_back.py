@@ -61,7 +61,7 @@ class SendBack:
             return
         seq = seq[:n]
         peer = GrpcPeer(self.kv.peer(target.address), name, request_id, timeout, self.kv.transfer_server.address,
-                        insert=True, cache_only=True)
+                        insert=True, cache_only=True, kv_cache_dtype=pool.kv_cache_dtype)
         offered = []
 
         async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
