@@ -90,3 +90,17 @@ def test_scheduler_refuses_mismatched_pd_registration():
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' differs from the 'fp8_e4m3' of prefill instance p0"):
         router.add(InstanceRecord("d1", "a:3", DECODE, 16, kv_cache_dtype="int8"))
     router.add(InstanceRecord("p0", "a:1", PREFILL, 16, kv_cache_dtype=FP8))  # re-registering is fine
+
+
+def test_scheduler_metrics_report_kv_format():
+    from types import SimpleNamespace
+
+    from jaxserve.scheduler.metrics import _LiveCollector
+    router = Router()
+    router.add(InstanceRecord("p0", "a:1", PREFILL, 16, num_pages=4000, kv_cache_dtype=FP8, kv_page_bytes=16896))
+    scheduler = SimpleNamespace(router=router, admission=SimpleNamespace(requests=0, tokens=0))
+    families = {f.name: f for f in _LiveCollector(scheduler, "m").collect()}
+    (pages,) = families["jaxserve:kv_cache_pages"].samples
+    (page_bytes,) = families["jaxserve:kv_cache_page_bytes"].samples
+    assert pages.labels == dict(model_name="m", instance="p0", kv_cache_dtype=FP8) and pages.value == 4000
+    assert page_bytes.value == 16896
