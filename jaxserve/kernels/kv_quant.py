@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8")
 SCALE_BYTES = 4
@@ -44,18 +43,6 @@ def row_width(head_dim: int, kv_cache_dtype: str | None) -> int:
 
 def head_dim_of(width: int, kv_cache_dtype: str | None) -> int:
     return width - SCALE_BYTES if is_quantized(kv_cache_dtype) else width
-
-
-def storage_dtype(kv_cache_dtype: str | None, unquantized: str) -> str:
-    """The pool array's dtype: uint8 for quantized rows, else `unquantized` (the engine's choice)."""
-    return "uint8" if is_quantized(kv_cache_dtype) else unquantized
-
-
-def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str | None,
-                   unquantized_dtype: str) -> int:
-    """Bytes of one page (K and V of every layer), scales included."""
-    itemsize = np.dtype(jnp.dtype(storage_dtype(kv_cache_dtype, unquantized_dtype))).itemsize
-    return num_layers * page_size * 2 * num_kv_heads * row_width(head_dim, kv_cache_dtype) * itemsize
 
 
 def quantize(x: jax.Array, kv_cache_dtype: str) -> jax.Array:
