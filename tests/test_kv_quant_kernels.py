@@ -146,3 +146,19 @@ def test_row_widths():
     assert kv_quant.row_width(64, "auto") == 64 and kv_quant.row_width(64, "int8") == 68
     assert kv_quant.head_dim_of(68, "fp8_e5m2") == 64 and kv_quant.head_dim_of(64, "auto") == 64
     assert kv_quant.encode_kv(jnp.ones((2, 8)), "auto", jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_quantized_kernels_lower_for_gpu(fmt):
+    """Pallas -> Triton IR (CUDA) with quantized pages at serving-like shapes (no execution: no GPU here): the
+    rows (head_dim + 4 bytes) are read as a power-of-two value block plus four one-byte scale loads."""
+    sds = jax.ShapeDtypeStruct
+    t, hq, hkv, d, p, ps, s, pps = 64, 16, 2, 128, 128, 16, 8, 16
+    args = (sds((t, hq, d), jnp.bfloat16), sds((p, ps, 2 * hkv, d + 4), jnp.uint8), sds((s,), jnp.int32),
+            sds((s, pps), jnp.int32), sds((s + 1,), jnp.int32), sds((1,), jnp.int32))
+    for fn, a in ((ragged_paged_attention, args), (decode_paged_attention, (sds((s, hq, d), jnp.bfloat16),) + args[1:4])):
+        def f(*a, fn=fn):
+            return fn(*a, sm_scale=0.1, interpret=False, backend="gpu", kv_cache_dtype=fmt)
+        assert "triton" in jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="not supported by the TPU"):
+        ragged_paged_attention(*(jnp.zeros(x.shape, x.dtype) for x in args), backend="tpu", kv_cache_dtype=fmt)

@@ -62,21 +62,32 @@ def quantize(x: jax.Array, kv_cache_dtype: str) -> jax.Array:
     return jnp.concatenate([value_bytes, scale_bytes.reshape(*scale.shape[:-1], SCALE_BYTES)], axis=-1)
 
 
-def row_scale(rows: jax.Array) -> jax.Array:
-    """The f32 scale [..., 1] of packed rows uint8 [..., D + 4], assembled from its bytes with shifts and one
-    same-width bitcast (no shape-changing bitcast, so it also traces inside Pallas kernels)."""
-    b = rows[..., -SCALE_BYTES:].astype(jnp.uint32)
-    word = b[..., 0:1] | (b[..., 1:2] << 8) | (b[..., 2:3] << 16) | (b[..., 3:4] << 24)
+def scale_from_bytes(b0, b1, b2, b3) -> jax.Array:
+    """The four bytes of a little-endian f32 (uint8 [..., 1] each) -> f32 [..., 1], with shifts and one
+    same-width bitcast: no slicing or shape-changing bitcast, so it also lowers inside Pallas kernels (Triton)."""
+    word = (b0.astype(jnp.uint32) | (b1.astype(jnp.uint32) << 8) | (b2.astype(jnp.uint32) << 16)
+            | (b3.astype(jnp.uint32) << 24))
     return jax.lax.bitcast_convert_type(word, jnp.float32)
+
+
+def row_scale(rows: jax.Array) -> jax.Array:
+    """The f32 scale [..., 1] of packed rows uint8 [..., D + 4]."""
+    d = rows.shape[-1] - SCALE_BYTES
+    return scale_from_bytes(*(rows[..., d + i:d + i + 1] for i in range(SCALE_BYTES)))
+
+
+def dequantize_values(value_bytes: jax.Array, scale: jax.Array, kv_cache_dtype: str, dtype=jnp.float32):
+    """uint8 [..., D] values of a row and its f32 scale [..., 1] -> values [..., D] in `dtype`."""
+    value_dtype, _ = _FORMATS[kv_cache_dtype]
+    values = jax.lax.bitcast_convert_type(value_bytes, value_dtype).astype(jnp.float32)
+    return (values * scale).astype(dtype)
 
 
 def dequantize(rows: jax.Array, kv_cache_dtype: str | None, dtype=jnp.float32) -> jax.Array:
     """Packed rows -> values [..., D] in `dtype`; unquantized rows ("auto") are returned as they are."""
     if not is_quantized(kv_cache_dtype):
         return rows
-    value_dtype, _ = _FORMATS[kv_cache_dtype]
-    values = jax.lax.bitcast_convert_type(rows[..., :-SCALE_BYTES], value_dtype).astype(jnp.float32)
-    return (values * row_scale(rows)).astype(dtype)
+    return dequantize_values(rows[..., :-SCALE_BYTES], row_scale(rows), kv_cache_dtype, dtype)
 
 
 def encode_kv(kv: jax.Array, kv_cache_dtype: str | None, storage: jnp.dtype) -> jax.Array:

@@ -313,12 +313,21 @@ def load_kv_block(kv_ref, pt_ref, seq, blk, head, n_pages, pages_per_block, page
     pages = pt_ref[seq, pl.ds(start, pages_per_block)]
     slot = start + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     pages = jnp.where(slot < n_pages, pages, pt_ref[seq, start])
-    width = kv_ref.shape[-1]
     bk = pages_per_block * page_size
-    k = kv_ref[pages, :, 2 * head, :].reshape(bk, width)
-    v = kv_ref[pages, :, 2 * head + 1, :].reshape(bk, width)
     if kv_quant.is_quantized(kv_cache_dtype):
-        k, v = kv_quant.dequantize(k, kv_cache_dtype, dtype), kv_quant.dequantize(v, kv_cache_dtype, dtype)
+        # The values and each scale byte are loaded apart: Triton wants power-of-two shapes (a whole row is
+        # head_dim + 4) and has no slice.
+        head_dim = kv_ref.shape[-1] - kv_quant.SCALE_BYTES
+
+        def load(slot):
+            values = kv_ref[pages, :, slot, pl.ds(0, head_dim)].reshape(bk, head_dim)
+            scale = kv_quant.scale_from_bytes(*(kv_ref[pages, :, slot, pl.ds(head_dim + i, 1)].reshape(bk, 1)
+                                                for i in range(kv_quant.SCALE_BYTES)))
+            return kv_quant.dequantize_values(values, scale, kv_cache_dtype, dtype)
+        return load(2 * head), load(2 * head + 1)
+    head_dim = kv_ref.shape[-1]
+    k = kv_ref[pages, :, 2 * head, :].reshape(bk, head_dim)
+    v = kv_ref[pages, :, 2 * head + 1, :].reshape(bk, head_dim)
     return k, v
 
 
