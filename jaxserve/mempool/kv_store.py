@@ -70,6 +70,7 @@ def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
             raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
     return ranges[0][0], ranges[-1][1]
 
+
 def storage_dtype(cache_cfg: CacheConfig, dtype) -> np.dtype:
     """The pool array's dtype: uint8 for an 8-bit kv_cache_dtype (XLA:CPU scatters it in place; a float8
     scatter converts the whole cache), else `dtype`."""
