@@ -148,3 +148,24 @@ def test_mismatched_kv_cache_dtype_is_refused():
     plain = make_pool((1,), "auto")
     with pytest.raises(ValueError, match="kv_cache_dtype differs"):
         src.transfer(plain, sp, plain.alloc(1))
+
+
+def test_llm_sizes_its_pool_from_a_byte_budget_and_reports_it(caplog):
+    """LLM(kv_cache_dtype=..., kv_cache_memory_bytes=...) -> the engine's pool, its page count at that format,
+    and the start-up line that reports it."""
+    import logging
+
+    from jaxserve import LLM
+    budget = 1 << 20
+    pages = {}
+    with caplog.at_level(logging.INFO, logger="jaxserve.engine.engine"):
+        for kvd in ("auto", "int8"):
+            llm = LLM(model=CFG, page_size=PAGE, kv_cache_dtype=kvd, kv_cache_memory_bytes=budget,
+                      kv_host_memory_bytes=budget // 2, compilation_cache="off")
+            pool = llm.engine.pool
+            assert pool.kv_cache_dtype == kvd and llm.engine.model_config.kv_cache_dtype == kvd
+            assert pool.num_pages == budget // pool.page_bytes and pool.num_host_pages == budget // 2 // pool.page_bytes
+            pages[kvd] = pool.num_pages
+    assert pages["int8"] == budget // (2 * PAGE * 2 * 2 * (16 + 4))  # f32 storage on CPU: 64 bytes a row
+    assert pages["int8"] / pages["auto"] == pytest.approx(64 / 20, rel=0.01)
+    assert any("KV cache: int8" in r.getMessage() and "pages/GiB" in r.getMessage() for r in caplog.records)
