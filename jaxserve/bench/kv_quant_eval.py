@@ -101,6 +101,41 @@ def agreement(llm_factory, model_config: ModelConfig, params, prompts, max_token
     return reference, results
 
 
+def scale_scheme_errors(kv: np.ndarray) -> dict:
+    """Relative RMS error of real K/V rows `kv` [layers, pages, page_size, 2*Hkv, D] (f32, pages in use)
+    quantized under four scale schemes, per format: per token and head (ours), one per-tensor scale of 1.0
+    (vLLM's fp8 default without calibration), per (layer, page, head) fixed at the page's first token (a page
+    written token by token without re-quantizing), per (layer, page, head) from the whole page."""
+    from jaxserve.kernels import kv_quant
+    x = np.asarray(kv, np.float32)
+    out = {}
+    for fmt, (value_dtype, qmax) in kv_quant._FORMATS.items():
+        def q(y):
+            y = np.clip(np.asarray(y, np.float32), -qmax, qmax)
+            if fmt == "int8":
+                return np.round(y)
+            return np.asarray(jnp.asarray(y).astype(value_dtype).astype(jnp.float32))
+
+        def err(scale):
+            scale = np.maximum(scale, 1e-30)
+            return float(np.sqrt(((q(x / scale) * scale - x) ** 2).sum() / (x ** 2).sum()))
+        out[fmt] = dict(per_token=err(np.abs(x).max(-1, keepdims=True) / qmax), per_tensor_1=err(np.ones(1)),
+                        page_first_token=err(np.abs(x[:, :, :1]).max(-1, keepdims=True) / qmax),
+                        page_whole=err(np.abs(x).max(axis=(2, 4), keepdims=True) / qmax))
+    return out
+
+
+def demo_kv_rows(n_prompts: int = 4, prompt_len: int = 60, new_tokens: int = 30) -> np.ndarray:
+    """The demo model's K/V after a few greedy requests (unquantized pool): the pages in use."""
+    from jaxserve.engine.llm import LLM
+    llm = LLM("demo", num_pages=64)
+    rng = np.random.default_rng(0)
+    generate(llm, [rng.integers(1, 250, prompt_len).tolist() for _ in range(n_prompts)], new_tokens)
+    kv = np.asarray(llm.engine.pool.kv_cache, np.float32)
+    used = [p for p in range(1, kv.shape[1]) if np.abs(kv[:, p]).sum() > 0]
+    return kv[:, used]
+
+
 def random_prompts(rng, n: int, vocab: int, lo: int = 8, hi: int = 40) -> list[list[int]]:
     return [rng.integers(1, vocab, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
 

@@ -33,6 +33,8 @@ flags.DEFINE_integer("sim_instances", 8, "simulator: colocated instances")
 flags.DEFINE_integer("sim_requests", 2000, "simulator: trace requests replayed (0: none, skip the simulation)")
 flags.DEFINE_integer("agreement_prompts", 0, "greedy agreement: prompts on the demo model (0: skip)")
 flags.DEFINE_integer("agreement_tokens", 64, "greedy agreement: generated tokens per prompt")
+flags.DEFINE_bool("probes", True, "also time the in-place KV write per storage dtype and compare scale schemes on "
+                  "the demo model's K/V (why uint8 rows with a per-token scale)")
 flags.DEFINE_string("out", "out/bench_kv_quant.json", "JSON output")
 FLAGS = flags.FLAGS
 
@@ -146,6 +148,27 @@ def sim_hit_rate(kvd: str) -> dict:
                 sim_mean_ttft_s=sum(ttft) / len(ttft), sim_requests=len(records))
 
 
+def scatter_probe() -> dict:
+    """ms of one donated 8-token KV write (`cache.at[layer, pages, offsets].set`) into a 4 x 512-page cache, per
+    storage dtype: XLA:CPU keeps f32 and uint8 writes in place but converts a bf16 or float8 cache whole."""
+    import jax
+    import jax.numpy as jnp
+    out = {}
+    for name, dtype, width in (("float32", jnp.float32, 128), ("bfloat16", jnp.bfloat16, 128),
+                               ("float8_e4m3fn", jnp.float8_e4m3fn, 132), ("uint8", jnp.uint8, 132)):
+        cache = jnp.zeros((4, 512, 16, 4, width), dtype)
+        write = jax.jit(lambda c, p, o, x: c.at[1, p, o].set(x, mode="promise_in_bounds"), donate_argnums=0)
+        pages, offsets, rows = jnp.arange(8, dtype=jnp.int32) + 3, jnp.zeros(8, jnp.int32), jnp.ones((8, 4, width), dtype)
+        cache = write(cache, pages, offsets, rows).block_until_ready()
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            cache = write(cache, pages, offsets, rows).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        out[name] = best * 1e3
+    return out
+
+
 def agreement_rows() -> dict:
     import numpy as np
 
@@ -174,6 +197,10 @@ def main(_):
         rows[kvd] = row
         print(kvd, row, flush=True)
     agreement = agreement_rows() if FLAGS.agreement_prompts else {}
+    probes = {}
+    if FLAGS.probes:
+        from jaxserve.bench import kv_quant_eval as ev
+        probes = dict(kv_write_ms=scatter_probe(), scale_scheme_rel_rms=ev.scale_scheme_errors(ev.demo_kv_rows()))
     base = FLAGS.kv_cache_dtypes[0]
     print(f"\nKV cache formats on {jax.default_backend()} ({os.cpu_count()} cores): Llama hidden {FLAGS.hidden}, "
           f"{FLAGS.layers} layers, 1 KV head of 128; transfer of {FLAGS.transfer_tokens} tokens; decode at "
@@ -196,11 +223,20 @@ def main(_):
         for kvd, a in agreement.items():
             print(f"| {kvd} | " + " | ".join(f"{a[k]:.4f}" if isinstance(a[k], float) else str(a[k])
                                              for k in keys) + " |")
+    if probes:
+        print("\nOne 8-token KV write into a 4 x 512-page cache, ms: " +
+              ", ".join(f"{k} {v:.3f}" for k, v in probes["kv_write_ms"].items()))
+        print("\nRelative RMS error of the demo model's K/V rows per scale scheme\n")
+        schemes = ["per_token", "per_tensor_1", "page_first_token", "page_whole"]
+        print("| format | " + " | ".join(schemes) + " |")
+        print("|---|" + "---|" * len(schemes))
+        for fmt, e in probes["scale_scheme_rel_rms"].items():
+            print(f"| {fmt} | " + " | ".join(f"{e[k]:.4f}" for k in schemes) + " |")
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(dict(platform=jax.default_backend(), flags={k: FLAGS[k].value for k in (
             "hidden", "layers", "context", "transfer_tokens", "sim_kv_gib", "sim_instances", "sim_requests")},
-            rows=rows, agreement=agreement), f, indent=1)
+            rows=rows, agreement=agreement, probes=probes), f, indent=1)
     print(f"\nwrote {FLAGS.out}")
 
 
