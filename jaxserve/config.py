@@ -14,6 +14,16 @@ def _require(cond: bool, msg: str) -> None:
 
 ROPE_TYPES = ("linear", "llama3", "yarn")
 
+# How the KV cache stores K and V (issue 19; jaxserve/kernels/kv_quant.py): "auto" keeps the model's dtype; the
+# 8-bit formats store each row (one token's K or V of one KV head) as head_dim bytes plus its f32 scale.
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8")
+KV_SCALE_BYTES = 4
+
+
+def kv_row_width(head_dim: int, kv_cache_dtype: str) -> int:
+    """Last-axis length of a stored KV row: head_dim, plus the scale's bytes when quantized."""
+    return head_dim + KV_SCALE_BYTES if kv_cache_dtype != "auto" else head_dim
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -95,6 +105,10 @@ class ModelConfig:
     expert_act: str = "swiglu"                # or clamped_swiglu: gpt-oss's biased, clamped GLU
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
+    # -- KV cache ----------------------------------------------------------------------------------------
+    # How the paged step writes and reads K/V (KV_CACHE_DTYPES); the engine sets it from
+    # CacheConfig.kv_cache_dtype, so the compiled step and the pool agree.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -111,6 +125,8 @@ class ModelConfig:
         _require(self.hidden_act in HIDDEN_ACTS, f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
         _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
         _require(self.expert_act in EXPERT_ACTS, f"expert_act must be one of {EXPERT_ACTS}, got {self.expert_act!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.layer_types:
             _require(len(self.layer_types) == self.num_layers,
                      f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
@@ -177,29 +193,33 @@ SUPPORTED_ARCHITECTURES = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """KV-cache memory: page geometry, device pages and host-tier pages."""
+    """KV-cache memory: page geometry, device pages and host-tier pages, and how K/V are stored."""
 
     page_size: int = 16
     num_pages: int = 512          # device tier, page 0 included (reserved as the write sink of padding)
     num_host_pages: int = 0       # host tier; 0 disables swap_out (evicted prefixes are dropped)
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "auto" (the model's dtype) or an 8-bit format
+    # Device-tier budget in bytes (scales included); set: the engine sizes num_pages from it (and
+    # num_host_pages from host_memory_bytes), so an 8-bit cache holds ~2x the pages of bf16 (4x of f32).
+    memory_bytes: int | None = None
+    host_memory_bytes: int | None = None
 
     def __post_init__(self):
         _require(self.page_size >= 1 and (self.page_size & (self.page_size - 1)) == 0,
                  f"page_size must be a power of two >= 1, got {self.page_size}")
         _require(self.num_pages >= 2, f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}")
         _require(self.num_host_pages >= 0, f"num_host_pages must be >= 0, got {self.num_host_pages}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        for name in ("memory_bytes", "host_memory_bytes"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name} must be > 0 or None, got {value}")
 
 
 def kv_page_bytes(model: "ModelConfig", page_size: int, dtype_bytes: int) -> int:
     """Bytes of one KV page (K and V of every layer for `page_size` tokens), as the pool stores it."""
     return model.num_layers * page_size * 2 * model.num_kv_heads * model.head_dim * dtype_bytes
-
-
-def host_pages_for_gib(model: "ModelConfig", page_size: int, dtype_bytes: int, gib: float) -> int:
-    """Host-tier pages that fit in `gib` GiB (issue 18: `--host_kv_gib`, the budget of the whole instance)."""
-    _require(gib >= 0, f"host_kv_gib must be >= 0, got {gib}")
-    return int(gib * 2**30 // kv_page_bytes(model, page_size, dtype_bytes))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,9 @@ class DisaggregatedPair:
         if prefill.config.cache.enable_prefix_caching != p_cache or \
                 decode.config.cache.enable_prefix_caching != d_cache:
             raise ValueError(f"pd_mode {mode!r} needs prefix caching prefill={p_cache}, decode={d_cache}")
+        if prefill.pool.kv_cache_dtype != decode.pool.kv_cache_dtype:
+            raise ValueError(f"kv_cache_dtype differs: prefill {prefill.pool.kv_cache_dtype!r}, decode "
+                             f"{decode.pool.kv_cache_dtype!r}; the KV moves between them, so both must store it alike")
         if prefill.pool.page_shape != decode.pool.page_shape:
             raise ValueError(f"page shapes differ: {prefill.pool.page_shape} vs {decode.pool.page_shape}")
         overlap = {d.id for d in prefill.mesh.devices.flat} & {d.id for d in decode.mesh.devices.flat}

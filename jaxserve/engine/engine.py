@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable
 
@@ -17,6 +19,7 @@ from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.kernels.dispatch import resolve_impl
 from jaxserve.mempool import MemPool
+from jaxserve.mempool.kv_store import size_cache
 from jaxserve.model.decoder import kv_cache_partition_spec, param_partition_specs
 
 
@@ -74,6 +77,9 @@ def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None) -> 
     return model_config.dtype
 
 
+log = logging.getLogger(__name__)
+
+
 class Unschedulable(RuntimeError):
     """`Engine.step`: the head of the waiting queue can never be scheduled (nothing runs and it does not fit
     the free KV pages); the engine itself is fine. `request_id`: that request."""
@@ -89,6 +95,12 @@ class Engine:
         """`ops`: the device-op channel every part that runs device work gets (jaxserve/engine/device_ops.py):
         a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process."""
         self.ops = ops if ops is not None else LocalOps()
+        # The compiled step writes and reads K/V the way the pool stores them (CacheConfig.kv_cache_dtype), and
+        # a memory budget in bytes becomes a page count at that storage dtype.
+        if model_config.kv_cache_dtype != config.cache.kv_cache_dtype:
+            model_config = dataclasses.replace(model_config, kv_cache_dtype=config.cache.kv_cache_dtype)
+        config = dataclasses.replace(config, cache=size_cache(model_config, config.cache,
+                                                              kv_storage_dtype(model_config)))
         # Called (engine thread) before a step or sequence-parallel prefill whose shapes never ran (it compiles
         # first): `add_new_shape_hook`; a step watchdog extends its deadline.
         self._new_shape_hooks: list[Callable[[], None]] = []
@@ -109,6 +121,9 @@ class Engine:
         kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())
         self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=kv_storage_dtype(model_config),
                             ops=self.ops)
+        log.info("KV cache: %s, %d device pages + %d host pages of %d bytes (%.1f MiB device); %.0f pages/GiB",
+                 config.cache.kv_cache_dtype, self.pool.num_pages, self.pool.num_host_pages, self.pool.page_bytes,
+                 self.pool.num_pages * self.pool.page_bytes / 2**20, 2**30 / self.pool.page_bytes)
         self.attention_impl = resolve_impl(config.attention_impl)
         self.runner = ModelRunner(model_config, self.params, self.pool,
                                   max_num_seqs=config.scheduler.max_num_seqs,

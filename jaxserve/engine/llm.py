@@ -43,7 +43,10 @@ def enable_compilation_cache(path: str | None = None) -> None:
 
 class LLM:
     """`LLM(model="demo" | HF folder | Orbax folder | ModelConfig (random weights), ...)`. `ops`: the device-op
-    channel of a multi-process instance's process (`jaxserve.engine.multihost.connect`), given to the Engine."""
+    channel of a multi-process instance's process (`jaxserve.engine.multihost.connect`), given to the Engine.
+    `kv_cache_dtype`: "auto" (the model's dtype) | "fp8_e4m3" | "fp8_e5m2" | "int8" (per-token, per-KV-head scales,
+    jaxserve/kernels/kv_quant.py); `kv_cache_memory_bytes` / `host_kv_gib`: size the device / host tiers
+    in bytes instead of `num_pages` / `num_host_pages` (8-bit pages are ~2x as many as bf16, ~4x f32)."""
 
     def __init__(self, model="demo", *, page_size: int = 16, num_pages: int = 512, num_host_pages: int = 0,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
@@ -52,7 +55,8 @@ class LLM:
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
                  pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1,
-                 async_scheduling: bool = True, ops=None, host_kv_gib: float | None = None):
+                 async_scheduling: bool = True, ops=None, kv_cache_dtype: str = "auto",
+                 kv_cache_memory_bytes: int | None = None, host_kv_gib: float | None = None):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -65,17 +69,18 @@ class LLM:
             cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
         self.model_config = cfg
         self.tokenizer = tokenizer
-        if host_kv_gib is not None:  # the host tier from a byte budget, in the pool's KV dtype
+        kv_host_memory_bytes = None
+        if host_kv_gib is not None:  # the host tier from a byte budget, at the pool's page size (scales included)
             if num_host_pages:
                 raise ValueError(f"give num_host_pages ({num_host_pages}) or host_kv_gib ({host_kv_gib}), not both")
-            import numpy as np
-            from jaxserve.config import host_pages_for_gib
-            from jaxserve.engine.engine import kv_storage_dtype
-            num_host_pages = host_pages_for_gib(cfg, page_size, np.dtype(kv_storage_dtype(cfg)).itemsize, host_kv_gib)
+            if host_kv_gib < 0:
+                raise ValueError(f"host_kv_gib must be >= 0, got {host_kv_gib}")
+            kv_host_memory_bytes = int(host_kv_gib * 2**30) or None
         def engine_config(caching, tp, device_ids, seq=1, ep_=1):
             return EngineConfig(
                 cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,
-                                  enable_prefix_caching=caching),
+                                  enable_prefix_caching=caching, kv_cache_dtype=kv_cache_dtype,
+                                  memory_bytes=kv_cache_memory_bytes, host_memory_bytes=kv_host_memory_bytes),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
                 mesh=MeshConfig(tp=tp, seq=seq, ep=ep_, device_ids=tuple(device_ids) if device_ids else None),

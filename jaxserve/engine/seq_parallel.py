@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.sampling import sample_tokens, sampling_arrays
-from jaxserve.kernels import reference
+from jaxserve.kernels import kv_quant, reference
 from jaxserve.kernels.ring_attention import padded_length, ring_attention, zigzag_order
 from jaxserve.model.decoder import Decoder
 from jaxserve.util import next_pow2
@@ -42,16 +42,17 @@ class SPBatch(NamedTuple):
 
 
 def make_attention_hook(mesh, *, seq_axis: str = "seq", tp_axis: str | None = "tp", balanced: bool = True,
-                        communicate: bool = True):
-    """The `Decoder.attention_hook` for context-parallel prefill on `mesh`."""
+                        communicate: bool = True, kv_cache_dtype: str = "auto"):
+    """The `Decoder.attention_hook` for context-parallel prefill on `mesh`; quantized pages
+    (`kv_cache_dtype`) are dequantized when the prefix is read and quantized when the suffix is written."""
 
     def hook(q, k, v, kv_cache, batch: SPBatch, layer: int, sm_scale: float):
         # Cached prefix of this layer, read from the pool before this layer's suffix K/V is written.
         prefix = kv_cache[layer, batch.prefix_pages]                      # [Pp, page, 2Hkv, D]
-        prefix = prefix.reshape(-1, *prefix.shape[2:])
+        prefix = kv_quant.dequantize(prefix.reshape(-1, *prefix.shape[2:]), kv_cache_dtype, q.dtype)
         out = ring_attention(q, k, v, batch.positions, prefix, batch.prefix_len, mesh=mesh, seq_axis=seq_axis,
                              tp_axis=tp_axis, sm_scale=sm_scale, balanced=balanced, communicate=communicate)
-        kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets)
+        kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets, kv_cache_dtype)
         return out, kv_cache
 
     return hook
@@ -63,7 +64,7 @@ def jitted_sp_step(model_config, mesh, seq_axis: str = "seq", tp_axis: str | Non
     """One jitted context-parallel prefill step per (model, mesh): `(params, kv_cache, token_ids, batch,
     logits_indices, sampling) -> (tokens, logits, kv_cache)`; the cache is donated and keeps its sharding."""
     hook = make_attention_hook(mesh, seq_axis=seq_axis, tp_axis=tp_axis, balanced=balanced,
-                               communicate=communicate)
+                               communicate=communicate, kv_cache_dtype=model_config.kv_cache_dtype)
     model = Decoder(model_config, attention_hook=hook)
     kv_spec = P(None, None, None, tp_axis, None)
     replicated = NamedSharding(mesh, P())

@@ -219,8 +219,12 @@ class GrpcPeer:
     PrepareKvTransfer, commit is CommitKvTransfer with the offer's fields plus `commit_fields` (the decode
     request, or cache_only), abort is Abort. A failed RPC raises KvFailed with the status to answer."""
 
-    def __init__(self, stub, name: str, request_id: str, timeout: float, source_address: str, **commit_fields):
+    def __init__(self, stub, name: str, request_id: str, timeout: float, source_address: str, *,
+                 kv_cache_dtype: str = "auto", **commit_fields):
+        """`kv_cache_dtype`: the sender's KV storage, told in PrepareKvTransfer so a receiver that stores KV
+        differently refuses before anything moves."""
         self.stub, self.name, self.request_id, self.timeout = stub, name, request_id, timeout
+        self.kv_cache_dtype = kv_cache_dtype
         self.source_address = source_address
         self.commit_fields = commit_fields
         self.nbytes = 0
@@ -230,7 +234,8 @@ class GrpcPeer:
         self._tokens, self._page_size = len(tokens), page_size
         try:
             prep = await self.stub.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
-                request_id=request_id, token_ids=tokens, page_size=page_size), timeout=self.timeout)
+                request_id=request_id, token_ids=tokens, page_size=page_size, kv_cache_dtype=self.kv_cache_dtype),
+                timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at PrepareKvTransfer: "
                                        f"{e.code().name}: {e.details()}") from None

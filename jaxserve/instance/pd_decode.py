@@ -71,6 +71,11 @@ class DecodeSide:
     async def prepare(self, request, context):
         """Reserve pages for a context's KV; the cached prefix (caching2/3) is not sent."""
         ps = self.engine.pool.page_size
+        mine, theirs = self.engine.pool.kv_cache_dtype, request.kv_cache_dtype or "auto"
+        if theirs != mine:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{self.me}: kv_cache_dtype differs: the sender stores {theirs!r}, this instance "
+                                f"{mine!r}; prefill and decode instances must use the same --kv_cache_dtype")
         try:
             r = await self.kv.on_engine(lambda: self.receiver.prepare(
                 request.request_id, request.token_ids, request.page_size, self.config.kv_transfer_timeout_s))

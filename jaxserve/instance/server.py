@@ -224,6 +224,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 instance_id=self.instance_id, address=self.address, role=self.role, model=self.config.model_name,
                 page_size=self.engine.pool.page_size, max_model_len=self.engine.max_model_len,
                 vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1,
+                kv_cache_dtype=self.engine.pool.kv_cache_dtype, kv_page_bytes=self.engine.pool.page_bytes,
                 **model_identity(self.config.model_name))
             if self.config.profile_at_start:
                 from jaxserve.scheduler.cost_model import profile_points
@@ -372,12 +373,14 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                     kv[k] = kv.get(k, 0) + v
         if self.decode_side is not None:
             pending, held = await self.decode_side.stats()
+        pool = self.engine.pool
         return instance_pb2.InstanceStats(
             kv_pending=pending, kv_held_pages=held, **kv,
             instance_id=self.instance_id, role=self.role, load=self.load(), num_requests=c["num_requests"],
             prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],
             generated_tokens=c["generated_tokens"], cached_pages=self.loop_thread.load.get("cached_pages", 0),
-            draining=self.draining)
+            draining=self.draining, kv_cache_dtype=pool.kv_cache_dtype, kv_page_bytes=pool.page_bytes,
+            kv_num_pages=pool.num_pages, kv_num_host_pages=pool.num_host_pages)
 
     async def Drain(self, request, context):
         """Refuse new requests (UNAVAILABLE), finish the running ones (up to timeout_s), deregister."""

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.kernels import ragged_paged_attention as rpa
-from jaxserve.kernels import reference
+from jaxserve.kernels import kv_quant, reference
 from jaxserve.kernels.ragged_paged_attention_tpu import ragged_tpu
 from jaxserve.util import next_pow2
 
@@ -48,7 +48,7 @@ def default_num_kv_splits(num_seqs: int, num_kv_heads: int, num_kv_blocks: int) 
 
 
 def _decode_kernel(lens_ref, pt_ref, q_ref, kv_ref, o_ref, lse_ref, *, page_size, pages_per_block,
-                   blocks_per_split, sm_scale, soft_cap, sliding_window, precision):
+                   blocks_per_split, sm_scale, soft_cap, sliding_window, precision, kv_cache_dtype):
     s = pl.program_id(0)
     h = pl.program_id(1)
     split = pl.program_id(2)
@@ -71,11 +71,13 @@ def _decode_kernel(lens_ref, pt_ref, q_ref, kv_ref, o_ref, lse_ref, *, page_size
                              sliding_window=sliding_window, precision=precision)
 
     def interior(b, carry):
-        k, v = rpa.load_kv_block(kv_ref, pt_ref, s, b, h, n_pages, pages_per_block, page_size)
+        k, v = rpa.load_kv_block(kv_ref, pt_ref, s, b, h, n_pages, pages_per_block, page_size, kv_cache_dtype,
+                                 q.dtype)
         return step(carry, q, k, v, None, None, kv_len, masked=False)
 
     def edge(b, carry):
-        k, v = rpa.load_kv_block(kv_ref, pt_ref, s, b, h, n_pages, pages_per_block, page_size)
+        k, v = rpa.load_kv_block(kv_ref, pt_ref, s, b, h, n_pages, pages_per_block, page_size, kv_cache_dtype,
+                                 q.dtype)
         v = jnp.where(b * bk + v_iota < kv_len, v, jnp.zeros((), v.dtype))
         return step(carry, q, k, v, b * bk + key_iota, row_pos, kv_len, masked=True)
 
@@ -102,7 +104,7 @@ def merge_splits(o_part, lse_part, axis):
 
 
 def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap, interpret,
-                num_kv_splits, pages_per_block, num_warps, num_stages):
+                num_kv_splits, pages_per_block, num_warps, num_stages, kv_cache_dtype="auto"):
     num_seqs, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -125,7 +127,8 @@ def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window,
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     kernel = functools.partial(_decode_kernel, page_size=page_size, pages_per_block=pages_per_block,
                                blocks_per_split=blocks_per_split, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, precision=rpa.dot_precision(q.dtype))
+                               sliding_window=sliding_window, precision=rpa.dot_precision(q.dtype),
+                               kv_cache_dtype=kv_cache_dtype)
     o_part, lse_part = pl.pallas_call(
         kernel,
         grid=(num_seqs, num_kv_heads, num_kv_splits),
@@ -149,9 +152,9 @@ def _decode_gpu(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window,
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "return_lse", "interpret", "backend", "num_kv_splits",
-    "pages_per_block", "num_warps", "num_stages"))
+    "pages_per_block", "num_warps", "num_stages", "kv_cache_dtype"))
 def _decode_jit(q, kv_pages, kv_lens, page_indices, sinks, *, sm_scale, sliding_window, soft_cap, return_lse,
-                interpret, backend, num_kv_splits, pages_per_block, num_warps, num_stages):
+                interpret, backend, num_kv_splits, pages_per_block, num_warps, num_stages, kv_cache_dtype):
     if backend == "tpu":
         num_seqs = q.shape[0]
         cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
@@ -164,7 +167,7 @@ def _decode_jit(q, kv_pages, kv_lens, page_indices, sinks, *, sm_scale, sliding_
         out, lse = _decode_gpu(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
                                num_kv_splits=num_kv_splits, pages_per_block=pages_per_block,
-                               num_warps=num_warps, num_stages=num_stages)
+                               num_warps=num_warps, num_stages=num_stages, kv_cache_dtype=kv_cache_dtype)
     if sinks is not None:
         out = reference.apply_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
@@ -173,20 +176,23 @@ def _decode_jit(q, kv_pages, kv_lens, page_indices, sinks, *, sm_scale, sliding_
 
 def decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
                            soft_cap=None, return_lse=False, num_kv_splits=None, pages_per_block=None,
-                           interpret=None, backend=None, num_warps=4, num_stages=2, sinks=None):
+                           interpret=None, backend=None, num_warps=4, num_stages=2, sinks=None,
+                           kv_cache_dtype="auto"):
     """Flash-decoding paged attention (see the module docstring). `num_kv_splits=None` picks enough
-    splits for ~512 programs; `pages_per_block` defaults to 128 tokens per KV block; `sinks` f32[Hq]."""
+    splits for ~512 programs; `pages_per_block` defaults to 128 tokens per KV block; `sinks` f32[Hq];
+    quantized pages (`kv_cache_dtype`, kv_quant.py) are dequantized inside the kernel."""
     if q.ndim != 3 or q.shape[0] != page_indices.shape[0] or kv_lens.shape != (q.shape[0],):
         raise ValueError(f"q must be [S, Hq, D] with S = page_indices.shape[0] = kv_lens.shape[0]; got "
                          f"{q.shape}, {page_indices.shape}, {kv_lens.shape}")
     if kv_pages.ndim != 4 or kv_pages.shape[2] % 2 or q.shape[1] % (kv_pages.shape[2] // 2) \
-            or q.shape[2] != kv_pages.shape[3]:
+            or q.shape[2] != kv_quant.head_dim_of(kv_pages.shape[3], kv_cache_dtype):
         raise ValueError(f"kv_pages must be [P, page_size, 2*Hkv, D] matching q; got {kv_pages.shape} vs "
                          f"{q.shape}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     reference.validate_sinks(sinks, q.shape[1])
     backend, interpret = rpa.resolve_backend(interpret, backend)
+    rpa.check_quantized_backend(kv_cache_dtype, backend)
     if backend == "gpu" and not interpret:
         for name, v in (("page_size", kv_pages.shape[1]), ("head_dim", q.shape[2])):
             if v & (v - 1):
@@ -196,4 +202,5 @@ def decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, 
                        sliding_window=None if sliding_window is None else int(sliding_window),
                        soft_cap=None if soft_cap is None else float(soft_cap), return_lse=bool(return_lse),
                        interpret=interpret, backend=backend, num_kv_splits=num_kv_splits,
-                       pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
+                       pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
+                       kv_cache_dtype=kv_quant.check_kv_cache_dtype(kv_cache_dtype))

@@ -30,12 +30,12 @@ def platform_backend(platform: str | None = None) -> tuple[str, bool]:
 
 
 def paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, decode_only,
-                    soft_cap=None, sliding_window=None, sinks=None):
+                    soft_cap=None, sliding_window=None, sinks=None, kv_cache_dtype="auto"):
     backend, interpret = platform_backend()
     if decode_only:
         return decode_paged_attention(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
                                       soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
-                                      backend=backend, sinks=sinks)
+                                      backend=backend, sinks=sinks, kv_cache_dtype=kv_cache_dtype)
     return ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
                                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
-                                  backend=backend, sinks=sinks)
+                                  backend=backend, sinks=sinks, kv_cache_dtype=kv_cache_dtype)

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxserve.kernels import reference
+from jaxserve.kernels import kv_quant, reference
 from jaxserve.kernels.reference import MASK_VALUE, apply_sinks
 from jaxserve.util import next_pow2
 _NUM_LANES = 128
@@ -128,7 +128,8 @@ def dot_nn(a, b, precision):
 
 
 def kernel_geometry(q, kv_pages):
-    """(tokens, q heads, head dim, pages, page size, kv heads, GQA group, group padded to a power of two)."""
+    """(tokens, q heads, head dim, pages, page size, kv heads, GQA group, group padded to a power of two);
+    head dim is q's (quantized pages have longer rows)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -142,6 +143,12 @@ def whole(shape):
 
 
 validate = reference.validate_inputs
+
+
+def check_quantized_backend(kv_cache_dtype, backend: str) -> None:
+    if kv_quant.is_quantized(kv_cache_dtype) and backend == "tpu":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported by the TPU (Mosaic) kernel yet; "
+                         "use kv_cache_dtype='auto' or the GPU / interpret variant")
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -296,16 +303,29 @@ def finish(m, l, acc):
     return out, lse
 
 
-def load_kv_block(kv_ref, pt_ref, seq, blk, head, n_pages, pages_per_block, page_size):
+def load_kv_block(kv_ref, pt_ref, seq, blk, head, n_pages, pages_per_block, page_size, kv_cache_dtype="auto",
+                  dtype=None):
     """Gather K and V [pages_per_block * page_size, D] of kv head `head` for KV block `blk` of `seq`.
     Page slots at or past `n_pages` re-read the block's first page (in use, cached) instead of whatever
-    the table holds there; V rows of keys >= kv_len are zeroed by the caller's mask."""
+    the table holds there; V rows of keys >= kv_len are zeroed by the caller's mask. Quantized pages
+    (`kv_cache_dtype`) are dequantized here, in the kernel, to `dtype`."""
     start = blk * pages_per_block
     pages = pt_ref[seq, pl.ds(start, pages_per_block)]
     slot = start + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     pages = jnp.where(slot < n_pages, pages, pt_ref[seq, start])
-    head_dim = kv_ref.shape[-1]
     bk = pages_per_block * page_size
+    if kv_quant.is_quantized(kv_cache_dtype):
+        # The values and each scale byte are loaded apart: Triton wants power-of-two shapes (a whole row is
+        # head_dim + 4) and has no slice.
+        head_dim = kv_ref.shape[-1] - kv_quant.SCALE_BYTES
+
+        def load(slot):
+            values = kv_ref[pages, :, slot, pl.ds(0, head_dim)].reshape(bk, head_dim)
+            scale = kv_quant.scale_from_bytes(*(kv_ref[pages, :, slot, pl.ds(head_dim + i, 1)].reshape(bk, 1)
+                                                for i in range(kv_quant.SCALE_BYTES)))
+            return kv_quant.dequantize_values(values, scale, kv_cache_dtype, dtype)
+        return load(2 * head), load(2 * head + 1)
+    head_dim = kv_ref.shape[-1]
     k = kv_ref[pages, :, 2 * head, :].reshape(bk, head_dim)
     v = kv_ref[pages, :, 2 * head + 1, :].reshape(bk, head_dim)
     return k, v
@@ -316,7 +336,7 @@ def load_kv_block(kv_ref, pt_ref, seq, blk, head, n_pages, pages_per_block, page
 
 
 def _gpu_kernel(meta_ref, pt_ref, q_ref, kv_ref, o_ref, *lse_refs, group_pad, page_size, pages_per_block,
-                sm_scale, soft_cap, sliding_window, precision):
+                sm_scale, soft_cap, sliding_window, precision, kv_cache_dtype):
     t = pl.program_id(0)
     h = pl.program_id(1)
     seq = meta_ref[t, 0]
@@ -336,11 +356,13 @@ def _gpu_kernel(meta_ref, pt_ref, q_ref, kv_ref, o_ref, *lse_refs, group_pad, pa
                              sliding_window=sliding_window, precision=precision)
 
     def interior(b, carry):  # every key visible to every row: no mask
-        k, v = load_kv_block(kv_ref, pt_ref, seq, b, h, n_pages, pages_per_block, page_size)
+        k, v = load_kv_block(kv_ref, pt_ref, seq, b, h, n_pages, pages_per_block, page_size, kv_cache_dtype,
+                             q.dtype)
         return step(carry, q, k, v, None, None, kv_len, masked=False)
 
     def edge(b, carry):
-        k, v = load_kv_block(kv_ref, pt_ref, seq, b, h, n_pages, pages_per_block, page_size)
+        k, v = load_kv_block(kv_ref, pt_ref, seq, b, h, n_pages, pages_per_block, page_size, kv_cache_dtype,
+                             q.dtype)
         v = jnp.where(b * bk + v_iota < kv_len, v, jnp.zeros((), v.dtype))
         return step(carry, q, k, v, b * bk + key_iota, row_pos, kv_len, masked=True)
 
@@ -356,7 +378,7 @@ def _gpu_kernel(meta_ref, pt_ref, q_ref, kv_ref, o_ref, *lse_refs, group_pad, pa
 
 def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
                 soft_cap, return_lse, interpret, block_q, pages_per_block, num_warps, num_stages,
-                out_dtype=None):
+                out_dtype=None, kv_cache_dtype="auto"):
     num_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, group, group_pad = \
         kernel_geometry(q, kv_pages)
     if block_q is None:
@@ -380,7 +402,8 @@ def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
     rows = block_q * group_pad
     kernel = functools.partial(_gpu_kernel, group_pad=group_pad, page_size=page_size,
                                pages_per_block=pages_per_block, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, precision=dot_precision(q.dtype))
+                               sliding_window=sliding_window, precision=dot_precision(q.dtype),
+                               kv_cache_dtype=kv_cache_dtype)
     tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda t, h: (t, h, 0, 0))
     out_shape = [jax.ShapeDtypeStruct((max_tiles, num_kv_heads, rows, head_dim), out_dtype or q.dtype)]
     out_specs = [tile_spec]
@@ -407,10 +430,10 @@ def _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_s
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "return_lse", "interpret", "backend", "block_q",
-    "pages_per_block", "num_warps", "num_stages", "kv_heads_per_block"))
+    "pages_per_block", "num_warps", "num_stages", "kv_heads_per_block", "kv_cache_dtype"))
 def _ragged_jit(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, *, sm_scale, sliding_window,
                 soft_cap, return_lse, interpret, backend, block_q, pages_per_block, num_warps, num_stages,
-                kv_heads_per_block):
+                kv_heads_per_block, kv_cache_dtype):
     # With sinks the kernel keeps its output in f32 and always produces lse, for the sink step below.
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
               return_lse=return_lse or sinks is not None, interpret=interpret, block_q=block_q,
@@ -421,7 +444,7 @@ def _ragged_jit(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, 
                                kv_heads_per_block=kv_heads_per_block, **kw)
     else:
         out, lse = _ragged_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, num_warps=num_warps,
-                               num_stages=num_stages, **kw)
+                               num_stages=num_stages, kv_cache_dtype=kv_cache_dtype, **kw)
     if sinks is not None:
         out = apply_sinks(out, lse, sinks).astype(q.dtype)
     return (out, lse) if return_lse else out
@@ -430,19 +453,22 @@ def _ragged_jit(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                            sliding_window=None, soft_cap=None, return_lse=False, interpret=None, backend=None,
                            block_q=None, pages_per_block=None, num_warps=4, num_stages=2,
-                           kv_heads_per_block=None, sinks=None):
+                           kv_heads_per_block=None, sinks=None, kv_cache_dtype="auto"):
     """Pallas ragged paged attention; the oracle's semantics (see the module docstring), `sinks` f32[Hq].
 
     Tuning: `block_q` query rows per tile (default 64 / Gp on GPU, 128 / Gp on TPU), `pages_per_block`
     pages per KV block (default 64 tokens on GPU, 128 on TPU), `num_warps` / `num_stages` (Triton),
-    `kv_heads_per_block` (TPU; default all kv heads, so each page is one contiguous DMA)."""
-    validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    `kv_heads_per_block` (TPU; default all kv heads, so each page is one contiguous DMA).
+    `kv_cache_dtype`: quantized pages (kv_quant.py) are dequantized inside the kernel (GPU / interpret
+    variant; the TPU variant refuses them)."""
+    validate(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, kv_cache_dtype)
     reference.validate_sinks(sinks, q.shape[1])
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if soft_cap is not None and soft_cap == 0:
         raise ValueError("soft_cap must be non-zero")
     backend, interpret = resolve_backend(interpret, backend)
+    check_quantized_backend(kv_cache_dtype, backend)
     if backend == "gpu" and not interpret:
         for name, v in (("page_size", kv_pages.shape[1]), ("head_dim", q.shape[2])):
             if v & (v - 1):
@@ -453,5 +479,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
                        sliding_window=None if sliding_window is None else int(sliding_window),
                        soft_cap=None if soft_cap is None else float(soft_cap), return_lse=bool(return_lse),
                        interpret=interpret, backend=backend, block_q=block_q, pages_per_block=pages_per_block,
-                       num_warps=num_warps, num_stages=num_stages, kv_heads_per_block=kv_heads_per_block)
+                       num_warps=num_warps, num_stages=num_stages, kv_heads_per_block=kv_heads_per_block,
+                       kv_cache_dtype=kv_quant.check_kv_cache_dtype(kv_cache_dtype))
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxserve.kernels import kv_quant
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -83,16 +85,21 @@ def _seq_of_token(cu_q_lens, num_seqs, num_tokens):
     return jnp.minimum(seq, cu_q_lens.shape[0] - 2), live
 
 
-def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
-    """Shape checks shared by the reference and every kernel, with messages that say what is expected."""
+def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, kv_cache_dtype="auto"):
+    """Shape checks shared by the reference and every kernel, with messages that say what is expected.
+    Quantized pages (`kv_cache_dtype`, see kv_quant.py) are uint8 rows of head_dim + 4 bytes."""
     if q.ndim != 3 or kv_pages.ndim != 4:
         raise ValueError(f"q must be [T, Hq, D] and kv_pages [P, page_size, 2*Hkv, D]; got {q.shape}, "
                          f"{kv_pages.shape}")
     if kv_pages.shape[2] % 2 or q.shape[1] % (kv_pages.shape[2] // 2):
         raise ValueError(f"kv_pages axis 2 ({kv_pages.shape[2]}) must be 2*Hkv with Hq ({q.shape[1]}) a "
                          "multiple of Hkv")
-    if q.shape[2] != kv_pages.shape[3]:
-        raise ValueError(f"head_dim mismatch: q {q.shape[2]} vs kv_pages {kv_pages.shape[3]}")
+    if kv_quant.is_quantized(kv_cache_dtype) and kv_pages.dtype != jnp.uint8:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs uint8 kv_pages, got {kv_pages.dtype}")
+    if q.shape[2] != kv_quant.head_dim_of(kv_pages.shape[3], kv_cache_dtype):
+        raise ValueError(f"head_dim mismatch: q {q.shape[2]} vs kv_pages {kv_pages.shape[3]} "
+                         f"(kv_cache_dtype {kv_cache_dtype!r}: rows of "
+                         f"{kv_quant.row_width(q.shape[2], kv_cache_dtype)})")
     num_seqs_max = page_indices.shape[0]
     if kv_lens.shape != (num_seqs_max,) or cu_q_lens.shape != (num_seqs_max + 1,) or num_seqs.shape != (1,):
         raise ValueError(f"kv_lens must be [S], cu_q_lens [S+1], num_seqs [1] with S={num_seqs_max}; got "
@@ -115,10 +122,12 @@ def apply_sinks(out, lse, sinks):
 
 
 def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
-                               sliding_window=None, soft_cap=None, return_lse=False, sinks=None):
+                               sliding_window=None, soft_cap=None, return_lse=False, sinks=None,
+                               kv_cache_dtype="auto"):
     """Oracle. q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] when `return_lse`); rows of no live
-    sequence are zero (lse -inf). `sinks` f32[Hq]: per-head sink logits (module docstring)."""
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    sequence are zero (lse -inf). `sinks` f32[Hq]: per-head sink logits (module docstring). Quantized pages
+    (`kv_cache_dtype`) are dequantized to f32 after the gather."""
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, kv_cache_dtype)
     validate_sinks(sinks, q.shape[1])
     num_tokens = q.shape[0]
     page_size = kv_pages.shape[1]
@@ -127,7 +136,7 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     kv_len = kv_lens[seq]
     q_pos = kv_len - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
     kv_tok = kv_pages[page_indices[seq]]  # [T, P, ps, 2Hkv, D]
-    kv_tok = kv_tok.reshape(num_tokens, -1, *kv_pages.shape[2:])
+    kv_tok = kv_quant.dequantize(kv_tok.reshape(num_tokens, -1, *kv_pages.shape[2:]), kv_cache_dtype)
     k_pos = jnp.arange(kv_tok.shape[1])
 
     def one(qt, kvt, qp, kl, lv):
@@ -143,12 +152,13 @@ def ref_ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
 
 def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
-                               soft_cap=None, return_lse=False, sinks=None):
+                               soft_cap=None, return_lse=False, sinks=None, kv_cache_dtype="auto"):
     """One query per sequence (position kv_len - 1). q [S, Hq, D] -> out [S, Hq, D]; sequences with
-    kv_len 0 give zeros. `sinks` f32[Hq] as in the oracle."""
+    kv_len 0 give zeros. `sinks` f32[Hq] as in the oracle; quantized pages dequantized to q's dtype."""
     validate_sinks(sinks, q.shape[1])
     max_seqs, pages_per_seq = page_indices.shape
     kv = kv_pages[page_indices].reshape(max_seqs, pages_per_seq * kv_pages.shape[1], *kv_pages.shape[2:])
+    kv = kv_quant.dequantize(kv, kv_cache_dtype, q.dtype)
     k_pos = jnp.arange(kv.shape[1])
 
     def one(qs, kvs, kl):
@@ -162,13 +172,16 @@ def ref_decode_paged_attention(q, kv_pages, kv_lens, page_indices, *, sm_scale=1
 
 
 decode_paged_attention_xla = jax.jit(
-    ref_decode_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse"))
+    ref_decode_paged_attention,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "kv_cache_dtype"))
 
 
 def write_kv(kv_cache: jax.Array, layer: int, k: jax.Array, v: jax.Array, slot_pages: jax.Array,
-             slot_offsets: jax.Array) -> jax.Array:
+             slot_offsets: jax.Array, kv_cache_dtype: str = "auto") -> jax.Array:
     """Scatter new tokens' K, V ([T, Hkv, D] each) into layer `layer` of the stacked cache
-    `[L, P, page_size, 2*Hkv, D]` at (slot_pages[t], slot_offsets[t]). Under a jit that donates the
-    cache, XLA updates it in place. Padding tokens must point at reserved page 0."""
-    kv = jnp.stack([k, v], axis=2).reshape(k.shape[0], 2 * k.shape[1], k.shape[2]).astype(kv_cache.dtype)
+    `[L, P, page_size, 2*Hkv, D]` at (slot_pages[t], slot_offsets[t]), quantized to rows of D + 4 bytes
+    when `kv_cache_dtype` says so (kv_quant.py). Under a jit that donates the cache, XLA updates it in
+    place. Padding tokens must point at reserved page 0."""
+    kv = jnp.stack([k, v], axis=2).reshape(k.shape[0], 2 * k.shape[1], k.shape[2])
+    kv = kv_quant.encode_kv(kv, kv_cache_dtype, kv_cache.dtype)
     return kv_cache.at[layer, slot_pages, slot_offsets].set(kv, mode="promise_in_bounds")

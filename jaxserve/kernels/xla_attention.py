@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxserve.kernels import kv_quant
 from jaxserve.kernels.reference import (MASK_VALUE, _split_kv, apply_sinks, masked_scores, validate_inputs,
                                        validate_sinks)
 
@@ -33,14 +34,14 @@ def default_block_q(num_tokens: int, max_seqs: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
-                                             "block_k"))
+                                             "block_k", "kv_cache_dtype"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
-                               sinks=None):
-    """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D]; kv_lens i32[S]; page_indices i32[S, pages_per_seq];
+                               sinks=None, kv_cache_dtype="auto"):
+    """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf)."""
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, kv_cache_dtype)
     validate_sinks(sinks, q.shape[1])
     num_tokens, num_q_heads, head_dim = q.shape
     max_seqs, pages_per_seq = page_indices.shape
@@ -82,7 +83,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
         def visit(b, carry):
             m, l, acc = carry
             pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
-            k, v = _split_kv(kv_pages[pages].reshape(block_k, 2 * num_kv_heads, head_dim))
+            rows = kv_pages[pages].reshape(block_k, 2 * num_kv_heads, kv_pages.shape[3])
+            k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
             s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window)
@@ -131,16 +133,18 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     return out, lse
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
+                                             "kv_cache_dtype"))
 def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
-                                   soft_cap=None, return_lse=False, block_k=None, sinks=None):
+                                   soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto"):
     """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
     softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
     follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
     for every decode step: one compilation per batch size instead of one per (batch size, context bucket).
 
-    q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D]; kv_lens i32[S] (0: no sequence, zeros out);
-    page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None -> out [S, Hq, D] (and lse f32[S, Hq])."""
+    q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`);
+    kv_lens i32[S] (0: no sequence, zeros out); page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None
+    -> out [S, Hq, D] (and lse f32[S, Hq])."""
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
@@ -162,7 +166,8 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     def visit(b, carry):
         m, l, acc = carry  # [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
         pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block, axis=1)
-        k, v = _split_kv(kv_pages[pages].reshape(num_seqs, block_k, 2 * num_kv_heads, head_dim))
+        rows = kv_pages[pages].reshape(num_seqs, block_k, 2 * num_kv_heads, kv_pages.shape[3])
+        k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
         k_pos = b * block_k + jnp.arange(block_k)
         mask = k_pos[None, :] <= q_pos[:, None]  # [S, K]: also k_pos < kv_len
         if sliding_window is not None:

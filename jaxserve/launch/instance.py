@@ -42,8 +42,13 @@ flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
 flags.DEFINE_bool("peer_fetch", False, "colocated: serve PushKv and take prefixes other instances push (the "
                   "scheduler's kv_pool policy with --peer_fetch; issue 18)")
-flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the model's KV page "
-                   "size and the pool's dtype; not with --num_host_pages)")
+flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the pool's page size "
+                   "at --kv_cache_dtype, scales included; not with --num_host_pages)")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
+                  "KV storage: auto (the model's dtype) or 8 bits with per-token, per-KV-head scales; prefill and "
+                  "decode instances must agree")
+flags.DEFINE_float("kv_cache_memory_gib", None, "device KV budget in GiB (scales included): sets the page count "
+                   "from the page size at --kv_cache_dtype, instead of --num_pages")
 flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
@@ -89,7 +94,12 @@ def engine_kwargs_from_flags() -> dict:
                 ep=FLAGS.ep,
                 device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
                 attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
-                seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache, async_scheduling=FLAGS.async_scheduling)
+                seed=FLAGS.seed, compilation_cache=FLAGS.compilation_cache, async_scheduling=FLAGS.async_scheduling,
+                kv_cache_dtype=FLAGS.kv_cache_dtype, kv_cache_memory_bytes=_gib(FLAGS.kv_cache_memory_gib))
+
+
+def _gib(value: float | None) -> int | None:
+    return None if value is None else int(value * 2**30)
 
 
 def config_from_flags() -> InstanceConfig:

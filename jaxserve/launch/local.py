@@ -44,6 +44,8 @@ flags.DEFINE_enum("policy", "locality", POLICIES, "routing policy")
 flags.DEFINE_bool("pin", True, "pin instance k to core k (mod the cores available) when there are 2+ cores")
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages per instance")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
+                  "KV storage of every instance (see jaxserve.launch.instance)")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
 flags.DEFINE_integer("max_model_len", None, "cap on the context length")
@@ -202,7 +204,8 @@ def cluster_from_flags(**overrides) -> LocalCluster:
                                   max_num_seqs=FLAGS.max_num_seqs,
                                   # Profiling before registering keeps it from delaying the first requests
                                   # (the scheduler then takes the profile from the registration).
-                                  profile_at_start=FLAGS.profile_instances, precompile=FLAGS.precompile),
+                                  profile_at_start=FLAGS.profile_instances, precompile=FLAGS.precompile,
+                                  kv_cache_dtype=FLAGS.kv_cache_dtype),
               scheduler_config=dict(profile_instances=FLAGS.profile_instances),
               ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s,
               prefill_instances=FLAGS.prefill_instances, decode_instances=FLAGS.decode_instances,

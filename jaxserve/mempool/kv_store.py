@@ -12,6 +12,7 @@ constructor: the leader sends it to the other processes, which run the same copy
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.config import CacheConfig, ModelConfig
+from jaxserve.config import CacheConfig, ModelConfig, kv_row_width
 from jaxserve.util import next_pow2
 
 
@@ -69,6 +70,35 @@ def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
             raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
     return ranges[0][0], ranges[-1][1]
 
+
+def storage_dtype(cache_cfg: CacheConfig, dtype) -> np.dtype:
+    """The pool array's dtype: uint8 for an 8-bit kv_cache_dtype (XLA:CPU scatters it in place; a float8
+    scatter converts the whole cache), else `dtype`."""
+    return np.dtype("uint8") if cache_cfg.kv_cache_dtype != "auto" else np.dtype(jnp.dtype(dtype))
+
+
+def page_bytes(model_cfg: ModelConfig, cache_cfg: CacheConfig, dtype) -> int:
+    """Bytes of one page: K and V of every layer and KV head, scales included."""
+    rows = model_cfg.num_layers * cache_cfg.page_size * 2 * model_cfg.num_kv_heads
+    return rows * kv_row_width(model_cfg.head_dim, cache_cfg.kv_cache_dtype) * storage_dtype(cache_cfg, dtype).itemsize
+
+
+def size_cache(model_cfg: ModelConfig, cache_cfg: CacheConfig, dtype) -> CacheConfig:
+    """`cache_cfg` with num_pages (num_host_pages) derived from memory_bytes (host_memory_bytes) when set:
+    the pages that fit the budget at this storage dtype, page 0 (the padding sink) included."""
+    per_page = page_bytes(model_cfg, cache_cfg, dtype)
+    changes = {}
+    if cache_cfg.memory_bytes is not None:
+        pages = cache_cfg.memory_bytes // per_page
+        if pages < 2:
+            raise ValueError(f"memory_bytes={cache_cfg.memory_bytes} holds {pages} pages of {per_page} bytes; at "
+                             "least 2 are needed (page 0 is reserved)")
+        changes["num_pages"] = int(pages)
+    if cache_cfg.host_memory_bytes is not None:
+        changes["num_host_pages"] = int(cache_cfg.host_memory_bytes // per_page)
+    return dataclasses.replace(cache_cfg, **changes) if changes else cache_cfg
+
+
 class _Direct:
     """The channel of a store built without one (a single process): runs the bound function."""
 
@@ -91,9 +121,13 @@ class KvStore:
         """`ops`: the instance's device-op channel (jaxserve.engine.device_ops.DeviceOps); None: one process."""
         self.num_pages = cache_cfg.num_pages
         self.num_host_pages = cache_cfg.num_host_pages
-        self.dtype = jnp.dtype(dtype if dtype is not None else model_cfg.dtype)
+        # Quantized pages (kv_cache_dtype != "auto") are uint8 rows of head_dim values + their scale's bytes
+        # (jaxserve/kernels/kv_quant.py): every copy of a page below carries its scales with it.
+        self.kv_cache_dtype = cache_cfg.kv_cache_dtype
+        self.dtype = jnp.dtype(storage_dtype(cache_cfg, dtype if dtype is not None else model_cfg.dtype))
         self.page_shape = (model_cfg.num_layers, cache_cfg.page_size, 2 * model_cfg.num_kv_heads,
-                           model_cfg.head_dim)
+                           kv_row_width(model_cfg.head_dim, cache_cfg.kv_cache_dtype))
+        self.page_bytes = int(np.prod(self.page_shape)) * self.dtype.itemsize
         self.sharding = sharding
         shape = (model_cfg.num_layers, self.num_pages) + self.page_shape[1:]
         if sharding is None:

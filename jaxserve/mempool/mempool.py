@@ -56,6 +56,15 @@ class MemPool(PageBook):
     def page_shape(self) -> tuple[int, ...]:
         return self.store.page_shape
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        """How pages store K/V: "auto" or an 8-bit format whose scales live inside each page's rows."""
+        return self.store.kv_cache_dtype
+
+    @property
+    def page_bytes(self) -> int:
+        return self.store.page_bytes
+
     def copy_to_host(self, pages: Sequence[int], host_pages: Sequence[int]) -> None:
         """Device pages -> host pages (one gather for all layers); a device op: on a multi-process pool every
         process copies its own shards."""

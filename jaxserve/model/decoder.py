@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, kv_row_width
 from jaxserve.kernels import dispatch, reference
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.layers import MLP, Embedding, RMSNorm, causal_attention, dense
@@ -67,11 +67,12 @@ class Attention(nn.Module):
         elif self.attention_hook is not None:
             out, kv_cache = self.attention_hook(q, k, v, kv_cache, batch, layer, cfg.sm_scale)
         else:
-            kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets)
+            kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets,
+                                          cfg.kv_cache_dtype)
             out = dispatch.paged_attention(q, kv_cache[layer], batch.kv_lens, batch.page_indices, batch.cu_q_lens,
                                            batch.num_seqs, sm_scale=cfg.sm_scale, decode_only=decode_only,
                                            impl=self.attention_impl, soft_cap=soft_cap, sliding_window=window,
-                                           sinks=sinks)
+                                           sinks=sinks, kv_cache_dtype=cfg.kv_cache_dtype)
         return self.o_proj(out.reshape(*lead, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
@@ -183,8 +184,10 @@ def make_paged_forward(config: ModelConfig, *, attention_impl: str = "reference"
 
 
 def kv_cache_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
-    """Stacked cache `[num_layers, num_pages, page_size, 2 * num_kv_heads, head_dim]` (DESIGN.md §3)."""
-    return (config.num_layers, num_pages, page_size, 2 * config.num_kv_heads, config.head_dim)
+    """Stacked cache `[num_layers, num_pages, page_size, 2 * num_kv_heads, head_dim]` (DESIGN.md §3); the last
+    axis is head_dim + 4 (uint8) with a quantized `kv_cache_dtype`."""
+    return (config.num_layers, num_pages, page_size, 2 * config.num_kv_heads,
+            kv_row_width(config.head_dim, config.kv_cache_dtype))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, out_shardings=None):

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from jaxserve.config import KV_CACHE_DTYPES
 from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
@@ -117,6 +118,8 @@ class InstanceRegistry:
             raise ValueError("address (host:port of the Instance service) is required")
         if request.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {request.page_size}")
+        if (request.kv_cache_dtype or "auto") not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {request.kv_cache_dtype!r}")
         mismatch = identity_mismatch(self.model, request.model, request.architecture, request.vocab_size,
                                      request.tokenizer_fingerprint)
         if mismatch:
@@ -124,7 +127,8 @@ class InstanceRegistry:
         instance_id = request.instance_id or f"{ROLE_NAMES[request.role]}-{next(self._ids)}"
         record = InstanceRecord(instance_id=instance_id, address=request.address, role=request.role,
                                 page_size=request.page_size, max_model_len=request.max_model_len,
-                                vocab_size=request.vocab_size, num_pages=request.num_pages, model=request.model)
+                                vocab_size=request.vocab_size, num_pages=request.num_pages, model=request.model,
+                                kv_cache_dtype=request.kv_cache_dtype or "auto", kv_page_bytes=request.kv_page_bytes)
         try:
             old = self.router.add(record)
         except ValueError as e:
@@ -287,5 +291,6 @@ class InstanceRegistry:
                 indexed_tokens=self.router.trees[r.role].held_tokens(r.instance_id),
                 num_requests=r.num_requests, prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                 hit_rate=r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0,
-                cost_model_calibrated=r.calibrated, last_report_age_s=now - r.last_report))
+                cost_model_calibrated=r.calibrated, last_report_age_s=now - r.last_report,
+                kv_cache_dtype=r.kv_cache_dtype, kv_page_bytes=r.kv_page_bytes))
         return infos

@@ -37,6 +37,8 @@ Ours:
   jaxserve:instance_healthy                   gauge      1 when routable
   jaxserve:prompt_tree_tokens                 gauge      tokens the global prompt tree says it holds
   jaxserve:scheduler_queued_requests / _tokens gauge     admitted and not finished (admission queue)
+  jaxserve:kv_cache_pages / _page_bytes       gauge      the instance's device KV pages and bytes per page
+                                                         (scales included), label kv_cache_dtype, as registered
 
 Not available (instances do not report it yet): KV sent decode -> prefill (PD-Caching-3; the decode instance
 counts it in its InstanceStats.kv_sent_back_*)."""
@@ -112,6 +114,11 @@ class _LiveCollector:
                                     labels=labels + ["role"])
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemptions on the "
                                           "instance (its last Load report).", labels=labels)
+        kv_labels = labels + ["kv_cache_dtype"]
+        kv_pages = GaugeMetricFamily("jaxserve:kv_cache_pages", "Device KV pages of the instance (as registered).",
+                                     labels=kv_labels)
+        kv_page_bytes = GaugeMetricFamily("jaxserve:kv_cache_page_bytes", "Bytes of one KV page of the instance, "
+                                          "scales included (0: not reported).", labels=kv_labels)
         tree = GaugeMetricFamily("jaxserve:prompt_tree_tokens", "Tokens the scheduler's global prompt tree says "
                                  "the instance holds.", labels=labels)
         for r in list(s.router.instances.values()):
@@ -124,6 +131,8 @@ class _LiveCollector:
             preemptions.add_metric(v, load.num_preemptions)
             in_flight.add_metric(v, r.in_flight_requests)
             healthy.add_metric(v + [ROLE_NAMES.get(r.role, str(r.role))], 1.0 if r.state == HEALTHY else 0.0)
+            kv_pages.add_metric(v + [r.kv_cache_dtype], r.num_pages)
+            kv_page_bytes.add_metric(v + [r.kv_cache_dtype], r.kv_page_bytes)
             t = s.router.trees.get(r.role)
             tree.add_metric(v, t.held_tokens(r.instance_id) if t is not None else 0)
         queued = GaugeMetricFamily("jaxserve:scheduler_queued_requests", "Requests admitted by the scheduler "
@@ -132,7 +141,8 @@ class _LiveCollector:
         queued_tokens = GaugeMetricFamily("jaxserve:scheduler_queued_tokens", "Prompt + max_tokens of the "
                                           "requests admitted and not finished.", labels=["model_name"])
         queued_tokens.add_metric([m], s.admission.tokens)
-        return [running, waiting, kv, preemptions, in_flight, healthy, tree, queued, queued_tokens]
+        return [running, waiting, kv, preemptions, in_flight, healthy, tree, queued, queued_tokens, kv_pages,
+                kv_page_bytes]
 
 
 class SchedulerMetrics:

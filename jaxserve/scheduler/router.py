@@ -18,6 +18,7 @@ PREFILL = common_pb2.ROLE_PREFILL
 DECODE = common_pb2.ROLE_DECODE
 ROLES = (COLOCATED, PREFILL, DECODE)
 ROLE_NAMES = {COLOCATED: "colocated", PREFILL: "prefill", DECODE: "decode"}
+PD_ROLES = (PREFILL, DECODE)
 
 HEALTHY = scheduler_pb2.INSTANCE_STATE_HEALTHY
 SUSPECT = scheduler_pb2.INSTANCE_STATE_SUSPECT
@@ -41,6 +42,8 @@ class InstanceRecord:
     vocab_size: int = 0
     num_pages: int = 0
     model: str = ""
+    kv_cache_dtype: str = "auto"   # how it stores KV; prefill and decode instances must agree
+    kv_page_bytes: int = 0
     state: int = HEALTHY
     load: common_pb2.Load = dataclasses.field(default_factory=common_pb2.Load)
     # The scheduler's own accounting, updated at once on dispatch (reported load lags).
@@ -110,6 +113,13 @@ class Router:
                 r.role == record.role and r.instance_id != record.instance_id for r in self.instances.values()):
             raise ValueError(f"page_size {record.page_size} differs from the {tree.page_size} of the other "
                              f"{ROLE_NAMES[record.role]} instances (they share one prompt tree)")
+        if record.role in PD_ROLES:
+            other = next((r for r in self.instances.values() if r.role in PD_ROLES and r.instance_id !=
+                          record.instance_id and r.kv_cache_dtype != record.kv_cache_dtype), None)
+            if other is not None:
+                raise ValueError(f"kv_cache_dtype {record.kv_cache_dtype!r} differs from the {other.kv_cache_dtype!r} "
+                                 f"of {ROLE_NAMES[other.role]} instance {other.instance_id}: prefill and decode "
+                                 "instances exchange KV, so they must store it alike")
         old = self.remove(record.instance_id)
         if tree is None or tree.page_size != record.page_size:
             self.trees[record.role] = PromptTree(record.page_size)

@@ -185,5 +185,9 @@ def sharding_head_shards(sharding) -> int:
 
 
 def check_compatible(src, dst) -> None:
+    src_kv, dst_kv = getattr(src, "kv_cache_dtype", "auto"), getattr(dst, "kv_cache_dtype", "auto")
+    if src_kv != dst_kv:
+        raise ValueError(f"kv_cache_dtype differs: the sender stores {src_kv!r}, the receiver {dst_kv!r}; both "
+                         "sides of a KV transfer must use the same kv_cache_dtype")
     if src.page_shape != dst.page_shape:
         raise ValueError(f"page shapes differ: {src.page_shape} vs {dst.page_shape}")

@@ -94,14 +94,16 @@ class DecodeRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., kv_handle: _Optional[str] = ...) -> None: ...
 
 class PrepareKvTransferRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "page_size")
+    __slots__ = ("request_id", "token_ids", "page_size", "kv_cache_dtype")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     page_size: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class PrepareKvTransferResponse(_message.Message):
     __slots__ = ("transfer_id", "cached_tokens", "num_pages_reserved", "receiver_shards")
@@ -233,7 +235,7 @@ class InstanceStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages", "kv_sent_back_tokens", "kv_sent_back_bytes", "kv_send_back_failures", "kv_peer_sent_tokens", "kv_peer_sent_bytes", "kv_peer_push_failures")
+    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages", "kv_sent_back_tokens", "kv_sent_back_bytes", "kv_send_back_failures", "kv_cache_dtype", "kv_page_bytes", "kv_num_pages", "kv_num_host_pages", "kv_peer_sent_tokens", "kv_peer_sent_bytes", "kv_peer_push_failures")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +256,10 @@ class InstanceStats(_message.Message):
     KV_SENT_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_SENT_BACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SEND_BACK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_NUM_HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
     KV_PEER_SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_PEER_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_PEER_PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
@@ -277,10 +283,14 @@ class InstanceStats(_message.Message):
     kv_sent_back_tokens: int
     kv_sent_back_bytes: int
     kv_send_back_failures: int
+    kv_cache_dtype: str
+    kv_page_bytes: int
+    kv_num_pages: int
+    kv_num_host_pages: int
     kv_peer_sent_tokens: int
     kv_peer_sent_bytes: int
     kv_peer_push_failures: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ..., kv_sent_back_tokens: _Optional[int] = ..., kv_sent_back_bytes: _Optional[int] = ..., kv_send_back_failures: _Optional[int] = ..., kv_peer_sent_tokens: _Optional[int] = ..., kv_peer_sent_bytes: _Optional[int] = ..., kv_peer_push_failures: _Optional[int] = ...) -> None: ...
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ..., kv_sent_back_tokens: _Optional[int] = ..., kv_sent_back_bytes: _Optional[int] = ..., kv_send_back_failures: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_page_bytes: _Optional[int] = ..., kv_num_pages: _Optional[int] = ..., kv_num_host_pages: _Optional[int] = ..., kv_peer_sent_tokens: _Optional[int] = ..., kv_peer_sent_bytes: _Optional[int] = ..., kv_peer_push_failures: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_s",)

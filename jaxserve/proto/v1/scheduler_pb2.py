@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from jaxserve.proto.v1 import common_pb2 as jaxserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjaxserve/v1/scheduler.proto\x12\x0bjaxserve.v1\x1a\x18jaxserve/v1/common.proto\"\xd6\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokens\"\xcf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x1b\n\x13prefill_instance_id\x18\x08 \x01(\t\x12\x16\n\x0enum_migrations\x18\t \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\xe5\x02\n\x0cInstanceInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.jaxserve.v1.InstanceState\x12\x1f\n\x04load\x18\x05 \x01(\x0b\x32\x11.jaxserve.v1.Load\x12\x1a\n\x12in_flight_requests\x18\x06 \x01(\r\x12\x16\n\x0eindexed_tokens\x18\x07 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x15\n\rcached_tokens\x18\n \x01(\x04\x12\x10\n\x08hit_rate\x18\x0b \x01(\x01\x12\x1d\n\x15\x63ost_model_calibrated\x18\x0c \x01(\x08\x12\x19\n\x11last_report_age_s\x18\r \x01(\x01\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.jaxserve.v1.InstanceInfo\"\x17\n\x15SchedulerStatsRequest\"Y\n\x0fPromptTreeStats\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\x04\"\xee\x02\n\x0eSchedulerStats\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x04\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x06 \x01(\x04\x12\x14\n\x0cnum_rejected\x18\x07 \x01(\x04\x12\x12\n\nnum_failed\x18\x08 \x01(\x04\x12\x16\n\x0enum_migrations\x18\t \x01(\x04\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x15\n\rcached_tokens\x18\x0b \x01(\x04\x12\x10\n\x08hit_rate\x18\x0c \x01(\x01\x12\x1f\n\x17predicted_cached_tokens\x18\r \x01(\x04\x12+\n\x05trees\x18\x0e \x03(\x0b\x32\x1c.jaxserve.v1.PromptTreeStats\"L\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"/\n\x15\x44rainInstanceResponse\x12\x16\n\x0enum_unfinished\x18\x01 \x01(\r\"\x9a\x02\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x11\n\tnum_pages\x18\x08 \x01(\r\x12+\n\x07profile\x18\t \x03(\x0b\x32\x1a.jaxserve.v1.ProfileSample\x12\x14\n\x0c\x61rchitecture\x18\x64 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x65 \x01(\t\"B\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"o\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.jaxserve.v1.IndexEvent\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.jaxserve.v1.Load\"\x16\n\x14ReportEventsResponse\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse*\x84\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTANCE_STATE_HEALTHY\x10\x01\x12\x1a\n\x16INSTANCE_STATE_SUSPECT\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x32\x86\x05\n\tScheduler\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12V\n\rListInstances\x12!.jaxserve.v1.ListInstancesRequest\x1a\".jaxserve.v1.ListInstancesResponse\x12K\n\x08GetStats\x12\".jaxserve.v1.SchedulerStatsRequest\x1a\x1b.jaxserve.v1.SchedulerStats\x12V\n\rDrainInstance\x12!.jaxserve.v1.DrainInstanceRequest\x1a\".jaxserve.v1.DrainInstanceResponse\x12G\n\x08Register\x12\x1c.jaxserve.v1.RegisterRequest\x1a\x1d.jaxserve.v1.RegisterResponse\x12P\n\x0cReportEvents\x12\x1b.jaxserve.v1.InstanceReport\x1a!.jaxserve.v1.ReportEventsResponse(\x01\x12M\n\nDeregister\x12\x1e.jaxserve.v1.DeregisterRequest\x1a\x1f.jaxserve.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjaxserve/v1/scheduler.proto\x12\x0bjaxserve.v1\x1a\x18jaxserve/v1/common.proto\"\xd6\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokens\"\xcf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x1b\n\x13prefill_instance_id\x18\x08 \x01(\t\x12\x16\n\x0enum_migrations\x18\t \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x94\x03\n\x0cInstanceInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.jaxserve.v1.InstanceState\x12\x1f\n\x04load\x18\x05 \x01(\x0b\x32\x11.jaxserve.v1.Load\x12\x1a\n\x12in_flight_requests\x18\x06 \x01(\r\x12\x16\n\x0eindexed_tokens\x18\x07 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x15\n\rcached_tokens\x18\n \x01(\x04\x12\x10\n\x08hit_rate\x18\x0b \x01(\x01\x12\x1d\n\x15\x63ost_model_calibrated\x18\x0c \x01(\x08\x12\x19\n\x11last_report_age_s\x18\r \x01(\x01\x12\x16\n\x0ekv_cache_dtype\x18P \x01(\t\x12\x15\n\rkv_page_bytes\x18Q \x01(\x04\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.jaxserve.v1.InstanceInfo\"\x17\n\x15SchedulerStatsRequest\"Y\n\x0fPromptTreeStats\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\x04\"\xee\x02\n\x0eSchedulerStats\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x04\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x06 \x01(\x04\x12\x14\n\x0cnum_rejected\x18\x07 \x01(\x04\x12\x12\n\nnum_failed\x18\x08 \x01(\x04\x12\x16\n\x0enum_migrations\x18\t \x01(\x04\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x15\n\rcached_tokens\x18\x0b \x01(\x04\x12\x10\n\x08hit_rate\x18\x0c \x01(\x01\x12\x1f\n\x17predicted_cached_tokens\x18\r \x01(\x04\x12+\n\x05trees\x18\x0e \x03(\x0b\x32\x1c.jaxserve.v1.PromptTreeStats\"L\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"/\n\x15\x44rainInstanceResponse\x12\x16\n\x0enum_unfinished\x18\x01 \x01(\r\"\xc9\x02\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.jaxserve.v1.Role\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x11\n\tnum_pages\x18\x08 \x01(\r\x12+\n\x07profile\x18\t \x03(\x0b\x32\x1a.jaxserve.v1.ProfileSample\x12\x16\n\x0ekv_cache_dtype\x18P \x01(\t\x12\x15\n\rkv_page_bytes\x18Q \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\x64 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x65 \x01(\t\"B\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"o\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.jaxserve.v1.IndexEvent\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.jaxserve.v1.Load\"\x16\n\x14ReportEventsResponse\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse*\x84\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTANCE_STATE_HEALTHY\x10\x01\x12\x1a\n\x16INSTANCE_STATE_SUSPECT\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x32\x86\x05\n\tScheduler\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12V\n\rListInstances\x12!.jaxserve.v1.ListInstancesRequest\x1a\".jaxserve.v1.ListInstancesResponse\x12K\n\x08GetStats\x12\".jaxserve.v1.SchedulerStatsRequest\x1a\x1b.jaxserve.v1.SchedulerStats\x12V\n\rDrainInstance\x12!.jaxserve.v1.DrainInstanceRequest\x1a\".jaxserve.v1.DrainInstanceResponse\x12G\n\x08Register\x12\x1c.jaxserve.v1.RegisterRequest\x1a\x1d.jaxserve.v1.RegisterResponse\x12P\n\x0cReportEvents\x12\x1b.jaxserve.v1.InstanceReport\x1a!.jaxserve.v1.ReportEventsResponse(\x01\x12M\n\nDeregister\x12\x1e.jaxserve.v1.DeregisterRequest\x1a\x1f.jaxserve.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxserve.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCESTATE']._serialized_start=2373
-  _globals['_INSTANCESTATE']._serialized_end=2505
+  _globals['_INSTANCESTATE']._serialized_start=2467
+  _globals['_INSTANCESTATE']._serialized_end=2599
   _globals['_GENERATEREQUEST']._serialized_start=71
   _globals['_GENERATEREQUEST']._serialized_end=285
   _globals['_USAGE']._serialized_start=288
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERESPONSE']._serialized_start=689
   _globals['_TOKENIZERESPONSE']._serialized_end=749
   _globals['_INSTANCEINFO']._serialized_start=752
-  _globals['_INSTANCEINFO']._serialized_end=1109
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1111
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1133
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1135
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1204
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=1206
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=1229
-  _globals['_PROMPTTREESTATS']._serialized_start=1231
-  _globals['_PROMPTTREESTATS']._serialized_end=1320
-  _globals['_SCHEDULERSTATS']._serialized_start=1323
-  _globals['_SCHEDULERSTATS']._serialized_end=1689
-  _globals['_DRAININSTANCEREQUEST']._serialized_start=1691
-  _globals['_DRAININSTANCEREQUEST']._serialized_end=1767
-  _globals['_DRAININSTANCERESPONSE']._serialized_start=1769
-  _globals['_DRAININSTANCERESPONSE']._serialized_end=1816
-  _globals['_REGISTERREQUEST']._serialized_start=1819
-  _globals['_REGISTERREQUEST']._serialized_end=2101
-  _globals['_REGISTERRESPONSE']._serialized_start=2103
-  _globals['_REGISTERRESPONSE']._serialized_end=2169
-  _globals['_INSTANCEREPORT']._serialized_start=2171
-  _globals['_INSTANCEREPORT']._serialized_end=2282
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=2284
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=2306
-  _globals['_DEREGISTERREQUEST']._serialized_start=2308
-  _globals['_DEREGISTERREQUEST']._serialized_end=2348
-  _globals['_DEREGISTERRESPONSE']._serialized_start=2350
-  _globals['_DEREGISTERRESPONSE']._serialized_end=2370
-  _globals['_SCHEDULER']._serialized_start=2508
-  _globals['_SCHEDULER']._serialized_end=3154
+  _globals['_INSTANCEINFO']._serialized_end=1156
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1158
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1180
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1182
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1251
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=1253
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=1276
+  _globals['_PROMPTTREESTATS']._serialized_start=1278
+  _globals['_PROMPTTREESTATS']._serialized_end=1367
+  _globals['_SCHEDULERSTATS']._serialized_start=1370
+  _globals['_SCHEDULERSTATS']._serialized_end=1736
+  _globals['_DRAININSTANCEREQUEST']._serialized_start=1738
+  _globals['_DRAININSTANCEREQUEST']._serialized_end=1814
+  _globals['_DRAININSTANCERESPONSE']._serialized_start=1816
+  _globals['_DRAININSTANCERESPONSE']._serialized_end=1863
+  _globals['_REGISTERREQUEST']._serialized_start=1866
+  _globals['_REGISTERREQUEST']._serialized_end=2195
+  _globals['_REGISTERRESPONSE']._serialized_start=2197
+  _globals['_REGISTERRESPONSE']._serialized_end=2263
+  _globals['_INSTANCEREPORT']._serialized_start=2265
+  _globals['_INSTANCEREPORT']._serialized_end=2376
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=2378
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=2400
+  _globals['_DEREGISTERREQUEST']._serialized_start=2402
+  _globals['_DEREGISTERREQUEST']._serialized_end=2442
+  _globals['_DEREGISTERRESPONSE']._serialized_start=2444
+  _globals['_DEREGISTERRESPONSE']._serialized_end=2464
+  _globals['_SCHEDULER']._serialized_start=2602
+  _globals['_SCHEDULER']._serialized_end=3248
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,7 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "address", "role", "state", "load", "in_flight_requests", "indexed_tokens", "num_requests", "prompt_tokens", "cached_tokens", "hit_rate", "cost_model_calibrated", "last_report_age_s")
+    __slots__ = ("instance_id", "address", "role", "state", "load", "in_flight_requests", "indexed_tokens", "num_requests", "prompt_tokens", "cached_tokens", "hit_rate", "cost_model_calibrated", "last_report_age_s", "kv_cache_dtype", "kv_page_bytes")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class InstanceInfo(_message.Message):
     HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     role: _common_pb2.Role
@@ -113,7 +115,9 @@ class InstanceInfo(_message.Message):
     hit_rate: float
     cost_model_calibrated: bool
     last_report_age_s: float
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., indexed_tokens: _Optional[int] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., hit_rate: _Optional[float] = ..., cost_model_calibrated: _Optional[bool] = ..., last_report_age_s: _Optional[float] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_page_bytes: int
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., indexed_tokens: _Optional[int] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., hit_rate: _Optional[float] = ..., cost_model_calibrated: _Optional[bool] = ..., last_report_age_s: _Optional[float] = ..., kv_cache_dtype: _Optional[str] = ..., kv_page_bytes: _Optional[int] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ()
@@ -188,7 +192,7 @@ class DrainInstanceResponse(_message.Message):
     def __init__(self, num_unfinished: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile", "architecture", "tokenizer_fingerprint")
+    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile", "kv_cache_dtype", "kv_page_bytes", "architecture", "tokenizer_fingerprint")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +202,8 @@ class RegisterRequest(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
@@ -209,9 +215,11 @@ class RegisterRequest(_message.Message):
     vocab_size: int
     num_pages: int
     profile: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileSample]
+    kv_cache_dtype: str
+    kv_page_bytes: int
     architecture: str
     tokenizer_fingerprint: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_page_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("instance_id", "report_interval_s")
