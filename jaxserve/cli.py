@@ -24,6 +24,8 @@ import signal
 import sys
 import time
 
+from jaxserve.scheduler.policies import POLICIES
+
 ABSL_VERBOSITY = {"debug": 1, "info": 0, "warning": -1, "error": -2}
 DEFAULT_MAX_MODEL_LEN = 2048  # a checkpoint's own context can be 32k+: pages and shapes grow with it
 
@@ -52,7 +54,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-instances", type=int, default=0, help="disaggregated: decode instances")
     p.add_argument("--pd-mode", default="caching2", choices=["basic", "caching1", "caching2", "caching3"],
                    help="disaggregated: MemServe PD mode (default caching2)")
-    p.add_argument("--policy", default="locality", help="routing policy (default locality)")
+    p.add_argument("--policy", default="locality", choices=POLICIES, help="routing policy (default locality)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--max-model-len", type=int, default=None,
                    help=f"context length (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
@@ -60,6 +62,14 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step (default 256)")
     p.add_argument("--num-pages", type=int, default=512, help="device KV pages per instance (default 512)")
     p.add_argument("--num-host-pages", type=int, default=0, help="host-tier KV pages per instance (default 0)")
+    p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier KV per instance in GiB (instead of "
+                   "--num-host-pages)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
+                   help="KV storage: the model's dtype, or 8 bits with per-token scales (about 2x the cached tokens)")
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None, help="device KV per instance in GiB "
+                   "(instead of --num-pages)")
+    p.add_argument("--peer-fetch", action="store_true", help="colocated instances pull a cached prefix from "
+                   "another instance instead of recomputing it (the kv_pool routing policy)")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16,
                    help="tokens per KV page (default 16)")
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 (default: float32 on CPU, "
@@ -82,9 +92,17 @@ def instance_flags(args) -> dict:
                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                  tp=args.tp, seed=args.seed, prefix_caching=not args.no_prefix_caching,
                  precompile=not args.no_precompile, profile_at_start=not args.no_profile,
+                 kv_cache_dtype=args.kv_cache_dtype,
                  verbosity=ABSL_VERBOSITY[args.log_level])
     if args.dtype:
         flags["dtype"] = args.dtype
+    if args.host_kv_gib is not None:
+        flags.pop("num_host_pages")
+        flags["host_kv_gib"] = args.host_kv_gib
+    if args.kv_cache_memory_gib is not None:
+        flags["kv_cache_memory_gib"] = args.kv_cache_memory_gib
+    if args.peer_fetch:
+        flags["peer_fetch"] = True
     if args.compilation_cache:
         flags["compilation_cache"] = args.compilation_cache
     return flags
@@ -111,9 +129,12 @@ async def serve(args) -> int:
         return 2
     t0 = time.monotonic()
     max_model_len = max_model_len_for(args.model, args.max_model_len)
+    scheduler_config = dict(profile_instances=not args.no_profile)
+    if args.peer_fetch:
+        scheduler_config["peer_fetch"] = True
     cluster = LocalCluster(model=args.model, num_instances=args.num_instances, port=args.grpc_port,
-                           policy=args.policy, instance_flags=instance_flags(args),
-                           scheduler_config=dict(profile_instances=not args.no_profile),
+                           policy="kv_pool" if args.peer_fetch else args.policy, instance_flags=instance_flags(args),
+                           scheduler_config=scheduler_config,
                            max_model_len=max_model_len, ready_timeout_s=args.ready_timeout,
                            prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
                            pd_mode=args.pd_mode, secrets=secrets, tls=tls)

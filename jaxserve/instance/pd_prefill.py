@@ -99,7 +99,8 @@ class PrefillSide:
             timeout = max(min(timeout, remaining), 0.1)
         name = f"decode instance {target.instance_id or target.address}"
         peer = GrpcPeer(self.kv.peer(target.address), name, inner.request_id, timeout, self.kv.transfer_server.address,
-                        kv_cache_dtype=self.kv.engine.pool.kv_cache_dtype, insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request(inner, first),
+                        kv_cache_dtype=self.kv.engine.pool.kv_cache_dtype,
+                        insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request(inner, first),
                         send_back_to=instance_pb2.KvTarget(instance_id=self.identity.instance_id,
                                                            address=self.identity.address)
                         if self.send_back else None)

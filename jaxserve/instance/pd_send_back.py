@@ -50,25 +50,6 @@ class SendBack:
         if not seq:
             return
         name = f"prefill instance {target.instance_id or target.address}"
-        timeout = self.config.kv_transfer_timeout_s
-        pool = self.engine.pool
-        # Reference what this side still holds of it (normally all of it: the decode side indexes its KV).
-        n, pages = await self.kv.on_engine(lambda: pool.match(seq))
-        if n < ps:
-            await self.kv.on_engine(lambda: pool.free(pages))
-            return
-        seq = seq[:n]
-        peer = GrpcPeer(self.kv.peer(target.address), name, request_id, timeout, self.kv.transfer_server.address,
-                        insert=True, cache_only=True, kv_cache_dtype=pool.kv_cache_dtype)
-        offered = []
-
-        async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
-            layout = self.kv.per_shard_layout(prepared.answer, name)
-            got = await self.kv.on_engine(self.loop_thread.guarded(
-                lambda: self.kv.offer_pages(pages[start:], layout), timeout))
-            offered.append(True)
-            return got
-
         try:
             _, sent, nbytes = await push_prefix(self.kv, request_id, seq, target.address, name)
             self.counters["kv_sent_back_tokens"] += sent

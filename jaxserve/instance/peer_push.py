@@ -38,7 +38,7 @@ async def push_prefix(kv: KvPath, request_id: str, tokens: Sequence[int], target
             return 0, 0, 0
         seq = seq[:n]
         peer = GrpcPeer(kv.peer(target_address), name, request_id, timeout, kv.transfer_server.address,
-                        insert=True, cache_only=True)
+                        insert=True, cache_only=True, kv_cache_dtype=kv.engine.pool.kv_cache_dtype)
 
         async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
             layout = kv.per_shard_layout(prepared.answer, name)
