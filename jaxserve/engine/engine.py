@@ -125,6 +125,7 @@ class Engine:
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    sp_threshold=config.sp_threshold if self.sp is not None else None)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.runner.eos_token_ids = self.eos_token_ids
         self.detokenize = detokenize
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -155,6 +156,12 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.extended and self.ops.is_multiprocess:
+            raise ValueError("logprobs, penalties, logit_bias, min_p and min_tokens are not supported on a "
+                             "multi-process instance yet")
         usable = (self.pool.num_pages - 1) * self.pool.page_size
         if min(n + params.max_tokens, self.max_model_len) > usable:
             raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs more KV "
@@ -275,10 +282,13 @@ class Engine:
             return []
         samples, tokens = self._in_flight
         self._in_flight = None
+        if isinstance(tokens, tuple):  # the extended sampler: (tokens, sampled logprob, top ids, top logprobs)
+            return self._complete(samples, np.asarray(tokens[0]), [np.asarray(t) for t in tokens[1:]])
         return self._complete(samples, np.asarray(tokens))
 
-    def _complete(self, samples, tokens) -> list[Request]:
-        """Fill in a step's samples, index what is now known, and apply stop conditions."""
+    def _complete(self, samples, tokens, logprobs=None) -> list[Request]:
+        """Fill in a step's samples (and their logprobs), index what is now known, and apply stop
+        conditions."""
         now = time.perf_counter()
         updated = []
         for req, index, slot in samples:
@@ -286,6 +296,11 @@ class Engine:
                 continue  # aborted while its step ran
             tok = int(tokens[slot])
             req.output_token_ids[index] = tok
+            k = req.params.logprobs
+            if k is not None and logprobs is not None:
+                lp, top_ids, top_lp = logprobs
+                req.logprobs[index] = (float(lp[slot]), [(int(top_ids[slot, j]), float(top_lp[slot, j]))
+                                                         for j in range(k)])
             if index == len(req.output_token_ids) - 1:
                 req.pending_slot = None
             if req.status is Status.RUNNING:
@@ -306,16 +321,24 @@ class Engine:
     def _stop_reason(self, req: Request, tok: int, num_outputs: int) -> str | None:
         """Why `req` stops at output `tok`, its `num_outputs`-th (None: it goes on)."""
         p = req.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+        if num_outputs < p.min_tokens:  # as vLLM: no stop condition but the length before min_tokens
+            return "length" if len(req.prompt_token_ids) + num_outputs >= req.max_total_len else None
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return "stop"
+        if not p.ignore_eos and tok in self.eos_token_ids:
             return "stop"
         if p.stop and self.detokenize is not None:
             text = self.detokenize(req.output_token_ids[:num_outputs])
+            found = None  # (start, stop string) of the earliest match
             for s in p.stop:
                 at = text.find(s, max(0, len(req.text) - len(s)))
-                if at >= 0:
-                    req.stop_text_len = at if req.stop_text_len is None else min(at, req.stop_text_len)
+                if at >= 0 and (found is None or at < found[0]):
+                    found = (at, s)
             req.text = text
-            if req.stop_text_len is not None:
+            if found is not None:
+                req.stop_reason = found[1]
+                req.stop_text_len = found[0] + (len(found[1]) if p.include_stop_str_in_output else 0)
                 return "stop"
         if num_outputs >= p.max_tokens or len(req.prompt_token_ids) + num_outputs >= req.max_total_len:
             return "length"
