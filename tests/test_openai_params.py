@@ -2,6 +2,7 @@
 (tiny random model, byte-level vocabulary) and the HTTP front, all in process on 127.0.0.1. References are
 the offline `LLM` with the same weights (greedy, token-identical; logprobs to f32 rounding), and the request
 shapes OpenAI documents: logprobs (also streamed), penalties, logit_bias, min_tokens, stop_reason, n > 1,
+structured output (json_schema / guided_json validated with `jsonschema`, json_object),
 one SSE event per token, continuous usage, chat echo, /tokenize, /detokenize, /version, and a 400 naming every
 parameter this server does not implement."""
 
@@ -13,6 +14,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 aiohttp = pytest.importorskip("aiohttp")
+jsonschema = pytest.importorskip("jsonschema")
 
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
@@ -26,6 +28,9 @@ CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_lay
 FAST = dict(health_interval_s=0.2, health_timeout_s=2.0, unhealthy_after=3, no_instance_wait_s=30.0,
             shutdown_grace_s=0.0, profile_instances=False)
 MODEL = "byte"
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer",
+                                                                                     "maximum": 9}},
+          "required": ["color", "n"], "additionalProperties": False}
 PROMPT = "def add(a, b):\n    return"
 
 
@@ -175,6 +180,29 @@ def test_openai_extras_end_to_end(ref):
                 assert_same_tokens(ref, c.logprobs, o)
             assert r.choices[0].logprobs.token_logprobs != r.choices[1].logprobs.token_logprobs
 
+            # Structured output: json_schema (chat) and guided_json (completions) parse and validate;
+            # json_object is an object; a schema the instance cannot compile is a 400.
+            r = await client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=60, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}})
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            r = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=60, temperature=0.9, seed=2,
+                                                extra_body={"guided_json": SCHEMA})
+            jsonschema.validate(json.loads(r.choices[0].text), SCHEMA)
+            # json_object: any object. A random model may stay inside a key string until max_tokens, so the
+            # text must be an object's start, and a whole object when the model ended it.
+            r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=0,
+                                                     response_format={"type": "json_object"})
+            text = r.choices[0].message.content
+            assert text.startswith("{")
+            if r.choices[0].finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+            status, err = await raw(http, "POST", "/v1/completions", {
+                "model": MODEL, "prompt": PROMPT, "max_tokens": 4,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}})
+            assert status == 400 and "json_schema" in err["error"]["message"], err
+
             # /tokenize, /detokenize, /version.
             status, tok = await raw(http, "POST", "/tokenize", {"prompt": "abc"})
             assert status == 200 and tok["tokens"] == [256, 97, 98, 99] and tok["count"] == 4
@@ -189,8 +217,9 @@ def test_openai_extras_end_to_end(ref):
             # Every unimplemented parameter is a 400 that names it.
             base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
             for extra, param in [({"suffix": "x"}, "suffix"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
-                                 ({"guided_json": {"type": "object"}}, "guided_json"),
-                                 ({"response_format": {"type": "json_object"}}, "response_format"),
+                                 ({"guided_regex": "a+"}, "guided_regex"),
+                                 ({"response_format": {"type": "xml"}}, "response_format"),
+                                 ({"guided_json": [1]}, "guided_json"),
                                  ({"logprobs": 21}, "logprobs"), ({"echo": True, "logprobs": 1}, "echo"),
                                  ({"best_of": 3}, "best_of"), ({"min_p": 2}, "min_p"),
                                  ({"presence_penalty": 3}, "presence_penalty"),

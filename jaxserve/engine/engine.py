@@ -85,9 +85,13 @@ class Unschedulable(RuntimeError):
 
 class Engine:
     def __init__(self, model_config: ModelConfig, params, config: EngineConfig, *, eos_token_ids=(),
-                 detokenize=None, ops: DeviceOps | None = None):
+                 detokenize=None, ops: DeviceOps | None = None, grammars=None):
         """`ops`: the device-op channel every part that runs device work gets (jaxserve/engine/device_ops.py):
-        a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process."""
+        a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process.
+        `grammars()`: builds the structured-output factory (engine.structured.Grammars) on first use; None:
+        requests with a json_schema are refused."""
+        self._grammars_factory = grammars
+        self._grammars = None
         self.ops = ops if ops is not None else LocalOps()
         # Called (engine thread) before a step or sequence-parallel prefill whose shapes never ran (it compiles
         # first): `add_new_shape_hook`; a step watchdog extends its deadline.
@@ -159,6 +163,8 @@ class Engine:
         bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.json_schema is not None:
+            self.grammars.validate(params.json_schema)
         if params.extended and self.ops.is_multiprocess:
             raise ValueError("logprobs, penalties, logit_bias, min_p and min_tokens are not supported on a "
                              "multi-process instance yet")
@@ -204,6 +210,8 @@ class Engine:
         if seed is None:
             seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
         req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len)
+        if params.json_schema is not None:
+            req.grammar = self.grammars.matcher(params.json_schema)
         self.requests[request_id] = req
         return req
 
@@ -225,13 +233,31 @@ class Engine:
             self.pool.free(req.pages)
             req.pages = []
 
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            if self._grammars_factory is None:
+                raise ValueError("structured output (json_schema) needs the model's tokenizer; this engine has none")
+            try:
+                self._grammars = self._grammars_factory()
+            except ImportError as e:
+                raise ValueError(f"structured output needs llguidance (pip install llguidance): {e}") from None
+        return self._grammars
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
 
     # -- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Dispatch one batch and complete the one before it (async scheduling; without it, complete this
-        one). Returns the requests that got a new token (finished ones included)."""
+        one). Returns the requests that got a new token (finished ones included). A request with a grammar
+        needs its last token on the host to mask the next one, so then the step in flight completes first."""
+        early = []
+        if self._in_flight is not None and any(r.grammar is not None for r in self.scheduler.running):
+            early = self._complete_in_flight()
+        return early + self._step()
+
+    def _step(self) -> list[Request]:
         batch = self.scheduler.schedule()
         if not batch.entries:
             if self._in_flight is not None:

@@ -60,11 +60,15 @@ class LLM:
                 async_scheduling=async_scheduling)
 
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+
+        def grammars():
+            from jaxserve.engine.structured import Grammars
+            return Grammars(tokenizer, cfg.vocab_size, eos)
         self.pair = None
         if not disaggregated:
             self.engine = Engine(cfg, params,
                                  engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel, ep),
-                                 eos_token_ids=eos, detokenize=tokenizer.decode, ops=ops)
+                                 eos_token_ids=eos, detokenize=tokenizer.decode, ops=ops, grammars=grammars)
             return
         if ops is not None:
             raise ValueError("a device-op channel (multi-process instance) serves one engine, not a disaggregated pair")
@@ -91,9 +95,9 @@ class LLM:
         ptp, pdev = pick_tp(prefill_tp, prefill_devices, sequence_parallel)
         dtp, ddev = pick_tp(decode_tp, decode_devices)
         prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev, sequence_parallel, ep), eos_token_ids=eos,
-                         detokenize=tokenizer.decode)
+                         detokenize=tokenizer.decode, grammars=grammars)
         decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev, 1, ep), eos_token_ids=eos,
-                        detokenize=tokenizer.decode)
+                        detokenize=tokenizer.decode, grammars=grammars)
         self.pair = DisaggregatedPair(prefill, decode, pd_mode)
         self.engine = decode
 

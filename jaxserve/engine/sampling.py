@@ -37,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0               # EOS and stop_token_ids are masked (and stop strings ignored) until then
     include_stop_str_in_output: bool = False
     n: int = 1                        # offline API: samples per prompt (LLM.generate)
+    json_schema: str | None = None    # structured output: the text is a JSON document valid against it
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -66,6 +67,8 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be the schema as a JSON string, got {type(self.json_schema)}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n!r}")
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
@@ -84,7 +87,7 @@ class SamplingParams:
         """Whether this request needs the extended sampler (anything beyond temperature/top-k/top-p)."""
         return (self.logprobs is not None or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0 or bool(self.logit_bias) or self.min_p > 0.0
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or self.json_schema is not None)
 
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -182,6 +185,9 @@ def sampling_extras(reqs: list, size: int, vocab: int, eos_token_ids=()) -> dict
         p = r.params
         if not p.extended:
             continue
+        if r.grammar is not None:  # every output is on the host: the engine synced for this step
+            r.grammar.advance(r.ready_output_token_ids)
+            r.grammar.apply(bias[i])
         for tok, b in p.logit_bias:
             if 0 <= tok < vocab:
                 bias[i, tok] += b

@@ -67,7 +67,7 @@ def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingPa
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         logit_bias=dict(s.logit_bias), min_p=s.min_p, min_tokens=min(s.min_tokens, max_tokens),
-        include_stop_str_in_output=s.include_stop_str_in_output)
+        include_stop_str_in_output=s.include_stop_str_in_output, json_schema=s.json_schema or None)
 
 
 def logprobs_messages(entries: list | None) -> list:

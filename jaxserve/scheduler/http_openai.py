@@ -5,16 +5,18 @@ which reads the core fields."""
 
 from __future__ import annotations
 
+import json
+
 from jaxserve.proto.v1 import common_pb2
 from jaxserve.scheduler.http_requests import _integer, _number, bad_request, boolean
 
 MAX_LOGPROBS = 20
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # as engine/structured.py (the front does not import the engine)
 
 # vLLM / OpenAI parameters this server does not implement: refused by name rather than silently ignored.
 REFUSED = {
     "suffix": "suffix is not supported by this server.",
     "prompt_logprobs": "prompt_logprobs is not supported by this server.",
-    "guided_json": "guided_json is not supported by this server (structured output is not implemented yet).",
     "guided_regex": "guided_regex is not supported by this server.",
     "guided_choice": "guided_choice is not supported by this server.",
     "guided_grammar": "guided_grammar is not supported by this server.",
@@ -33,10 +35,40 @@ def refuse_unsupported(body: dict) -> None:
         v = body.get(name)
         if v is not None and v is not False and v != [] and v != "":
             raise bad_request(message, name)
+
+
+def json_schema(body: dict) -> str | None:
+    """The JSON schema the output must follow (as JSON text), from OpenAI's response_format or vLLM's
+    guided_json; None for free text. The instance compiles it (an invalid schema is a 400 from there)."""
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"}; "
-                          "structured output is not implemented yet).", "response_format")
+    guided = body.get("guided_json")
+    if fmt is not None and guided is not None:
+        raise bad_request("Set either response_format or guided_json, not both.", "guided_json")
+    if guided is not None:
+        if isinstance(guided, str):
+            try:
+                guided = json.loads(guided)
+            except ValueError as e:
+                raise bad_request(f"guided_json is not valid JSON: {e}.", "guided_json") from None
+        if not isinstance(guided, dict):
+            raise bad_request(f"guided_json must be a JSON schema object, got {guided!r:.80}.", "guided_json")
+        return json.dumps(guided)
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema", spec.get("json_schema")) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object.",
+                              "response_format")
+        return json.dumps(schema)
+    raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}.",
+                      "response_format")
 
 
 def logprobs_count(body: dict, chat: bool) -> int | None:
@@ -59,6 +91,9 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
 def set_extras(body: dict, chat: bool, s: common_pb2.SamplingParams, vocab_size: int) -> None:
     """Reads the extras into `s` (fields 55+), with vLLM's ranges; a 400 naming the field otherwise."""
     refuse_unsupported(body)
+    schema = json_schema(body)
+    if schema is not None:
+        s.json_schema = schema
     k = logprobs_count(body, chat)
     if k is not None:
         s.logprobs = k
