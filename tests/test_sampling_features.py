@@ -195,3 +195,16 @@ def test_bad_params_are_refused_naming_them(llm):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="logit_bias token id 999"):
         llm.generate([[1, 2]], SamplingParams(logit_bias={999: 1.0}))
+
+
+def test_disaggregated_pair_carries_logprobs_and_penalties(llm):
+    """Prefill samples the first token (its logprobs travel with the hand-over), decode the rest: the same
+    tokens and logprobs as the colocated engine."""
+    pd = LLM(model=CFG, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, seed=0,
+             compilation_cache="off", disaggregated=True, prefill_devices=[0], decode_devices=[1])
+    prompts = _prompts(7, [6, 19])
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2, frequency_penalty=1.0)
+    for a, b in zip(pd.generate(prompts, params), llm.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        assert [d[t].logprob for t, d in zip(a.token_ids, a.outputs[0].logprobs)] == pytest.approx(
+            [d[t].logprob for t, d in zip(b.token_ids, b.outputs[0].logprobs)], abs=1e-4)
