@@ -231,3 +231,40 @@ def test_openai_extras_end_to_end(ref):
                                     {"model": MODEL, "messages": msgs, "top_logprobs": 2})
             assert status == 400 and err["error"]["param"] == "top_logprobs"
     asyncio.run(body())
+
+
+def test_disaggregated_serving_carries_logprobs_and_stop_reason(ref):
+    """Prefill and decode instance servers (devices 0 and 1): the first token's logprobs come from the prefill
+    side, the rest from the decode side; a request the first token ends reports its stop_reason."""
+    async def body():
+        scheduler = Scheduler(GlobalSchedulerConfig(port=0, **FAST), ModelInfo.byte_level(CFG.max_position_embeddings))
+        await scheduler.start()
+        servers = []
+        for role, device in (("prefill", 0), ("decode", 1)):
+            llm = LLM(model=CFG, page_size=8, num_pages=128, max_num_batched_tokens=64, max_num_seqs=8, seed=0,
+                      compilation_cache="off", device_ids=[device], enable_prefix_caching=False)
+            servers.append(await InstanceServer(llm.engine, InstanceConfig(
+                role=role, pd_mode="basic", scheduler_address=scheduler.address, instance_id=role)).start())
+        http = HttpFront(scheduler, port=0)
+        await http.start()
+        client = openai.AsyncOpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0, timeout=600.0)
+        try:
+            want = offline(ref, PROMPT, max_tokens=6, ignore_eos=True, logprobs=2, presence_penalty=1.0)
+            stream = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                                     logprobs=2, presence_penalty=1.0, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            events = [x async for x in stream]
+            assert len(events) == 6
+            assert [e.choices[0].logprobs.token_logprobs[0] for e in events] == pytest.approx(
+                [d[t].logprob for t, d in zip(want.token_ids, want.logprobs)], abs=1e-4)
+            r = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                                logit_bias={"33": 100}, extra_body={"stop_token_ids": [33]})
+            c = r.choices[0]
+            assert c.finish_reason == "stop" and c.model_extra["stop_reason"] == 33 and r.usage.completion_tokens == 1
+        finally:
+            await client.close()
+            await http.stop()
+            for s in servers:
+                await s.stop(0)
+            await scheduler.stop(0)
+    asyncio.run(body())
