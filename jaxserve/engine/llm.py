@@ -148,8 +148,13 @@ class LLM:
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         template = self._chat_template(chat_template)
-        prompts = [template.render(list(m), add_generation_prompt, **(chat_template_kwargs or {}))
-                   for m in messages]
+        prompts = []
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        for m in messages:
+            ids = self.encode(template.render(list(m), add_generation_prompt, **(chat_template_kwargs or {})))
+            if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]  # the template wrote BOS and the tokenizer added another (as the HTTP front)
+            prompts.append(ids)
         return self.generate(prompts, sampling_params)
 
     def _chat_template(self, override: str | None):
