@@ -208,3 +208,15 @@ def test_disaggregated_pair_carries_logprobs_and_penalties(llm):
         assert a.token_ids == b.token_ids
         assert [d[t].logprob for t, d in zip(a.token_ids, a.outputs[0].logprobs)] == pytest.approx(
             [d[t].logprob for t, d in zip(b.token_ids, b.outputs[0].logprobs)], abs=1e-4)
+
+
+def test_neutral_extras_change_no_token():
+    from jaxserve.engine.sampling import neutral_extras
+    logits = np.random.default_rng(0).normal(size=(4, 300)).astype(np.float32)
+    sampling = dict(temperature=np.array([0, 0, 1, 1], np.float32), top_k=np.full(4, -1, np.int32),
+                    top_p=np.ones(4, np.float32), seeds=np.arange(4, dtype=np.uint32),
+                    output_index=np.zeros(4, np.int32))
+    plain = np.asarray(jax.jit(sample_tokens)(logits, **sampling))
+    ext, _ = jax.jit(sample_extended)(logits, sampling, neutral_extras(4, 300), np.zeros(4, np.int32),
+                                      np.zeros(4, bool))
+    assert list(np.asarray(ext)) == list(plain)

@@ -201,3 +201,12 @@ def sampling_extras(reqs: list, size: int, vocab: int, eos_token_ids=()) -> dict
         repetition[i], min_p[i] = p.repetition_penalty, p.min_p
     return dict(bias=bias, counts=counts, prompt_mask=prompt_mask, presence=presence, frequency=frequency,
                 repetition=repetition, min_p=min_p)
+
+
+def neutral_extras(size: int, vocab: int) -> dict[str, np.ndarray]:
+    """`sampling_extras` of rows that change nothing: for precompiling the extended sampler's executables
+    (StepInputs(..., extra=neutral_extras(S, V)) has the key of the plain shape + ("extended",))."""
+    return dict(bias=np.zeros((size, vocab), np.float32), counts=np.zeros((size, vocab), np.int32),
+                prompt_mask=np.zeros((size, vocab), bool), presence=np.zeros(size, np.float32),
+                frequency=np.zeros(size, np.float32), repetition=np.ones(size, np.float32),
+                min_p=np.zeros(size, np.float32))
