@@ -1,6 +1,6 @@
 """Client library for the jaxserve scheduler: `Client` (blocking) and `AsyncClient` (asyncio), over gRPC.
 
-    with Client("127.0.0.1:50050") as client:
+    with Client("127.0.0.1:50050", api_key="sk-...") as client:   # api_key: when the scheduler has one
         print(client.generate("Hello", max_tokens=32).text)
         for delta in client.stream("Hello", max_tokens=32):
             print(delta.text, end="", flush=True)
@@ -157,9 +157,13 @@ class _Connected:
     _channels = grpc
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None):
+                 timeout_s: float | None = None, retry: RetryPolicy = RetryPolicy(), options=None,
+                 api_key: str | None = None):
+        """api_key: sent as `authorization: Bearer <api_key>` on every call (a scheduler with an API key
+        answers UNAUTHENTICATED without it; an operator passes the cluster secret for DrainInstance)."""
         self.timeout_s = timeout_s
         self.retry = retry
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         if credentials is not None:
             self._channel = self._channels.secure_channel(target, credentials, options=_channel_args(options))
         else:
@@ -200,7 +204,7 @@ class Client(_Connected):
         request, deadline = self._call(prompt, timeout_s, kwargs)
         attempt = 0
         while True:
-            call = self._stub.Generate(request, timeout=deadline.remaining())
+            call = self._stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
             started = False
             try:
                 for resp in call:
@@ -218,7 +222,8 @@ class Client(_Connected):
 
     def _unary(self, method, request, timeout_s):
         try:
-            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise ClientError(e.code(), e.details()) from None
 
@@ -262,7 +267,7 @@ class AsyncClient(_Connected):
         request, deadline = self._call(prompt, timeout_s, kwargs)
         attempt = 0
         while True:
-            call = self._stub.Generate(request, timeout=deadline.remaining())
+            call = self._stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
             started = False
             try:
                 async for resp in call:
@@ -281,7 +286,8 @@ class AsyncClient(_Connected):
 
     async def _unary(self, method, request, timeout_s):
         try:
-            return await method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+            return await method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                                metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise ClientError(e.code(), e.details()) from None
 

@@ -191,6 +191,17 @@ class CacheConfig:
         _require(self.num_host_pages >= 0, f"num_host_pages must be >= 0, got {self.num_host_pages}")
 
 
+def kv_page_bytes(model: "ModelConfig", page_size: int, dtype_bytes: int) -> int:
+    """Bytes of one KV page (K and V of every layer for `page_size` tokens), as the pool stores it."""
+    return model.num_layers * page_size * 2 * model.num_kv_heads * model.head_dim * dtype_bytes
+
+
+def host_pages_for_gib(model: "ModelConfig", page_size: int, dtype_bytes: int, gib: float) -> int:
+    """Host-tier pages that fit in `gib` GiB (issue 18: `--host_kv_gib`, the budget of the whole instance)."""
+    _require(gib >= 0, f"host_kv_gib must be >= 0, got {gib}")
+    return int(gib * 2**30 // kv_page_bytes(model, page_size, dtype_bytes))
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Devices of one instance: tensor-parallel degree (KV heads and MLP columns are split over `tp`),

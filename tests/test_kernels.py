@@ -304,7 +304,7 @@ def test_ragged_with_sinks_matches_oracle(dtype, kw, impl):
     assert not np.allclose(np.asarray(ref, np.float32), np.asarray(no_sink, np.float32), atol=0.1)  # it bites
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "xla_blocked", "pallas"])
 @pytest.mark.parametrize("dtype,kw", SINK_CASES, ids=SINK_IDS)
 def test_decode_with_sinks_matches_oracle(dtype, kw, impl):
     """Decode paths against the *ragged* oracle with one query per sequence; kv_len 0 rows give 0."""
@@ -318,6 +318,9 @@ def test_decode_with_sinks_matches_oracle(dtype, kw, impl):
     if impl == "xla":
         out, lse = reference.decode_paged_attention_xla(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
                                                         sinks=sinks, **kw)
+    elif impl == "xla_blocked":
+        out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
+                                                                sinks=sinks, block_k=16, **kw)
     else:
         out, lse = decode_paged_attention(q, kv, lens, pi, sm_scale=0.125, return_lse=True, sinks=sinks,
                                           num_kv_splits=3, pages_per_block=1, **kw)
@@ -363,6 +366,26 @@ def test_decode_soft_cap_and_sliding_window(kw):
     out = decode_paged_attention(q, kv, lens, pi, sm_scale=0.2, num_kv_splits=2, pages_per_block=2, **kw)
     ref = ref_decode(q, kv_clean, lens, pi, sm_scale=0.2, **kw)
     assert_close(out, ref, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kw", [dict(), dict(soft_cap=4.0), dict(sliding_window=10)], ids=["plain", "soft_cap", "window"])
+def test_blocked_decode_ignores_table_width(dtype, kw):
+    """The CPU decode path loops over key blocks up to the longest live sequence: a page table widened with
+    out-of-range garbage columns (the engine passes one width for every decode step) changes nothing, and
+    the result matches the oracle on the narrow table."""
+    rng = np.random.default_rng([7, 0 if dtype == jnp.float32 else 1])
+    kv_lens = [37, 1, 0, 16, 9]
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
+        rng, [(1, k) for k in kv_lens], num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), 6, 64)), dtype)
+    wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 11), 10 ** 6, jnp.int32)], axis=1)
+    out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
+                                                            block_k=16, **kw)
+    ref, ref_lse = ref_decode(q, kv_clean, lens, pi_clean, sm_scale=0.2, return_lse=True, **kw)
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    assert np.all(np.asarray(out[kv_lens.index(0)], np.float32) == 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -176,6 +176,8 @@ class Sim:
         assert keys and len(toks) == len(keys) * PS
         if kind == "insert":
             self.cached.update(keys[:i + 1] for i in range(len(keys)))
+        elif kind == "offload":  # moved to the host tier: still cached
+            assert keys in self.cached
         else:
             assert kind == "evict" and keys in self.cached
             self.cached -= {q for q in self.cached if q[:len(keys)] == keys}

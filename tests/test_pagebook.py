@@ -100,7 +100,7 @@ def test_prefix_cache_keeps_the_prompt_tree_in_step():
     tree = PromptTree(2)
 
     def on_event(kind, tokens):
-        (tree.insert if kind == "insert" else tree.evict)("i0", tokens)
+        getattr(tree, kind)("i0", tokens)
 
     cache = PrefixCache(2, 10, on_event)
     rng = random.Random(0)

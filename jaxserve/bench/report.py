@@ -11,6 +11,7 @@ met every SLO given (DistServe's definition), over the same span as throughput."
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -147,6 +148,8 @@ def plot(runs: dict[str, list[dict]], out_dir: str | Path, title: str = "") -> l
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        logging.getLogger("jaxserve.bench").warning(
+            "no plots: matplotlib is not installed (pip install -e '.[bench]'); the tables and JSON are complete")
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ class LLM:
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
                  pd_mode: str = "basic", sequence_parallel: int = 1, sp_threshold: int = 512, ep: int = 1,
-                 async_scheduling: bool = True, ops=None):
+                 async_scheduling: bool = True, ops=None, host_kv_gib: float | None = None):
         from jaxserve import model as model_lib
         enable_compilation_cache(compilation_cache)
         if isinstance(model, ModelConfig):
@@ -49,6 +49,13 @@ class LLM:
         self.model_config = cfg
         self.model_path = None if isinstance(model, ModelConfig) else str(model)
         self.tokenizer = tokenizer
+        if host_kv_gib is not None:  # the host tier from a byte budget, in the pool's KV dtype
+            if num_host_pages:
+                raise ValueError(f"give num_host_pages ({num_host_pages}) or host_kv_gib ({host_kv_gib}), not both")
+            import numpy as np
+            from jaxserve.config import host_pages_for_gib
+            from jaxserve.engine.engine import kv_storage_dtype
+            num_host_pages = host_pages_for_gib(cfg, page_size, np.dtype(kv_storage_dtype(cfg)).itemsize, host_kv_gib)
         def engine_config(caching, tp, device_ids, seq=1, ep_=1):
             return EngineConfig(
                 cache=CacheConfig(page_size=page_size, num_pages=num_pages, num_host_pages=num_host_pages,

@@ -3,9 +3,13 @@
 Shapes come from a small set of buckets so the number of compilations stays bounded:
 - decode-only steps: S = T = next power of two of the batch size;
 - mixed steps: T = `token_bucket` of the token count (powers of two >= 16, and 1.5x steps above 128),
-  S = next power of two of the batch (>= 8);
-  padding sequence slots cost no attention (their tiles are skipped), only lm_head rows;
-- pages per sequence: next power of two of the longest sequence's pages.
+  S = 8 or the slot maximum (padding sequence slots cost no attention, their tiles are skipped, only lm_head
+  rows: a prefill step's cost is its tokens, so two slot buckets halve the mixed shapes for ~1 ms);
+- pages per sequence: on the XLA (CPU) path one width, the context maximum, since its attention loops over key
+  blocks up to the longest live sequence and costs nothing per unused column; the Pallas kernels' grids
+  follow the table width, so there it is the next power of two of the longest sequence's pages.
+The CPU shapes are then (decode, S) for S = 1, 2, 4, ... and (mixed, T, S in {8, max}): ~20 compilations at
+the defaults instead of ~190, so every shape is compiled before a server says ready (`precompile.py`).
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_tokens_bucket = token_bucket(max_num_batched_tokens, 16)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
+        self.fixed_page_table = attention_impl != "pallas"
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
         # The last step's samples stay on the device so the next step can start before the host reads them.
@@ -127,6 +132,11 @@ class ModelRunner:
         self.on_new_shape = on_new_shape
         self.eos_token_ids: tuple[int, ...] = ()  # masked before a request's min_tokens (set by the engine)
         self.ops.bind("step", lambda inputs: self.execute(inputs))  # late-bound: tests may wrap `execute`
+
+    @property
+    def first_step_pending(self) -> bool:
+        """No step has run yet: the next one reads the last-token buffer from host memory."""
+        return isinstance(self._last_tokens, np.ndarray)
 
     @property
     def num_compilations(self) -> int:
@@ -150,19 +160,34 @@ class ModelRunner:
         out = self.dispatch(batch)
         return np.asarray(out[0] if isinstance(out, tuple) else out)[:len(batch.entries)]
 
+    def slot_bucket(self, num_entries: int, decode_only: bool) -> int:
+        if decode_only:
+            return next_pow2(num_entries)
+        return 8 if num_entries <= 8 else self.max_slots
+
+    def slot_buckets(self, decode_only: bool) -> list[int]:
+        """Every value `slot_bucket` can return."""
+        if decode_only:
+            return sorted({next_pow2(n) for n in range(1, self.max_num_seqs + 1)})
+        return sorted({8, self.max_slots})
+
+    def page_bucket(self, num_pages: int) -> int:
+        return self.max_pages_bucket if self.fixed_page_table else min(next_pow2(num_pages), self.max_pages_bucket)
+
+    def page_buckets(self) -> list[int]:
+        """Every value `page_bucket` can return."""
+        if self.fixed_page_table:
+            return [self.max_pages_bucket]
+        return sorted({min(next_pow2(n), self.max_pages_bucket) for n in range(1, self.max_pages_bucket + 1)})
+
     def prepare(self, batch: ScheduledBatch) -> "StepInputs":
         """The host-side (numpy) inputs of one step: everything `execute` needs, nothing request-shaped."""
         entries = batch.entries
         decode_only = batch.decode_only
         ps = self.page_size
-        if decode_only:
-            num_slots = next_pow2(len(entries))
-            num_tokens = num_slots
-        else:
-            # Slots also size the lm_head and the sampler, so they follow the batch (min 8: few buckets).
-            num_slots = min(next_pow2(len(entries), 8), next_pow2(self.max_num_seqs))
-            num_tokens = min(token_bucket(batch.num_tokens, 16), self.max_tokens_bucket)
-        pages_per_seq = min(next_pow2(max(len(r.pages) for r, _ in entries)), self.max_pages_bucket)
+        num_slots = self.slot_bucket(len(entries), decode_only)
+        num_tokens = num_slots if decode_only else min(token_bucket(batch.num_tokens, 16), self.max_tokens_bucket)
+        pages_per_seq = self.page_bucket(max(len(r.pages) for r, _ in entries))
 
         token_ids = np.zeros(num_tokens, np.int32)
         prev_slots = np.full(num_tokens, -1, np.int32)

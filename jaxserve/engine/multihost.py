@@ -37,7 +37,10 @@ holds only its own heads.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 import socket
 import time
 
@@ -103,19 +106,22 @@ def _broadcast_str(text: str, is_leader: bool, width: int = 256) -> str:
 
 
 def connect(bind_host: str = "127.0.0.1", accept_timeout_s: float = 300.0,
-            connect_timeout_s: float = 60.0) -> DeviceOps:
+            connect_timeout_s: float = 60.0, secret: str | None = None) -> DeviceOps:
     """Collective (every process calls it, after `initialize`): the instance's device-op channel, a
     `LeaderOps` on process 0 (listening on `bind_host`: followers on other hosts need a reachable interface,
-    the instance's --host) and a `FollowerOps` elsewhere; `LocalOps` on a single-process instance."""
+    the instance's --host) and a `FollowerOps` elsewhere; `LocalOps` on a single-process instance.
+    secret (the cluster secret; every process must have the same or none): leader and followers prove they
+    know it on connect (HMAC challenge-response, `handshake_leader` / `handshake_follower`), so no stranger can
+    feed a follower device ops or pose as a follower."""
     import jax
     if jax.process_count() == 1:
         return LocalOps()
     if jax.process_index() == 0:
-        return LeaderOps(SocketSender(_accept_followers(bind_host, accept_timeout_s)))
-    return FollowerOps(SocketReceiver(_connect_to_leader(connect_timeout_s)))
+        return LeaderOps(SocketSender(_accept_followers(bind_host, accept_timeout_s, secret)))
+    return FollowerOps(SocketReceiver(_connect_to_leader(connect_timeout_s, secret)))
 
 
-def _accept_followers(bind_host: str, accept_timeout_s: float) -> dict[int, socket.socket]:
+def _accept_followers(bind_host: str, accept_timeout_s: float, secret: str | None = None) -> dict[int, socket.socket]:
     import jax
     listener = socket.create_server((bind_host, 0))
     _broadcast_str(f"{routable_host(bind_host)}:{listener.getsockname()[1]}", True)
@@ -126,22 +132,21 @@ def _accept_followers(bind_host: str, accept_timeout_s: float) -> dict[int, sock
             conn, peer = listener.accept()
             conn.settimeout(30)
             try:
-                hello = SocketReceiver(conn).recv_exact(len(_HELLO) + 4)
-            except (OSError, ConnectionError):
-                hello = b""
-            if not hello.startswith(_HELLO):  # not one of our followers
-                log.warning("multihost: ignoring a connection from %s that is not a follower", peer)
+                index = handshake_leader(conn, secret)
+            except (OSError, ConnectionError, PermissionError) as e:
+                # not one of our followers
+                log.warning("multihost: ignoring a connection from %s that is not a follower (%s)", peer, e)
                 conn.close()
                 continue
             conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            socks[int(np.frombuffer(hello[len(_HELLO):], np.int32)[0])] = conn
+            socks[index] = conn
     finally:
         listener.close()
     return socks
 
 
-def _connect_to_leader(connect_timeout_s: float) -> socket.socket:
+def _connect_to_leader(connect_timeout_s: float, secret: str | None = None) -> socket.socket:
     import jax
     host, port = _broadcast_str("", False).rsplit(":", 1)
     deadline = time.monotonic() + connect_timeout_s
@@ -153,13 +158,55 @@ def _connect_to_leader(connect_timeout_s: float) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    sock.settimeout(30)
+    handshake_follower(sock, jax.process_index(), secret)
     sock.settimeout(None)  # an idle instance may wait for its next op forever
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_HELLO + np.int32(jax.process_index()).tobytes())
     return sock
 
 
 _HELLO = b"jaxserve-multihost-v2 "
+_HELLO_AUTH = b"jaxserve-multihost-v3 "  # v2 plus the HMAC challenge-response below
+_NONCE = 32
+
+
+def _mac(secret: str, who: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret.encode(), b"jaxserve-multihost|" + who + b"|" + b"|".join(parts), hashlib.sha256).digest()
+
+
+def handshake_follower(sock: socket.socket, index: int, secret: str | None) -> None:
+    """The follower's side of connecting to the leader: hello + process index; with a secret, a challenge
+    the leader must answer (proving it knows the secret) and our answer to the leader's challenge."""
+    idx = np.int32(index).tobytes()
+    if secret is None:
+        sock.sendall(_HELLO + idx)
+        return
+    nonce_f = secrets.token_bytes(_NONCE)
+    sock.sendall(_HELLO_AUTH + idx + nonce_f)
+    got = SocketReceiver(sock).recv_exact(_NONCE + 32)
+    nonce_l, mac_l = got[:_NONCE], got[_NONCE:]
+    if not hmac.compare_digest(mac_l, _mac(secret, b"leader", idx, nonce_f, nonce_l)):
+        raise PermissionError("multihost: the leader does not know the cluster secret (or has another one)")
+    sock.sendall(_mac(secret, b"follower", idx, nonce_f, nonce_l))
+
+
+def handshake_leader(conn: socket.socket, secret: str | None) -> int:
+    """The leader's side: returns the follower's process index; PermissionError for a caller that does not
+    speak the protocol or does not know the secret."""
+    receiver = SocketReceiver(conn)
+    hello = receiver.recv_exact(len(_HELLO) + 4)
+    want = _HELLO if secret is None else _HELLO_AUTH
+    if not hello.startswith(want):
+        raise PermissionError("not the multihost hello" + (" with authentication (are the cluster secrets the "
+                                                             "same on every process?)" if secret else ""))
+    idx = hello[len(want):]
+    if secret is not None:
+        nonce_f = receiver.recv_exact(_NONCE)
+        nonce_l = secrets.token_bytes(_NONCE)
+        conn.sendall(nonce_l + _mac(secret, b"leader", idx, nonce_f, nonce_l))
+        if not hmac.compare_digest(receiver.recv_exact(32), _mac(secret, b"follower", idx, nonce_f, nonce_l)):
+            raise PermissionError("the follower does not know the cluster secret")
+    return int(np.frombuffer(idx, np.int32)[0])
 
 
 def routable_host(bind_host: str) -> str:

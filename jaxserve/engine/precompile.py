@@ -29,12 +29,10 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
 
 def step_shapes(runner) -> list[tuple[bool, int, int, int]]:
     """Every (decode_only, tokens T, slots S, pages per sequence P) `ModelRunner.prepare` can produce."""
-    max_slots = next_pow2(runner.max_num_seqs)
-    pages = _pow2_range(1, runner.max_pages_bucket)
-    shapes = [(True, s, s, p) for s in _pow2_range(1, max_slots) for p in pages]
-    mixed_slots = _pow2_range(min(8, max_slots), max_slots)
-    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket) for s in mixed_slots
-               for p in pages]
+    pages = runner.page_buckets()
+    shapes = [(True, s, s, p) for s in runner.slot_buckets(True) for p in pages]
+    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket)
+               for s in runner.slot_buckets(False) for p in pages]
     return shapes
 
 
@@ -49,12 +47,18 @@ def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_s
                       sampling_arrays([], [], [], num_slots))
 
 
-def precompile_steps(runner, shapes=None) -> int:
+def precompile_steps(runner, shapes=None, progress=None) -> int:
     """Runs one dummy step per shape not yet seen, as "step" device ops (so a multi-process instance's
-    followers compile them too). Returns the number of shapes compiled."""
+    followers compile them too). `progress(done, total)` after each (a progress bar). Returns the number of
+    shapes compiled."""
     todo = [s for s in (step_shapes(runner) if shapes is None else shapes) if s not in runner.shapes_seen]
-    for shape in todo:
+    # The runner's very first step feeds its last-token buffer from host memory, every later one from the
+    # device: two jit keys for that step's shape, so the first shape runs once more at the end.
+    again = todo[:1] if runner.first_step_pending else []
+    for k, shape in enumerate(todo + again):
         runner.submit(dummy_inputs(*shape))
+        if progress is not None:
+            progress(min(k + 1, len(todo)), len(todo))
     return len(todo)
 
 
@@ -69,12 +73,25 @@ def precompile_transfers(pool, max_pages: int) -> int:
     return 2 * len(sizes)
 
 
-def precompile(engine, *, transfers: bool = False) -> dict:
+def precompile_host_tier(pool) -> int:
+    """Compiles the host-tier copies (one gather and one scatter per page-count bucket up to the pool's size)
+    between the sink page 0 and host page 0, through the device-op channel. Only before serving: host page 0
+    may hold a cached page later."""
+    if not pool.num_host_pages:
+        return 0
+    sizes = _pow2_range(1, next_pow2(min(pool.num_pages, pool.num_host_pages)))
+    for n in sizes:
+        pool.copy_to_host([0] * n, [0] * n)
+        pool.copy_to_device([0] * n, [0] * n)
+    return 2 * len(sizes)
+
+
+def precompile(engine, *, transfers: bool = False, progress=None) -> dict:
     """Everything above for `engine`; returns counts and seconds for the start-up log."""
     t0 = time.perf_counter()
-    steps = precompile_steps(engine.runner)
-    moved = 0
+    steps = precompile_steps(engine.runner, progress=progress)
+    moved = precompile_host_tier(engine.pool)
     if transfers:
-        moved = precompile_transfers(engine.pool, -(-engine.max_model_len // engine.pool.page_size))
+        moved += precompile_transfers(engine.pool, -(-engine.max_model_len // engine.pool.page_size))
     jax.block_until_ready(engine.pool.kv_cache)  # the dummy steps run asynchronously
-    return dict(step_shapes=steps, transfer_shapes=moved, seconds=round(time.perf_counter() - t0, 2))
+    return dict(step_shapes=steps, copy_shapes=moved, seconds=round(time.perf_counter() - t0, 2))

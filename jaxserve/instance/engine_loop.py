@@ -27,6 +27,7 @@ from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.index_mirror import IndexMirror  # noqa: F401 - re-exported
 from jaxserve.instance.profiling import time_to_first_token
+from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.enums import FINISH_REASON_CODES
 
 log = logging.getLogger("jaxserve.instance")
@@ -61,9 +62,11 @@ class EngineLoop:
     every index insert/evict (after the mirror is updated)."""
 
     def __init__(self, engine: Engine, on_index_event: Callable[[str, tuple], None] | None = None,
-                 idle_poll_s: float = 0.5, *, step_timeout_s: float = 0.0, compile_grace_s: float = 600.0):
+                 idle_poll_s: float = 0.5, *, step_timeout_s: float = 0.0, compile_grace_s: float = 600.0,
+                 throughput_log: ThroughputLog | None = None):
         """step_timeout_s > 0: the watchdog (see the module docstring); a step that compiles first (new shapes)
-        gets compile_grace_s more."""
+        gets compile_grace_s more. throughput_log: the periodic status line (default: every 5 s as
+        "instance")."""
         self.engine = engine
         self.step_timeout_s = float(step_timeout_s)
         self.compile_grace_s = float(compile_grace_s)
@@ -86,6 +89,7 @@ class EngineLoop:
         self.on_broken: Callable[[str], None] | None = None  # called once (engine thread) when it breaks
         self.load: dict = {}              # replaced (never mutated) after each step: safe to read anywhere
         self.counters = dict(num_requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        self.throughput_log = throughput_log or ThroughputLog("instance")
         engine.pool.set_event_listener(self._index_event)
         self._update_load()
 
@@ -205,6 +209,7 @@ class EngineLoop:
                 if self.engine.has_unfinished():
                     self._step()
                 self._update_load()
+                self.throughput_log.observe(self.counters, self.load)
             except Exception as e:  # noqa: BLE001 - a dead engine thread would hang every request
                 log.exception("engine loop error")
                 self._step_failed(e)
@@ -445,7 +450,7 @@ class EngineLoop:
                  stop_reason=req.stop_reason)))
 
     def _index_event(self, kind: str, tokens: tuple) -> None:
-        (self.mirror.insert if kind == "insert" else self.mirror.evict)(tokens)
+        getattr(self.mirror, kind)(tokens)  # insert, evict or offload
         if self._on_index_event is not None:
             self._on_index_event(kind, tokens)
 

@@ -19,6 +19,7 @@ from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.engine_loop import Sink, default_seed
 from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
+from jaxserve.security import LinkSecurity
 
 
 class KvFailed(Exception):
@@ -164,8 +165,10 @@ class KvPath:
     instance did not pass one) and the transport on it; `close()` closes the peers' channels."""
 
     def __init__(self, engine, loop_thread, config, *, num_processes: int = 1, transfer_server=None,
-                 transfer_addresses: Sequence[str] | None = None):
+                 transfer_addresses: Sequence[str] | None = None, link: LinkSecurity = LinkSecurity()):
+        """link: how peers are reached (the cluster secret on every call, mTLS when configured)."""
         self.engine, self.loop_thread, self.config = engine, loop_thread, config
+        self.link = link
         self.num_processes = num_processes
         self.transfer_server = transfer_server  # jax.experimental.transfer server (roles prefill and decode)
         self.transport = None  # CrossProcessTransport on it; owns the OpCounts of this instance's KV
@@ -195,7 +198,7 @@ class KvPath:
     def peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
         channel = self._peers.get(address)
         if channel is None:
-            channel = self._peers[address] = grpc.aio.insecure_channel(address)
+            channel = self._peers[address] = self.link.channel(address)
         return instance_pb2_grpc.InstanceStub(channel)
 
     async def on_engine(self, fn):

@@ -7,12 +7,11 @@ An optimisation only: a failure is logged and counted, never surfaced to the (fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
-from jaxserve.engine.pd_protocol import send_kv
-from jaxserve.instance.pd_common import GrpcPeer, KvFailed, KvPath
+from jaxserve.instance.pd_common import KvFailed, KvPath
+from jaxserve.instance.peer_push import push_prefix
 
 log = logging.getLogger("jaxserve.instance")
 
@@ -43,46 +42,22 @@ class SendBack:
 
     async def _send_back_kv(self, request_id: str, tokens: list[int], target) -> None:
         """Decode side, caching3: the whole pages of the finished request's computed context (every token but
-        the last sampled one) that the prefill instance lacks go to it with transfer_with_insert semantics:
-        PrepareKvTransfer there (it references what it holds and reserves the rest), one gather + offer here,
-        CommitKvTransfer(cache_only) there (pull, scatter, index, release). An optimisation only: a failure is
-        logged and counted, never surfaced to the (finished) request."""
+        the last sampled one) that the prefill instance lacks go to it with transfer_with_insert semantics
+        (peer_push.push_prefix). An optimisation only: a failure is logged and counted, never surfaced to the
+        (finished) request."""
         ps = self.engine.pool.page_size
         seq = tokens[:(len(tokens) - 1) // ps * ps]
         if not seq:
             return
         name = f"prefill instance {target.instance_id or target.address}"
-        timeout = self.config.kv_transfer_timeout_s
-        pool = self.engine.pool
-        # Reference what this side still holds of it (normally all of it: the decode side indexes its KV).
-        n, pages = await self.kv.on_engine(lambda: pool.match(seq))
-        if n < ps:
-            await self.kv.on_engine(lambda: pool.free(pages))
-            return
-        seq = seq[:n]
-        peer = GrpcPeer(self.kv.peer(target.address), name, request_id, timeout, self.kv.transfer_server.address,
-                        insert=True, cache_only=True)
-        offered = []
-
-        async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked
-            layout = self.kv.per_shard_layout(prepared.answer, name)
-            got = await self.kv.on_engine(self.loop_thread.guarded(
-                lambda: self.kv.offer_pages(pages[start:], layout), timeout))
-            offered.append(True)
-            return got
-
         try:
-            sent = await send_kv(peer, request_id, seq, ps, offer)
-            self.counters["kv_sent_back_tokens"] += len(seq) - sent.start_page * ps
-            self.counters["kv_sent_back_bytes"] += peer.nbytes
+            _, sent, nbytes = await push_prefix(self.kv, request_id, seq, target.address, name)
+            self.counters["kv_sent_back_tokens"] += sent
+            self.counters["kv_sent_back_bytes"] += nbytes
         except BaseException as e:
             self.counters["kv_send_back_failures"] += 1
             if isinstance(e, Exception):
-                log.warning("request %s: sending the decode-phase KV back to %s failed (offered: %s): %s",
-                            request_id, name, bool(offered), e.message if isinstance(e, KvFailed) else
-                            f"{type(e).__name__}: {e}")
+                log.warning("request %s: sending the decode-phase KV back to %s failed: %s", request_id, name,
+                            e.message if isinstance(e, KvFailed) else f"{type(e).__name__}: {e}")
             else:
                 raise
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.kv.on_engine(lambda: pool.free(pages)))

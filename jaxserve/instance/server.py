@@ -41,8 +41,11 @@ from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
+from jaxserve.instance.peer_push import PeerPush
+from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.reporter import InstanceReporter
+from jaxserve.security import AuthInterceptor, LinkSecurity, Secrets, TlsFiles, check_bind, serve_port
 
 log = logging.getLogger("jaxserve.instance")
 
@@ -51,7 +54,8 @@ ROLES = {"colocated": common_pb2.ROLE_COLOCATED, "prefill": common_pb2.ROLE_PREF
          "decode": common_pb2.ROLE_DECODE}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 KV_COUNTERS = dict(kv_sent_tokens=0, kv_sent_bytes=0, kv_transfers=0, kv_transfer_failures=0,
-                   kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0)
+                   kv_sent_back_tokens=0, kv_sent_back_bytes=0, kv_send_back_failures=0,
+                   kv_peer_sent_tokens=0, kv_peer_sent_bytes=0, kv_peer_push_failures=0)
 
 
 def pd_mode_caching(role: str, pd_mode: str, colocated_default: bool = True) -> bool:
@@ -84,8 +88,20 @@ class InstanceConfig:
     # Per-shard KV transfers even between single-process instances (tests); they are used automatically when
     # either side has several processes.
     kv_per_shard: bool = False
+    # mTLS on every link of the instance (all three or none): its certificate and key (server identity, and
+    # client identity towards the scheduler and peers) and the cluster's CA (verifies every caller).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    insecure: bool = False                 # allow a non-loopback bind with no cluster secret
+    # Peer fetch (issue 18), colocated instances: serve PushKv (offer a cached prefix to another instance) and
+    # take pushed prefixes into the prefix cache (PrepareKvTransfer / CommitKvTransfer cache_only).
+    peer_fetch: bool = False
 
     def __post_init__(self):
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(f is not None for f in tls) and any(f is None for f in tls):
+            raise ValueError("an instance's TLS is mTLS: give tls_cert_file, tls_key_file and tls_ca_file together")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
@@ -94,26 +110,45 @@ class InstanceConfig:
             raise ValueError(f"pd_mode must be one of {PD_MODES}, got {self.pd_mode!r}")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if self.peer_fetch and self.role != "colocated":
+            raise ValueError(f"peer_fetch is for colocated instances; this one has role {self.role!r}")
         if self.step_timeout_s < 0 or self.compile_grace_s < 0:
             raise ValueError(f"step_timeout_s and compile_grace_s must be >= 0, got {self.step_timeout_s}, "
                              f"{self.compile_grace_s}")
 
 
+def model_identity(model_name: str) -> dict:
+    """architecture and tokenizer_fingerprint of a model folder (or bundled name), for the registration."""
+    from jaxserve.scheduler.tokenizer import model_architecture, tokenizer_fingerprint
+    from jaxserve.util import resolve_model_path
+    try:
+        folder = resolve_model_path(model_name) if model_name else None
+    except (OSError, ValueError):
+        folder = None
+    if folder is None or not folder.is_dir():
+        return {}
+    return dict(architecture=model_architecture(folder), tokenizer_fingerprint=tokenizer_fingerprint(folder))
+
+
 class InstanceServer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: Engine, config: InstanceConfig = InstanceConfig(), *,
                  scheduler_credentials: grpc.ChannelCredentials | None = None, transfer_server=None,
-                 transfer_addresses: Sequence[str] | None = None):
+                 transfer_addresses: Sequence[str] | None = None, secrets: Secrets = Secrets()):
         """transfer_server / transfer_addresses: a multi-process instance's leader passes its own transfer
         server and every process's address, by process index (`multihost.exchange_addresses`); otherwise the
-        server starts its own when its role transfers KV."""
+        server starts its own when its role transfers KV. secrets: the cluster secret, required from every
+        caller (scheduler, peers) and sent on every call this instance makes (`jaxserve.security`)."""
         import jax
         self.engine = engine
         self.config = config
+        self.link = LinkSecurity(secrets, TlsFiles.of(config.tls_cert_file, config.tls_key_file, config.tls_ca_file),
+                                 config.insecure)
         self.role = ROLES[config.role]
         self.identity = Identity(instance_id=config.instance_id)
         self.num_processes = jax.process_count()
         self.loop_thread = EngineLoop(engine, on_index_event=self._on_index_event,
-                                      step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s)
+                                      step_timeout_s=config.step_timeout_s, compile_grace_s=config.compile_grace_s,
+                                      throughput_log=ThroughputLog(config.instance_id or config.role))
         self.reporter: InstanceReporter | None = None
         self.health = health_aio.HealthServicer()
         self.draining = False
@@ -124,7 +159,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self._stopped = False
         # Disaggregation: the parts the PD RPCs are delegated to.
         self.kv_path = KvPath(engine, self.loop_thread, config, num_processes=self.num_processes,
-                              transfer_server=transfer_server, transfer_addresses=transfer_addresses)
+                              transfer_server=transfer_server, transfer_addresses=transfer_addresses,
+                              link=self.link)
         # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
         self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
                                                                          common_pb2.ROLE_DECODE)
@@ -132,9 +168,12 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                                if self.send_back and self.role == common_pb2.ROLE_DECODE else None)
         self.prefill_side = (PrefillSide(self.kv_path, self.identity, self._ids, send_back=self.send_back)
                              if self.role == common_pb2.ROLE_PREFILL else None)
-        receives = self.role == common_pb2.ROLE_DECODE or (self.send_back and self.role == common_pb2.ROLE_PREFILL)
+        self.peer_fetch = config.peer_fetch
+        self.peer_push = PeerPush(self.kv_path) if self.peer_fetch else None
+        receives = (self.role == common_pb2.ROLE_DECODE or self.peer_fetch
+                    or (self.send_back and self.role == common_pb2.ROLE_PREFILL))
         self.decode_side = (DecodeSide(self.kv_path, self.identity, self._ids,
-                                       cache_only=self.role == common_pb2.ROLE_PREFILL,
+                                       cache_only=self.role != common_pb2.ROLE_DECODE,
                                        send_back=self.send_back_side) if receives else None)
 
     @property
@@ -161,16 +200,19 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> "InstanceServer":
         """Start the engine thread and the server; register with the scheduler (if any)."""
-        self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE))
+        check_bind(self.config.host, self.link.secrets.cluster_secret, self.config.insecure, "instance",
+                   flag="--cluster_secret")
+        self.kv_path.start(transfers=self.role in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE) or self.peer_fetch)
         if self.decode_side is not None:
             self.decode_side.start()
         loop = asyncio.get_running_loop()
         self.loop_thread.on_broken = lambda why: asyncio.run_coroutine_threadsafe(self._set_serving(False), loop)
         self.loop_thread.start()
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[AuthInterceptor(self.link.secrets, "instance")])
         instance_pb2_grpc.add_InstanceServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = serve_port(server, f"{self.config.host}:{self.config.port}", self.link.tls,
+                               require_client_cert=True)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -181,15 +223,18 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             registration = scheduler_pb2.RegisterRequest(
                 instance_id=self.instance_id, address=self.address, role=self.role, model=self.config.model_name,
                 page_size=self.engine.pool.page_size, max_model_len=self.engine.max_model_len,
-                vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1)
+                vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1,
+                **model_identity(self.config.model_name))
             if self.config.profile_at_start:
                 from jaxserve.scheduler.cost_model import profile_points
                 samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)
                 registration.profile.extend(samples)
             self.reporter = InstanceReporter(self.config.scheduler_address, registration,
-                                             snapshot=self.loop_thread.mirror.snapshot, load=self.load,
-                                             credentials=self._scheduler_credentials, retry_interval_s=0.2,
-                                             max_retry_interval_s=2.0)
+                                             snapshot_tiers=self.loop_thread.mirror.snapshot_tiers, load=self.load,
+                                             credentials=self._scheduler_credentials or (
+                                                 self.link.tls.channel_credentials() if self.link.mtls else None),
+                                             retry_interval_s=0.2, max_retry_interval_s=2.0,
+                                             secret=self.link.secrets.cluster_secret)
             await self.reporter.start(timeout=60.0)
             self.instance_id = self.reporter.instance_id
         log.info("instance %s (%s) serving on %s", self.instance_id or "-", self.config.role, self.address)
@@ -228,7 +273,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         # Engine thread; the reporter's insert/evict are thread-safe. Before registration the mirror's
         # snapshot (sent first on every report stream) covers these.
         if self.reporter is not None:
-            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+            self.reporter.event(kind, tokens)
 
     def load(self) -> common_pb2.Load:
         load = dict(self.loop_thread.load)
@@ -258,8 +303,10 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
 
     # ------------------------------------------------------------------------------- disaggregation
     async def _require_role(self, role: int, rpc: str, context, *, send_back: bool = False) -> None:
-        """send_back: a PD-Caching-3 prefill instance serves this RPC too (it receives the decode-phase KV)."""
-        if self.role != role and not (send_back and self.send_back and self.role == common_pb2.ROLE_PREFILL):
+        """send_back: a PD-Caching-3 prefill instance serves this RPC too (it receives the decode-phase KV), and
+        so does a colocated instance with peer fetch (it receives pushed prefixes)."""
+        if self.role != role and not (send_back and self.send_back and self.role == common_pb2.ROLE_PREFILL) \
+                and not (send_back and self.peer_fetch):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 f"{rpc} is served by instances of role {ROLE_NAMES[role]}; instance "
                                 f"{self.instance_id or self.address} has role {ROLE_NAMES[self.role]}")
@@ -280,6 +327,15 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
     async def CommitKvTransfer(self, request, context):
         await self._require_role(common_pb2.ROLE_DECODE, "CommitKvTransfer", context, send_back=True)
         return await self.decode_side.commit(request, context)
+
+    async def PushKv(self, request, context):
+        if self.peer_push is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"PushKv is served by colocated instances started with peer fetch; instance "
+                                f"{self.instance_id or self.address} ({ROLE_NAMES[self.role]}) was not")
+        if self.draining or self._stopped or self.loop_thread.broken:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is not serving")
+        return await self.peer_push.push(request, context)
 
     async def Decode(self, request, context):
         await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)
@@ -310,7 +366,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         c = self.loop_thread.counters
         kv = dict(KV_COUNTERS)
         pending = held = 0
-        for side in (self.prefill_side, self.send_back_side, self.decode_side):
+        for side in (self.prefill_side, self.send_back_side, self.decode_side, self.peer_push):
             if side is not None:
                 for k, v in (side.receiver if side is self.decode_side else side).counters.items():
                     kv[k] = kv.get(k, 0) + v

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxserve.kernels import reference, xla_attention
+from jaxserve.kernels import xla_attention
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -34,9 +34,9 @@ def paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
                                                sm_scale=sm_scale, decode_only=decode_only,
                                                soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks)
     if decode_only:
-        return reference.decode_paged_attention_xla(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
-                                                    soft_cap=soft_cap, sliding_window=sliding_window,
-                                                    sinks=sinks)
+        return xla_attention.decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
+                                                            soft_cap=soft_cap, sliding_window=sliding_window,
+                                                            sinks=sinks)
     return xla_attention.ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                                 sm_scale=sm_scale, soft_cap=soft_cap,
                                                 sliding_window=sliding_window, sinks=sinks)

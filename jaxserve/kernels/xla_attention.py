@@ -129,3 +129,65 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     lse = jnp.full((num_tokens + 1, num_q_heads), -jnp.inf, jnp.float32).at[rows].set(
         lse_t.reshape(-1, num_q_heads))[:num_tokens]
     return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k"))
+def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
+                                   soft_cap=None, return_lse=False, block_k=None, sinks=None):
+    """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
+    softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
+    follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
+    for every decode step: one compilation per batch size instead of one per (batch size, context bucket).
+
+    q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D]; kv_lens i32[S] (0: no sequence, zeros out);
+    page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None -> out [S, Hq, D] (and lse f32[S, Hq])."""
+    validate_sinks(sinks, q.shape[1])
+    num_seqs, num_q_heads, head_dim = q.shape
+    pages_per_seq = page_indices.shape[1]
+    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    group = num_q_heads // num_kv_heads
+    pages_per_block = max(1, min(pages_per_seq, (block_k or 256) // page_size))
+    block_k = pages_per_block * page_size
+    num_blocks = -(-pages_per_seq // pages_per_block)
+    table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim)
+    q_pos = kv_lens - 1
+    hi = jnp.minimum((jnp.max(kv_lens) + block_k - 1) // block_k, num_blocks)
+    lo = 0
+    if sliding_window is not None:
+        live = kv_lens > 0
+        lo = jnp.min(jnp.where(live, jnp.maximum(q_pos - sliding_window + 1, 0), hi * block_k)) // block_k
+        lo = jnp.minimum(lo, hi)
+
+    def visit(b, carry):
+        m, l, acc = carry  # [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block, axis=1)
+        k, v = _split_kv(kv_pages[pages].reshape(num_seqs, block_k, 2 * num_kv_heads, head_dim))
+        k_pos = b * block_k + jnp.arange(block_k)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [S, K]: also k_pos < kv_len
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > (q_pos - sliding_window)[:, None]
+        s = jnp.einsum("shgd,skhd->shgk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
+        # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
+        v = jnp.where(mask[:, :, None, None], v, 0)
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[..., None] + jnp.einsum("shgk,skhd->shgd", p.astype(v.dtype), v,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((num_seqs, num_kv_heads, group), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_seqs, num_kv_heads, group), jnp.float32),
+            jnp.zeros((num_seqs, num_kv_heads, group, head_dim), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
+    has_key = l > 0
+    out = (acc / jnp.where(has_key, l, 1.0)[..., None]).reshape(num_seqs, num_q_heads, head_dim)
+    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -jnp.inf).reshape(num_seqs, num_q_heads)
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks)
+    out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out

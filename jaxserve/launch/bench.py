@@ -215,7 +215,8 @@ def main(argv):
     (out / "report.md").write_text(header + table + "\n\n" + "\n".join(f"![]({Path(p).name})" for p in plots) + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=1, default=str))
     print(table)
-    print(f"wrote {out}/report.md, summary.json, *.jsonl, {len(plots)} plots")
+    print(f"wrote {out}/report.md, summary.json, *.jsonl" + (f", {len(plots)} plots" if plots else
+                                                                 " (no plots: pip install -e '.[bench]')"))
 
 
 if __name__ == "__main__":

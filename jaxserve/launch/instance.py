@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+import time
 
 from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
+from jaxserve.security import Secrets, TlsFiles, check_bind
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -37,6 +40,10 @@ flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
+flags.DEFINE_bool("peer_fetch", False, "colocated: serve PushKv and take prefixes other instances push (the "
+                  "scheduler's kv_pool policy with --peer_fetch; issue 18)")
+flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the model's KV page "
+                   "size and the pool's dtype; not with --num_host_pages)")
 flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
@@ -65,11 +72,18 @@ flags.DEFINE_float("step_timeout_s", 60.0, "multi-process instance: a step (or K
 flags.DEFINE_float("compile_grace_s", 600.0, "multi-process instance: extra seconds for a step that compiles first")
 flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode, every KV "
                   "transfer shape) before registering, so no request waits on a compilation (vLLM does this on TPU)")
+flags.DEFINE_string("cluster_secret", None, "secret every caller must present (scheduler, peers) and that this "
+                    "instance sends; default $JAXSERVE_CLUSTER_SECRET, then $JAXSERVE_API_KEY; unset: none")
+flags.DEFINE_string("tls_cert_file", None, "mTLS: this instance's certificate (PEM; its server and client identity)")
+flags.DEFINE_string("tls_key_file", None, "mTLS: the private key of --tls_cert_file")
+flags.DEFINE_string("tls_ca_file", None, "mTLS: the cluster's CA (PEM); verifies the scheduler, peers and callers")
+flags.DEFINE_bool("insecure", False, "allow binding a non-loopback --host with no cluster secret")
 FLAGS = flags.FLAGS
 
 
 def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
+                host_kv_gib=FLAGS.host_kv_gib,
                 enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                 max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
                 ep=FLAGS.ep,
@@ -83,12 +97,34 @@ def config_from_flags() -> InstanceConfig:
                           instance_id=FLAGS.instance_id, model_name=FLAGS.model,
                           profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
                           pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s,
+                          peer_fetch=FLAGS.peer_fetch,
                           step_timeout_s=FLAGS.step_timeout_s if multiprocess_flags() else 0.0,
-                          compile_grace_s=FLAGS.compile_grace_s)
+                          compile_grace_s=FLAGS.compile_grace_s, tls_cert_file=FLAGS.tls_cert_file,
+                          tls_key_file=FLAGS.tls_key_file, tls_ca_file=FLAGS.tls_ca_file, insecure=FLAGS.insecure)
+
+
+def secrets_from_flags() -> Secrets:
+    return Secrets.resolve(cluster_secret=FLAGS.cluster_secret)
 
 
 def multiprocess_flags() -> bool:
     return bool(FLAGS.distributed_auto or FLAGS.num_processes is not None or FLAGS.coordinator_address)
+
+
+def precompile_with_progress(engine, transfers: bool = False) -> dict:
+    """`precompile.precompile` with a progress bar (counts, rate and ETA) on stderr."""
+    from tqdm import tqdm
+
+    from jaxserve.engine.precompile import precompile
+    name = FLAGS.instance_id or "instance"
+    with tqdm(desc=f"{name}: compiling step shapes", unit="shape", file=sys.stderr, mininterval=1.0,
+              dynamic_ncols=True) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        result = precompile(engine, transfers=transfers, progress=progress)
+    logging.info("%s: precompiled %s", name, result)
+    return result
 
 
 async def serve(server: InstanceServer) -> None:
@@ -105,6 +141,13 @@ async def serve(server: InstanceServer) -> None:
 
 def main(argv):
     del argv
+    try:  # before anything listens (the multi-process op channel binds --host too); a message, not a traceback
+        config_from_flags()
+        TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)  # the files exist
+        check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance",
+                   flag="--cluster_secret")
+    except ValueError as e:
+        raise SystemExit(f"jaxserve.launch.instance: {e}") from None
     multiprocess = multiprocess_flags()
     if multiprocess:  # before anything touches jax's backends (jaxserve/engine/multihost.py)
         from jaxserve.engine import multihost
@@ -117,15 +160,16 @@ def main(argv):
         import jax
         jax.config.update("jax_num_cpu_devices", FLAGS.local_cpu_devices)
     if not multiprocess:
+        t0 = time.perf_counter()
         engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
+        logging.info("%s: model loaded in %.1f s", FLAGS.instance_id or "instance", time.perf_counter() - t0)
         if FLAGS.precompile:
-            from jaxserve.engine.precompile import precompile
-            logging.info("precompiled: %s", precompile(engine, transfers=FLAGS.role != "colocated"))
-        asyncio.run(serve(InstanceServer(engine, config_from_flags())))
+            precompile_with_progress(engine, transfers=FLAGS.role != "colocated")
+        asyncio.run(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
-    ops = multihost.connect(bind_host=FLAGS.host)
+    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret)
     engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None
@@ -142,11 +186,10 @@ def main(argv):
         logging.info("follower stopped after %d steps", steps)
         return
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
-        from jaxserve.engine.precompile import precompile
-        logging.info("precompiled: %s", precompile(engine))
+        precompile_with_progress(engine)
     try:
         asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
-                                         transfer_addresses=addresses)))
+                                         transfer_addresses=addresses, secrets=secrets_from_flags())))
     finally:
         try:
             multihost.stop_followers(engine)

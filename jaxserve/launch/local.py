@@ -28,6 +28,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 from absl import app, flags, logging  # noqa: E402
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info  # noqa: E402
+from jaxserve.security import API_KEY_ENV, CLUSTER_SECRET_ENV, Secrets, TlsFiles  # noqa: E402
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("num_instances", 2, "colocated instances (ignored when --prefill_instances/--decode_instances "
@@ -51,6 +52,14 @@ flags.DEFINE_float("ready_timeout_s", 300.0, "how long instances get to start an
 flags.DEFINE_bool("precompile", False, "instances compile every step / KV transfer shape before registering "
                   "(jaxserve.launch.instance --precompile): no request waits on a compilation; slower start")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long instances get to exit before SIGKILL")
+flags.DEFINE_string("api_key", None, "client API key of the scheduler's gRPC (default $JAXSERVE_API_KEY; unset: none)")
+flags.DEFINE_string("cluster_secret", None, "secret of the internal links (default $JAXSERVE_CLUSTER_SECRET, then the "
+                    "API key); handed to the instances in their environment, not on their command line")
+flags.DEFINE_string("tls_cert_file", None, "certificate (PEM) of every process: the scheduler's TLS, and with "
+                    "--tls_ca_file mTLS between the scheduler and the instances and between instances")
+flags.DEFINE_string("tls_key_file", None, "private key (PEM) of --tls_cert_file")
+flags.DEFINE_string("tls_ca_file", None, "CA (PEM) that signed the certificates: turns on mTLS on the internal links")
+flags.DEFINE_bool("insecure", False, "allow binding a non-loopback address with no API key / cluster secret")
 FLAGS = flags.FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +83,9 @@ class LocalCluster:
                  scheduler_config: dict | None = None, max_model_len: int | None = None,
                  ready_timeout_s: float = 300.0, shutdown_timeout_s: float = 10.0, quiet: bool = False,
                  prefill_instances: int = 0, decode_instances: int = 0, pd_mode: str = "caching2",
-                 env: dict | None = None):
+                 env: dict | None = None, secrets: Secrets = Secrets(), tls: TlsFiles | None = None):
+        """secrets: the scheduler's API key and the cluster secret (the instances get the latter in their
+        environment); tls: every process's certificate, key and CA (with a CA: mTLS between the processes)."""
         if bool(prefill_instances) != bool(decode_instances):
             raise ValueError(f"a disaggregated cluster needs prefill and decode instances, got "
                              f"{prefill_instances} prefill and {decode_instances} decode")
@@ -88,7 +99,12 @@ class LocalCluster:
         self.num_instances = len(self.roles)
         self.pd_mode = pd_mode
         self.env = env
-        self.config = GlobalSchedulerConfig(host=host, port=port, policy=policy, **(scheduler_config or {}))
+        self.secrets = secrets
+        self.tls = tls
+        tls_config = {} if tls is None else dict(tls_cert_file=tls.cert_file, tls_key_file=tls.key_file,
+                                                 tls_ca_file=tls.ca_file)
+        self.config = GlobalSchedulerConfig(host=host, port=port, policy=policy,
+                                            **{**tls_config, **(scheduler_config or {})})
         self.max_model_len = max_model_len
         self.pin = pin
         self.instance_flags = dict(instance_flags or {})
@@ -114,16 +130,24 @@ class LocalCluster:
             flags_.setdefault("pd_mode", self.pd_mode)
         if self.max_model_len:
             flags_.setdefault("max_model_len", self.max_model_len)
+        if self.tls is not None:
+            flags_.update(tls_cert_file=self.tls.cert_file, tls_key_file=self.tls.key_file,
+                          tls_ca_file=self.tls.ca_file)
         cmd = [sys.executable, "-m", "jaxserve.launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
         cores = self._cores()
         if cores and _has_taskset():
             cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
         out = subprocess.DEVNULL if self.quiet else None
-        env = dict(os.environ, **(self.env or {})) if self.env is not None else None
+        # The secret goes in the environment, not argv (ps shows argv to everyone); without one, the children
+        # must not pick one up from ours either, or they would refuse this scheduler.
+        env = {k: v for k, v in dict(os.environ, **(self.env or {})).items()
+               if k not in (API_KEY_ENV, CLUSTER_SECRET_ENV)}
+        if self.secrets.cluster_secret is not None:
+            env[CLUSTER_SECRET_ENV] = self.secrets.cluster_secret
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent, env=env)
 
     async def start(self) -> "LocalCluster":
-        self.scheduler = Scheduler(self.config, load_model_info(self.model, self.max_model_len))
+        self.scheduler = Scheduler(self.config, load_model_info(self.model, self.max_model_len), secrets=self.secrets)
         await self.scheduler.start()
         try:
             self.procs = [self._spawn(k) for k in range(self.num_instances)]
@@ -182,7 +206,9 @@ def cluster_from_flags(**overrides) -> LocalCluster:
               scheduler_config=dict(profile_instances=FLAGS.profile_instances),
               ready_timeout_s=FLAGS.ready_timeout_s, shutdown_timeout_s=FLAGS.shutdown_timeout_s,
               prefill_instances=FLAGS.prefill_instances, decode_instances=FLAGS.decode_instances,
-              pd_mode=FLAGS.pd_mode)
+              pd_mode=FLAGS.pd_mode, secrets=Secrets.resolve(FLAGS.api_key, FLAGS.cluster_secret),
+              tls=TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file))
+    kw["scheduler_config"]["insecure"] = FLAGS.insecure
     if FLAGS.prefill_instances:
         kw["instance_flags"]["kv_transfer_timeout_s"] = FLAGS.kv_transfer_timeout_s
     kw.update(overrides)

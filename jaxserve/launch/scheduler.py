@@ -6,19 +6,20 @@ Instances register themselves with it (Scheduler.Register); clients use `jaxserv
 SIGINT / SIGTERM (health goes NOT_SERVING, running requests get `--shutdown_grace_s` to finish).
 
 With `--http_port` the same process also serves the OpenAI-compatible HTTP API and Prometheus `/metrics`
-(`jaxserve.scheduler.http_front`); `--api_key` (or $JAXSERVE_API_KEY) guards every HTTP route but /health.
-gRPC is not covered by the API key."""
+(`jaxserve.scheduler.http_front`); `--api_key` (or $JAXSERVE_API_KEY) guards every HTTP route but /health and
+the client RPCs of the gRPC API; `--cluster_secret` (default: the API key) the instances' and operators' RPCs
+(`jaxserve.security.ACCESS`). With neither, the scheduler binds loopback only unless `--insecure`."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 from absl import app, flags, logging
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
 from jaxserve.scheduler.config import MODES
+from jaxserve.security import Secrets, TlsFiles, check_bind
 
 flags.DEFINE_string("model", "demo", "model folder (or a bundled name) for the tokenizer and context length")
 flags.DEFINE_integer("max_model_len", None, "cap on the model's context length")
@@ -39,12 +40,26 @@ flags.DEFINE_float("stall_timeout_s", None, "a started stream silent this long c
 flags.DEFINE_float("no_instance_wait_s", 5.0, "how long a request waits for an instance to come up")
 flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model with Instance.Profile")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
+flags.DEFINE_bool("peer_fetch", False, "policy kv_pool: a request routed away from its prefix's holder has the holder "
+                  "push the prefix first (instances need --peer_fetch; issue 18)")
+flags.DEFINE_float("peer_fetch_timeout_s", 10.0, "peer fetch: longest wait for a push before recomputing")
+flags.DEFINE_integer("kv_bytes_per_token", 131072, "peer fetch: the model's KV bytes per token (transfer model)")
+flags.DEFINE_float("peer_link_bytes_s", 50e9, "peer fetch: instance-to-instance KV bandwidth (transfer model)")
+flags.DEFINE_float("peer_link_latency_s", 5e-4, "peer fetch: per-pull latency (transfer model)")
 flags.DEFINE_string("tls_cert_file", None, "server certificate chain (PEM) for TLS")
 flags.DEFINE_string("tls_key_file", None, "server private key (PEM) for TLS")
 flags.DEFINE_integer("http_port", None, "port of the OpenAI-compatible HTTP API and /metrics (unset: no HTTP; "
                      "0: any free port)")
 flags.DEFINE_string("http_host", None, "address the HTTP API binds (default: --host)")
-flags.DEFINE_string("api_key", None, "HTTP API key (Authorization: Bearer); default $JAXSERVE_API_KEY, unset: none")
+flags.DEFINE_string("api_key", None, "client API key of HTTP and gRPC (Authorization: Bearer); default "
+                    "$JAXSERVE_API_KEY, unset: none")
+flags.DEFINE_string("cluster_secret", None, "secret of instance registration, DrainInstance and the scheduler's calls to "
+                    "instances; default $JAXSERVE_CLUSTER_SECRET, then the API key")
+flags.DEFINE_string("tls_ca_file", None, "the cluster's CA (PEM): with it the links to instances are mTLS (needs "
+                    "--tls_cert_file / --tls_key_file, shown to the instances as client certificate)")
+flags.DEFINE_bool("insecure", False, "allow binding a non-loopback address with no API key / cluster secret")
+flags.DEFINE_string("http_tls_cert_file", None, "HTTPS certificate (PEM; default --tls_cert_file)")
+flags.DEFINE_string("http_tls_key_file", None, "HTTPS private key (PEM; default --tls_key_file)")
 flags.DEFINE_list("served_model_name", None, "model names the HTTP API answers to (default: --model)")
 flags.DEFINE_string("chat_template", None, "chat template (a file or the template text) instead of the model's")
 flags.DEFINE_integer("http_max_json_depth", 64, "HTTP bodies: JSON arrays and objects nest at most this deep")
@@ -58,19 +73,22 @@ def config_from_flags() -> GlobalSchedulerConfig:
     names = ("host", "port", "policy", "mode", "max_queued_requests", "max_queued_tokens", "default_max_tokens",
              "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
              "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
-             "shutdown_grace_s", "tls_cert_file", "tls_key_file")
+             "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_ca_file", "insecure", "peer_fetch",
+             "peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s", "peer_link_latency_s")
     return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
 
 
-async def serve(config: GlobalSchedulerConfig) -> None:
-    scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len))
+async def serve(config: GlobalSchedulerConfig, secrets: Secrets) -> None:
+    scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len), secrets=secrets)
     await scheduler.start()
     front = None
     if FLAGS.http_port is not None:
         from jaxserve.scheduler.http_front import HttpFront  # aiohttp and prometheus-client only when asked
 
         front = HttpFront(scheduler, host=FLAGS.http_host or config.host, port=FLAGS.http_port,
-                          api_key=FLAGS.api_key or os.environ.get("JAXSERVE_API_KEY"),
+                          api_key=secrets.api_key, insecure=config.insecure,
+                          tls=TlsFiles.of(FLAGS.http_tls_cert_file or config.tls_cert_file,
+                                          FLAGS.http_tls_key_file or config.tls_key_file),
                           served_model_names=FLAGS.served_model_name, chat_template=FLAGS.chat_template,
                           shutdown_grace_s=config.shutdown_grace_s, max_json_depth=FLAGS.http_max_json_depth,
                           max_completions_per_request=FLAGS.http_max_completions_per_request,
@@ -91,7 +109,17 @@ async def serve(config: GlobalSchedulerConfig) -> None:
 
 def main(argv):
     del argv
-    asyncio.run(serve(config_from_flags()))
+    try:  # a bad setting is the user's to fix: the message, not a traceback
+        config = config_from_flags()
+        config.tls  # noqa: B018 - checks the files exist
+        TlsFiles.of(FLAGS.http_tls_cert_file, FLAGS.http_tls_key_file)
+        secrets = Secrets.resolve(FLAGS.api_key, FLAGS.cluster_secret)
+        check_bind(config.host, secrets.api_key or secrets.cluster_secret, config.insecure, "scheduler")
+        if FLAGS.http_port is not None:
+            check_bind(FLAGS.http_host or config.host, secrets.api_key, config.insecure, "HTTP front")
+    except ValueError as e:
+        raise SystemExit(f"jaxserve.launch.scheduler: {e}") from None
+    asyncio.run(serve(config, secrets))
 
 
 if __name__ == "__main__":

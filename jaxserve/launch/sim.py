@@ -17,6 +17,11 @@
     python -m jaxserve.launch.sim --mode=validate --cost=out/sim_calib_demo.json --workload=multi_turn --rate=1 \
         --setting=pd+cache --sim_out=out/sim_validate
 
+    # Issue 18: the Mooncake trace through the cluster KV pool variants (locality with and without host tiers and
+    # peer fetch, kv_pool, least_load, round_robin) vs the trace's infinite-cache ideal, colocated and pd
+    python -m jaxserve.launch.sim --mode=trace --cost=h200 --instances=8,16 --pd_prefill_fraction=0.75 \
+        --sim_out=out/sim_trace
+
     # MemServe's table where queueing matters (pd clusters split per workload)
     python -m jaxserve.launch.sim --mode=table --instances=8,16,32,64 --sessions_per_instance=24 --load=1.0 \
         --pd_prefill_fraction=sharegpt:0.125,loogle:0.5,react:0.5 --sim_out=out/sim_table
@@ -39,8 +44,15 @@ from jaxserve.sim.cluster import SETTINGS, SIM_POLICIES, SimConfig, Simulator
 from jaxserve.sim.cost import ClusterCost, LinearStep, load_cost
 from jaxserve.launch import bench  # noqa: F401  (its flags: --workload, --workload_args, --rate, --seed; jaxserve.launch.local's)
 
-flags.DEFINE_enum("mode", "table", ["table", "sweep", "calibrate", "refit", "fit_overheads", "validate", "run"],
-                  "what to do")
+flags.DEFINE_enum("mode", "table", ["table", "sweep", "calibrate", "refit", "fit_overheads", "validate", "run",
+                                    "trace"], "what to do")
+flags.DEFINE_integer("trace_requests", 2000, "trace: requests of the Mooncake trace to replay (from the start)")
+flags.DEFINE_float("trace_time_scale", 1.0, "trace: arrival speed-up (2 = twice as fast)")
+flags.DEFINE_list("trace_settings", ["colocated+cache", "pd+cache"], "trace: settings")
+flags.DEFINE_list("trace_variants", None, "trace: variants (labels of jaxserve.sim.replay.VARIANTS; default all)")
+flags.DEFINE_bool("host_tier", False, "run: host tiers of the cost's host_kv_pages")
+flags.DEFINE_bool("peer_fetch", True, "run: kv_pool pulls prefixes from peers")
+flags.DEFINE_integer("node_size", None, "override the cost's instances per node (per-pair links)")
 flags.DEFINE_list("miss_weights", ["0", "1", "3", "10"], "sweep: locality MISS_WEIGHT values to compare")
 flags.DEFINE_string("colocated_records", None, "fit_overheads: a real colocated run's records (jaxserve.launch.bench "
                     "colocated.jsonl, same workload, seed and rate)")
@@ -384,6 +396,35 @@ def compare(real: list[dict], sim: list[dict], out: Path, tolerance: float) -> d
     return res
 
 
+# ---------------------------------------------------------------------------------------------- trace replay
+def trace_replay(cost: ClusterCost, out: Path) -> list[dict]:
+    """The Mooncake trace (issue 18): every --trace_settings x --instances x variant side by side, with the
+    trace's infinite-cache ideal; writes trace.json and trace.md under --sim_out."""
+    from jaxserve.sim import replay
+    wl = workloads.trace(max_requests=FLAGS.trace_requests, time_scale=FLAGS.trace_time_scale)
+    variants = replay.VARIANTS
+    if FLAGS.trace_variants:
+        by_label = {v.label: v for v in replay.VARIANTS}
+        unknown = [v for v in FLAGS.trace_variants if v not in by_label]
+        if unknown:
+            raise app.UsageError(f"unknown --trace_variants {unknown}; choose from {list(by_label)}")
+        variants = [by_label[v] for v in FLAGS.trace_variants]
+    print(f"{wl.description}; cost {cost.name}, host tier {cost.host_kv_pages} pages, PCIe "
+          f"{cost.host_bytes_s / 1e9:g} GB/s, link {cost.transfer_bytes_s / 1e9:g} GB/s, node_size {cost.node_size}",
+          flush=True)
+    rows = replay.replay(wl, cost, [int(x) for x in FLAGS.instances], list(FLAGS.trace_settings), variants,
+                         num_prefill=lambda n: min(n - 1, max(1, round(n * float(FLAGS.pd_prefill_fraction)))),
+                         seed=FLAGS.seed, log=lambda line: print(line, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(workload=wl.description, cost=cost.to_json(), trace_requests=FLAGS.trace_requests,
+                trace_time_scale=FLAGS.trace_time_scale)
+    (out / "trace.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    md = replay.table_md(rows)
+    (out / "trace.md").write_text(md)
+    print(md)
+    return rows
+
+
 def main(argv):
     del argv
     out = Path(FLAGS.sim_out)
@@ -399,6 +440,8 @@ def main(argv):
         cost = dataclasses.replace(cost, rpc_overhead_s=FLAGS.rpc_overhead_s)
     if FLAGS.step_overhead_s is not None:
         cost = dataclasses.replace(cost, step_overhead_s=FLAGS.step_overhead_s)
+    if FLAGS.node_size is not None:
+        cost = dataclasses.replace(cost, node_size=FLAGS.node_size)
     if FLAGS.mode == "fit_overheads":
         if not FLAGS.colocated_records:
             raise app.UsageError("--mode=fit_overheads needs --colocated_records (and --pd_records)")
@@ -413,11 +456,14 @@ def main(argv):
         (out / "sweep.json").write_text(json.dumps(sweep(cost), indent=1))
     elif FLAGS.mode == "validate":
         validate(cost, out)
+    elif FLAGS.mode == "trace":
+        trace_replay(cost, out)
     else:
         wl = workloads.make(FLAGS.workload, seed=FLAGS.seed, **json.loads(FLAGS.workload_args))
         recs = Simulator(cost, SimConfig(setting=FLAGS.setting, policy=FLAGS.sim_policy,
                                          num_instances=FLAGS.num_instances, rate=FLAGS.rate,
-                                         seed=FLAGS.seed)).run(wl)
+                                         seed=FLAGS.seed, host_tier=FLAGS.host_tier,
+                                         peer_fetch=FLAGS.peer_fetch)).run(wl)
         print(report.markdown_table({f"{FLAGS.setting}/{FLAGS.sim_policy}": report.summarize(recs)}, ratios=False))
 
 

@@ -107,6 +107,7 @@ class Eviction:
         self._pinned_host_pages += len(host)
         self._host_indexed[host] = True
         self.index.set_tier(node, HOST, host)
+        self._offload_event(node)
         self._indexed[dev] = False
         self.allocator.free(dev)
         self._counters["evicted_pages"] += len(dev)
@@ -226,4 +227,6 @@ class Eviction:
         self.allocator.incref(dev)
         self._outside_refs += n
         self._counters["swapped_in_pages"] += n
+        if self._listener is not None:  # back on device: the prompt trees' tier follows
+            self._events.append(("insert", self.index.path_tokens(kept[-1])))
         return dev

@@ -197,10 +197,11 @@ class PageBook(Eviction):
         pages = [int(p) for p in pages[:n]]
         self._validate_insert(keys, pages)
         path, last, new_pages = self.index.insert(keys, pages)
-        off = 0
+        off, reloaded = 0, False
         for j, node in enumerate(path):
             covered = last if j == len(path) - 1 else len(node)
             if node.tier == HOST:
+                reloaded = True
                 if covered < len(node):
                     node = self.index.split(node, covered)
                 mine = pages[off:off + covered]
@@ -210,6 +211,7 @@ class PageBook(Eviction):
             off += covered
         if new_pages:
             self._adopt(new_pages)
+        if new_pages or reloaded:  # INSERT also says "on device": a host-tier part came back
             self._event("insert", tuple(itertools.chain.from_iterable(keys)))
         self._emit()
         return len(new_pages) * self.page_size
@@ -241,8 +243,9 @@ class PageBook(Eviction):
     def set_event_listener(self, fn: EventListener | None) -> None:
         """`fn(kind, tokens_prefix)` after index changes, for the global scheduler's prompt trees:
         ("insert", t): every whole-page prefix of t is now cached here;
-        ("evict", t): nothing starting with t is cached here any more (t ends with the first dropped page).
-        Moving between device and host tiers is not reported: the prefix stays cached."""
+        ("evict", t): nothing starting with t is cached here any more (t ends with the first dropped page);
+        ("offload", t): the last page of t and every cached page extending it are now in the host tier only
+        (still cached); an "insert" covering them says they are back on device (swap-in or re-insert)."""
         self._listener = fn
 
 
@@ -349,6 +352,11 @@ class PageBook(Eviction):
     def _event(self, kind: str, tokens: tuple[int, ...]) -> None:
         if self._listener is not None:
             self._events.append((kind, tokens))
+
+    def _offload_event(self, node: Node) -> None:
+        """Reports that `node` (and everything cached below it) now lives in the host tier."""
+        if self._listener is not None:
+            self._events.append(("offload", self.index.path_tokens(node.parent) + node.chunks[0]))
 
     def _evict_event(self, node: Node) -> None:
         """Reports that nothing from `node`'s first page on is cached (its parent must still be in the tree)."""

@@ -15,25 +15,42 @@ from jaxserve.mempool.prompt_index import DEVICE
 
 class PrefixCache:
     """Whole-page prefixes of token sequences, at most `capacity_pages` pages. `on_event(kind, tokens)` as in
-    `PageBook.set_event_listener`: ("insert", t) every whole-page prefix of t is cached; ("evict", t) nothing
-    starting with t is cached any more."""
+    `PageBook.set_event_listener`: ("insert", t) every whole-page prefix of t is cached (on device); ("evict",
+    t) nothing starting with t is cached any more; ("offload", t) from t's last page on it is in the host tier."""
 
     def __init__(self, page_size: int, capacity_pages: int,
-                 on_event: Callable[[str, tuple[int, ...]], None] | None = None):
+                 on_event: Callable[[str, tuple[int, ...]], None] | None = None, host_pages: int = 0):
         self.page_size = int(page_size)
         self.capacity = int(capacity_pages)
-        self.book = PageBook(self.page_size, self.capacity + 1)  # + page 0, which a PageBook reserves
+        # host_pages: a host tier that evicted prefixes move to (PageBook semantics)
+        self.book = PageBook(self.page_size, self.capacity + 1, int(host_pages))  # + page 0, reserved
         self.book.set_event_listener(on_event)
 
     def __len__(self) -> int:
         """Pages cached."""
         return self.book.index.num_pages[DEVICE]
 
-    def match(self, tokens: Sequence[int]) -> int:
-        """Tokens of the longest cached whole-page prefix of `tokens` (marked as just used); holds nothing."""
+    def match(self, tokens: Sequence[int], device_only: bool = False) -> int:
+        """Tokens of the longest cached whole-page prefix of `tokens` (marked as just used); holds nothing.
+        A host-tier part is swapped in, or with device_only left out (the caller recomputes it)."""
+        if device_only:
+            tokens = tokens[:self.tiers(tokens)[1]]
         n, pages = self.book.match(tokens)
         self.book.free(pages)
         return n
+
+    def tiers(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """(tokens of the longest cached whole-page prefix on either tier, of that on device); changes
+        nothing. The device part is a prefix (host copies hang below device ones)."""
+        index = self.book.index
+        path, last = index.walk(index.page_keys(tokens))
+        total = device = 0
+        for j, node in enumerate(path):
+            n = (last if j == len(path) - 1 else len(node)) * self.page_size
+            total += n
+            if node.tier == DEVICE and device == total - n:
+                device = total
+        return total, device
 
     def insert(self, tokens: Sequence[int]) -> int:
         """Caches the whole pages of `tokens`, evicting least recently used leaves for room (never the prefix

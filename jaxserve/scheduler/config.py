@@ -43,8 +43,20 @@ class GlobalSchedulerConfig:
     profile_instances: bool = True       # calibrate each instance's cost model with Instance.Profile
     profile_timeout_s: float = 120.0
     shutdown_grace_s: float = 5.0
+    # Peer fetch (issue 18; policy kv_pool, colocated instances started with peer fetch): a request routed
+    # away from its prefix's holder has the holder push the prefix first (PushKv), at most this long; on
+    # failure the instance recomputes it. The transfer model the policy weighs pulls with:
+    peer_fetch: bool = False
+    peer_fetch_timeout_s: float = 10.0
+    kv_bytes_per_token: int = 131072     # the model's KV bytes per token (Llama-3-8B bf16)
+    peer_link_bytes_s: float = 50e9
+    peer_link_latency_s: float = 5e-4
     tls_cert_file: str | None = None     # server TLS (both or neither)
     tls_key_file: str | None = None
+    # The CA of the cluster: with it, the links to instances are mTLS (the scheduler verifies each instance's
+    # certificate and shows its own cert/key as client certificate). Clients of the scheduler need no cert.
+    tls_ca_file: str | None = None
+    insecure: bool = False               # allow a non-loopback bind with no API key / cluster secret
 
     def __post_init__(self):
         _require(0 <= self.port < 65536, f"port must be in [0, 65536), got {self.port}")
@@ -65,8 +77,22 @@ class GlobalSchedulerConfig:
                  f"stall_timeout_s must be > 0 or None, got {self.stall_timeout_s}")
         _require(self.no_instance_wait_s >= 0, f"no_instance_wait_s must be >= 0, got {self.no_instance_wait_s}")
         _require(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        _require(not self.peer_fetch or self.policy == "kv_pool",
+                 f"peer_fetch needs policy kv_pool, got {self.policy!r}")
+        for name in ("peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(self.peer_link_latency_s >= 0, f"peer_link_latency_s must be >= 0, got {self.peer_link_latency_s}")
         _require((self.tls_cert_file is None) == (self.tls_key_file is None),
                  "tls_cert_file and tls_key_file go together")
+        _require(self.tls_ca_file is None or self.tls_cert_file is not None,
+                 "tls_ca_file (mTLS to the instances) needs tls_cert_file and tls_key_file (the scheduler's own "
+                 "certificate, shown to the instances)")
+
+    @property
+    def tls(self):
+        """The TLS files as one `jaxserve.security.TlsFiles` (None: plaintext)."""
+        from jaxserve.security import TlsFiles
+        return TlsFiles.of(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
 
     @property
     def address(self) -> str:

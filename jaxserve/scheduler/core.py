@@ -156,6 +156,8 @@ class SchedulerCore:
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
         self.stats = dict(num_requests=0, num_rejected=0, num_failed=0, num_migrations=0, prompt_tokens=0,
                           cached_tokens=0, predicted_cached_tokens=0)
+        # Peer fetch (issue 18): prefixes pushed by their holders ahead of a request, and failed pushes.
+        self.peer_fetch = dict(tokens=0, bytes=0, failures=0)
 
     # ------------------------------------------------------------------------------------- entry points
     def validate(self, request: scheduler_pb2.GenerateRequest) -> ValidRequest:
@@ -224,6 +226,13 @@ class SchedulerCore:
 
     def _classify(self, record: InstanceRecord, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # The instance does not accept our cluster secret: a misconfigured instance, not the client's
+            # fault. Out of routing; the request moves to an instance that does.
+            log.error("instance %s refuses the scheduler's credentials (%s): check its --cluster_secret",
+                      record.instance_id, error.details())
+            self.instances.retire(record, "refused the scheduler's cluster secret", lost=True)
+            return _InstanceFailed(record, f"instance {record.instance_id} refused the scheduler's credentials")
         if code in _MIGRATE_CODES:
             if code in _SUSPECT_CODES:
                 self.instances.suspect(record)
@@ -264,6 +273,8 @@ class SchedulerCore:
                          deadline: float | None):
         attempt = self._attempt(decision.instance, decision.estimate_s)
         try:
+            if decision.pull_from is not None and not generated:
+                await self._peer_fetch(decision, valid, deadline)
             request = self._instance_request(valid, list(generated))
             attempt.call = decision.instance.stub.Generate(request, timeout=_remaining(deadline))
             async with contextlib.aclosing(self._stream_from(attempt.call, attempt)) as chunks:
@@ -271,6 +282,29 @@ class SchedulerCore:
                     yield chunk
         finally:
             attempt.close()
+
+    async def _peer_fetch(self, decision: RouteDecision, valid: ValidRequest, deadline: float | None) -> None:
+        """The prefix's holder pushes it to the routed instance (PushKv) before the request goes there; any
+        failure (holder gone, transfer broken, too slow) only means the instance recomputes the prefix."""
+        holder, target = decision.pull_from, decision.instance
+        remaining = _remaining(deadline)
+        timeout = self.config.peer_fetch_timeout_s if remaining is None else min(remaining,
+                                                                                  self.config.peer_fetch_timeout_s)
+        request = instance_pb2.PushKvRequest(
+            request_id=valid.request_id, token_ids=valid.prompt_ids[:decision.cached_tokens],
+            target=instance_pb2.KvTarget(instance_id=target.instance_id, address=target.address))
+        ok, tokens, nbytes = False, 0, 0
+        resp = await self.instances.push_kv(holder, request, timeout)
+        if isinstance(resp, grpc.aio.AioRpcError):
+            self.peer_fetch["failures"] += 1
+            log.warning("request %s: peer fetch from %s to %s failed (%s: %s); it recomputes the prefix",
+                        valid.request_id, holder.instance_id, target.instance_id, resp.code().name, resp.details())
+        else:
+            ok, tokens, nbytes = True, resp.sent_tokens, resp.sent_bytes
+            self.peer_fetch["tokens"] += tokens
+            self.peer_fetch["bytes"] += nbytes
+        if self.observer is not None and hasattr(self.observer, "on_peer_fetch"):
+            self.observer.on_peer_fetch(holder.instance_id, target.instance_id, tokens, nbytes, ok)
 
     async def _disaggregated(self, decision: RouteDecision, valid: ValidRequest, generated: list[int],
                              deadline: float | None):

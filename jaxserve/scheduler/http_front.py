@@ -68,6 +68,7 @@ from jaxserve.scheduler.http_requests import HttpError, bad_request
 from jaxserve.scheduler.http_responses import Job, error_response, respond
 from jaxserve.scheduler.metrics import CONTENT_TYPE, SchedulerMetrics, kv_bytes_per_token
 from jaxserve.scheduler.tokenizer import resolve_model_path
+from jaxserve.security import TlsFiles, check_bind
 
 log = logging.getLogger("jaxserve.scheduler.http")
 
@@ -77,8 +78,12 @@ class HttpFront:
                  served_model_names: list[str] | None = None, chat_template: str | None = None,
                  model_path=None, metrics: SchedulerMetrics | None = None, shutdown_grace_s: float = 1.0,
                  max_body_bytes: int = 64 << 20, max_json_depth: int = 64, max_completions_per_request: int = 256,
-                 max_prompt_bytes: int = 4 << 20):
+                 max_prompt_bytes: int = 4 << 20, tls: TlsFiles | None = None, insecure: bool = False):
+        """tls: serve HTTPS with tls.cert_file / key_file; insecure: allow a non-loopback bind without an
+        API key."""
         self.scheduler = scheduler
+        self.tls = tls
+        self.insecure = insecure
         self.host = host
         self.requested_port = port
         self.api_key = api_key or None
@@ -114,20 +119,22 @@ class HttpFront:
         self.app = app
 
     async def start(self) -> int:
+        check_bind(self.host, self.api_key, self.insecure, "HTTP front")
+        ssl_context = self.tls.ssl_context() if self.tls is not None else None
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=self.shutdown_grace_s)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.requested_port)
+        site = web.TCPSite(runner, self.host, self.requested_port, ssl_context=ssl_context)
         await site.start()
         self._runner = runner
         self.port = runner.addresses[0][1]
-        log.info("OpenAI HTTP front on http://%s:%d (model %s, API key %s)", self.host, self.port, self.names[0],
+        log.info("OpenAI HTTP front on %s (model %s, API key %s)", self.url, self.names[0],
                  "on" if self.api_key else "off")
         return self.port
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -17,8 +17,9 @@ from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
-from jaxserve.scheduler.router import DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
-from jaxserve.scheduler.tokenizer import ModelInfo
+from jaxserve.scheduler.router import COLOCATED, DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
+from jaxserve.scheduler.tokenizer import ModelInfo, identity_mismatch
+from jaxserve.security import LinkSecurity
 
 log = logging.getLogger("jaxserve.scheduler")
 
@@ -39,10 +40,18 @@ def cancelled_from_outside() -> bool:
 class InstanceRegistry:
     """The registered instances and their health. All state lives on the server's event loop."""
 
-    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo):
+    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo, link: LinkSecurity = LinkSecurity()):
+        """link: how to reach the instances (the cluster secret on every call; mTLS with a CA)."""
         self.config = config
         self.model = model
-        self.router = Router(config.policy, LoadGuard(config.load_guard_factor, config.load_guard_slack), config.mode)
+        self.link = link
+        guard = LoadGuard(config.load_guard_factor, config.load_guard_slack)
+        self.router = Router(config.policy, guard, config.mode)
+        if config.peer_fetch:
+            from jaxserve.scheduler.kv_pool import KVPool, TransferModel
+            transfer = TransferModel(kv_bytes_per_token=config.kv_bytes_per_token,
+                                     link_bytes_s=config.peer_link_bytes_s, link_latency_s=config.peer_link_latency_s)
+            self.router.set_policy(COLOCATED, KVPool(guard, transfer=transfer, peer_fetch=True))
         self.health = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
@@ -108,9 +117,10 @@ class InstanceRegistry:
             raise ValueError("address (host:port of the Instance service) is required")
         if request.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {request.page_size}")
-        if request.vocab_size and request.vocab_size < self.model.vocab_size:
-            raise RegistrationRefused(f"the instance's vocab_size {request.vocab_size} is smaller than the scheduler's "
-                             f"vocabulary of {self.model.vocab_size} ({self.model.name}): is it the same model?")
+        mismatch = identity_mismatch(self.model, request.model, request.architecture, request.vocab_size,
+                                     request.tokenizer_fingerprint)
+        if mismatch:
+            raise RegistrationRefused(mismatch)
         instance_id = request.instance_id or f"{ROLE_NAMES[request.role]}-{next(self._ids)}"
         record = InstanceRecord(instance_id=instance_id, address=request.address, role=request.role,
                                 page_size=request.page_size, max_model_len=request.max_model_len,
@@ -119,7 +129,7 @@ class InstanceRegistry:
             old = self.router.add(record)
         except ValueError as e:
             raise RegistrationRefused(str(e)) from None
-        record.channel = grpc.aio.insecure_channel(request.address, options=CHANNEL_OPTIONS)
+        record.channel = self.link.channel(request.address, options=CHANNEL_OPTIONS)
         record.stub = instance_pb2_grpc.InstanceStub(record.channel)
         record.health_stub = health_pb2_grpc.HealthStub(record.channel)
         if old is not None:
@@ -164,8 +174,9 @@ class InstanceRegistry:
         if self.router.instances.get(record.instance_id) is record:
             self.router.remove(record.instance_id)
         record.removed = True
-        log.warning("instance %s out of routing: %s (%d requests %s)", record.instance_id, reason,
-                    len(record.attempts), "to move" if lost else "finishing there")
+        # A departure the instance announced (deregistered, drained) is routine; a lost one is not.
+        log.log(logging.WARNING if lost else logging.INFO, "instance %s out of routing: %s (%d requests %s)",
+                record.instance_id, reason, len(record.attempts), "to move" if lost else "finishing there")
         if lost:
             for attempt in list(record.attempts):
                 attempt.mark_lost(f"instance {record.instance_id} {reason}")
@@ -193,6 +204,19 @@ class InstanceRegistry:
             return resp.num_unfinished
         except grpc.aio.AioRpcError as e:
             log.warning("instance %s: Drain failed (%s: %s)", record.instance_id, e.code().name, e.details())
+            return e
+        finally:
+            record.pins -= 1
+            self._maybe_close_channel(record)
+
+    async def push_kv(self, record: InstanceRecord, request: instance_pb2.PushKvRequest,
+                      timeout_s: float) -> instance_pb2.PushKvResponse | grpc.aio.AioRpcError:
+        """Peer fetch: the holder `record` pushes a prefix to another instance. Its channel stays open meanwhile
+        (as for Drain): an instance leaving mid-push must answer with an error, not leave the call hanging."""
+        record.pins += 1
+        try:
+            return await record.stub.PushKv(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
             return e
         finally:
             record.pins -= 1

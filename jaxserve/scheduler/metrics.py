@@ -26,6 +26,10 @@ Ours:
                                                          bytes as the prefill instance reports them
                                                          (PrefillResponse.transferred_bytes), else tokens x
                                                          KV bytes per token of the model config (estimate)
+  jaxserve:kv_peer_fetch_tokens / _bytes      counter    KV a prefix's holder pushed to the instance a request
+                                                         went to (peer fetch; instance, dst_instance), as the
+                                                         holder reports it (PushKvResponse)
+  jaxserve:kv_peer_fetch_failures             counter    peer fetches that failed (the prefix was recomputed)
   jaxserve:request_migrations                 counter    requests moved off `instance` after it failed
   jaxserve:requests_rejected                  counter    reason = invalid | over_capacity
   jaxserve:requests_failed                    counter    code = the gRPC status the request ended with
@@ -170,6 +174,13 @@ class SchedulerMetrics:
         self.kv_bytes = Counter("jaxserve:kv_transfer_bytes", "KV bytes moved from a prefill instance to a decode "
                                 "instance (tokens x KV bytes per token of the model config).",
                                 lab + ["dst_instance"], registry=reg)
+        self.peer_tokens = Counter("jaxserve:kv_peer_fetch_tokens", "Tokens whose KV a holder pushed to the "
+                                   "instance a request was routed to (peer fetch).", lab + ["dst_instance"],
+                                   registry=reg)
+        self.peer_bytes = Counter("jaxserve:kv_peer_fetch_bytes", "KV bytes a holder pushed to the instance a "
+                                  "request was routed to (peer fetch).", lab + ["dst_instance"], registry=reg)
+        self.peer_failures = Counter("jaxserve:kv_peer_fetch_failures", "Peer fetches that failed (the instance "
+                                     "recomputed the prefix).", lab + ["dst_instance"], registry=reg)
         self.migrations = Counter("jaxserve:request_migrations", "Requests moved off an instance after it failed.",
                                   lab, registry=reg)
         self.rejected = Counter("jaxserve:requests_rejected", "Requests refused before routing, by reason "
@@ -207,6 +218,13 @@ class SchedulerMetrics:
         reports nothing, tokens x the model config's KV bytes per token."""
         self.kv_tokens.labels(self.model_name, src, dst).inc(tokens)
         self.kv_bytes.labels(self.model_name, src, dst).inc(nbytes or tokens * self.kv_bytes_per_token)
+
+    def on_peer_fetch(self, src: str, dst: str, tokens: int, nbytes: int, ok: bool) -> None:
+        if ok:
+            self.peer_tokens.labels(self.model_name, src, dst).inc(tokens)
+            self.peer_bytes.labels(self.model_name, src, dst).inc(nbytes)
+        else:
+            self.peer_failures.labels(self.model_name, src, dst).inc()
 
     def on_finished(self, decision, usage, finish_reason: int, gaps) -> None:
         m, inst = self.model_name, usage.instance_id

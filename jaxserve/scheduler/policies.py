@@ -17,7 +17,7 @@ from typing import Mapping, Protocol, Sequence
 
 from jaxserve.scheduler.cost_model import CostModel
 
-POLICIES = ("locality", "least_load", "round_robin", "session")
+POLICIES = ("locality", "least_load", "round_robin", "session", "kv_pool")
 
 
 class InstanceLoad(Protocol):
@@ -189,4 +189,9 @@ def make_policy(name: str, guard: LoadGuard = LoadGuard()) -> Policy:
         return RoundRobin()
     if name == "session":
         return Session(guard)
+    if name == "kv_pool":  # jaxserve/scheduler/kv_pool.py (it builds on Locality, so imported here)
+        from jaxserve.scheduler.kv_pool import KVPool
+        # Host tiers only: pulls need instances that serve PushKv, so GlobalSchedulerConfig.peer_fetch (and the
+        # simulator) set up their own KVPool with peer fetch and a transfer model.
+        return KVPool(guard, peer_fetch=False)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

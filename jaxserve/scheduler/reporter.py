@@ -3,9 +3,10 @@ ReportEvents stream of index events and load, reconnecting (and re-registering w
 forgotten the instance) until stopped; Deregister on a clean stop. jax-free, so any instance server (the
 engine's, or a fake) can use it.
 
-Every (re)connected stream starts with CLEAR and then an INSERT for each sequence of `snapshot()`, so the
-scheduler's prompt tree is rebuilt from what the instance really holds after any gap. `insert`, `evict`
-and `clear` may be called from any thread."""
+Every (re)connected stream starts with CLEAR and then an INSERT for each sequence of `snapshot()` (and, with
+`snapshot_tiers`, an OFFLOAD where each host-tier part begins), so the scheduler's prompt tree is rebuilt from
+what the instance really holds, and where, after any gap. `insert`, `evict`, `offload` and `clear` may be
+called from any thread."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import grpc
 
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from jaxserve.security import aio_channel
 
 log = logging.getLogger("jaxserve.scheduler.reporter")
 
@@ -25,15 +27,20 @@ _MAX_EVENTS_PER_REPORT = 256
 class InstanceReporter:
     def __init__(self, scheduler_address: str, registration: scheduler_pb2.RegisterRequest, *,
                  snapshot: Callable[[], Iterable[Sequence[int]]] | None = None,
+                 snapshot_tiers: Callable[[], tuple[Iterable[Sequence[int]], Iterable[Sequence[int]]]] | None = None,
                  load: Callable[[], common_pb2.Load] | None = None,
                  credentials: grpc.ChannelCredentials | None = None, retry_interval_s: float = 0.5,
-                 max_retry_interval_s: float = 5.0):
+                 max_retry_interval_s: float = 5.0, secret: str | None = None):
+        """secret: the cluster secret, sent on every call (the scheduler refuses Register without it)."""
         self._address = scheduler_address
         self._registration = scheduler_pb2.RegisterRequest()
         self._registration.CopyFrom(registration)
-        self._snapshot = snapshot or (lambda: ())
+        # snapshot_tiers (IndexMirror.snapshot_tiers): (sequences held, prefixes where a host-tier part begins)
+        self._snapshot_tiers = snapshot_tiers or (lambda: ((snapshot or (lambda: ()))(), ()))
         self._load = load
         self._credentials = credentials
+        self._secret = secret
+        self.refused: grpc.aio.AioRpcError | None = None  # the scheduler turned our credentials down
         self._retry = retry_interval_s
         self._max_retry = max_retry_interval_s
         self.report_interval_s = 0.5
@@ -56,14 +63,21 @@ class InstanceReporter:
         """Start reporting; with wait, return once registered (TimeoutError past timeout)."""
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(self._address, self._credentials)
-        else:
-            self._channel = grpc.aio.insecure_channel(self._address)
+        self._channel = aio_channel(self._address, secret=self._secret, credentials=self._credentials)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._task = self._loop.create_task(self._run())
         if wait:
-            await asyncio.wait_for(self.registered.wait(), timeout)
+            registered = self._loop.create_task(self.registered.wait())
+            try:
+                await asyncio.wait({registered, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                registered.cancel()
+            if self.refused is not None:
+                raise PermissionError(f"the scheduler at {self._address} refused this instance: "
+                                      f"{self.refused.code().name}: {self.refused.details()}")
+            if not self.registered.is_set():
+                raise asyncio.TimeoutError(f"not registered with the scheduler at {self._address} "
+                                           f"after {timeout} s")
 
     # ------------------------------------------------------------------------- events (any thread)
     def _put(self, event: common_pb2.IndexEvent) -> None:
@@ -78,6 +92,14 @@ class InstanceReporter:
     def evict(self, token_ids: Sequence[int]) -> None:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.EVICT, token_ids=token_ids,
                                         page_size=self._registration.page_size))
+
+    def offload(self, token_ids: Sequence[int]) -> None:
+        self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.OFFLOAD, token_ids=token_ids,
+                                        page_size=self._registration.page_size))
+
+    def event(self, kind: str, token_ids: Sequence[int]) -> None:
+        """A PageBook listener event ("insert", "evict" or "offload")."""
+        {"insert": self.insert, "evict": self.evict, "offload": self.offload}[kind](token_ids)
 
     def clear(self) -> None:
         self._put(common_pb2.IndexEvent(kind=common_pb2.IndexEvent.CLEAR))
@@ -101,8 +123,12 @@ class InstanceReporter:
         while not self._queue.empty():
             self._queue.get_nowait()
         events = [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.CLEAR)]
-        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.INSERT, token_ids=seq,
-                                         page_size=self._registration.page_size) for seq in self._snapshot()]
+        held, offloaded = self._snapshot_tiers()
+        ps = self._registration.page_size
+        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.INSERT, token_ids=seq, page_size=ps)
+                   for seq in held]
+        events += [common_pb2.IndexEvent(kind=common_pb2.IndexEvent.OFFLOAD, token_ids=seq, page_size=ps)
+                   for seq in offloaded]
         for i in range(0, len(events), _MAX_EVENTS_PER_REPORT):
             yield self._report(events[i:i + _MAX_EVENTS_PER_REPORT])
         while True:
@@ -137,6 +163,10 @@ class InstanceReporter:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self.refused = e  # retrying with the same credentials cannot help
+                    log.error("instance %s: the scheduler refused us: %s", self.instance_id, e.details())
+                    return
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     need_register = True  # the scheduler forgot us (restart, or it declared us dead)
                 log.info("instance %s: scheduler stream ended (%s: %s); retrying in %.1f s", self.instance_id,

@@ -26,6 +26,7 @@ DRAINING = scheduler_pb2.INSTANCE_STATE_DRAINING
 _INSERT = common_pb2.IndexEvent.INSERT
 _EVICT = common_pb2.IndexEvent.EVICT
 _CLEAR = common_pb2.IndexEvent.CLEAR
+_OFFLOAD = common_pb2.IndexEvent.OFFLOAD
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,6 +74,13 @@ class RouteDecision:
     estimate_s: float                   # estimated prefill seconds (on the prefill instance if disaggregated)
     prefill: InstanceRecord | None = None
     prefill_cached_tokens: int = 0
+    # kv_pool policy (issue 18): the instance that computes the prompt first pulls `pull_tokens` of its
+    # prefix from `pull_from` and swaps `host_tokens` in from its host tier; `cached_tokens` (colocated) or
+    # `prefill_cached_tokens` count them.
+    pull_from: InstanceRecord | None = None
+    pull_tokens: int = 0
+    host_tokens: int = 0
+    transfer_s: float = 0.0
 
 
 class Router:
@@ -84,6 +92,10 @@ class Router:
         self.trees: dict[int, PromptTree] = {}
         # One policy object per role: round-robin counters and session maps are per role.
         self._policies = {role: make_policy(policy, guard) for role in ROLES}
+
+    def set_policy(self, role: int, policy) -> None:
+        """Route `role` with this policy object (the simulator's configured policies; tests)."""
+        self._policies[role] = policy
 
     # ------------------------------------------------------------------------------------ membership
     def add(self, record: InstanceRecord) -> InstanceRecord | None:
@@ -127,6 +139,8 @@ class Router:
             tree.insert(record.instance_id, event.token_ids)
         elif event.kind == _EVICT:
             tree.evict(record.instance_id, event.token_ids)
+        elif event.kind == _OFFLOAD:
+            tree.offload(record.instance_id, event.token_ids)
         else:
             raise ValueError(f"unknown index event kind {event.kind}")
 
@@ -151,12 +165,25 @@ class Router:
         pick = self._policies[role].choose(request, candidates, matched)
         return pick, min(matched.get(pick.instance_id, 0), len(prompt) - 1)
 
+    def _plan(self, role: int, candidates: list[InstanceRecord], prompt: tuple, request: RouteRequest):
+        """A kv_pool RoutePlan (where, and how the cached prefix gets there); None for other policies."""
+        policy = self._policies[role]
+        if not getattr(policy, "uses_tiers", False):
+            return None
+        tiers = self.trees[role].match_tiers(prompt)
+        return policy.plan(request, candidates, {i: n for i, (n, _) in tiers.items()}, tiers)
+
     def route(self, prompt: tuple, session_id: str = "", exclude: Iterable[str] = ()) -> RouteDecision | None:
         """Pick instance(s) for a prompt (token ids as a tuple); None when no instance can take it."""
         exclude = frozenset(exclude)
         request = RouteRequest(prompt_len=len(prompt), session_id=session_id)
         colocated = self.candidates(COLOCATED, exclude) if self.mode != "disaggregated" else []
         if colocated:
+            plan = self._plan(COLOCATED, colocated, prompt, request)
+            if plan is not None:
+                inst = plan.instance
+                return RouteDecision("colocated", inst, plan.cached_tokens,
+                                     inst.cost_model.exec(len(prompt), plan.cached_tokens), **_moves(plan))
             instance, cached = self._pick(COLOCATED, colocated, prompt, request)
             return RouteDecision("colocated", instance, cached, instance.cost_model.exec(len(prompt), cached))
         if self.mode == "colocated":
@@ -165,12 +192,21 @@ class Router:
         decodes = self.candidates(DECODE, exclude) if prefills else []
         if not decodes:
             return None
-        prefill, prefill_cached = self._pick(PREFILL, prefills, prompt, request)
+        plan = self._plan(PREFILL, prefills, prompt, request)
+        if plan is not None:
+            prefill, prefill_cached, moves = plan.instance, plan.cached_tokens, _moves(plan)
+        else:
+            (prefill, prefill_cached), moves = self._pick(PREFILL, prefills, prompt, request), {}
         decode, decode_cached = self._pick(DECODE, decodes, prompt, request)
         return RouteDecision("disaggregated", decode, decode_cached,
-                             prefill.cost_model.exec(len(prompt), prefill_cached), prefill, prefill_cached)
+                             prefill.cost_model.exec(len(prompt), prefill_cached), prefill, prefill_cached, **moves)
 
     def max_model_len(self, model_limit: int) -> int:
         """The context limit requests are checked against: the model's, or less if an instance says so."""
         limits = [r.max_model_len for r in self.instances.values() if r.max_model_len > 0]
         return min([model_limit, *limits])
+
+
+def _moves(plan) -> dict:
+    return dict(pull_from=plan.source, pull_tokens=plan.pull_tokens, host_tokens=plan.host_tokens,
+                transfer_s=plan.transfer_s)

@@ -25,6 +25,7 @@ from jaxserve.scheduler.errors import SchedulerError
 from jaxserve.scheduler.instances import CHANNEL_OPTIONS, InstanceRegistry, RegistrationRefused
 from jaxserve.scheduler.router import DRAINING
 from jaxserve.scheduler.tokenizer import ModelInfo
+from jaxserve.security import AuthInterceptor, LinkSecurity, Secrets, check_bind, serve_port
 
 log = logging.getLogger("jaxserve.scheduler")
 
@@ -35,10 +36,15 @@ class Scheduler:
     `instances` (InstanceRegistry): registration, health, the router; `core` (SchedulerCore): the request
     path, also called by the HTTP front (`jaxserve.scheduler.http_front`)."""
 
-    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo, observer=None):
+    def __init__(self, config: GlobalSchedulerConfig, model: ModelInfo, observer=None, *,
+                 secrets: Secrets = Secrets()):
+        """secrets: the client API key and the cluster secret (`jaxserve.security`; default: none, so the
+        gRPC API is open and the scheduler binds loopback only unless config.insecure)."""
         self.config = config
         self.model = model
-        self.instances = InstanceRegistry(config, model)
+        self.secrets = secrets
+        self.link = LinkSecurity(secrets, config.tls, config.insecure)
+        self.instances = InstanceRegistry(config, model, self.link)
         self.core = SchedulerCore(config, model, self.instances, observer)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -67,15 +73,14 @@ class Scheduler:
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> int:
         """Bind and start serving; returns the port."""
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        check_bind(self.config.host, self.secrets.api_key or self.secrets.cluster_secret, self.config.insecure,
+                   "scheduler")
+        server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(self.secrets, "scheduler")])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(_Servicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.instances.health, server)
-        if self.config.tls_cert_file:
-            with open(self.config.tls_key_file, "rb") as k, open(self.config.tls_cert_file, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = server.add_secure_port(self.config.address, creds)
-        else:
-            self.port = server.add_insecure_port(self.config.address)
+        # Clients of the scheduler are users: TLS without client certificates; the cluster secret is what
+        # tells an instance from a user.
+        self.port = serve_port(server, self.config.address, self.config.tls, require_client_cert=False)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")
         await self.instances.start()

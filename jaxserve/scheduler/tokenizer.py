@@ -8,6 +8,7 @@ and vocabulary are read from `model_config.json` (our Orbax folders) or `config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int  # ids in [0, vocab_size) are valid prompt tokens
     tokenizer: Tokenizer | None = dataclasses.field(default=None, compare=False)
+    architecture: str = ""           # e.g. "LlamaForCausalLM" ("": unknown, not checked)
+    tokenizer_fingerprint: str = ""  # `tokenizer_fingerprint(folder)` ("": unknown, not checked)
 
     def __post_init__(self):
         if self.max_model_len < 2:
@@ -43,6 +46,44 @@ class ModelInfo:
         """The demo model's tokenizer without a folder (tests, benchmarks)."""
         return cls(name=name, max_model_len=max_model_len, vocab_size=vocab_size,
                    tokenizer=ByteTokenizer(vocab_size=vocab_size))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "byte_tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def tokenizer_fingerprint(folder: str | os.PathLike) -> str:
+    """A short hash of the files that define a model folder's tokenizer: two folders with the same
+    fingerprint map text to the same ids ("" when the folder has none)."""
+    digest = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            found = True
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16] if found else ""
+
+
+def model_architecture(folder: str | os.PathLike) -> str:
+    config = _read_json(Path(folder) / MODEL_CONFIG_FILE) or _read_json(Path(folder) / HF_CONFIG_FILE)
+    archs = config.get("architectures") or [config.get("architecture") or config.get("model_type") or ""]
+    return str(archs[0])
+
+
+def describe_model(name: str, architecture: str, vocab_size: int, fingerprint: str) -> str:
+    return f"{name!r} ({architecture or 'architecture unknown'}, vocab {vocab_size}, tokenizer {fingerprint or '-'})"
+
+
+def identity_mismatch(mine: ModelInfo, name: str, architecture: str, vocab_size: int, fingerprint: str) -> str | None:
+    """Why a registering instance's model differs from the scheduler's (None: the same as far as both know)."""
+    different = (architecture and mine.architecture and architecture != mine.architecture) or \
+        (fingerprint and mine.tokenizer_fingerprint and fingerprint != mine.tokenizer_fingerprint) or \
+        (vocab_size and vocab_size < mine.vocab_size)
+    if not different:
+        return None
+    return (f"the instance serves {describe_model(name, architecture, vocab_size, fingerprint)} but the scheduler "
+            f"serves {describe_model(mine.name, mine.architecture, mine.vocab_size, mine.tokenizer_fingerprint)}:"
+            f" start both with the same model")
 
 
 def load_model_info(model: str | os.PathLike, max_model_len: int | None = None) -> ModelInfo:
@@ -67,7 +108,8 @@ def load_model_info(model: str | os.PathLike, max_model_len: int | None = None) 
     if tokenizer is not None:
         # A model's embedding table is often padded past the tokenizer's vocabulary; those rows mean nothing.
         vocab = min(vocab, tokenizer.vocab_size)
-    return ModelInfo(name=str(model), max_model_len=model_len, vocab_size=vocab, tokenizer=tokenizer)
+    return ModelInfo(name=str(model), max_model_len=model_len, vocab_size=vocab, tokenizer=tokenizer,
+                     architecture=model_architecture(folder), tokenizer_fingerprint=tokenizer_fingerprint(folder))
 
 
 class IncrementalDetokenizer:

@@ -17,7 +17,11 @@ not O(tokens).
 
 Settings: colocated, colocated+cache, pd, pd+cache (PD-Caching-3: the prefill side indexes its prompt KV,
 only the KV the decode side lacks is sent, the decode side indexes what it receives and what it decodes,
-and sends its decode-phase KV back at the end)."""
+and sends its decode-phase KV back at the end).
+
+Cluster KV pool (issue 18): with `host_tier` each instance's evicted prefixes move to a host tier, and the
+`kv_pool` policy may have a request's prefix pulled from a peer; both moves happen before the request queues
+(jaxserve/sim/pool.py)."""
 
 from __future__ import annotations
 
@@ -26,14 +30,16 @@ import heapq
 
 from jaxserve.bench.workloads import Workload, answer_segment, poisson_arrivals
 from jaxserve.scheduler.cost_model import CostModel
+from jaxserve.scheduler.kv_pool import KVPool
 from jaxserve.scheduler.policies import LeastLoad, LoadGuard, Locality, Session
 from jaxserve.scheduler.router import COLOCATED, DECODE, PREFILL, Router
 from jaxserve.sim.cost import ClusterCost
 from jaxserve.sim.instance import SimInstance, SimRequest
 from jaxserve.sim.pages import PageHasher
+from jaxserve.sim.pool import PoolMoves, transfer_model
 
 SETTINGS = ("colocated", "colocated+cache", "pd", "pd+cache")
-SIM_POLICIES = ("locality", "least_load", "round_robin", "session", "session_ll")
+SIM_POLICIES = ("locality", "least_load", "round_robin", "session", "session_ll", "kv_pool")
 
 
 class SessionLeastLoad(Session):
@@ -61,14 +67,18 @@ class SimConfig:
     send_back: bool = True         # pd+cache: PD-Caching-3 (decode-phase KV back to the prefill side); False:
                                    # PD-Caching-2 (what the instance server runs today)
     miss_weight: float | None = None  # locality (and session's fallback): None = policies.MISS_WEIGHT
+    host_tier: bool = False        # each instance's evicted prefixes move to a host tier of cost.host_kv_pages
+    peer_fetch: bool = True        # kv_pool: pull prefixes from peers (False: host-tier aware only)
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        if self.policy not in SIM_POLICIES:
+            raise ValueError(f"policy must be one of {SIM_POLICIES}, got {self.policy!r}")
 
 
 class Simulator:
     def __init__(self, cost: ClusterCost, config: SimConfig):
-        if config.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {config.setting!r}")
-        if config.policy not in SIM_POLICIES:
-            raise ValueError(f"policy must be one of {SIM_POLICIES}, got {config.policy!r}")
         self.cost, self.config = cost, config
         ps = cost.page_size
         fitted = CostModel.fit((n, c, cost.prefill_time(n, c)) for n, c in
@@ -95,10 +105,18 @@ class Simulator:
         else:
             roles = [COLOCATED] * config.num_instances
         for k, role in enumerate(roles):
-            inst = SimInstance(self, f"{'cpd'[(COLOCATED, PREFILL, DECODE).index(role)]}{k}", role, caching)
+            inst = SimInstance(self, f"{'cpd'[(COLOCATED, PREFILL, DECODE).index(role)]}{k}", role, caching,
+                               host_pages=cost.host_kv_pages if config.host_tier else 0)
+            inst.number = k
             self.router.add(inst.record)
             self.instances.append(inst)
         self.by_id = {i.iid: i for i in self.instances}
+        self.pool = PoolMoves(self)
+        if config.policy == "kv_pool":
+            weight = {} if config.miss_weight is None else dict(miss_weight=config.miss_weight)
+            tm = transfer_model(cost, self.instances)
+            for role in (COLOCATED, PREFILL, DECODE):
+                self.router.set_policy(role, KVPool(guard, transfer=tm, peer_fetch=config.peer_fetch, **weight))
         self.events: list = []
         self._seq = 0
         self.now = 0.0
@@ -129,9 +147,10 @@ class Simulator:
                 inst, version, chunks, decodes, k = payload
                 inst.step_done(t, version, chunks, decodes, k)
             elif kind == "enqueue":
-                inst, r = payload
-                inst.waiting.append(r)
-                inst.kick(t)
+                inst, r, d = payload
+                self.pool.arrive(t, inst, r, d)
+            elif kind == "fetched":
+                self.pool.fetched(t, *payload)
             elif kind == "transfer":
                 self._transfer_done(t, *payload)
             elif kind == "index":
@@ -168,7 +187,7 @@ class Simulator:
             inst.record.pending_prefill_s += d.estimate_s
             target = inst
         r.est = d.estimate_s
-        self.push(t + self.cost.rpc_overhead_s / 2, "enqueue", (target, r))
+        self.push(t + self.cost.rpc_overhead_s / 2, "enqueue", (target, r, d))
 
     def prefill_done(self, r: SimRequest, inst: SimInstance, t: float) -> None:
         r.first_t = t
@@ -196,12 +215,13 @@ class Simulator:
         link (one at a time out of the sender, one at a time into the receiver), then pay the latency."""
         if nbytes <= 0:
             return t
-        wire = nbytes / self.cost.transfer_bytes_s
+        bw, latency = self.cost.link(src.number, dst.number)
+        wire = nbytes / bw
         if not self.cost.transfer_contention:
-            return t + wire + self.cost.transfer_latency_s
+            return t + wire + latency
         start = max(t, src.tx_free, dst.rx_free)
         src.tx_free = dst.rx_free = start + wire
-        return start + wire + self.cost.transfer_latency_s
+        return start + wire + latency
 
     def _transfer_done(self, t: float, r: SimRequest, p: SimInstance) -> None:
         # The prefill instance answers (and the client sees the first token) once the KV has been sent.
@@ -233,7 +253,9 @@ class Simulator:
             request_id=r.rid, session_id=r.session.session_id, turn=r.turn, arrival_s=r.arrival,
             ttft_s=first - r.arrival, jct_s=end - r.arrival, prompt_tokens=r.prompt_len, cached_tokens=r.cached,
             output_tokens=r.output_len, ok=True, error=None, instance_id=inst.iid,
-            prefill_instance_id=r.prefill.iid if r.prefill is not None else "", kv_bytes=r.kv_bytes))
+            prefill_instance_id=r.prefill.iid if r.prefill is not None else "", kv_bytes=r.kv_bytes,
+            host_tokens=r.moves.host_tokens if r.moves else 0, peer_tokens=r.moves.peer_tokens if r.moves else 0,
+            host_bytes=r.moves.host_bytes if r.moves else 0.0, peer_bytes=r.moves.peer_bytes if r.moves else 0.0))
         session, k, seq_state, prefix_state = r.on_done
         if k + 1 < len(session.turns):
             self.push(end + session.turns[k + 1].think_s, "turn", (session, k + 1, seq_state, prefix_state))

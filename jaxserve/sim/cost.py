@@ -115,6 +115,19 @@ class ClusterCost:
     step_overhead_s: float = 0.0     # per engine step of a served instance beyond the offline engine's step
                                      # (streaming each step's tokens over gRPC from the same core, GIL)
     name: str = ""
+    # Issue 18: host tiers and per-pair links. Host pages are used only where a SimConfig turns the tier on.
+    host_kv_pages: int = 0           # host-tier KV pages per instance
+    host_bytes_s: float = 50e9       # host tier <-> device (PCIe), per instance, one copy at a time
+    host_latency_s: float = 0.0
+    node_size: int = 0               # instances per node (0: every pair talks over the network link above)
+    node_link_bytes_s: float = 400e9 # within a node (NVLink-class), per direction
+    node_link_latency_s: float = 1e-5
+
+    def link(self, src: int, dst: int) -> tuple[float, float]:
+        """(bytes/s, latency) of the KV link from instance number src to instance number dst."""
+        if self.node_size and src // self.node_size == dst // self.node_size:
+            return self.node_link_bytes_s, self.node_link_latency_s
+        return self.transfer_bytes_s, self.transfer_latency_s
 
     def step_time(self, prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks=0) -> float:
         return self.step.step(prefill_tokens, prefill_pairs, decode_seqs, decode_ctx, prefill_chunks) + \
@@ -162,9 +175,11 @@ def h200_llama8b(**overrides) -> ClusterCost:
     step = RooflineStep()
     kv = step.kv_bytes_per_token
     pages = int((141e9 * 0.9 - step.params * step.dtype_bytes) / (kv * 16))
+    # Host tier (when a run turns it on): 200 GB of a node's ~2 TB DRAM per GPU, over PCIe 5 x16 (~50 GB/s).
+    host_pages = int(200e9 / (kv * 16))
     base = dict(step=step, kv_bytes_per_token=kv, transfer_bytes_s=50e9, transfer_latency_s=5e-4, page_size=16,
                 kv_pages=pages, max_num_batched_tokens=8192, max_num_seqs=256, rpc_overhead_s=2e-3,
-                name="h200-llama8b")
+                name="h200-llama8b", host_kv_pages=host_pages, host_bytes_s=50e9)
     base.update(overrides)
     return ClusterCost(**base)
 

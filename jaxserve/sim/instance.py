@@ -16,7 +16,7 @@ class SimRequest:
     __slots__ = ("rid", "session", "turn", "arrival", "prompt_len", "output_len", "prompt_pages", "full_pages",
                  "seq_pages", "cached", "computed", "generated", "first_t", "finish_t", "instance", "prefill",
                  "decision", "kv_bytes", "est", "pages_held", "on_done", "admit_seq", "resumed", "admitted",
-                 "preemptions", "page_size")
+                 "preemptions", "page_size", "moves")
 
     def __init__(self, rid, session, turn, arrival, prompt_len, output_len, prompt_pages, full_pages, seq_pages,
                  page_size):
@@ -34,6 +34,7 @@ class SimRequest:
         self.resumed = False   # preempted after its first token: recomputes prompt + outputs, then decodes on
         self.admitted = False
         self.preemptions = 0
+        self.moves = None      # jaxserve/sim/pool.py Moves: what bringing its prefix to device moved
 
     # What a (re)admission computes: the prompt, or after a preemption the prompt and the tokens generated.
     @property
@@ -54,7 +55,7 @@ class SimInstance:
     A waiting request whose prefix is being computed by a request on this instance waits for those pages
     to be indexed instead of computing them again (the engine's in-flight prefix dedupe)."""
 
-    def __init__(self, sim: "Simulator", iid: str, role: int, caching: bool):
+    def __init__(self, sim: "Simulator", iid: str, role: int, caching: bool, host_pages: int = 0):
         self.sim, self.iid, self.role, self.caching = sim, iid, role, caching
         c = sim.cost
         self.record = InstanceRecord(instance_id=iid, address="", role=role, page_size=1,
@@ -64,9 +65,11 @@ class SimInstance:
         # what they leave free (`shrink`).
         def on_event(kind: str, pages: tuple) -> None:
             tree = sim.router.trees[role]
-            (tree.insert if kind == "insert" else tree.evict)(iid, pages)
+            {"insert": tree.insert, "evict": tree.evict, "offload": tree.offload}[kind](iid, pages)
 
-        self.cache = PrefixCache(1, c.kv_pages, on_event) if caching else None
+        self.cache = PrefixCache(1, c.kv_pages, on_event, host_pages) if caching else None
+        self.number = 0        # position in the cluster (per-pair links)
+        self.pcie_free = 0.0   # when this instance's host-tier link is next free
         self.waiting: collections.deque[SimRequest] = collections.deque()   # to prefill (or recompute)
         self.incoming: collections.deque[SimRequest] = collections.deque()  # prefilled elsewhere, to decode
         self.prefilling: list[SimRequest] = []
@@ -140,7 +143,9 @@ class SimInstance:
     def _match(self, r: SimRequest) -> int:
         if self.cache is None:
             return 0
-        n = self.cache.match(r.target_pages)
+        # A host-tier part was swapped in before the request queued (jaxserve/sim/pool.py); one evicted to host
+        # since is recomputed.
+        n = self.cache.match(r.target_pages, device_only=True)
         ps = self.sim.cost.page_size
         return min(n * ps, (r.target_len - 1) // ps * ps)
 

@@ -23,6 +23,7 @@ from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.cost_model import CostModel
 from jaxserve.scheduler.reporter import InstanceReporter
+from jaxserve.security import AuthInterceptor, LinkSecurity, serve_port
 
 EOS = 257  # the byte tokenizer's
 
@@ -55,8 +56,11 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
                  vocab_size: int = 258, token_delay_s: float = 0.0, tokens_per_message: int = 1,
                  eos_after: int | None = None, cost_model: CostModel = CostModel(),
                  simulate_prefill: bool = False, report_profile: bool = False,
-                 scheduler_credentials: grpc.ChannelCredentials | None = None):
+                 scheduler_credentials: grpc.ChannelCredentials | None = None, link: LinkSecurity = LinkSecurity()):
+        """link: the cluster secret (checked on every call, sent on every call) and TLS files (with a CA:
+        mTLS on its server, its reporter and its peer channels), as a real instance uses them."""
         self.role = role
+        self.link = link
         self.scheduler_address = scheduler_address
         self.instance_id = instance_id
         self.page_size = page_size
@@ -96,10 +100,11 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> "FakeInstance":
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(interceptors=[AuthInterceptor(self.link.secrets, "fake instance")])
         instance_pb2_grpc.add_InstanceServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(_Health(self), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = serve_port(self._server, "127.0.0.1:0", self.link.tls if self.link.mtls else None,
+                               require_client_cert=True)
         await self._server.start()
         if self.scheduler_address:
             registration = scheduler_pb2.RegisterRequest(
@@ -109,8 +114,10 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
             if self.report_profile:
                 registration.profile.extend(self._profile([(n, c) for n in (64, 256, 1024) for c in (0, n // 2)]))
             self.reporter = InstanceReporter(self.scheduler_address, registration, snapshot=self.cache.snapshot,
-                                             load=self.load, credentials=self.scheduler_credentials,
-                                             retry_interval_s=0.1, max_retry_interval_s=0.5)
+                                             load=self.load, credentials=self.scheduler_credentials or (
+                                                 self.link.tls.channel_credentials() if self.link.mtls else None),
+                                             retry_interval_s=0.1, max_retry_interval_s=0.5,
+                                             secret=self.link.secrets.cluster_secret)
             await self.reporter.start()
             self.instance_id = self.reporter.instance_id
         return self
@@ -157,7 +164,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
 
     def _on_cache_event(self, kind: str, tokens: Sequence[int]) -> None:
         if self.reporter is not None:
-            (self.reporter.insert if kind == "insert" else self.reporter.evict)(tokens)
+            self.reporter.event(kind, tokens)
 
     def _match(self, tokens: Sequence[int]) -> int:
         """Cached prefix length; at least one token is left to compute (its logits are needed)."""
@@ -272,7 +279,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
             if not finish:
                 target = request.decode_target.address
                 if target not in self._peers:
-                    self._peers[target] = grpc.aio.insecure_channel(target)
+                    self._peers[target] = self.link.channel(target)
                 peer = instance_pb2_grpc.InstanceStub(self._peers[target])
                 prep = await peer.PrepareKvTransfer(instance_pb2.PrepareKvTransferRequest(
                     request_id=inner.request_id, token_ids=context_ids, page_size=self.page_size),

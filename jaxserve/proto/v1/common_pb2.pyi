@@ -138,10 +138,12 @@ class IndexEvent(_message.Message):
         INSERT: _ClassVar[IndexEvent.Kind]
         EVICT: _ClassVar[IndexEvent.Kind]
         CLEAR: _ClassVar[IndexEvent.Kind]
+        OFFLOAD: _ClassVar[IndexEvent.Kind]
     KIND_UNSPECIFIED: IndexEvent.Kind
     INSERT: IndexEvent.Kind
     EVICT: IndexEvent.Kind
     CLEAR: IndexEvent.Kind
+    OFFLOAD: IndexEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,26 @@ class KvTarget(_message.Message):
     address: str
     def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
+class PushKvRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "target")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    target: KvTarget
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KvTarget, _Mapping]] = ...) -> None: ...
+
+class PushKvResponse(_message.Message):
+    __slots__ = ("held_tokens", "sent_tokens", "sent_bytes")
+    HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    held_tokens: int
+    sent_tokens: int
+    sent_bytes: int
+    def __init__(self, held_tokens: _Optional[int] = ..., sent_tokens: _Optional[int] = ..., sent_bytes: _Optional[int] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
     __slots__ = ("request", "decode_target")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -221,7 +241,7 @@ class InstanceStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages", "kv_sent_back_tokens", "kv_sent_back_bytes", "kv_send_back_failures")
+    __slots__ = ("instance_id", "role", "load", "num_requests", "prompt_tokens", "cached_tokens", "generated_tokens", "cached_pages", "draining", "kv_sent_tokens", "kv_sent_bytes", "kv_received_tokens", "kv_received_bytes", "kv_transfers", "kv_transfer_failures", "kv_pending", "kv_held_pages", "kv_sent_back_tokens", "kv_sent_back_bytes", "kv_send_back_failures", "kv_peer_sent_tokens", "kv_peer_sent_bytes", "kv_peer_push_failures")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +262,9 @@ class InstanceStats(_message.Message):
     KV_SENT_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_SENT_BACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SEND_BACK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: _common_pb2.Role
     load: _common_pb2.Load
@@ -262,7 +285,10 @@ class InstanceStats(_message.Message):
     kv_sent_back_tokens: int
     kv_sent_back_bytes: int
     kv_send_back_failures: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ..., kv_sent_back_tokens: _Optional[int] = ..., kv_sent_back_bytes: _Optional[int] = ..., kv_send_back_failures: _Optional[int] = ...) -> None: ...
+    kv_peer_sent_tokens: int
+    kv_peer_sent_bytes: int
+    kv_peer_push_failures: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_sent_tokens: _Optional[int] = ..., kv_sent_bytes: _Optional[int] = ..., kv_received_tokens: _Optional[int] = ..., kv_received_bytes: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., kv_pending: _Optional[int] = ..., kv_held_pages: _Optional[int] = ..., kv_sent_back_tokens: _Optional[int] = ..., kv_sent_back_bytes: _Optional[int] = ..., kv_send_back_failures: _Optional[int] = ..., kv_peer_sent_tokens: _Optional[int] = ..., kv_peer_sent_bytes: _Optional[int] = ..., kv_peer_push_failures: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_s",)

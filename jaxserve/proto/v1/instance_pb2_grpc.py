@@ -59,6 +59,11 @@ class InstanceStub:
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferResponse.FromString,
                 _registered_method=True)
+        self.PushKv = channel.unary_unary(
+                '/jaxserve.v1.Instance/PushKv',
+                request_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/jaxserve.v1.Instance/Abort',
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.AbortRequest.SerializeToString,
@@ -123,6 +128,16 @@ class InstanceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushKv(self, request, context):
+        """Peer fetch (issue 18; colocated instances started with peer fetch on): the scheduler asks the holder of
+        a prefix to offer it to the instance a request is routed to, which pulls it, indexes it and lets go
+        (PrepareKvTransfer / CommitKvTransfer(cache_only) on the target, as PD-Caching-3's send-back). The
+        holder's pages are referenced only for the transfer. Answers once the target has committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Abort a request by id (for requests whose stream the caller no longer holds, e.g. a decode
         reservation whose prefill failed). Unknown ids are not an error.
@@ -178,6 +193,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.CommitKvTransfer,
                     request_deserializer=jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferRequest.FromString,
                     response_serializer=jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferResponse.SerializeToString,
+            ),
+            'PushKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKv,
+                    request_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -335,6 +355,33 @@ class Instance:
             '/jaxserve.v1.Instance/CommitKvTransfer',
             jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferRequest.SerializeToString,
             jaxserve_dot_v1_dot_instance__pb2.CommitKvTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Instance/PushKv',
+            jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
+            jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

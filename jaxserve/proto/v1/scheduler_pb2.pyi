@@ -192,7 +192,7 @@ class DrainInstanceResponse(_message.Message):
     def __init__(self, num_unfinished: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile")
+    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile", "architecture", "tokenizer_fingerprint")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,8 @@ class RegisterRequest(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     role: _common_pb2.Role
@@ -211,7 +213,9 @@ class RegisterRequest(_message.Message):
     vocab_size: int
     num_pages: int
     profile: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileSample]
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ...) -> None: ...
+    architecture: str
+    tokenizer_fingerprint: str
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("instance_id", "report_interval_s")

@@ -1,0 +1,63 @@
+"""Start-up compilation (issue 17): after `precompile`, a mixed workload compiles nothing (JAX's own compile
+events, not the runner's counter), and the number of step shapes stays small on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+from jax import monitoring
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.config import ModelConfig
+from jaxserve.engine.precompile import precompile, step_shapes
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (persistent-cache hits excluded) from JAX's monitoring events."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, secs, **kw):
+        if self.active and name == COMPILE_EVENT:
+            self.count += 1
+
+
+COUNTER = CompileCounter()
+
+
+def test_no_compilation_after_precompile_for_a_mixed_workload():
+    """With a host tier small enough that the workload swaps pages out and back in."""
+    llm = LLM(model=CFG, page_size=8, num_pages=64, num_host_pages=96, max_num_batched_tokens=64, max_num_seqs=8,
+              seed=0, compilation_cache="off", max_model_len=256)
+    result = precompile(llm.engine)
+    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) <= 12
+    rng = np.random.default_rng(3)
+    shared = list(rng.integers(0, 256, 40))
+    # Short and long prompts (chunked prefill), shared prefixes (cache hits), batches of 1-8, greedy and
+    # sampled, stop strings and ids: every kind of step a server runs.
+    workloads = [
+        ([list(rng.integers(0, 256, n)) for n in (1, 5, 17, 63, 64, 65, 200)], SamplingParams(max_tokens=9)),
+        ([shared + list(rng.integers(0, 256, n)) for n in (3, 30)], SamplingParams(max_tokens=20, temperature=0.8,
+                                                                                 top_p=0.9, top_k=20, seed=1)),
+        ([shared + [7]], SamplingParams(max_tokens=3, stop_token_ids=(5,))),
+        ([list(rng.integers(0, 256, 10)) for _ in range(8)], SamplingParams(max_tokens=30, ignore_eos=True)),
+    ]
+    COUNTER.active = True
+    try:
+        for prompts, params in workloads:
+            outs = llm.generate(prompts, params)
+            assert all(o.token_ids for o in outs)
+        # The first long prompt's pages went to the host tier since: they come back in.
+        again = llm.generate([workloads[0][0][-1][:120] + [1, 2, 3]], SamplingParams(max_tokens=2))
+        assert again[0].num_cached_tokens == 120
+    finally:
+        COUNTER.active = False
+    stats = llm.engine.pool.stats()
+    assert stats["swapped_out_pages"] > 0 and stats["swapped_in_pages"] > 0, stats  # the host tier was used
+    assert COUNTER.count == 0, f"{COUNTER.count} compilations after precompile"
