@@ -207,6 +207,8 @@ def test_openai_extras_end_to_end(ref):
             status, tok = await raw(http, "POST", "/tokenize", {"prompt": "abc"})
             assert status == 200 and tok["tokens"] == [256, 97, 98, 99] and tok["count"] == 4
             assert tok["max_model_len"] == CFG.max_position_embeddings
+            status, tok = await raw(http, "POST", "/tokenize", {"messages": msgs})
+            assert status == 200 and tok["tokens"] == [256] + list(b"user: hi\nassistant:")  # the plain template
             status, detok = await raw(http, "POST", "/detokenize", {"tokens": [97, 98, 99]})
             assert status == 200 and detok["prompt"] == "abc"
             status, version = await raw(http, "GET", "/version")
