@@ -144,6 +144,9 @@ def _sampling_of(words: list) -> dict:
 
 
 def _encode_step(inputs):
+    if inputs.extra is not None:
+        raise ValueError("logprobs, penalties, logit_bias, min_p and min_tokens are not supported on a "
+                         "multi-process instance yet")
     a = inputs.attn
     arrays = [inputs.token_ids, inputs.prev_slots, inputs.positions, a.slot_pages, a.slot_offsets, a.kv_lens,
               a.page_indices, a.cu_q_lens, a.num_seqs, inputs.logits_indices]

@@ -64,6 +64,16 @@ class DisaggRequest:
         return src.stop_text_len if src is not None else None
 
     @property
+    def stop_reason(self):
+        src = self.decode if self.decode is not None else self.prefill
+        return src.stop_reason if src is not None else None
+
+    @property
+    def logprobs(self) -> dict:
+        src = self.decode if self.decode is not None else self.prefill
+        return src.logprobs if src is not None else {}
+
+    @property
     def first_token_time(self) -> float | None:
         return self.prefill.first_token_time if self.prefill is not None else None
 
@@ -205,6 +215,7 @@ class DisaggregatedPair:
             prompt, preq.output_token_ids, dreq.params, pages, num_computed=L, num_indexed_pages=indexed,
             request_id=dreq.request_id, seed=preq.seed)
         dreq.decode.arrival_time = dreq.arrival_time
+        dreq.decode.logprobs.update(preq.logprobs)  # the first token's, sampled on the prefill side
         dreq.decode.num_preemptions = preq.num_preemptions
         return True
 

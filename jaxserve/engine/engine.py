@@ -91,9 +91,13 @@ class Unschedulable(RuntimeError):
 
 class Engine:
     def __init__(self, model_config: ModelConfig, params, config: EngineConfig, *, eos_token_ids=(),
-                 detokenize=None, ops: DeviceOps | None = None):
+                 detokenize=None, ops: DeviceOps | None = None, grammars=None):
         """`ops`: the device-op channel every part that runs device work gets (jaxserve/engine/device_ops.py):
-        a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process."""
+        a multi-process instance's `LeaderOps` / `FollowerOps` (multihost.connect); default: one process.
+        `grammars()`: builds the structured-output factory (engine.structured.Grammars) on first use; None:
+        requests with a json_schema are refused."""
+        self._grammars_factory = grammars
+        self._grammars = None
         self.ops = ops if ops is not None else LocalOps()
         # The compiled step writes and reads K/V the way the pool stores them (CacheConfig.kv_cache_dtype), and
         # a memory budget in bytes becomes a page count at that storage dtype.
@@ -140,6 +144,7 @@ class Engine:
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    sp_threshold=config.sp_threshold if self.sp is not None else None)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.runner.eos_token_ids = self.eos_token_ids
         self.detokenize = detokenize
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -170,6 +175,14 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.json_schema is not None:
+            self.grammars.validate(params.json_schema)
+        if params.extended and self.ops.is_multiprocess:
+            raise ValueError("logprobs, penalties, logit_bias, min_p and min_tokens are not supported on a "
+                             "multi-process instance yet")
         usable = (self.pool.num_pages - 1) * self.pool.page_size
         if min(n + params.max_tokens, self.max_model_len) > usable:
             raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs more KV "
@@ -212,6 +225,8 @@ class Engine:
         if seed is None:
             seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
         req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len)
+        if params.json_schema is not None:
+            req.grammar = self.grammars.matcher(params.json_schema)
         self.requests[request_id] = req
         return req
 
@@ -233,13 +248,31 @@ class Engine:
             self.pool.free(req.pages)
             req.pages = []
 
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            if self._grammars_factory is None:
+                raise ValueError("structured output (json_schema) needs the model's tokenizer; this engine has none")
+            try:
+                self._grammars = self._grammars_factory()
+            except ImportError as e:
+                raise ValueError(f"structured output needs llguidance (pip install llguidance): {e}") from None
+        return self._grammars
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
 
     # -- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Dispatch one batch and complete the one before it (async scheduling; without it, complete this
-        one). Returns the requests that got a new token (finished ones included)."""
+        one). Returns the requests that got a new token (finished ones included). A request with a grammar
+        needs its last token on the host to mask the next one, so then the step in flight completes first."""
+        early = []
+        if self._in_flight is not None and any(r.grammar is not None for r in self.scheduler.running):
+            early = self._complete_in_flight()
+        return early + self._step()
+
+    def _step(self) -> list[Request]:
         batch = self.scheduler.schedule()
         if not batch.entries:
             if self._in_flight is not None:
@@ -290,10 +323,13 @@ class Engine:
             return []
         samples, tokens = self._in_flight
         self._in_flight = None
+        if isinstance(tokens, tuple):  # the extended sampler: (tokens, sampled logprob, top ids, top logprobs)
+            return self._complete(samples, np.asarray(tokens[0]), [np.asarray(t) for t in tokens[1:]])
         return self._complete(samples, np.asarray(tokens))
 
-    def _complete(self, samples, tokens) -> list[Request]:
-        """Fill in a step's samples, index what is now known, and apply stop conditions."""
+    def _complete(self, samples, tokens, logprobs=None) -> list[Request]:
+        """Fill in a step's samples (and their logprobs), index what is now known, and apply stop
+        conditions."""
         now = time.perf_counter()
         updated = []
         for req, index, slot in samples:
@@ -301,6 +337,11 @@ class Engine:
                 continue  # aborted while its step ran
             tok = int(tokens[slot])
             req.output_token_ids[index] = tok
+            k = req.params.logprobs
+            if k is not None and logprobs is not None:
+                lp, top_ids, top_lp = logprobs
+                req.logprobs[index] = (float(lp[slot]), [(int(top_ids[slot, j]), float(top_lp[slot, j]))
+                                                         for j in range(k)])
             if index == len(req.output_token_ids) - 1:
                 req.pending_slot = None
             if req.status is Status.RUNNING:
@@ -321,16 +362,24 @@ class Engine:
     def _stop_reason(self, req: Request, tok: int, num_outputs: int) -> str | None:
         """Why `req` stops at output `tok`, its `num_outputs`-th (None: it goes on)."""
         p = req.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+        if num_outputs < p.min_tokens:  # as vLLM: no stop condition but the length before min_tokens
+            return "length" if len(req.prompt_token_ids) + num_outputs >= req.max_total_len else None
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return "stop"
+        if not p.ignore_eos and tok in self.eos_token_ids:
             return "stop"
         if p.stop and self.detokenize is not None:
             text = self.detokenize(req.output_token_ids[:num_outputs])
+            found = None  # (start, stop string) of the earliest match
             for s in p.stop:
                 at = text.find(s, max(0, len(req.text) - len(s)))
-                if at >= 0:
-                    req.stop_text_len = at if req.stop_text_len is None else min(at, req.stop_text_len)
+                if at >= 0 and (found is None or at < found[0]):
+                    found = (at, s)
             req.text = text
-            if req.stop_text_len is not None:
+            if found is not None:
+                req.stop_reason = found[1]
+                req.stop_text_len = found[0] + (len(found[1]) if p.include_stop_str_in_output else 0)
                 return "stop"
         if num_outputs >= p.max_tokens or len(req.prompt_token_ids) + num_outputs >= req.max_total_len:
             return "length"

@@ -8,25 +8,8 @@ import time
 
 from jaxserve.config import CacheConfig, EngineConfig, MeshConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine.engine import Engine
-from jaxserve.engine.request import Request
+from jaxserve.engine.outputs import CompletionOutput, RequestOutput, token_logprobs
 from jaxserve.engine.sampling import SamplingParams
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    ttft_s: float
-    e2e_s: float
-    finish_reason: str
-    num_preemptions: int
-    error: str | None = None            # disaggregated: why the request failed (finish_reason "error")
-    transferred_tokens: int = 0         # disaggregated: prompt tokens whose KV moved prefill -> decode
-    returned_tokens: int = 0            # disaggregated caching3: tokens whose KV moved decode -> prefill
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -68,6 +51,7 @@ class LLM:
         else:
             cfg, params, tokenizer = model_lib.load(model, dtype=dtype)
         self.model_config = cfg
+        self.model_path = None if isinstance(model, ModelConfig) else str(model)
         self.tokenizer = tokenizer
         kv_host_memory_bytes = None
         if host_kv_gib is not None:  # the host tier from a byte budget, at the pool's page size (scales included)
@@ -88,11 +72,15 @@ class LLM:
                 async_scheduling=async_scheduling)
 
         eos = tuple(cfg.eos_token_id) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+
+        def grammars():
+            from jaxserve.engine.structured import Grammars
+            return Grammars(tokenizer, cfg.vocab_size, eos)
         self.pair = None
         if not disaggregated:
             self.engine = Engine(cfg, params,
                                  engine_config(enable_prefix_caching, tp, device_ids, sequence_parallel, ep),
-                                 eos_token_ids=eos, detokenize=tokenizer.decode, ops=ops)
+                                 eos_token_ids=eos, detokenize=tokenizer.decode, ops=ops, grammars=grammars)
             return
         if ops is not None:
             raise ValueError("a device-op channel (multi-process instance) serves one engine, not a disaggregated pair")
@@ -119,9 +107,9 @@ class LLM:
         ptp, pdev = pick_tp(prefill_tp, prefill_devices, sequence_parallel)
         dtp, ddev = pick_tp(decode_tp, decode_devices)
         prefill = Engine(cfg, params, engine_config(p_cache, ptp, pdev, sequence_parallel, ep), eos_token_ids=eos,
-                         detokenize=tokenizer.decode)
+                         detokenize=tokenizer.decode, grammars=grammars)
         decode = Engine(cfg, params, engine_config(d_cache, dtp, ddev, 1, ep), eos_token_ids=eos,
-                        detokenize=tokenizer.decode)
+                        detokenize=tokenizer.decode, grammars=grammars)
         self.pair = DisaggregatedPair(prefill, decode, pd_mode)
         self.engine = decode
 
@@ -132,6 +120,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
+        """One RequestOutput per prompt; `SamplingParams(n=k)` gives it k outputs (with a seed s, output j
+        samples with seed s + j, as the HTTP front does; without one each draws its own seed)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -141,44 +131,81 @@ class LLM:
         encoded = [self.encode(p) for p in prompts]
         for toks, sp in zip(encoded, params):  # validate all before queueing any
             self.engine.validate(toks, sp)
+        flat = []  # (prompt index, engine params) per sample
+        for i, sp in enumerate(params):
+            for j in range(sp.n):
+                seed = sp.seed if sp.seed is None else (sp.seed + j) % 2**32
+                flat.append((i, sp if j == 0 else dataclasses.replace(sp, seed=seed)))
         if self.pair is not None:
-            reqs = [self.pair.add_request(t, sp) for t, sp in zip(encoded, params)]
+            reqs = [self.pair.add_request(encoded[i], sp) for i, sp in flat]
             while any(not r.finished for r in reqs):
                 self.pair.step()
             self.pair.prefill.sync()
             self.pair.decode.sync()
-            return [self._output(r) for r in reqs]
-        reqs = [self.engine.add_request(t, sp) for t, sp in zip(encoded, params)]
-        while any(not r.finished for r in reqs):
-            self.engine.step()
-        self.engine.sync()  # a step dispatched before the last stop was seen: its samples are discarded
-        return [self._output(r) for r in reqs]
+        else:
+            reqs = [self.engine.add_request(encoded[i], sp) for i, sp in flat]
+            while any(not r.finished for r in reqs):
+                self.engine.step()
+            self.engine.sync()  # a step dispatched before the last stop was seen: its samples are discarded
+        grouped: list[list] = [[] for _ in prompts]
+        for (i, _), r in zip(flat, reqs):
+            grouped[i].append(r)
+        return [self._output(group, p if isinstance(p, str) else None) for group, p in zip(grouped, prompts)]
 
-    def _output(self, req) -> RequestOutput:
-        self.engine.requests.pop(req.request_id, None)
-        text = self._text(req)
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
+        with the model's chat template (the same one the HTTP front uses; the demo model has the plain one)."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        template = self._chat_template(chat_template)
+        prompts = []
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        for m in messages:
+            ids = self.encode(template.render(list(m), add_generation_prompt, **(chat_template_kwargs or {})))
+            if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]  # the template wrote BOS and the tokenizer added another (as the HTTP front)
+            prompts.append(ids)
+        return self.generate(prompts, sampling_params)
+
+    def _chat_template(self, override: str | None):
+        from jaxserve.scheduler.chat_template import ChatTemplate, load_template, special_token
+        from jaxserve.util import resolve_model_path
+        folder = resolve_model_path(self.model_path) if self.model_path else None
+        folder = folder if folder is not None and folder.is_dir() else None
+        return ChatTemplate(load_template(folder, override), special_token(folder, "bos_token"),
+                            special_token(folder, "eos_token"))
+
+    def _output(self, reqs, prompt: str | None) -> RequestOutput:
+        completions = []
+        for j, req in enumerate(reqs):
+            self.engine.requests.pop(req.request_id, None)
+            logprobs, cumulative = token_logprobs(req, self.tokenizer.decode)
+            completions.append(CompletionOutput(index=j, text=self._text(req), token_ids=list(req.output_token_ids),
+                                                cumulative_logprob=cumulative, logprobs=logprobs,
+                                                finish_reason=req.finish_reason, stop_reason=req.stop_reason))
+        req, first = reqs[0], completions[0]
+        common = dict(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=first.token_ids,
+                      text=first.text, num_prompt_tokens=len(req.prompt_token_ids),
+                      e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
+                      finish_reason=req.finish_reason, outputs=completions, prompt=prompt,
+                      stop_reason=req.stop_reason)
         if self.pair is not None:  # a DisaggRequest
             p = req.prefill
-            first = req.first_token_time or time.perf_counter()
+            first_at = req.first_token_time or time.perf_counter()
             return RequestOutput(
-                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=req.output_token_ids,
-                text=text, num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=p.num_cached_tokens,
-                ttft_s=first - req.arrival_time, e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
-                finish_reason=req.finish_reason,
+                **common, num_cached_tokens=p.num_cached_tokens, ttft_s=first_at - req.arrival_time,
                 num_preemptions=(req.decode or p).num_preemptions,  # the decode side starts from the prefill's
                 error=req.error, transferred_tokens=req.transferred_tokens, returned_tokens=req.returned_tokens)
-        return RequestOutput(
-            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids), text=text, num_prompt_tokens=len(req.prompt_token_ids),
-            num_cached_tokens=req.num_cached_tokens, ttft_s=req.first_token_time - req.arrival_time,
-            e2e_s=(req.finish_time or time.perf_counter()) - req.arrival_time,
-            finish_reason=req.finish_reason, num_preemptions=req.num_preemptions)
+        return RequestOutput(**common, num_cached_tokens=req.num_cached_tokens,
+                             ttft_s=req.first_token_time - req.arrival_time, num_preemptions=req.num_preemptions)
 
     def _text(self, req) -> str:
         ids = req.output_token_ids
         eos = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(self.engine.eos_token_ids))
-        if req.finish_reason == "stop" and ids and ids[-1] in eos:
-            ids = ids[:-1]  # the stop token itself is not part of the text
+        if req.finish_reason == "stop" and ids and ids[-1] in eos and not req.params.include_stop_str_in_output:
+            ids = ids[:-1]  # the stop token itself is not part of the text (vLLM)
         text = self.tokenizer.decode(ids)
         if req.stop_text_len is not None:
             text = text[:req.stop_text_len]

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
-from jaxserve.engine.sampling import sample_tokens, sampling_arrays
+from jaxserve.engine.sampling import sample_extended, sample_tokens, sampling_arrays, sampling_extras
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.decoder import Decoder
@@ -40,11 +40,15 @@ class StepInputs(NamedTuple):
     attn: AttentionBatch        # i32 fields, see model/batch.py
     logits_indices: np.ndarray  # i32[S]
     sampling: dict              # name -> [S] arrays (sampling.sampling_arrays)
+    extra: dict | None = None   # the extended sampler's inputs (sampling.sampling_extras), None: plain sampler
 
 
 def _shape_key(inputs: StepInputs) -> tuple:
     """What selects a compiled step: one compilation per distinct key."""
-    return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
+    key = inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
+    # The extended sampler (logprobs, penalties, bias, ...) is a second executable per shape, compiled on
+    # first use; plain keys stay the 4-tuples engine/precompile.py enumerates.
+    return key if inputs.extra is None else key + ("extended",)
 
 
 def token_bucket(n: int, minimum: int = 16) -> int:
@@ -72,14 +76,19 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
     def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, sampling,
-             decode_only):
+             decode_only, extra=None):
         """last_tokens i32[M]: the previous step's samples, padded to the runner's slot maximum. Returns
-        (sampled i32[S], the same samples padded to [M] for the next step, the updated cache)."""
+        (sampled i32[S], the logprobs of `sample_extended` or None, the same samples padded to [M] for the
+        next step, the updated cache). `extra` None (the common case) compiles the plain sampler only."""
         token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        sampled = sample_tokens(logits, **sampling)
-        return sampled, jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache
+        if extra is None:
+            sampled, logprobs = sample_tokens(logits, **sampling), None
+        else:
+            sampled, logprobs = sample_extended(logits, sampling, extra, token_ids[logits_indices],
+                                                prev_slots[logits_indices] >= 0)
+        return sampled, logprobs, jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache
 
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
 
@@ -91,7 +100,7 @@ def standalone_step(model_config, attention_impl: str, mesh=None):
 
     def run(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
         slots = max(8, len(logits_indices))
-        sampled, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
+        sampled, _, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
                                     np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
                                     sampling, decode_only=decode_only)
         return sampled, kv_cache
@@ -121,6 +130,7 @@ class ModelRunner:
         self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
         self.ops = ops if ops is not None else LocalOps()
         self.on_new_shape = on_new_shape
+        self.eos_token_ids: tuple[int, ...] = ()  # masked before a request's min_tokens (set by the engine)
         self.ops.bind("step", lambda inputs: self.execute(inputs))  # late-bound: tests may wrap `execute`
 
     @property
@@ -147,7 +157,8 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> np.ndarray:
         """Run one step and wait: the sampled token of each entry."""
-        return np.asarray(self.dispatch(batch))[:len(batch.entries)]
+        out = self.dispatch(batch)
+        return np.asarray(out[0] if isinstance(out, tuple) else out)[:len(batch.entries)]
 
     def slot_bucket(self, num_entries: int, decode_only: bool) -> int:
         if decode_only:
@@ -212,13 +223,16 @@ class ModelRunner:
         reqs = [r for r, _ in entries]
         sampling = sampling_arrays([r.params for r in reqs], [r.seed for r in reqs],
                                    [len(r.output_token_ids) for r in reqs], num_slots)
-        return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling)
+        extra = sampling_extras(reqs, num_slots, self.model_config.vocab_size, self.eos_token_ids)
+        return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling, extra)
 
-    def execute(self, inputs: "StepInputs") -> jax.Array:
-        """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token of every slot (padding included)
-        as a device array, without waiting for it."""
+    def execute(self, inputs: "StepInputs"):
+        """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token
+        of every slot (padding included) as a device array, without waiting for it; with the extended sampler,
+        (tokens, sampled logprob, top ids, top logprobs)."""
         self.shapes_seen.add(_shape_key(inputs))
-        tokens, self._last_tokens, self.pool.kv_cache = self._step(
+        tokens, logprobs, self._last_tokens, self.pool.kv_cache = self._step(
             self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
-            inputs.positions, inputs.attn, inputs.logits_indices, inputs.sampling, decode_only=inputs.decode_only)
-        return tokens
+            inputs.positions, inputs.attn, inputs.logits_indices, inputs.sampling, decode_only=inputs.decode_only,
+            extra=inputs.extra)
+        return tokens if logprobs is None else (tokens, *logprobs)

@@ -39,6 +39,10 @@ class Request:
     finish_reason: str | None = None        # "stop" | "length" | "abort"
     text: str = ""
     stop_text_len: int | None = None        # where a stop string cut the text
+    stop_reason: int | str | None = None    # the stop token id or stop string that ended it (None: EOS, length)
+    # params.logprobs set: output index -> (logprob of the sampled token, [(token id, logprob)] of the top k)
+    logprobs: dict = dataclasses.field(default_factory=dict)
+    grammar: object = None                  # params.json_schema: its engine.structured.Matcher
     admitted_once: bool = False
     # Disaggregation hooks. prefill_only: stop after the first token and keep the pages (status FINISHED,
     # finish_reason "prefilled") until the engine `release`s them, e.g. after a transfer. preloaded: the

@@ -165,7 +165,10 @@ class Scheduler:
         normal path (which chunks, defers for in-flight shared prefixes, or preempts)."""
         req = self.waiting[0]
         tokens = req.all_token_ids
-        if req.preloaded or len(tokens) < self.sp_threshold or len(self.running) >= self.config.max_num_seqs:
+        # The sequence-parallel step has the plain sampler only: a request with sampling extras (logprobs,
+        # penalties, grammar, ...) takes the normal path.
+        if req.preloaded or req.params.extended or len(tokens) < self.sp_threshold \
+                or len(self.running) >= self.config.max_num_seqs:
             return None
         n_cached, pages = self._match_capped(tokens)
         n = len(tokens) - n_cached

@@ -38,7 +38,9 @@ _BROKEN_AFTER = 3
 
 class Sink:
     """Where one request's events go. Called on the engine thread; implementations must be thread-safe.
-    Events: ("tokens", [ids]), ("finish", reason, usage dict, [last ids]), ("error", grpc.StatusCode, message)."""
+    Events: ("tokens", [ids], logprobs), ("finish", reason, usage dict, [last ids], {"logprobs", "stop_reason"}),
+    ("error", grpc.StatusCode, message); logprobs: None (not asked for) or one (logprob, [(id, logprob)]) or
+    None per token (see `_logprobs`)."""
 
     def push(self, event: tuple) -> None:
         raise NotImplementedError
@@ -235,7 +237,7 @@ class EngineLoop:
         if remaining <= 0 or context_len >= self.engine.max_model_len:
             # Nothing left to generate (a resumed request at its limit): done without touching the engine.
             sink.push(("finish", "length", dict(prompt_tokens=context_len, cached_tokens=0, completion_tokens=0,
-                                                ttft_s=0.0, queue_time_s=0.0, prefill_time_s=0.0), []))
+                                                ttft_s=0.0, queue_time_s=0.0, prefill_time_s=0.0), [], {}))
             return
         try:
             # Validate the whole context (prompt + resumed tokens) as the prompt it effectively is.
@@ -299,7 +301,7 @@ class EngineLoop:
             elif req.finished:
                 self._finish(live, new)
             elif new:
-                live.sink.push(("tokens", new))
+                live.sink.push(("tokens", new, _logprobs(req, known - len(new), known)))
         return updated
 
     def _step_failed(self, e: Exception) -> None:
@@ -427,7 +429,8 @@ class EngineLoop:
         usage = self._usage(live)
         self.counters["prompt_tokens"] += usage["prompt_tokens"]
         self.counters["cached_tokens"] += req.num_cached_tokens
-        live.sink.push(("prefilled", req.output_token_ids[-1], usage))
+        n = len(req.output_token_ids)
+        live.sink.push(("prefilled", req.output_token_ids[-1], usage, _logprobs(req, n - 1, n)))
 
     def _finish(self, live: _Live, new: list[int]) -> None:
         req = live.req
@@ -442,7 +445,9 @@ class EngineLoop:
             prompt_tokens=context_len, cached_tokens=req.num_cached_tokens,
             completion_tokens=len(req.output_token_ids) - live.num_resumed,
             ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),
-            prefill_time_s=max(first - scheduled, 0.0)), new))
+            prefill_time_s=max(first - scheduled, 0.0)), new,
+            dict(logprobs=_logprobs(req, len(req.output_token_ids) - len(new), len(req.output_token_ids)),
+                 stop_reason=req.stop_reason)))
 
     def _index_event(self, kind: str, tokens: tuple) -> None:
         getattr(self.mirror, kind)(tokens)  # insert, evict or offload
@@ -471,3 +476,11 @@ def default_seed(request_id: str) -> int | None:
     """Seed for a request that came without one: derived from its id, so a request moved to another
     instance (same id) draws the same random numbers there."""
     return zlib.crc32(request_id.encode()) if request_id else None
+
+
+def _logprobs(req: Request, start: int, end: int) -> list | None:
+    """The logprobs of output tokens [start, end) as the engine recorded them, or None when the request did
+    not ask for any (a resumed token, sampled elsewhere, has None)."""
+    if req.params.logprobs is None:
+        return None
+    return [req.logprobs.get(i) for i in range(start, end)]

@@ -59,10 +59,38 @@ def sampling_params(request: instance_pb2.InstanceGenerateRequest) -> SamplingPa
     counts every output token). ValueError for invalid values."""
     s = request.sampling
     seed = s.seed if s.HasField("seed") else default_seed(request.request_id)
+    max_tokens = len(request.generated_token_ids) + max(request.max_tokens, 1)
     return SamplingParams(
-        max_tokens=len(request.generated_token_ids) + max(request.max_tokens, 1), temperature=s.temperature,
+        max_tokens=max_tokens, temperature=s.temperature,
         top_k=s.top_k if s.HasField("top_k") else -1, top_p=s.top_p if s.HasField("top_p") else 1.0,
-        seed=seed, stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+        seed=seed, stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        logit_bias=dict(s.logit_bias), min_p=s.min_p, min_tokens=min(s.min_tokens, max_tokens),
+        include_stop_str_in_output=s.include_stop_str_in_output, json_schema=s.json_schema or None)
+
+
+def logprobs_messages(entries: list | None) -> list:
+    """TokenLogprobs for an event's logprobs (engine_loop._logprobs): [] when none were asked for; a token
+    without any (resumed from elsewhere) gets an empty message, so the list stays aligned with the tokens."""
+    if entries is None:
+        return []
+    out = []
+    for e in entries:
+        m = common_pb2.TokenLogprobs()
+        if e is not None:
+            m.logprob = e[0]
+            m.top_ids.extend(t for t, _ in e[1])
+            m.top_logprobs.extend(v for _, v in e[1])
+        out.append(m)
+    return out
+
+
+def stop_reason_message(reason) -> common_pb2.StopReason | None:
+    if reason is None:
+        return None
+    return common_pb2.StopReason(text=reason) if isinstance(reason, str) else common_pb2.StopReason(token_id=reason)
 
 
 
@@ -112,13 +140,15 @@ async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity
         while True:
             event = await sink.queue.get()
             if event[0] == "tokens":
-                yield instance_pb2.InstanceGenerateResponse(token_ids=event[1])
+                yield instance_pb2.InstanceGenerateResponse(token_ids=event[1],
+                                                            logprobs=logprobs_messages(event[2]))
             elif event[0] == "finish":
                 done = True
-                _, reason, usage, last = event
+                _, reason, usage, last, extra = event
                 yield instance_pb2.InstanceGenerateResponse(
                     token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
-                    usage=common_pb2.InstanceUsage(**usage))
+                    usage=common_pb2.InstanceUsage(**usage), logprobs=logprobs_messages(extra.get("logprobs")),
+                    stop_reason=stop_reason_message(extra.get("stop_reason")))
                 return
             else:
                 done = True

@@ -22,7 +22,8 @@ from typing import Iterator
 import grpc
 
 from jaxserve.engine.pd_protocol import ProtocolError, send_kv
-from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, add_request
+from jaxserve.instance.pd_common import (GrpcPeer, Identity, KvFailed, KvPath, add_request, logprobs_messages,
+                                         stop_reason_message)
 from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2
@@ -57,12 +58,16 @@ class PrefillSide:
             if event[0] == "error":
                 await context.abort(event[1], f"{self.me}: {event[2]}")
             if event[0] == "finish":  # the first token ends the request: nothing to send
-                _, reason, usage, last = event
+                _, reason, usage, last, extra = event
+                lps = logprobs_messages(extra.get("logprobs"))
                 return instance_pb2.PrefillResponse(first_token_id=last[-1] if last else 0,
                                                      finish_reason=FINISH_REASON_CODES[reason],
-                                                     usage=common_pb2.InstanceUsage(**usage))
+                                                     usage=common_pb2.InstanceUsage(**usage),
+                                                     first_token_logprobs=lps[-1] if lps else None,
+                                                     stop_reason=stop_reason_message(extra.get("stop_reason")))
             assert event[0] == "prefilled", event
-            _, first, usage = event
+            _, first, usage, first_lp = event
+            lps = logprobs_messages(first_lp)
             if not request.decode_target.address:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Prefill needs decode_target.address")
             try:
@@ -77,7 +82,8 @@ class PrefillSide:
             self.counters["kv_transfers"] += 1
             return instance_pb2.PrefillResponse(first_token_id=first, usage=common_pb2.InstanceUsage(**usage),
                                                 transferred_tokens=sent_tokens, kv_handle=tid,
-                                                transferred_bytes=sent_bytes)
+                                                transferred_bytes=sent_bytes,
+                                                first_token_logprobs=lps[0] if lps else None)
         finally:
             # Sent, failed or cancelled: the prefill side's pages go (the block on its way is a copy).
             # Unknown ids (finished, failed) are a no-op.

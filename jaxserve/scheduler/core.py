@@ -246,7 +246,7 @@ class SchedulerCore:
         return _Attempt(record, estimate_s, self.instances.on_attempt_closed)
 
     async def _stream_from(self, call, attempt: _Attempt):
-        """Yield (token_ids, finish_reason, usage) from an instance's token stream."""
+        """Yield (token_ids, finish_reason, usage, logprobs, stop_reason) from an instance's token stream."""
         record = attempt.record
         while True:
             try:
@@ -264,7 +264,8 @@ class SchedulerCore:
             usage = resp.usage if resp.HasField("usage") else None
             if resp.finish_reason:
                 attempt.finished = True  # the call ends on its own (OK status); no need to cancel it
-            yield list(resp.token_ids), resp.finish_reason, usage
+            yield (list(resp.token_ids), resp.finish_reason, usage, list(resp.logprobs),
+                   resp.stop_reason if resp.HasField("stop_reason") else None)
             if resp.finish_reason:
                 return
 
@@ -328,7 +329,9 @@ class SchedulerCore:
             if self.observer is not None:
                 self.observer.on_kv_transfer(prefill.instance_id, decode.instance_id, first.transferred_tokens,
                                              getattr(first, "transferred_bytes", 0))
-            yield [first.first_token_id], first.finish_reason, first.usage
+            yield ([first.first_token_id], first.finish_reason, first.usage,
+                   [first.first_token_logprobs] if first.HasField("first_token_logprobs") else [],
+                   first.stop_reason if first.HasField("stop_reason") else None)
             if first.finish_reason:
                 return
             generated.append(first.first_token_id)
@@ -347,7 +350,7 @@ class SchedulerCore:
         t0 = valid.arrival or time.monotonic()
         prompt = valid.prompt_ids
         generated: list[int] = []
-        text = TextStream(self.model.tokenizer, prompt, valid.stop)
+        text = TextStream(self.model.tokenizer, prompt, valid.stop, valid.sampling.include_stop_str_in_output)
         exclude: set[str] = set()
         failures: list[str] = []
         migrations = 0
@@ -369,14 +372,20 @@ class SchedulerCore:
                 decision, valid, generated, deadline)
             try:
                 async with contextlib.aclosing(attempt):
-                    async for token_ids, finish, usage in attempt:
+                    async for token_ids, finish, usage, logprobs, stop_reason in attempt:
                         remaining = valid.max_tokens - len(generated)
                         if len(token_ids) >= remaining:
                             token_ids, finish = token_ids[:remaining], finish or LENGTH
+                            logprobs = logprobs[:remaining]
                         generated.extend(token_ids)
-                        delta = text.push(token_ids)
+                        shown = token_ids
+                        if finish == STOP and stop_reason is not None and stop_reason.HasField("token_id") \
+                                and not valid.sampling.include_stop_str_in_output:
+                            shown = token_ids[:-1]  # a stop token's text is left out, as offline (and vLLM)
+                        delta = text.push(shown)
                         if text.stopped:
                             finish = STOP
+                            stop_reason = common_pb2.StopReason(text=text.stop_reason)
                         if usage is not None and cached_tokens is None:
                             cached_tokens = min(usage.cached_tokens, len(prompt))
                             instance_queue_s = usage.queue_time_s
@@ -390,12 +399,14 @@ class SchedulerCore:
                         if not finish:
                             if token_ids or delta:
                                 yield scheduler_pb2.GenerateResponse(request_id=valid.request_id,
-                                                                     token_ids=token_ids, text=delta)
+                                                                     token_ids=token_ids, text=delta,
+                                                                     logprobs=logprobs)
                             continue
                         self._account(decision, len(prompt), cached_tokens or 0)
                         final = scheduler_pb2.GenerateResponse(
                             request_id=valid.request_id, token_ids=token_ids, text=delta + text.flush(),
-                            finish_reason=finish,
+                            finish_reason=finish, logprobs=logprobs,
+                            stop_reason=stop_reason if finish == STOP else None,
                             usage=scheduler_pb2.Usage(
                                 prompt_tokens=len(prompt), cached_tokens=cached_tokens or 0,
                                 completion_tokens=len(generated),

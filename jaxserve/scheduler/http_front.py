@@ -61,6 +61,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from jaxserve.scheduler import http_openai as ho
 from jaxserve.scheduler import http_requests as hr
 from jaxserve.scheduler.chat_template import ChatTemplate, load_template, special_token
 from jaxserve.scheduler.http_requests import HttpError, bad_request
@@ -110,6 +111,9 @@ class HttpFront:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_get("/version", self._version)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         self.app = app
@@ -205,15 +209,31 @@ class HttpFront:
         body = await self._body(request)
         vocab = self.scheduler.model.vocab_size
         sampling, seed, n, stream, include_usage, session = hr.options(body, False, vocab)
+        ho.set_extras(body, False, sampling, vocab)
         prompts = hr.prompts(body, vocab)
         hr.check_fanout(len(prompts), n, self.max_completions_per_request)
         hr.check_prompt_bytes(hr.prompt_bytes(prompts), self.max_prompt_bytes, "prompt")
         max_tokens = hr.max_tokens(body, ("max_tokens",))
         echo = hr.boolean(body, "echo")
+        if echo and sampling.HasField("logprobs"):
+            raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not "
+                              "compute: drop one of them.", "echo")
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests(prompts, sampling, seed, n, max_tokens, session, rid)
         echoes = [self._prompt_text(p) if echo else "" for p in prompts for _ in range(n)]
-        return await self._run(request, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes))
+        return await self._run(request, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes,
+                                                  **self._extras(body, sampling, prompts, n, stream)))
+
+    def _extras(self, body, sampling, prompts, n: int, stream: bool) -> dict:
+        """The Job's extras (http_openai.py): logprobs count, continuous usage and the prompt lengths it needs."""
+        continuous = stream and ho.check_stream_options(body.get("stream_options"))
+        tok = self.scheduler.model.tokenizer
+        lens = ()
+        if continuous:
+            lens = tuple(len(p) if not isinstance(p, str) else len(tok.encode(p)) if tok is not None else 0
+                         for p in prompts for _ in range(n))
+        return dict(top_logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+                    continuous_usage=continuous, prompt_lens=lens, tokenizer=tok)
 
     def _prompt_text(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -224,6 +244,7 @@ class HttpFront:
     async def _chat(self, request):
         body = await self._body(request)
         sampling, seed, n, stream, include_usage, session = hr.options(body, True, self.scheduler.model.vocab_size)
+        ho.set_extras(body, True, sampling, self.scheduler.model.vocab_size)
         messages = hr.messages(body)
         hr.check_fanout(1, n, self.max_completions_per_request)
         hr.check_prompt_bytes(sum(len((m["content"] or "").encode("utf-8")) for m in messages),
@@ -243,10 +264,61 @@ class HttpFront:
         bos = tok.bos_token_id
         if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]  # the template wrote BOS and the tokenizer added another
+        if max_tokens is None:  # vLLM: the rest of the context, not a fixed default
+            max_tokens = max(self.scheduler.max_model_len() - len(ids), 1)
+        # vLLM's chat echo: the last message, when it is the assistant's, starts the answer.
+        echo = (messages[-1]["content"] or "") if hr.boolean(body, "echo") and messages[-1]["role"] == "assistant" \
+            else ""
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests([ids], sampling, seed, n, max_tokens, session, rid)
         return await self._run(request, reqs, Job(rid, self.names[0], True, n, stream, include_usage,
-                                                  [""] * len(reqs)))
+                                                  [echo] * len(reqs), **self._extras(body, sampling, [ids], n, stream)))
+
+    # ------------------------------------------------------------------------ tokenize / detokenize / version
+    async def _tokenize(self, request):
+        """vLLM's /tokenize: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
+        body = await self._body(request)
+        tok = self._tokenizer()
+        if "messages" in body:
+            messages = hr.messages(body)
+            text = self.template.render(messages, hr.boolean(body, "add_generation_prompt", True),
+                                        **hr.template_kwargs(body))
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise bad_request(f"prompt must be a string, got {text!r:.80}.", "prompt")
+        hr.check_prompt_bytes(len(text.encode("utf-8")), self.max_prompt_bytes, "prompt")
+        ids = tok.encode(text)
+        if not hr.boolean(body, "add_special_tokens", True) and tok.bos_token_id is not None and ids[:1] == [
+                tok.bos_token_id]:
+            ids = ids[1:]
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.scheduler.max_model_len()})
+
+    async def _detokenize(self, request):
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        body = await self._body(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(hr._is_int(t) for t in ids):
+            raise bad_request(f"tokens must be a list of token ids, got {ids!r:.80}.", "tokens")
+        vocab = self.scheduler.model.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"Token id {bad} is out of vocabulary [0, {vocab}).", "tokens")
+        return web.json_response({"prompt": self._tokenizer().decode(ids)})
+
+    async def _version(self, request):
+        from importlib import metadata
+        try:
+            version = metadata.version("jaxserve")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return web.json_response({"version": version})
+
+    def _tokenizer(self):
+        tok = self.scheduler.model.tokenizer
+        if tok is None:
+            raise bad_request(f"This scheduler has no tokenizer for model {self.scheduler.model.name!r}.")
+        return tok
 
     async def _run(self, request, reqs, job: Job):
         """The requests through the scheduler core (the same path as gRPC Generate, no loopback call)."""

@@ -142,29 +142,7 @@ def _is_int(v) -> bool:
 
 
 def _unsupported(body: dict, chat: bool) -> None:
-    if chat:
-        if body.get("logprobs"):
-            raise bad_request("logprobs is not supported by this server.", "logprobs")
-    elif body.get("logprobs") is not None:
-        raise bad_request("logprobs is not supported by this server.", "logprobs")
-    if body.get("top_logprobs"):
-        raise bad_request("top_logprobs is not supported by this server.", "top_logprobs")
-    if body.get("suffix"):
-        raise bad_request("suffix is not supported by this server.", "suffix")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = _number(body, name)
-        if v:
-            raise bad_request(f"{name} is not supported by this server (it must be 0), got {v}.", name)
-    v = _number(body, "repetition_penalty")
-    if v is not None and v != 1.0:
-        raise bad_request(f"repetition_penalty is not supported by this server (it must be 1), got {v}.",
-                          "repetition_penalty")
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported by this server.", "logit_bias")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format is not supported by this server (only {\"type\": \"text\"}).",
-                          "response_format")
+    # logprobs, penalties, logit_bias, suffix, response_format and the other vLLM extras: http_openai.py.
     if chat and body.get("tools") and body.get("tool_choice") != "none":
         raise bad_request("tools are not supported by this server.", "tools")
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from jaxserve.proto.enums import FINISH_REASON_NAMES
 from jaxserve.scheduler.core import SchedulerCore
 from jaxserve.scheduler.errors import SchedulerError
+from jaxserve.scheduler.http_openai import LogprobsFormatter
 from jaxserve.scheduler.http_requests import HttpError
 
 log = logging.getLogger("jaxserve.scheduler.http")
@@ -55,6 +56,20 @@ class Job:
     stream: bool
     include_usage: bool
     echoes: list[str]
+    # vLLM's extras (http_openai.py): top logprobs per token (None: no logprobs), usage in every chunk
+    # (needs each choice's prompt length), and the tokenizer that names logprob tokens.
+    top_logprobs: int | None = None
+    continuous_usage: bool = False
+    prompt_lens: tuple[int, ...] = ()
+    tokenizer: object = None
+
+
+def _stop_reason(r):
+    """A final GenerateResponse's stop_reason as vLLM reports it: the stop token id or string, else None."""
+    if not r.HasField("stop_reason"):
+        return None
+    which = r.stop_reason.WhichOneof("reason")
+    return getattr(r.stop_reason, which) if which else None
 
 
 async def _generate(core: SchedulerCore, request, deadline: float | None):
@@ -160,24 +175,31 @@ async def _complete(gens, firsts, job: Job) -> web.Response:
     created = int(time.time())
     texts = [[e] for e in job.echoes]
     finishes: list = [None] * len(gens)
+    stops: list = [None] * len(gens)
     usages: list = [None] * len(gens)
+    fmt = LogprobsFormatter(job.tokenizer, job.chat, job.top_logprobs or 0)
+    logprobs = [fmt.empty() if job.top_logprobs is not None else None for _ in gens]
+    offsets = [len(e) for e in job.echoes]
     try:
         async with contextlib.aclosing(_responses(gens, firsts)) as responses:
             async for i, r in responses:
                 texts[i].append(r.text)
+                if logprobs[i] is not None:
+                    offsets[i] = fmt.add(logprobs[i], r.token_ids, r.logprobs, offsets[i])
                 if r.finish_reason:
                     finishes[i] = _finish_name(r.finish_reason)
+                    stops[i] = _stop_reason(r)
                     usages[i] = r.usage
     except SchedulerError as e:
         raise http_error(e) from None
     if job.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t), "tool_calls": []},
-                    "logprobs": None, "finish_reason": finishes[i], "stop_reason": None}
+                    "logprobs": logprobs[i], "finish_reason": finishes[i], "stop_reason": stops[i]}
                    for i, t in enumerate(texts)]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finishes[i],
-                    "stop_reason": None} for i, t in enumerate(texts)]
+        choices = [{"index": i, "text": "".join(t), "logprobs": logprobs[i], "finish_reason": finishes[i],
+                    "stop_reason": stops[i]} for i, t in enumerate(texts)]
         obj = "text_completion"
     return web.json_response({"id": job.rid, "object": obj, "created": created, "model": job.model,
                               "choices": choices, "usage": _usage(usages, job.n)})
@@ -189,18 +211,54 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
     chat = job.chat
     obj = "chat.completion.chunk" if chat else "text_completion"
     usages: list = [None] * len(gens)
+    fmt = LogprobsFormatter(job.tokenizer, chat, job.top_logprobs or 0)
+    offsets = [len(e) for e in job.echoes]
+    generated = [0] * len(gens)
+
+    def running_usage(i) -> dict | None:
+        """continuous_usage_stats: this choice's counts so far (vLLM reports them per choice)."""
+        if not job.continuous_usage:
+            return None
+        prompt = job.prompt_lens[i] if i < len(job.prompt_lens) else 0
+        return {"prompt_tokens": prompt, "completion_tokens": generated[i], "total_tokens": prompt + generated[i]}
 
     def chunk(choices, usage=None) -> bytes:
         data = {"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices}
-        if job.include_usage:
+        if job.include_usage or job.continuous_usage:
             data["usage"] = usage
         return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
-    def choice(i, text, finish):
+    def choice(i, text, finish, logprobs=None, stop_reason=None, token=False):
+        extra = {} if finish is None else {"stop_reason": stop_reason}
         if chat:
-            delta = {"content": text} if text else {}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            delta = {"content": text} if text or token else {}
+            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
+
+    def token_logprobs(i, token_id, lp):
+        if job.top_logprobs is None:
+            return None
+        acc = fmt.empty()
+        offsets[i] = fmt.add(acc, [token_id], [lp], offsets[i])
+        return acc
+
+    def events(i, r):
+        """One event per generated token (vLLM), the response's text on its last token; a response without
+        tokens (a final one after everything was sent) is one event."""
+        finish = _finish_name(r.finish_reason) if r.finish_reason else None
+        stop = _stop_reason(r) if finish else None
+        ids = list(r.token_ids)
+        if not ids:
+            return [chunk([choice(i, r.text, finish, None, stop)], running_usage(i))] if r.text or finish else []
+        lps = list(r.logprobs) if len(r.logprobs) == len(ids) else [None] * len(ids)
+        out = []
+        for j, (tid, lp) in enumerate(zip(ids, lps)):
+            last = j == len(ids) - 1
+            generated[i] += 1
+            out.append(chunk([choice(i, r.text if last else "", finish if last else None,
+                                     token_logprobs(i, tid, lp) if lp is not None else None,
+                                     stop if last else None, token=True)], running_usage(i)))
+        return out
 
     try:
         await resp.prepare(request)
@@ -208,16 +266,15 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
             if chat:
                 await resp.write(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]))
-            elif echo:
+            if echo:
                 await resp.write(chunk([choice(i, echo, None)]))
         try:
             async with contextlib.aclosing(_responses(gens, firsts)) as responses:
                 async for i, r in responses:
-                    finish = _finish_name(r.finish_reason) if r.finish_reason else None
-                    if finish:
+                    if r.finish_reason:
                         usages[i] = r.usage
-                    if r.text or finish:
-                        await resp.write(chunk([choice(i, r.text, finish)]))
+                    for event in events(i, r):
+                        await resp.write(event)
         except SchedulerError as e:
             err = http_error(e)
             await resp.write(b"data: " + json.dumps(error_body(err.status, err.message)).encode() + b"\n\n")

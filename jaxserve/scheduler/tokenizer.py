@@ -146,9 +146,13 @@ class TextStream:
     """Incremental text of one request with stop strings: the text ends before the first stop string, and
     the last len(longest stop) - 1 characters are held back until they cannot start one."""
 
-    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int] = (), stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int] = (), stop: Sequence[str] = (),
+                 include_stop: bool = False):
+        """include_stop: the text ends after the stop string instead (vLLM's include_stop_str_in_output)."""
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop = tuple(stop)
+        self._include_stop = include_stop
+        self.stop_reason: str | None = None  # the stop string that ended the text
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""
         self._sent = 0
@@ -162,9 +166,10 @@ class TextStream:
         self.text += self._detok.add(token_ids)
         if self._stop and len(self.text) > old_len:
             start = max(old_len - self._hold, 0)
-            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in self._stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, self.stop_reason = min(hits, key=lambda h: h[0])
+                self.text = self.text[:at + (len(self.stop_reason) if self._include_stop else 0)]
                 self.stopped = True
         upto = len(self.text) if self.stopped else len(self.text) - self._hold
         if upto <= self._sent:

@@ -11,6 +11,7 @@ from jaxserve.scheduler.errors import InvalidRequest
 from jaxserve.scheduler.tokenizer import ModelInfo
 
 SEED_LIMIT = 2**32
+MAX_LOGPROBS = 20  # as OpenAI and vLLM (the engine's sampling.MAX_LOGPROBS)
 REQUEST_ID_MAX_LEN = 128  # a request id is echoed in every streamed response and in logs
 
 
@@ -43,6 +44,26 @@ def check_sampling(sampling: common_pb2.SamplingParams, vocab_size: int) -> None
     for t in sampling.stop_token_ids:
         if not 0 <= t < vocab_size:
             raise InvalidRequest(f"stop_token_ids must be in the vocabulary [0, {vocab_size}), got {t}.")
+    check_extras(sampling, vocab_size)
+
+
+def check_extras(sampling: common_pb2.SamplingParams, vocab_size: int) -> None:
+    """vLLM's sampling extras (fields 55+), with vLLM's limits."""
+    if sampling.HasField("logprobs") and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}.")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(sampling, name)
+        if not -2.0 <= v <= 2.0:  # also rejects NaN
+            raise InvalidRequest(f"{name} must be in [-2, 2], got {v}.")
+    if sampling.HasField("repetition_penalty") and not 0.0 < sampling.repetition_penalty < math.inf:
+        raise InvalidRequest(f"repetition_penalty must be greater than 0, got {sampling.repetition_penalty}.")
+    if not 0.0 <= sampling.min_p <= 1.0:
+        raise InvalidRequest(f"min_p must be in [0, 1], got {sampling.min_p}.")
+    for t, b in sampling.logit_bias.items():
+        if not 0 <= t < vocab_size:
+            raise InvalidRequest(f"logit_bias keys must be token ids in the vocabulary [0, {vocab_size}), got {t}.")
+        if math.isnan(b):
+            raise InvalidRequest(f"logit_bias values must be numbers, got {b} for token {t}.")
 
 
 def check_request_id(request_id: str) -> None:
@@ -64,6 +85,9 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}.")
     check_sampling(request.sampling, model.vocab_size)
+    if request.HasField("max_tokens") and request.sampling.min_tokens > request.max_tokens:
+        raise InvalidRequest(f"min_tokens ({request.sampling.min_tokens}) must be at most max_tokens "
+                             f"({request.max_tokens}).")
 
     if kind == "text":
         if not request.text:

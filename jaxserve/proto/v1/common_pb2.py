@@ -24,29 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jaxserve/v1/common.proto\x12\x0bjaxserve.v1\"\xb7\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x96\x01\n\rInstanceUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_time_s\x18\x06 \x01(\x01\"\xc2\x01\n\x04Load\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1b\n\x13num_queued_requests\x18\x02 \x01(\r\x12\x1a\n\x12num_running_tokens\x18\x03 \x01(\x04\x12\x19\n\x11num_queued_tokens\x18\x04 \x01(\x04\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\"\xab\x01\n\nIndexEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.jaxserve.v1.IndexEvent.Kind\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\r\"K\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06INSERT\x10\x01\x12\t\n\x05\x45VICT\x10\x02\x12\t\n\x05\x43LEAR\x10\x03\x12\x0b\n\x07OFFLOAD\x10U\"H\n\rProfileSample\x12\x12\n\nprompt_len\x18\x01 \x01(\r\x12\x12\n\ncached_len\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x01*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_COLOCATED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jaxserve/v1/common.proto\x12\x0bjaxserve.v1\"\x96\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x37 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x38 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x39 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18: \x01(\x02H\x04\x88\x01\x01\x12>\n\nlogit_bias\x18; \x03(\x0b\x32*.jaxserve.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18< \x01(\x02\x12\x12\n\nmin_tokens\x18= \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18> \x01(\x08\x12\x13\n\x0bjson_schema\x18? \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"G\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x0f\n\x07top_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\":\n\nStopReason\x12\x12\n\x08token_id\x18\x01 \x01(\x05H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x08\n\x06reason\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x96\x01\n\rInstanceUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x16\n\x0eprefill_time_s\x18\x06 \x01(\x01\"\xc2\x01\n\x04Load\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1b\n\x13num_queued_requests\x18\x02 \x01(\r\x12\x1a\n\x12num_running_tokens\x18\x03 \x01(\x04\x12\x19\n\x11num_queued_tokens\x18\x04 \x01(\x04\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\"\xab\x01\n\nIndexEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.jaxserve.v1.IndexEvent.Kind\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\r\"K\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06INSERT\x10\x01\x12\t\n\x05\x45VICT\x10\x02\x12\t\n\x05\x43LEAR\x10\x03\x12\x0b\n\x07OFFLOAD\x10U\"H\n\rProfileSample\x12\x12\n\nprompt_len\x18\x01 \x01(\r\x12\x12\n\ncached_len\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x01*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_COLOCATED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=850
-  _globals['_ROLE']._serialized_end=933
-  _globals['_FINISHREASON']._serialized_start=935
-  _globals['_FINISHREASON']._serialized_end=1055
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1334
+  _globals['_ROLE']._serialized_end=1417
+  _globals['_FINISHREASON']._serialized_start=1419
+  _globals['_FINISHREASON']._serialized_end=1539
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=225
-  _globals['_TOKENIDS']._serialized_start=227
-  _globals['_TOKENIDS']._serialized_end=250
-  _globals['_INSTANCEUSAGE']._serialized_start=253
-  _globals['_INSTANCEUSAGE']._serialized_end=403
-  _globals['_LOAD']._serialized_start=406
-  _globals['_LOAD']._serialized_end=600
-  _globals['_INDEXEVENT']._serialized_start=603
-  _globals['_INDEXEVENT']._serialized_end=774
-  _globals['_INDEXEVENT_KIND']._serialized_start=699
-  _globals['_INDEXEVENT_KIND']._serialized_end=774
-  _globals['_PROFILESAMPLE']._serialized_start=776
-  _globals['_PROFILESAMPLE']._serialized_end=848
+  _globals['_SAMPLINGPARAMS']._serialized_end=576
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=463
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=511
+  _globals['_TOKENLOGPROBS']._serialized_start=578
+  _globals['_TOKENLOGPROBS']._serialized_end=649
+  _globals['_STOPREASON']._serialized_start=651
+  _globals['_STOPREASON']._serialized_end=709
+  _globals['_TOKENIDS']._serialized_start=711
+  _globals['_TOKENIDS']._serialized_end=734
+  _globals['_INSTANCEUSAGE']._serialized_start=737
+  _globals['_INSTANCEUSAGE']._serialized_end=887
+  _globals['_LOAD']._serialized_start=890
+  _globals['_LOAD']._serialized_end=1084
+  _globals['_INDEXEVENT']._serialized_start=1087
+  _globals['_INDEXEVENT']._serialized_end=1258
+  _globals['_INDEXEVENT_KIND']._serialized_start=1183
+  _globals['_INDEXEVENT_KIND']._serialized_end=1258
+  _globals['_PROFILESAMPLE']._serialized_start=1260
+  _globals['_PROFILESAMPLE']._serialized_end=1332
 # @@protoc_insertion_point(module_scope)
