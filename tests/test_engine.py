@@ -222,8 +222,8 @@ def test_precompile_covers_every_shape_and_leaves_outputs_unchanged():
     # Whatever the batching produced is in the precompiled list (else a served request would compile).
     assert seen <= shapes, seen - shapes
     # CPU: one page-table width (the XLA attention loops over live key blocks only), decode slots 1-8, mixed
-    # steps 3 token buckets (16-64) x the one slot bucket (max_num_seqs 8).
-    assert (True, 1, 1, 64) in shapes and (False, 64, 8, 64) in shapes and len(shapes) == 4 + 3
+    # steps 3 token buckets (16-64) x the one slot bucket (max_num_seqs 8); each also with the extended sampler.
+    assert (True, 1, 1, 64) in shapes and (False, 64, 8, 64, "extended") in shapes and len(shapes) == 2 * (4 + 3)
     # Dummy steps write only the sink page: a fresh engine's outputs are the same after them (the shapes
     # already seen: in-process jit cache hits, so this test compiles nothing new).
     fresh = make_llm(enable_prefix_caching=False)

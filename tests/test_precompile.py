@@ -36,7 +36,8 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
     llm = LLM(model=CFG, page_size=8, num_pages=64, num_host_pages=96, max_num_batched_tokens=64, max_num_seqs=8,
               seed=0, compilation_cache="off", max_model_len=256)
     result = precompile(llm.engine)
-    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) <= 12
+    # 7 plain step shapes (decode 1-8, mixed 16-64 x 8 slots), each also with the extended sampler.
+    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) == 2 * 7
     rng = np.random.default_rng(3)
     shared = list(rng.integers(0, 256, 40))
     # Short and long prompts (chunked prefill), shared prefixes (cache hits), batches of 1-8, greedy and
@@ -47,6 +48,11 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
                                                                                  top_p=0.9, top_k=20, seed=1)),
         ([shared + [7]], SamplingParams(max_tokens=3, stop_token_ids=(5,))),
         ([list(rng.integers(0, 256, 10)) for _ in range(8)], SamplingParams(max_tokens=30, ignore_eos=True)),
+        # The extended sampler: logprobs, penalties, bias, min_p / min_tokens.
+        ([list(rng.integers(0, 256, n)) for n in (4, 70)], SamplingParams(max_tokens=12, logprobs=3,
+                                                                          repetition_penalty=1.2)),
+        ([shared + [9]] * 3, SamplingParams(max_tokens=6, presence_penalty=0.5, logit_bias={3: 5.0},
+                                            min_tokens=2, min_p=0.1, temperature=0.7, seed=2)),
     ]
     COUNTER.active = True
     try:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxserve.engine.model_runner import StepInputs, next_pow2, token_buckets
-from jaxserve.engine.sampling import sampling_arrays
+from jaxserve.engine.sampling import neutral_extras, sampling_arrays
 from jaxserve.model.batch import AttentionBatch
 
 
@@ -27,24 +27,32 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
     return out
 
 
-def step_shapes(runner) -> list[tuple[bool, int, int, int]]:
-    """Every (decode_only, tokens T, slots S, pages per sequence P) `ModelRunner.prepare` can produce."""
+def step_shapes(runner, extended: bool | None = None) -> list[tuple]:
+    """Every step key `ModelRunner.prepare` can produce: (decode_only, tokens T, slots S, pages per sequence P),
+    and each again + ("extended",) for the extended sampler (logprobs, penalties, bias, grammars: a second
+    executable per shape) unless `extended` is False (default: where the runner serves it, i.e. not on a
+    multi-process instance)."""
     pages = runner.page_buckets()
     shapes = [(True, s, s, p) for s in runner.slot_buckets(True) for p in pages]
     shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket)
                for s in runner.slot_buckets(False) for p in pages]
-    return shapes
+    if extended is None:
+        extended = not runner.ops.is_multiprocess
+    return shapes + ([s + ("extended",) for s in shapes] if extended else [])
 
 
-def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int) -> StepInputs:
-    """A step of the given shape with no live sequence: every token writes to page 0 (the pool's sink)."""
+def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int, *variant,
+                 vocab_size: int = 0) -> StepInputs:
+    """A step of the given shape with no live sequence: every token writes to page 0 (the pool's sink).
+    variant ("extended",): with the extended sampler's neutral inputs (needs vocab_size)."""
     z = lambda n: np.zeros(n, np.int32)  # noqa: E731
     attn = AttentionBatch(slot_pages=z(num_tokens), slot_offsets=z(num_tokens), kv_lens=z(num_slots),
                           page_indices=np.zeros((num_slots, pages_per_seq), np.int32),
                           cu_q_lens=z(num_slots + 1), num_seqs=z(1))
     no_previous = np.full(num_tokens, -1, np.int32)
+    extra = neutral_extras(num_slots, vocab_size) if variant == ("extended",) else None
     return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots),
-                      sampling_arrays([], [], [], num_slots))
+                      sampling_arrays([], [], [], num_slots), extra)
 
 
 def precompile_steps(runner, shapes=None, progress=None) -> int:
@@ -56,7 +64,7 @@ def precompile_steps(runner, shapes=None, progress=None) -> int:
     # device: two jit keys for that step's shape, so the first shape runs once more at the end.
     again = todo[:1] if runner.first_step_pending else []
     for k, shape in enumerate(todo + again):
-        runner.submit(dummy_inputs(*shape))
+        runner.submit(dummy_inputs(*shape, vocab_size=runner.model_config.vocab_size))
         if progress is not None:
             progress(min(k + 1, len(todo)), len(todo))
     return len(todo)
