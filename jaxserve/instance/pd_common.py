@@ -77,7 +77,7 @@ async def add_request(loop_thread, ids: Iterator[int], inner: instance_pb2.Insta
     # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
     internal_id = f"{inner.request_id}#{next(ids)}"
     loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids, params, sink,
-                    arrival, **kwargs)
+                    arrival, cache_salt=inner.cache_salt, **kwargs)
     return internal_id, sink
 
 

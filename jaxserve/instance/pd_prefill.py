@@ -22,6 +22,7 @@ from typing import Iterator
 import grpc
 
 from jaxserve.engine.pd_protocol import ProtocolError, send_kv
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, add_request
 from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.messages import decode_request
@@ -92,7 +93,8 @@ class PrefillSide:
         decode request. (transfer id, tokens, bytes) sent; KvFailed with the status to answer otherwise (the
         decode side frees its reservation on its own)."""
         ps = self.engine.pool.page_size
-        ctx = list(inner.prompt_token_ids) + list(inner.generated_token_ids)
+        # The decode side indexes what it receives under these tokens: the salted ones (jaxserve.cache_salt).
+        ctx = salt_tokens(list(inner.prompt_token_ids) + list(inner.generated_token_ids), inner.cache_salt)
         timeout = self.config.kv_transfer_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:

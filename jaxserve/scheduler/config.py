@@ -45,6 +45,9 @@ class GlobalSchedulerConfig:
     shutdown_grace_s: float = 5.0
     tls_cert_file: str | None = None     # server TLS (both or neither)
     tls_key_file: str | None = None
+    # Tenant isolation: every request's prefix-cache salt includes a hash of the API key it presented (HTTP
+    # Authorization / gRPC authorization metadata), so clients with different keys never share cached KV.
+    salt_cache_by_api_key: bool = False
 
     def __post_init__(self):
         _require(0 <= self.port < 65536, f"port must be in [0, 65536), got {self.port}")

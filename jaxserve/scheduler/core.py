@@ -20,6 +20,7 @@ import uuid
 
 import grpc
 
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.proto.v1 import common_pb2, instance_pb2, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.errors import DeadlineExceeded, InstanceError, Overloaded, SchedulerError, Unavailable
@@ -202,7 +203,9 @@ class SchedulerCore:
         if deadline is not None:
             wait_until = min(wait_until, deadline)
         while True:
-            decision = self.router.route(valid.prompt_ids, valid.session_id, exclude)
+            # The prompt trees hold the instances' index keys: salted for a salted request.
+            decision = self.router.route(tuple(salt_tokens(valid.prompt_ids, valid.cache_salt)), valid.session_id,
+                                         exclude)
             if decision is not None:
                 return decision
             left = wait_until - time.monotonic()
@@ -220,7 +223,8 @@ class SchedulerCore:
     def _instance_request(valid: ValidRequest, generated: list[int]) -> instance_pb2.InstanceGenerateRequest:
         return instance_pb2.InstanceGenerateRequest(
             request_id=valid.request_id, prompt_token_ids=valid.prompt_ids, generated_token_ids=generated,
-            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id)
+            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id,
+            cache_salt=valid.cache_salt)
 
     def _classify(self, record: InstanceRecord, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()

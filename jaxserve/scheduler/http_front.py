@@ -67,6 +67,7 @@ from jaxserve.scheduler.http_requests import HttpError, bad_request
 from jaxserve.scheduler.http_responses import Job, error_response, respond
 from jaxserve.scheduler.metrics import CONTENT_TYPE, SchedulerMetrics, kv_bytes_per_token
 from jaxserve.scheduler.tokenizer import resolve_model_path
+from jaxserve.scheduler.validation import tenant_cache_salt
 
 log = logging.getLogger("jaxserve.scheduler.http")
 
@@ -80,7 +81,10 @@ class HttpFront:
         self.scheduler = scheduler
         self.host = host
         self.requested_port = port
-        self.api_key = api_key or None
+        # One key, or several (one per tenant: with the scheduler's salt_cache_by_api_key they never share KV).
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+        self.api_keys = [k for k in keys if k]
+        self.api_key = self.api_keys[0] if self.api_keys else None
         self.names = list(served_model_names or [scheduler.model.name])
         folder = Path(model_path) if model_path is not None else resolve_model_path(scheduler.model.name)
         folder = folder if folder.is_dir() else None
@@ -136,7 +140,19 @@ class HttpFront:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             token = ""
-        return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        token = token.strip().encode()
+        # Every key compared, so the time taken says nothing about which one (if any) matched.
+        return sum(hmac.compare_digest(token, key.encode()) for key in self.api_keys) > 0
+
+    def _salt(self, request: web.Request, body: dict, reqs) -> None:
+        """Sets each request's cache_salt: the body's, bound to the presented API key when the scheduler
+        salts by key (tenant isolation of the prefix cache)."""
+        salt = hr.cache_salt(body)
+        if self.scheduler.config.salt_cache_by_api_key:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            salt = tenant_cache_salt(token.strip() if scheme.lower() == "bearer" else "", salt)
+        for r in reqs:
+            r.cache_salt = salt
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
@@ -205,6 +221,7 @@ class HttpFront:
         echo = hr.boolean(body, "echo")
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests(prompts, sampling, seed, n, max_tokens, session, rid)
+        self._salt(request, body, reqs)
         echoes = [self._prompt_text(p) if echo else "" for p in prompts for _ in range(n)]
         return await self._run(request, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes))
 
@@ -238,6 +255,7 @@ class HttpFront:
             ids = ids[1:]  # the template wrote BOS and the tokenizer added another
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests([ids], sampling, seed, n, max_tokens, session, rid)
+        self._salt(request, body, reqs)
         return await self._run(request, reqs, Job(rid, self.names[0], True, n, stream, include_usage,
                                                   [""] * len(reqs)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxserve.cache_salt import MAX_SALT_BYTES, api_key_salt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler.errors import InvalidRequest
 from jaxserve.scheduler.tokenizer import ModelInfo
@@ -21,7 +22,8 @@ class ValidRequest:
     max_tokens: int
     sampling: common_pb2.SamplingParams
     session_id: str
-    arrival: float = 0.0  # time.monotonic() when the request arrived (TTFT and queue time count from it)
+    arrival: float = 0.0
+    cache_salt: str = ""  # tenant isolation of the prefix cache (jaxserve.cache_salt)  # time.monotonic() when the request arrived (TTFT and queue time count from it)
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -54,10 +56,24 @@ def check_request_id(request_id: str) -> None:
                              f"'~'), got {request_id[:80]!r}.")
 
 
+def check_cache_salt(salt: str) -> None:
+    if len(salt.encode("utf-8")) > MAX_SALT_BYTES:
+        raise InvalidRequest(f"cache_salt must be at most {MAX_SALT_BYTES} bytes (UTF-8), got "
+                             f"{len(salt.encode('utf-8'))}.")
+
+
+def tenant_cache_salt(api_key: str, salt: str) -> str:
+    """The salt of a request under `salt_cache_by_api_key`: its tenant's (a hash of the API key it presented)
+    combined with its own `salt`, so tenants never share KV whatever salts they choose."""
+    check_cache_salt(salt)
+    return api_key_salt(f"{len(api_key)}:{api_key}{salt}")
+
+
 def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
              default_max_tokens: int, request_id: str, arrival: float = 0.0) -> ValidRequest:
     """Raises InvalidRequest with the client-facing message."""
     check_request_id(request.request_id)
+    check_cache_salt(request.cache_salt)
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("The request has no prompt: set either text or token_ids.")
@@ -96,4 +112,5 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     else:
         max_tokens = min(default_max_tokens, max_model_len - n)
     return ValidRequest(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
-                        sampling=request.sampling, session_id=request.session_id, arrival=arrival)
+                        sampling=request.sampling, session_id=request.session_id, arrival=arrival,
+                        cache_salt=request.cache_salt)
