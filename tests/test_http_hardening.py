@@ -1,6 +1,7 @@
 """Issue 16 ("Lock the doors"): hostile or malformed client input is a 400 (gRPC: INVALID_ARGUMENT) naming the
 field and what is allowed, never a 500, and one request cannot fan out or grow without bound."""
 
+import asyncio
 import json
 
 import pytest
@@ -10,7 +11,7 @@ pytest.importorskip("aiohttp")
 grpc = pytest.importorskip("grpc")
 
 from jaxserve.proto.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
-from test_http_front import MODEL, cluster, raw, run  # noqa: E402
+from test_http_front import MODEL, cluster, fake_text, ids, raw, run  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
 
@@ -155,3 +156,58 @@ def test_request_id_length_and_charset_over_grpc():
             out = await generate(address, "r" * 128)
             assert out and all(r.request_id == "r" * 128 for r in out)
     run(body(), timeout=30)
+
+
+# ------------------------------------------------------------------------- slowloris and the connection cap
+async def _closed_within(reader, seconds):
+    """Everything the server sent before closing the connection; AssertionError if it stays open."""
+    try:
+        return await asyncio.wait_for(reader.read(), seconds)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"the connection was still open after {seconds} s") from None
+
+
+def test_half_sent_headers_and_bodies_are_closed_after_the_timeouts():
+    async def body():
+        async with cluster(front=dict(header_timeout_s=0.5, body_timeout_s=0.5)) as (http, fakes, client):
+            host, port = http.host, http.port
+            # Half-sent headers: closed without an answer.
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            await writer.drain()
+            assert await _closed_within(reader, 30) == b""
+            writer.close()
+            # Nothing sent at all: closed too.
+            reader, writer = await asyncio.open_connection(host, port)
+            assert await _closed_within(reader, 30) == b""
+            writer.close()
+            # Half-sent body: 408 naming the limit, then closed.
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            await writer.drain()
+            answer = await _closed_within(reader, 30)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"did not arrive within 0.5 s" in answer and b"body_timeout_s" in answer
+            writer.close()
+            # The server still answers.
+            r = await client.completions.create(model=MODEL, prompt="abc", max_tokens=2)
+            assert r.choices[0].text == fake_text(len(ids("abc")), 2)
+    run(body(), timeout=120)
+
+
+def test_beyond_the_connection_cap_requests_get_503_and_health_answers():
+    async def body():
+        async with cluster(front=dict(max_connections=3, header_timeout_s=60)) as (http, fakes, client):
+            idle = [await asyncio.open_connection(http.host, http.port) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            code, err = await post(http, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 2})
+            assert code == 503 and "at most 3" in err["error"]["message"], (code, err)
+            code, ok = await raw(http, "GET", "/health")
+            assert code == 200 and ok == {"status": "ok"}
+            for _, w in idle:
+                w.close()
+            await asyncio.sleep(0.2)
+            r = await client.completions.create(model=MODEL, prompt="abc", max_tokens=2)
+            assert r.choices[0].text == fake_text(len(ids("abc")), 2)
+    run(body(), timeout=120)

@@ -77,7 +77,8 @@ class HttpFront:
                  served_model_names: list[str] | None = None, chat_template: str | None = None,
                  model_path=None, metrics: SchedulerMetrics | None = None, shutdown_grace_s: float = 1.0,
                  max_body_bytes: int = 64 << 20, max_json_depth: int = 64, max_completions_per_request: int = 256,
-                 max_prompt_bytes: int = 4 << 20):
+                 max_prompt_bytes: int = 4 << 20, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
+                 max_connections: int = 1024):
         self.scheduler = scheduler
         self.host = host
         self.requested_port = port
@@ -102,6 +103,13 @@ class HttpFront:
         self.max_json_depth = max_json_depth
         self.max_completions_per_request = max_completions_per_request
         self.max_prompt_bytes = max_prompt_bytes
+        for name, value in (("header_timeout_s", header_timeout_s), ("body_timeout_s", body_timeout_s),
+                            ("max_connections", max_connections)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
         self.created = int(time.time())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -114,8 +122,11 @@ class HttpFront:
         self.app = app
 
     async def start(self) -> int:
+        # aiohttp closes a connection that has not sent a whole request line and headers within the keep-alive
+        # timeout, counted from the connection's start and from the end of each response: our header timeout
+        # (slowloris holding connections with half-sent headers).
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=self.shutdown_grace_s)
+                               shutdown_timeout=self.shutdown_grace_s, keepalive_timeout=self.header_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.requested_port)
         await site.start()
@@ -158,7 +169,11 @@ class HttpFront:
     async def _middleware(self, request: web.Request, handler):
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         try:
-            if self.api_key and request.path != "/health" and not self._authorized(request):
+            if request.path != "/health" and self._over_capacity():
+                response = error_response(503, f"Too many connections: this server serves at most "
+                                               f"{self.max_connections} at once; try again later.")
+                response.force_close()
+            elif self.api_key and request.path != "/health" and not self._authorized(request):
                 response = error_response(401, "Unauthorized: a valid API key is required "
                                                 "(Authorization: Bearer <key>).")
             else:
@@ -167,6 +182,8 @@ class HttpFront:
             if e.status == 400 and not e.counted:
                 self.metrics.on_rejected("invalid")
             response = error_response(e.status, e.message, e.param)
+            if e.status == 408:
+                response.force_close()  # the rest of a half-sent body is never read: the connection ends
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -178,6 +195,12 @@ class HttpFront:
             response = error_response(500, "Internal server error.")
         self.metrics.on_http(route, request.method, response.status)
         return response
+
+    def _over_capacity(self) -> bool:
+        """More connections open than max_connections (the newest get 503 and are closed; /health still
+        answers, so a full server is not mistaken for a dead one)."""
+        server = self._runner.server if self._runner is not None else None
+        return server is not None and len(server.connections) > self.max_connections
 
     # ----------------------------------------------------------------------------------- simple routes
     async def _health(self, request):
@@ -196,7 +219,12 @@ class HttpFront:
     # --------------------------------------------------------------------------------------- requests
     async def _body(self, request) -> dict:
         try:
-            body = json.loads(await request.read())
+            data = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"The request body did not arrive within {self.body_timeout_s:g} s "
+                                 "(body_timeout_s).") from None
+        try:
+            body = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"The request body is not valid JSON: {e}.") from None
         except RecursionError:
