@@ -126,10 +126,10 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None,
                                                     request_id=request_id, cache_salt=cache_salt), prompt, max_tokens)
 
 
-def _delta(resp: scheduler_pb2.GenerateResponse) -> Delta:
+def _delta(resp: scheduler_pb2.GenerateResponse, request_id: str) -> Delta:
     return Delta(text=resp.text, token_ids=tuple(resp.token_ids),
                  finish_reason=FINISH_REASON_NAMES.get(resp.finish_reason),
-                 usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=resp.request_id)
+                 usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=request_id)
 
 
 def _join(deltas: list[Delta]) -> Completion:
@@ -202,11 +202,12 @@ class Client(_Connected):
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining())
-            started = False
+            started, rid = False, ""
             try:
                 for resp in call:
                     started = True
-                    yield _delta(resp)
+                    rid = rid or resp.request_id  # the server sends it in the first message only
+                    yield _delta(resp, rid)
                 return
             except grpc.RpcError as e:
                 attempt += 1
@@ -264,11 +265,12 @@ class AsyncClient(_Connected):
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining())
-            started = False
+            started, rid = False, ""
             try:
                 async for resp in call:
                     started = True
-                    yield _delta(resp)
+                    rid = rid or resp.request_id  # the server sends it in the first message only
+                    yield _delta(resp, rid)
                 return
             except grpc.aio.AioRpcError as e:
                 attempt += 1

@@ -10,7 +10,8 @@ pytest.importorskip("openai")
 pytest.importorskip("aiohttp")
 grpc = pytest.importorskip("grpc")
 
-from jaxserve.proto.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
+from jaxserve.client import AsyncClient, Client  # noqa: E402
+from jaxserve.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
 from test_http_front import MODEL, cluster, fake_text, ids, raw, run  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
@@ -154,8 +155,55 @@ def test_request_id_length_and_charset_over_grpc():
                 assert fragment in e.value.details(), (rid, e.value.details())
             assert fakes[0].requests == []
             out = await generate(address, "r" * 128)
-            assert out and all(r.request_id == "r" * 128 for r in out)
+            assert out and out[0].request_id == "r" * 128
     run(body(), timeout=30)
+
+
+def test_request_id_is_sent_once_per_stream_and_the_client_remembers_it():
+    async def body():
+        async with cluster() as (http, fakes, client):
+            address = http.scheduler.address
+            request = scheduler_pb2.GenerateRequest(text="hi", max_tokens=32, request_id="r" * 128)
+            request.sampling.ignore_eos = True
+            async with grpc.aio.insecure_channel(address) as channel:
+                out = [r async for r in scheduler_pb2_grpc.SchedulerStub(channel).Generate(request)]
+            assert len(out) == 32 and sum(len(r.token_ids) for r in out) == 32
+            assert out[0].request_id == "r" * 128 and all(r.request_id == "" for r in out[1:])
+            assert sum(r.ByteSize() for r in out) < 32 * 64  # was 32 x (128 + tokens + text)
+            async with AsyncClient(address) as c:
+                deltas = [d async for d in c.stream("hi", max_tokens=5, request_id="mine", ignore_eos=True)]
+                assert len(deltas) == 5 and all(d.request_id == "mine" for d in deltas)
+                done = await c.generate("hi", max_tokens=5, ignore_eos=True)
+                assert len(done.request_id) == 32  # assigned by the scheduler, remembered from the first message
+
+            def sync():  # the blocking client, off the event loop the scheduler runs on
+                with Client(address) as c:
+                    return [d.request_id for d in c.stream("hi", max_tokens=4, request_id="sync")]
+            assert await asyncio.to_thread(sync) == ["sync"] * 4
+    run(body(), timeout=60)
+
+
+def test_grpc_prompt_size_is_capped_before_tokenizing():
+    async def body():
+        async with cluster(max_prompt_bytes=1000) as (http, fakes, client):
+            address = http.scheduler.address
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                cases = [(scheduler_pb2.GenerateRequest(text="x" * 1001, max_tokens=1),
+                          "1001 bytes; this server takes at most 1000 bytes", "max_prompt_bytes"),
+                         (scheduler_pb2.GenerateRequest(text="é" * 501, max_tokens=1), "1002 bytes", "at most 1000"),
+                         (scheduler_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[1] * 5000), max_tokens=1),
+                          "maximum context length is 256 tokens", "requested 5000 tokens")]
+                for request, *fragments in cases:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.Generate(request).read()
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    for fragment in fragments:
+                        assert fragment in e.value.details(), e.value.details()
+                assert fakes[0].requests == []
+                ok = [r async for r in stub.Generate(scheduler_pb2.GenerateRequest(text="x" * 200, max_tokens=2))]
+                assert ok[-1].usage.completion_tokens == 2
+    run(body(), timeout=60)
 
 
 # ------------------------------------------------------------------------- slowloris and the connection cap

@@ -57,6 +57,8 @@ flags.DEFINE_float("http_body_timeout_s", 30.0, "HTTP: a request body not fully 
                    "headers is answered 408 and its connection closed")
 flags.DEFINE_integer("http_max_connections", 1024, "HTTP: beyond this many open connections requests get 503 "
                      "(and their connection is closed); /health still answers")
+flags.DEFINE_integer("max_prompt_bytes", 4 << 20, "gRPC: a text prompt longer than this (UTF-8 bytes) is refused "
+                     "before it is tokenized")
 flags.DEFINE_bool("salt_cache_by_api_key", False, "tenant isolation: every request's prefix-cache salt includes "
                   "a hash of the API key it presented, so clients with different keys never share cached KV "
                   "(--api_key may list several keys, comma-separated)")
@@ -67,7 +69,8 @@ def config_from_flags() -> GlobalSchedulerConfig:
     names = ("host", "port", "policy", "mode", "max_queued_requests", "max_queued_tokens", "default_max_tokens",
              "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
              "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
-             "shutdown_grace_s", "tls_cert_file", "tls_key_file", "salt_cache_by_api_key")
+             "shutdown_grace_s", "tls_cert_file", "tls_key_file", "salt_cache_by_api_key",
+             "max_prompt_bytes")
     return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
 
 

@@ -164,7 +164,7 @@ class SchedulerCore:
         arrival = time.monotonic()
         try:
             return validate(request, self.model, self.instances.max_model_len(), self.config.default_max_tokens,
-                            request.request_id or uuid.uuid4().hex, arrival)
+                            request.request_id or uuid.uuid4().hex, arrival, self.config.max_prompt_bytes)
         except SchedulerError:
             self.stats["num_rejected"] += 1
             if self.observer is not None:
@@ -327,6 +327,12 @@ class SchedulerCore:
         observer = self.observer
         gaps: list[float] | None = [] if observer is not None else None  # inter-token latencies
         last_token_at = None
+        # The request id goes in the first message only (a client's id may be 128 characters; per chunk that
+        # would multiply the stream). `rid()` hands it out once.
+        unsent = [valid.request_id]
+
+        def rid() -> str:
+            return unsent.pop() if unsent else ""
         while True:
             decision = await self._route(valid, exclude, deadline, failures)
             if observer is not None:
@@ -359,12 +365,12 @@ class SchedulerCore:
                             last_token_at = now
                         if not finish:
                             if token_ids or delta:
-                                yield scheduler_pb2.GenerateResponse(request_id=valid.request_id,
-                                                                     token_ids=token_ids, text=delta)
+                                yield scheduler_pb2.GenerateResponse(request_id=rid(), token_ids=token_ids,
+                                                                     text=delta)
                             continue
                         self._account(decision, len(prompt), cached_tokens or 0)
                         final = scheduler_pb2.GenerateResponse(
-                            request_id=valid.request_id, token_ids=token_ids, text=delta + text.flush(),
+                            request_id=rid(), token_ids=token_ids, text=delta + text.flush(),
                             finish_reason=finish,
                             usage=scheduler_pb2.Usage(
                                 prompt_tokens=len(prompt), cached_tokens=cached_tokens or 0,

@@ -70,8 +70,10 @@ def tenant_cache_salt(api_key: str, salt: str) -> str:
 
 
 def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
-             default_max_tokens: int, request_id: str, arrival: float = 0.0) -> ValidRequest:
-    """Raises InvalidRequest with the client-facing message."""
+             default_max_tokens: int, request_id: str, arrival: float = 0.0,
+             max_prompt_bytes: int = 4 << 20) -> ValidRequest:
+    """Raises InvalidRequest with the client-facing message. The prompt's size is checked before it is
+    tokenized or scanned: text at most `max_prompt_bytes` (UTF-8), token ids fewer than `max_model_len`."""
     check_request_id(request.request_id)
     check_cache_salt(request.cache_salt)
     kind = request.WhichOneof("prompt")
@@ -84,11 +86,20 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     if kind == "text":
         if not request.text:
             raise InvalidRequest("The prompt cannot be empty.")
+        size = len(request.text.encode("utf-8"))
+        if size > max_prompt_bytes:
+            raise InvalidRequest(f"The prompt is {size} bytes; this server takes at most {max_prompt_bytes} bytes "
+                                 "of prompt text per request (max_prompt_bytes).")
         if model.tokenizer is None:
             raise InvalidRequest(f"This scheduler has no tokenizer for model {model.name!r}: send the prompt "
                                  "as token_ids.")
         prompt = tuple(model.tokenizer.encode(request.text))
     else:
+        if len(request.token_ids.ids) >= max_model_len:
+            n = len(request.token_ids.ids)
+            raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                 f"requested {n} tokens in the messages, which leaves no room for the completion. "
+                                 "Please reduce the length of the messages.")
         prompt = tuple(request.token_ids.ids)
         if not prompt:
             raise InvalidRequest("The prompt cannot be empty.")
