@@ -21,10 +21,17 @@ from jaxserve.proto.enums import FINISH_REASON_CODES
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 
 
+PEER_MAX_BACKOFF_MS = 1000
+PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", PEER_MAX_BACKOFF_MS)]
+
+
 class KvFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    """A KV transfer step failed; `peer`: the other instance failed it (its RPC), not this one."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, peer: bool = False):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.peer = code, message, peer
 
 
 class QueueSink(Sink):
@@ -163,10 +170,24 @@ class KvPath:
         self._peers.clear()
 
     def peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        """A stub on the cached channel to `address`. A channel that failed to connect sits in reconnect
+        back-off (up to PEER_MAX_BACKOFF_MS, gRPC's default grows to 2 minutes) and fails every call meanwhile,
+        so an instance restarted at that address would be unreachable for that long: such a channel is
+        replaced by a fresh one, which connects at once."""
         channel = self._peers.get(address)
+        if channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            self.forget(address)
+            channel = None
         if channel is None:
-            channel = self._peers[address] = grpc.aio.insecure_channel(address)
+            channel = self._peers[address] = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
         return instance_pb2_grpc.InstanceStub(channel)
+
+    def forget(self, address: str) -> None:
+        """Drops the cached channel to `address` (a call on it failed UNAVAILABLE: the peer may come back at
+        that address, and a fresh channel reaches it at once where this one would wait out its back-off)."""
+        channel = self._peers.pop(address, None)
+        if channel is not None:
+            asyncio.get_running_loop().create_task(channel.close(grace=0))
 
     async def on_engine(self, fn):
         return await asyncio.wrap_future(self.loop_thread.submit(fn))
@@ -230,7 +251,7 @@ class GrpcPeer:
                 request_id=request_id, token_ids=tokens, page_size=page_size), timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at PrepareKvTransfer: "
-                                       f"{e.code().name}: {e.details()}") from None
+                                       f"{e.code().name}: {e.details()}", peer=True) from None
         return Prepared(prep.transfer_id, prep.cached_tokens, prep)
 
     async def commit(self, prepared: Prepared, start_page: int, offer) -> int:
@@ -244,7 +265,7 @@ class GrpcPeer:
                 timeout=self.timeout + 5.0)
         except grpc.aio.AioRpcError as e:
             raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at CommitKvTransfer: "
-                                       f"{e.code().name}: {e.details()}") from None
+                                       f"{e.code().name}: {e.details()}", peer=True) from None
         return commit.received_tokens
 
     async def abort(self, request_id: str) -> None:

@@ -25,7 +25,7 @@ from jaxserve.engine.pd_protocol import ProtocolError, send_kv
 from jaxserve.cache_salt import salt_tokens
 from jaxserve.instance.pd_common import GrpcPeer, Identity, KvFailed, KvPath, add_request
 from jaxserve.proto.enums import FINISH_REASON_CODES
-from jaxserve.proto.messages import decode_request
+from jaxserve.proto.messages import FAILED_PEER_DECODE, FAILED_PEER_KEY, decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
@@ -71,8 +71,12 @@ class PrefillSide:
                                                                    request.decode_target, context)
             except KvFailed as e:
                 self.counters["kv_transfer_failures"] += 1
+                if e.peer and e.code == grpc.StatusCode.UNAVAILABLE:
+                    self.kv.forget(request.decode_target.address)
                 log.warning("request %s: %s", inner.request_id, e.message)
-                await context.abort(e.code, f"{self.me}: {e.message}")
+                # The decode target's failure is marked so the scheduler blames it, not this instance.
+                blame = ((FAILED_PEER_KEY, FAILED_PEER_DECODE),) if e.peer else ()
+                await context.abort(e.code, f"{self.me}: {e.message}", trailing_metadata=blame)
             self.counters["kv_sent_tokens"] += sent_tokens
             self.counters["kv_sent_bytes"] += sent_bytes
             self.counters["kv_transfers"] += 1

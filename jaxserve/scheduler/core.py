@@ -21,6 +21,7 @@ import uuid
 import grpc
 
 from jaxserve.cache_salt import salt_tokens
+from jaxserve.proto.messages import FAILED_PEER_DECODE, FAILED_PEER_KEY
 from jaxserve.proto.v1 import common_pb2, instance_pb2, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.errors import DeadlineExceeded, InstanceError, Overloaded, SchedulerError, Unavailable
@@ -42,6 +43,20 @@ _MIGRATE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELL
 # Of those, the ones that say the instance itself may be gone: probe it now.
 _SUSPECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                             grpc.StatusCode.INTERNAL})
+
+
+def _decode_target_failed(error: grpc.aio.AioRpcError) -> bool:
+    """A failed Prefill says its decode target failed the KV transfer (trailing metadata)."""
+    metadata = error.trailing_metadata() or ()
+    return any(k == FAILED_PEER_KEY and v == FAILED_PEER_DECODE for k, v in metadata)
+
+
+async def _abort_quietly(record: InstanceRecord, request_id: str) -> None:
+    stub = record.stub
+    if stub is None:
+        return
+    with contextlib.suppress(Exception):
+        await stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=5.0)
 
 
 class _InstanceFailed(Exception):
@@ -278,6 +293,7 @@ class SchedulerCore:
     async def _disaggregated(self, decision: RouteDecision, valid: ValidRequest, generated: list[int],
                              deadline: float | None):
         prefill, decode = decision.prefill, decision.instance
+        completed = False
         p_attempt = self._attempt(prefill, decision.estimate_s)
         d_attempt = self._attempt(decode, 0.0)
         try:
@@ -293,11 +309,15 @@ class SchedulerCore:
                     raise _InstanceFailed(prefill, p_attempt.lost) from None
                 raise
             except grpc.aio.AioRpcError as e:
-                raise self._classify(prefill, e) from None
+                # A transfer its decode target failed is the decode instance's failure: retry on another one.
+                blamed = decode if _decode_target_failed(e) else prefill
+                raise self._classify(blamed, e) from None
             p_attempt.close()
             if self.observer is not None:
                 self.observer.on_kv_transfer(prefill.instance_id, decode.instance_id, first.transferred_tokens,
                                              getattr(first, "transferred_bytes", 0))
+            if first.finish_reason:
+                completed = True  # nothing went to the decode instance
             yield [first.first_token_id], first.finish_reason, first.usage
             if first.finish_reason:
                 return
@@ -308,9 +328,15 @@ class SchedulerCore:
             async with contextlib.aclosing(self._stream_from(d_attempt.call, d_attempt)) as chunks:
                 async for chunk in chunks:
                     yield chunk
+            completed = True
         finally:
             p_attempt.close()
             d_attempt.close()
+            if not completed:
+                # Abandoned (client gone, deadline, failure): the decode instance may hold the request, admitted
+                # at commit and decoding, that no Decode call will claim; it would run until its transfer
+                # timeout. Abort it there now (best effort; the prefill side aborts its own on cancel).
+                self.instances.spawn(_abort_quietly(decode, valid.request_id))
 
     # ------------------------------------------------------------------------------------------ serving
     async def _serve(self, valid: ValidRequest, deadline: float | None):
