@@ -137,29 +137,49 @@ def test_a_decode_instance_restarted_at_the_same_address_is_reachable_at_once():
     run(body(), timeout=300)
 
 
-def test_a_client_leaving_after_its_first_token_is_cancelled_on_both_sides_within_a_second():
+class SlowToAnswer(InstanceServer):
+    """A prefill instance whose answer takes a while after its KV went to the decode side (a slow link): the
+    window in which a client that leaves strands a request the decode instance already runs."""
+
+    async def Prefill(self, request, context):
+        response = await super().Prefill(request, context)
+        await asyncio.sleep(scaled(5))
+        return response
+
+
+def test_a_client_leaving_is_cancelled_on_both_sides_within_a_second():
     async def body():
         scheduler = Scheduler(GlobalSchedulerConfig(port=0, health_interval_s=1.0, shutdown_grace_s=0,
                                                     profile_instances=False), ModelInfo.byte_level(512))
         await scheduler.start()
-        servers = [await instance(role, dev, scheduler.address, kv_transfer_timeout_s=30).start()
-                   for role, dev in (("prefill", 0), ("decode", 1))]
+        config = dict(pd_mode="caching2", scheduler_address=scheduler.address, shutdown_grace_s=0,
+                      kv_transfer_timeout_s=30)
+        servers = [await SlowToAnswer(tiny(0).engine, InstanceConfig(role="prefill", instance_id="prefill-0",
+                                                                     **config)).start(),
+                   await InstanceServer(tiny(1).engine, InstanceConfig(role="decode", instance_id="decode-1",
+                                                                       **config)).start()]
         try:
             async with AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1)) as client:
-                # Warm up (compilations), so the timing below measures the cancel, not a compile.
-                await client.generate(list(range(1, 30)), max_tokens=N_OUT, ignore_eos=True)
-                stream = client.stream(list(range(2, 31)), max_tokens=400, ignore_eos=True)
-                first = await stream.__anext__()
-                assert first.token_ids
-                await stream.aclose()  # the client leaves
+                await client.generate(list(range(1, 30)), max_tokens=N_OUT, ignore_eos=True)  # compile first
+
+                async def leaving():
+                    async for _ in client.stream(list(range(2, 31)), max_tokens=400, ignore_eos=True):
+                        pass
+                task = asyncio.get_running_loop().create_task(leaving())
+
+                async def decoding():
+                    return (await stats(servers[1].address)).load.num_running_requests > 0
+                await eventually(decoding, timeout=30, what="the decode side running the request")
+                task.cancel()  # the client leaves while the prefill side's answer is on its way
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             for s in servers:
                 await eventually(lambda: clean(s.address), timeout=1.5, what=f"{s.instance_id} cancelled")
-            elapsed = loop.time() - t0
             decode = await stats(servers[1].address)
-            assert decode.generated_tokens < 400, decode  # stopped, not run to its end
-            print(f"both sides clean {elapsed:.2f} s after the client left")
+            assert decode.generated_tokens < N_OUT + 400, decode  # stopped, not run to its end
+            print(f"both sides clean {loop.time() - t0:.2f} s after the client left")
         finally:
             for s in servers:
                 await s.stop(0)
