@@ -259,3 +259,28 @@ def test_beyond_the_connection_cap_requests_get_503_and_health_answers():
             r = await client.completions.create(model=MODEL, prompt="abc", max_tokens=2)
             assert r.choices[0].text == fake_text(len(ids("abc")), 2)
     run(body(), timeout=120)
+
+
+def test_cache_salt_routes_and_caches_per_tenant_with_fake_instances():
+    """The scheduler's prompt trees hold salted keys: a tenant's cached prefix attracts only its own requests."""
+    prompt = "A long shared system prompt, and then a question?"
+
+    async def usage(http, salt=None):
+        b = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+        if salt is not None:
+            b["cache_salt"] = salt
+        code, r = await post(http, "/v1/completions", b)
+        assert code == 200, r
+        return r["usage"]["prompt_tokens_details"]["cached_tokens"], r["choices"][0]["text"]
+
+    async def body():
+        async with cluster(n=2) as (http, fakes, client):
+            want = fake_text(len(ids(prompt)), 2)
+            assert await usage(http, "alice") == (0, want)
+            assert await usage(http, "mallory") == (0, want)
+            assert await usage(http) == (0, want)
+            cached, text = await usage(http, "alice")
+            assert cached > 0 and text == want
+            trees = http.scheduler.router.trees
+            assert sum(len(f.requests) for f in fakes) == 4 and trees
+    run(body(), timeout=60)
