@@ -27,7 +27,9 @@ JSON and SSE bodies); this one holds the app, its middleware (API key, errors, m
 Sampling fields: temperature (default 1.0 as in the OpenAI API), top_p, top_k, seed, stop,
 stop_token_ids, ignore_eos, max_tokens (chat: max_completion_tokens or max_tokens; absent: the scheduler's
 default_max_tokens), n (n > 1 runs n requests; with a seed, copy j uses seed + j), echo (completions).
-Extensions: session_id (routing affinity for the `session` policy). Refused with 400 because the engine
+Extensions: session_id (routing affinity for the `session` policy), cache_salt (vLLM's: requests with
+different salts never share prefix-cache KV; with the scheduler's salt_cache_by_api_key the salt is also
+bound to the presented API key, so tenants never share whatever salt they send; `api_key` may be a list). Refused with 400 because the engine
 cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/frequency penalties,
 repetition_penalty != 1, logit_bias, response_format other than text, tools (unless tool_choice is "none"),
 non-text content parts.
@@ -37,7 +39,11 @@ a body must be valid Unicode (a lone surrogate such as \\ud800 is a 400 naming t
 most `max_json_depth` (64) deep (checked without recursion), a request asks for at most
 `max_completions_per_request` (256) prompts x n, and its prompts total at most `max_prompt_bytes` (4 MiB;
 UTF-8 text, 4 bytes per token id), checked before anything is tokenized. chat_template_kwargs may not set
-messages, add_generation_prompt, bos_token or eos_token. Each is a 400 naming the limit.
+messages, add_generation_prompt, bos_token or eos_token. Each is a 400 naming the limit. Connections:
+a connection that has not sent a whole request line and headers `header_timeout_s` (10 s) after it opened or
+after its last response is closed (slowloris); a body not received within `body_timeout_s` (30 s) is a 408
+and the connection closes; beyond `max_connections` (1024) open connections requests get 503 and their
+connection closes, while /health still answers.
 
 Chat template: `chat_template` given to HttpFront (a path or the template text; `--chat_template`), else
 the model folder's `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (rendered with
