@@ -29,8 +29,8 @@ stop_token_ids, ignore_eos, max_tokens (chat: max_completion_tokens or max_token
 default_max_tokens), n (n > 1 runs n requests; with a seed, copy j uses seed + j), echo (completions).
 Extensions: session_id (routing affinity for the `session` policy), cache_salt (vLLM's: requests with
 different salts never share prefix-cache KV; with the scheduler's salt_cache_by_api_key the salt is also
-bound to the presented API key, so tenants never share whatever salt they send; `api_key` may be a list). Refused with 400 because the engine
-cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/frequency penalties,
+bound to the presented API key, so tenants never share whatever salt they send; `api_key` may be a list).
+Refused with 400 because the engine cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/frequency penalties,
 repetition_penalty != 1, logit_bias, response_format other than text, tools (unless tool_choice is "none"),
 non-text content parts.
 

@@ -22,8 +22,8 @@ class ValidRequest:
     max_tokens: int
     sampling: common_pb2.SamplingParams
     session_id: str
-    arrival: float = 0.0
-    cache_salt: str = ""  # tenant isolation of the prefix cache (jaxserve.cache_salt)  # time.monotonic() when the request arrived (TTFT and queue time count from it)
+    arrival: float = 0.0  # time.monotonic() when the request arrived (TTFT and queue time count from it)
+    cache_salt: str = ""  # tenant isolation of the prefix cache (jaxserve.cache_salt)
 
     @property
     def stop(self) -> tuple[str, ...]:
