@@ -22,8 +22,10 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 
 
 PEER_MAX_BACKOFF_MS = 1000
+# Each peer channel has its own subchannels: a fresh channel would otherwise share gRPC's global subchannel
+# for the address, back-off state included, and be no fresher than the one it replaces.
 PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                        ("grpc.max_reconnect_backoff_ms", PEER_MAX_BACKOFF_MS)]
+                        ("grpc.max_reconnect_backoff_ms", PEER_MAX_BACKOFF_MS), ("grpc.use_local_subchannel_pool", 1)]
 
 
 class KvFailed(Exception):
