@@ -284,3 +284,25 @@ def test_cache_salt_routes_and_caches_per_tenant_with_fake_instances():
             trees = http.scheduler.router.trees
             assert sum(len(f.requests) for f in fakes) == 4 and trees
     run(body(), timeout=60)
+
+
+def test_salt_cache_by_api_key_over_grpc_metadata():
+    prompt = "A long shared system prompt, and then a question?"
+
+    async def cached(stub, key, salt=""):
+        request = scheduler_pb2.GenerateRequest(text=prompt, max_tokens=2, cache_salt=salt)
+        out = [r async for r in stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),))]
+        return out[-1].usage.cached_tokens
+
+    async def body():
+        async with cluster(salt_cache_by_api_key=True) as (http, fakes, client):
+            async with grpc.aio.insecure_channel(http.scheduler.address) as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                assert await cached(stub, "key-a") == 0
+                assert await cached(stub, "key-b") == 0       # another tenant: nothing shared
+                assert await cached(stub, "key-b", "x") == 0  # its own salt does not reach A's either
+                assert await cached(stub, "key-a") > 0        # A's own cache still hits
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await cached(stub, "key-a", "s" * 2000)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.value.details()
+    run(body(), timeout=60)
