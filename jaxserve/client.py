@@ -111,8 +111,9 @@ def tls_credentials(root_certificates: bytes | None = None, private_key: bytes |
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None, temperature: float = 0.0,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                  session_id: str = "", request_id: str = "") -> scheduler_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments; the server validates them."""
+                  session_id: str = "", request_id: str = "", cache_salt: str = "") -> scheduler_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments; the server validates them. cache_salt: requests with
+    different salts never share prefix-cache KV (vLLM's name and semantics)."""
     sampling = common_pb2.SamplingParams(temperature=temperature, stop=[stop] if isinstance(stop, str) else stop,
                                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
     if top_p is not None:
@@ -122,13 +123,13 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None = None,
     if seed is not None:
         sampling.seed = seed
     return set_prompt(scheduler_pb2.GenerateRequest(sampling=sampling, session_id=session_id,
-                                                    request_id=request_id), prompt, max_tokens)
+                                                    request_id=request_id, cache_salt=cache_salt), prompt, max_tokens)
 
 
-def _delta(resp: scheduler_pb2.GenerateResponse) -> Delta:
+def _delta(resp: scheduler_pb2.GenerateResponse, request_id: str) -> Delta:
     return Delta(text=resp.text, token_ids=tuple(resp.token_ids),
                  finish_reason=FINISH_REASON_NAMES.get(resp.finish_reason),
-                 usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=resp.request_id)
+                 usage=Usage.from_proto(resp.usage) if resp.HasField("usage") else None, request_id=request_id)
 
 
 def _join(deltas: list[Delta]) -> Completion:
@@ -205,11 +206,12 @@ class Client(_Connected):
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
-            started = False
+            started, rid = False, ""
             try:
                 for resp in call:
                     started = True
-                    yield _delta(resp)
+                    rid = rid or resp.request_id  # the server sends it in the first message only
+                    yield _delta(resp, rid)
                 return
             except grpc.RpcError as e:
                 attempt += 1
@@ -268,11 +270,12 @@ class AsyncClient(_Connected):
         attempt = 0
         while True:
             call = self._stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
-            started = False
+            started, rid = False, ""
             try:
                 async for resp in call:
                     started = True
-                    yield _delta(resp)
+                    rid = rid or resp.request_id  # the server sends it in the first message only
+                    yield _delta(resp, rid)
                 return
             except grpc.aio.AioRpcError as e:
                 attempt += 1

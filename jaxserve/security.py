@@ -94,8 +94,9 @@ class Secrets:
         if token is None:
             return False
         ok = _equal(token, self.cluster_secret)  # both compared, so timing tells nothing about which
-        if access == CLIENT:
-            ok = _equal(token, self.api_key) | ok
+        if access == CLIENT:  # several client keys (one per tenant) are comma-separated
+            for key in self.api_key.split(","):
+                ok = _equal(token, key) | ok
         return ok
 
 

@@ -17,6 +17,7 @@ from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler, load_model_info
 from jaxserve.testing.fake_instance import EOS, FakeInstance, expected_tokens
 from jaxserve.scheduler.tokenizer import ByteTokenizer, IncrementalDetokenizer, TextStream
+from timeouts import scaled  # noqa: E402
 
 MAX_LEN = 256
 FAST = dict(health_interval_s=0.1, health_timeout_s=0.2, unhealthy_after=2, no_instance_wait_s=0.5,
@@ -24,7 +25,7 @@ FAST = dict(health_interval_s=0.1, health_timeout_s=0.2, unhealthy_after=2, no_i
 
 
 def run(coro, timeout=20.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return asyncio.run(asyncio.wait_for(coro, scaled(timeout)))
 
 
 def ids(text):
@@ -32,7 +33,7 @@ def ids(text):
 
 
 async def eventually(predicate, timeout=3.0, what="condition"):
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while not predicate():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")

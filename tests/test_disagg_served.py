@@ -25,6 +25,7 @@ from jaxserve.instance import InstanceConfig, InstanceServer
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
 from proc_utils import stop_processes
+from timeouts import scaled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 16
@@ -34,11 +35,11 @@ ENGINE_FLAGS = dict(model="demo", page_size=PAGE, num_pages=64, max_num_batched_
 
 
 def run(coro, timeout):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return asyncio.run(asyncio.wait_for(coro, scaled(timeout)))
 
 
 async def eventually(predicate, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while not await predicate():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")

@@ -17,6 +17,7 @@ from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler  # no
 from jaxserve.testing.fake_instance import FakeInstance, expected_tokens  # noqa: E402
 from jaxserve.scheduler.http_front import HttpFront  # noqa: E402
 from jaxserve.scheduler.tokenizer import ByteTokenizer  # noqa: E402
+from timeouts import scaled  # noqa: E402
 
 MAX_LEN = 256
 FAST = dict(health_interval_s=0.1, health_timeout_s=0.2, unhealthy_after=2, no_instance_wait_s=0.3,
@@ -25,7 +26,7 @@ MODEL = "byte"
 
 
 def run(coro, timeout=20.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return asyncio.run(asyncio.wait_for(coro, scaled(timeout)))
 
 
 def ids(text):
@@ -37,7 +38,7 @@ def fake_text(context_len, n):
 
 
 async def eventually(predicate, timeout=3.0, what="condition"):
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while not predicate():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")

@@ -15,10 +15,11 @@ import sys
 
 import pytest
 from proc_utils import stop_processes
+from timeouts import scaled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-TIMEOUT_S = 150
+TIMEOUT_S = 150  # scaled to the machine's load where used (tests/timeouts.py)
 
 
 def _free_port() -> int:
@@ -74,7 +75,7 @@ async def _wait_registered(sch, procs, read, timeout_s: float = 90, n: int = 1) 
     t0 = time.monotonic()
     while len(sch.router.instances) < n:
         assert all(p.poll() is None for p in procs), [read(i)[-3000:] for i in range(len(procs))]
-        assert time.monotonic() - t0 < timeout_s, "instance did not register"
+        assert time.monotonic() - t0 < scaled(timeout_s), "instance did not register"
         await asyncio.sleep(0.3)
 
 
@@ -102,7 +103,7 @@ def _two_process_and_single_process(*worker_args) -> tuple[dict, dict, str]:
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
              for cmd in cmds]
     try:
-        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        outs = [p.communicate(timeout=scaled(TIMEOUT_S))[0] for p in procs]
     finally:
         stop_processes(procs, grace_s=0)
     for p, out in zip(procs, outs):
@@ -505,7 +506,7 @@ def _disaggregated_pair(tmp_path, two_process_role: str):
             elapsed = time.monotonic() - t0
             assert e.value.code == grpc.StatusCode.UNAVAILABLE, e.value
             assert "did not finish within 5 s" in str(e.value), e.value
-            assert elapsed < 5 + 20 + 10, elapsed  # step timeout + compile grace (if it compiled) + margin
+            assert elapsed < scaled(5 + 20 + 10), elapsed  # step timeout + compile grace (if it compiled) + margin
             async with grpc.aio.insecure_channel(prefill) as ch:
                 status = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                                      timeout=5)).status

@@ -113,7 +113,8 @@ class DisaggregatedPair:
         self.prefill_receiver = KvReceiver(prefill.pool, "prefill")  # caching3: the decode-phase KV comes back
 
     # -- requests ------------------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None) -> DisaggRequest:
+    def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None, *,
+                    cache_salt: str = "") -> DisaggRequest:
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         if request_id is None:
             request_id = f"pd{self._ids}"
@@ -122,7 +123,8 @@ class DisaggregatedPair:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.decode.validate(prompt_token_ids, params)
         dreq = DisaggRequest(request_id, prompt_token_ids, params, time.perf_counter())
-        dreq.prefill = self.prefill.add_request(prompt_token_ids, params, request_id, prefill_only=True)
+        dreq.prefill = self.prefill.add_request(prompt_token_ids, params, request_id, prefill_only=True,
+                                                cache_salt=cache_salt)
         dreq.prefill.arrival_time = dreq.arrival_time
         self.requests[request_id] = dreq
         return dreq
@@ -180,10 +182,11 @@ class DisaggregatedPair:
         preq = dreq.prefill
         P, D = self.prefill.pool, self.decode.pool
         prompt = preq.prompt_token_ids
+        keys = preq.index_tokens(prompt)  # what both indexes key the KV by (salted: jaxserve.cache_salt)
         L, ps = len(prompt), P.page_size
         n_pages = len(preq.pages)
         assert preq.num_computed == L and n_pages == -(-L // ps), (preq.num_computed, L, n_pages)
-        start = min(D.cached_prefix_pages(prompt), n_pages) if self.decode_caching else 0
+        start = min(D.cached_prefix_pages(keys), n_pages) if self.decode_caching else 0
         if not D.can_alloc(n_pages - start + 1):  # + the page the first decode step may need
             if not self.decode.has_unfinished():
                 dreq.error = f"decode pool cannot hold {n_pages - start} pages"
@@ -197,7 +200,7 @@ class DisaggregatedPair:
         async def offer(start_page, prepared):
             return self.transport.offer(P, preq.pages[start_page:])
         try:
-            sent = run_sync(send_kv(peer, dreq.request_id, prompt, ps, offer))
+            sent = run_sync(send_kv(peer, dreq.request_id, keys, ps, offer))
         except TransferError as e:
             dreq.error = f"KV transfer failed: {e}"
             self.counters["transfer_failures"] += 1
@@ -213,7 +216,7 @@ class DisaggregatedPair:
         self.counters["transferred_pages"] += dreq.transferred_pages
         dreq.decode = self.decode.add_prefilled_request(
             prompt, preq.output_token_ids, dreq.params, pages, num_computed=L, num_indexed_pages=indexed,
-            request_id=dreq.request_id, seed=preq.seed)
+            request_id=dreq.request_id, seed=preq.seed, cache_salt=preq.cache_salt)
         dreq.decode.arrival_time = dreq.arrival_time
         dreq.decode.logprobs.update(preq.logprobs)  # the first token's, sampled on the prefill side
         dreq.decode.num_preemptions = preq.num_preemptions
@@ -224,7 +227,7 @@ class DisaggregatedPair:
         dreq = self.requests[req.request_id]
         P, D = self.prefill.pool, self.decode.pool
         ps = D.page_size
-        seq = req.all_token_ids[:req.num_computed // ps * ps]
+        seq = req.index_tokens(req.all_token_ids[:req.num_computed // ps * ps])
         if not seq:
             return
         n, pages = D.match(seq)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jaxserve.cache_salt import check_salt
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.model_runner import ModelRunner
@@ -190,21 +191,22 @@ class Engine:
                              f"of {self.pool.page_size}); raise num_pages or lower max_tokens")
 
     def add_request(self, prompt_token_ids, params: SamplingParams, request_id: str | None = None, *,
-                    prefill_only: bool = False) -> Request:
+                    prefill_only: bool = False, cache_salt: str = "") -> Request:
         """Queues a request. `prefill_only`: stop after the first token and keep the KV pages (finish_reason
-        "prefilled") until `release(request_id)`, so a disaggregated decode instance can receive them."""
-        req = self._new_request(prompt_token_ids, params, request_id)
+        "prefilled") until `release(request_id)`, so a disaggregated decode instance can receive them.
+        `cache_salt`: requests with different salts never share prefix-cache KV (jaxserve.cache_salt)."""
+        req = self._new_request(prompt_token_ids, params, request_id, cache_salt=cache_salt)
         req.prefill_only = bool(prefill_only)
         self.scheduler.add(req)
         return req
 
     def add_prefilled_request(self, prompt_token_ids, output_token_ids, params: SamplingParams, pages, *,
                               num_computed: int, num_indexed_pages: int = 0, request_id: str | None = None,
-                              seed: int | None = None) -> Request:
+                              seed: int | None = None, cache_salt: str = "") -> Request:
         """Queues a request whose first `num_computed` tokens already have their KV in `pages` (e.g. received
         from a prefill instance); the engine takes over the callers' references to `pages`. It continues from
         there (typically: decode after the first token the prefill side sampled)."""
-        req = self._new_request(prompt_token_ids, params, request_id, seed=seed)
+        req = self._new_request(prompt_token_ids, params, request_id, seed=seed, cache_salt=cache_salt)
         req.output_token_ids = [int(t) for t in output_token_ids]
         ps = self.pool.page_size
         if not 0 < num_computed < req.num_tokens or len(pages) != -(-num_computed // ps):
@@ -215,16 +217,17 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def _new_request(self, prompt_token_ids, params, request_id, seed=None) -> Request:
+    def _new_request(self, prompt_token_ids, params, request_id, seed=None, cache_salt: str = "") -> Request:
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.validate(prompt_token_ids, params)
+        check_salt(cache_salt)
         idx = next(self._ids)
         request_id = request_id if request_id is not None else str(idx)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if seed is None:
             seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + idx) % 2**32
-        req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len)
+        req = Request(request_id, prompt_token_ids, params, seed, self.max_model_len, cache_salt=cache_salt)
         if params.json_schema is not None:
             req.grammar = self.grammars.matcher(params.json_schema)
         self.requests[request_id] = req

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 
+from jaxserve.cache_salt import check_salt
 from jaxserve.config import CacheConfig, EngineConfig, MeshConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.outputs import CompletionOutput, RequestOutput, token_logprobs
@@ -22,6 +23,29 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt"}
+
+
+def _salt(prompt) -> str:
+    """A prompt dict's `cache_salt` (vLLM's TextPrompt / TokensPrompt), else no salt."""
+    if not isinstance(prompt, dict):
+        return ""
+    salt = prompt.get("cache_salt") or ""
+    check_salt(salt)
+    return salt
+
+
+def _prompt(prompt):
+    """A prompt dict's text or token ids; other prompts as given."""
+    if not isinstance(prompt, dict):
+        return prompt
+    unknown = set(prompt) - _PROMPT_KEYS
+    if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError(f"a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', and "
+                         f"optionally 'cache_salt'; got keys {sorted(prompt)}")
+    return prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
 
 
 class LLM:
@@ -122,8 +146,10 @@ class LLM:
                  ) -> list[RequestOutput]:
         """One RequestOutput per prompt; `SamplingParams(n=k)` gives it k outputs (with a seed s, output j
         samples with seed s + j, as the HTTP front does; without one each draws its own seed)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        salts = [_salt(p) for p in prompts]
+        prompts = [_prompt(p) for p in prompts]
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
@@ -137,13 +163,13 @@ class LLM:
                 seed = sp.seed if sp.seed is None else (sp.seed + j) % 2**32
                 flat.append((i, sp if j == 0 else dataclasses.replace(sp, seed=seed)))
         if self.pair is not None:
-            reqs = [self.pair.add_request(encoded[i], sp) for i, sp in flat]
+            reqs = [self.pair.add_request(encoded[i], sp, cache_salt=salts[i]) for i, sp in flat]
             while any(not r.finished for r in reqs):
                 self.pair.step()
             self.pair.prefill.sync()
             self.pair.decode.sync()
         else:
-            reqs = [self.engine.add_request(encoded[i], sp) for i, sp in flat]
+            reqs = [self.engine.add_request(encoded[i], sp, cache_salt=salts[i]) for i, sp in flat]
             while any(not r.finished for r in reqs):
                 self.engine.step()
             self.engine.sync()  # a step dispatched before the last stop was seen: its samples are discarded

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.engine.sampling import SamplingParams
 
 # Output slot of a token sampled by a step still running on the device (async scheduling): the next step
@@ -53,6 +54,12 @@ class Request:
     # whether the request stops once that step completes whatever it samples (length, prefill-only).
     pending_slot: int | None = None
     finishing: bool = False
+    # Tenant isolation (vLLM's cache_salt): the prefix cache keys this request's tokens by `index_tokens`.
+    cache_salt: str = ""
+
+    def index_tokens(self, tokens: list[int]) -> list[int]:
+        """`tokens` (a prefix of this request's) as the prefix cache keys them for this request's salt."""
+        return salt_tokens(tokens, self.cache_salt)
 
     @property
     def all_token_ids(self) -> list[int]:

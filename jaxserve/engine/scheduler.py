@@ -105,8 +105,8 @@ class Scheduler:
         return ScheduledBatch(entries)
 
     def _match_capped(self, tokens: list[int]) -> tuple[int, list[int]]:
-        """Cached whole-page prefix of `tokens` (pages referenced for the caller), capped so at least one
-        token is left to compute: the next token needs the last position's logits."""
+        """Cached whole-page prefix of `tokens` (index tokens: salted; pages referenced for the caller), capped
+        so at least one token is left to compute: the next token needs the last position's logits."""
         n_cached, pages = (self.pool.match(tokens) if self.enable_prefix_caching else (0, []))
         cap = (len(tokens) - 1) // self.page_size * self.page_size
         if n_cached > cap:
@@ -136,7 +136,7 @@ class Scheduler:
                     break
                 budget -= entries[-1][1]
                 continue
-            tokens = req.all_token_ids
+            tokens = req.index_tokens(req.all_token_ids)
             n_cached, pages = self._match_capped(tokens)
             if self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached):
                 self.pool.free(pages)
@@ -164,7 +164,7 @@ class Scheduler:
         that suffix has >= sp_threshold tokens and its pages can be allocated; otherwise leaves it to the
         normal path (which chunks, defers for in-flight shared prefixes, or preempts)."""
         req = self.waiting[0]
-        tokens = req.all_token_ids
+        tokens = req.index_tokens(req.all_token_ids)
         # The sequence-parallel step has the plain sampler only: a request with sampling extras (logprobs,
         # penalties, grammar, ...) takes the normal path.
         if req.preloaded or req.params.extended or len(tokens) < self.sp_threshold \
@@ -203,7 +203,7 @@ class Scheduler:
         for other in self.running:
             if other.num_computed >= len(other.prompt_token_ids):
                 continue
-            shared = common_prefix_len(other.all_token_ids, tokens)
+            shared = common_prefix_len(other.index_tokens(other.all_token_ids), tokens)
             shared = min(shared, len(tokens) - 1) // self.page_size * self.page_size
             if shared > n_cached and other.num_computed < shared:
                 return True
@@ -216,7 +216,7 @@ class Scheduler:
         full = min(req.num_computed, req.num_known_tokens) // self.page_size
         if not self.enable_prefix_caching or full <= req.num_indexed_pages:
             return
-        self.pool.insert(req.all_token_ids[: full * self.page_size], req.pages[:full])
+        self.pool.insert(req.index_tokens(req.all_token_ids[: full * self.page_size]), req.pages[:full])
         req.num_indexed_pages = full
 
     def preempt(self, req: Request) -> None:

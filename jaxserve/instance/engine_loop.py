@@ -123,12 +123,13 @@ class EngineLoop:
         return future
 
     def add(self, internal_id: str, external_id: str, prompt: Sequence[int], generated: Sequence[int],
-            params: SamplingParams, sink: Sink, arrival: float, *, prefill_only: bool = False) -> None:
+            params: SamplingParams, sink: Sink, arrival: float, *, prefill_only: bool = False,
+            cache_salt: str = "") -> None:
         """Queue a request; everything about it (including a refusal) comes back through `sink`.
         prefill_only (role prefill): after the first token the sink gets ("prefilled", token, usage dict)
         instead of a finish, and the request keeps its KV pages until `release(internal_id)`."""
         self.submit(lambda: self._add(internal_id, external_id, list(prompt), list(generated), params, sink,
-                                      arrival, prefill_only))
+                                      arrival, prefill_only, cache_salt))
 
     def abort(self, internal_id: str) -> concurrent.futures.Future:
         return self.submit(lambda: self._abort(internal_id))
@@ -163,7 +164,7 @@ class EngineLoop:
 
     def add_prefilled(self, internal_id: str, external_id: str, prompt: Sequence[int], output: Sequence[int],
                       params: SamplingParams, pages: Sequence[int], *, num_computed: int, num_indexed_pages: int,
-                      sink: Sink, arrival: float, num_resumed: int) -> Request:
+                      sink: Sink, arrival: float, num_resumed: int, cache_salt: str = "") -> Request:
         """Engine thread: admit a request whose KV for its first num_computed tokens is in `pages` (received
         from a prefill instance; the engine takes over the caller's references). Its events go to `sink`;
         `num_resumed` output tokens count as already sent (the prefill side's first token included)."""
@@ -171,7 +172,7 @@ class EngineLoop:
             raise RuntimeError(f"the engine is broken: {self.broken}")
         req = self.engine.add_prefilled_request(prompt, output, params, pages, num_computed=num_computed,
                                                 num_indexed_pages=num_indexed_pages, request_id=internal_id,
-                                                seed=params.seed)
+                                                seed=params.seed, cache_salt=cache_salt)
         self._live[internal_id] = _Live(req, external_id, sink, num_resumed, arrival, sent=len(output))
         self.counters["num_requests"] += 1
         return req
@@ -228,7 +229,7 @@ class EngineLoop:
                 item[1].set_exception(RuntimeError("the engine loop is stopped"))
 
     def _add(self, internal_id, external_id, prompt, generated, params: SamplingParams, sink: Sink,
-             arrival: float, prefill_only: bool = False) -> None:
+             arrival: float, prefill_only: bool = False, cache_salt: str = "") -> None:
         if self.broken:
             sink.push(("error", grpc.StatusCode.UNAVAILABLE, f"the engine is broken: {self.broken}"))
             return
@@ -242,7 +243,8 @@ class EngineLoop:
         try:
             # Validate the whole context (prompt + resumed tokens) as the prompt it effectively is.
             self.engine.validate(prompt + generated, dataclasses.replace(params, max_tokens=remaining))
-            req = self.engine.add_request(prompt, params, request_id=internal_id, prefill_only=prefill_only)
+            req = self.engine.add_request(prompt, params, request_id=internal_id, prefill_only=prefill_only,
+                                          cache_salt=cache_salt)
         except ValueError as e:
             sink.push(("error", grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return

@@ -22,10 +22,19 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.security import LinkSecurity
 
 
+PEER_MAX_BACKOFF_MS = 1000
+# Each peer channel has its own subchannels: a fresh channel would otherwise share gRPC's global subchannel
+# for the address, back-off state included, and be no fresher than the one it replaces.
+PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", PEER_MAX_BACKOFF_MS), ("grpc.use_local_subchannel_pool", 1)]
+
+
 class KvFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    """A KV transfer step failed; `peer`: the other instance failed it (its RPC), not this one."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, peer: bool = False):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.peer = code, message, peer
 
 
 class QueueSink(Sink):
@@ -106,7 +115,7 @@ async def add_request(loop_thread, ids: Iterator[int], inner: instance_pb2.Insta
     # Ids are per instance: two callers may reuse a request id, and a moved request comes back with its own.
     internal_id = f"{inner.request_id}#{next(ids)}"
     loop_thread.add(internal_id, inner.request_id, inner.prompt_token_ids, inner.generated_token_ids, params, sink,
-                    arrival, **kwargs)
+                    arrival, cache_salt=inner.cache_salt, **kwargs)
     return internal_id, sink
 
 
@@ -196,10 +205,24 @@ class KvPath:
         self._peers.clear()
 
     def peer(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        """A stub on the cached channel to `address`. A channel that failed to connect sits in reconnect
+        back-off (up to PEER_MAX_BACKOFF_MS, gRPC's default grows to 2 minutes) and fails every call meanwhile,
+        so an instance restarted at that address would be unreachable for that long: such a channel is
+        replaced by a fresh one, which connects at once."""
         channel = self._peers.get(address)
+        if channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            self.forget(address)
+            channel = None
         if channel is None:
-            channel = self._peers[address] = self.link.channel(address)
+            channel = self._peers[address] = self.link.channel(address, options=PEER_CHANNEL_OPTIONS)
         return instance_pb2_grpc.InstanceStub(channel)
+
+    def forget(self, address: str) -> None:
+        """Drops the cached channel to `address` (a call on it failed UNAVAILABLE: the peer may come back at
+        that address, and a fresh channel reaches it at once where this one would wait out its back-off)."""
+        channel = self._peers.pop(address, None)
+        if channel is not None:
+            asyncio.get_running_loop().create_task(channel.close(grace=0))
 
     async def on_engine(self, fn):
         return await asyncio.wrap_future(self.loop_thread.submit(fn))
@@ -268,7 +291,7 @@ class GrpcPeer:
                 timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at PrepareKvTransfer: "
-                                       f"{e.code().name}: {e.details()}") from None
+                                       f"{e.code().name}: {e.details()}", peer=True) from None
         return Prepared(prep.transfer_id, prep.cached_tokens, prep)
 
     async def commit(self, prepared: Prepared, start_page: int, offer) -> int:
@@ -282,7 +305,7 @@ class GrpcPeer:
                 timeout=self.timeout + 5.0)
         except grpc.aio.AioRpcError as e:
             raise KvFailed(kv_code(e), f"KV transfer to {self.name} failed at CommitKvTransfer: "
-                                       f"{e.code().name}: {e.details()}") from None
+                                       f"{e.code().name}: {e.details()}", peer=True) from None
         return commit.received_tokens
 
     async def abort(self, request_id: str) -> None:

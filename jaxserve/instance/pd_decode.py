@@ -26,6 +26,7 @@ from typing import Iterator
 
 import grpc
 
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.instance.pd_common import Identity, KvPath, QueueSink, pump, sampling_params
 from jaxserve.instance.pd_send_back import SendBack
 from jaxserve.mempool.transfer import KvReceiver
@@ -168,8 +169,9 @@ class DecodeSide:
                 inner = request.request
                 on_finish = None
                 if self.send_back is not None and request.HasField("send_back_to") and request.send_back_to.address:
-                    target, rid = request.send_back_to, inner.request_id
-                    on_finish = lambda tokens: self.send_back.start(rid, tokens, target)  # noqa: E731
+                    target, rid, salt = request.send_back_to, inner.request_id, inner.cache_salt
+                    on_finish = lambda tokens: self.send_back.start(  # noqa: E731
+                        rid, salt_tokens(tokens, salt), target)
                 sink = QueueSink(asyncio.get_running_loop(),
                                   list(inner.prompt_token_ids) + list(inner.generated_token_ids), on_finish)
             internal_id = f"{request.request_id}#{next(self.ids)}"
@@ -214,13 +216,14 @@ class DecodeSide:
         try:
             params = sampling_params(inner)
             prompt, generated = list(inner.prompt_token_ids), list(inner.generated_token_ids)
-            if not generated or prompt + generated[:-1] != r.tokens:
+            if not generated or salt_tokens(prompt + generated[:-1], inner.cache_salt) != r.tokens:
                 raise ValueError("the request's context does not match the transferred tokens")
             ps = self.engine.pool.page_size
             self.loop_thread.add_prefilled(internal_id, inner.request_id, prompt, generated, params, r.pages,
                                            num_computed=len(r.tokens),
                                            num_indexed_pages=len(r.tokens) // ps if r.insert else 0,
-                                           sink=sink, arrival=arrival, num_resumed=len(generated))
+                                           sink=sink, arrival=arrival, num_resumed=len(generated),
+                                           cache_salt=inner.cache_salt)
         except BaseException:
             self.engine.pool.free(r.pages)
             raise

@@ -22,10 +22,11 @@ from typing import Iterator
 import grpc
 
 from jaxserve.engine.pd_protocol import ProtocolError, send_kv
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.instance.pd_common import (GrpcPeer, Identity, KvFailed, KvPath, add_request, logprobs_messages,
                                          stop_reason_message)
 from jaxserve.proto.enums import FINISH_REASON_CODES
-from jaxserve.proto.messages import decode_request
+from jaxserve.proto.messages import FAILED_PEER_DECODE, FAILED_PEER_KEY, decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
@@ -75,8 +76,12 @@ class PrefillSide:
                                                                    request.decode_target, context)
             except KvFailed as e:
                 self.counters["kv_transfer_failures"] += 1
+                if e.peer and e.code == grpc.StatusCode.UNAVAILABLE:
+                    self.kv.forget(request.decode_target.address)
                 log.warning("request %s: %s", inner.request_id, e.message)
-                await context.abort(e.code, f"{self.me}: {e.message}")
+                # The decode target's failure is marked so the scheduler blames it, not this instance.
+                blame = ((FAILED_PEER_KEY, FAILED_PEER_DECODE),) if e.peer else ()
+                await context.abort(e.code, f"{self.me}: {e.message}", trailing_metadata=blame)
             self.counters["kv_sent_tokens"] += sent_tokens
             self.counters["kv_sent_bytes"] += sent_bytes
             self.counters["kv_transfers"] += 1
@@ -98,7 +103,8 @@ class PrefillSide:
         decode request. (transfer id, tokens, bytes) sent; KvFailed with the status to answer otherwise (the
         decode side frees its reservation on its own)."""
         ps = self.engine.pool.page_size
-        ctx = list(inner.prompt_token_ids) + list(inner.generated_token_ids)
+        # The decode side indexes what it receives under these tokens: the salted ones (jaxserve.cache_salt).
+        ctx = salt_tokens(list(inner.prompt_token_ids) + list(inner.generated_token_ids), inner.cache_salt)
         timeout = self.config.kv_transfer_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:

@@ -66,6 +66,17 @@ flags.DEFINE_integer("http_max_json_depth", 64, "HTTP bodies: JSON arrays and ob
 flags.DEFINE_integer("http_max_completions_per_request", 256, "HTTP: at most this many prompts x n per request")
 flags.DEFINE_integer("http_max_prompt_bytes", 4 << 20, "HTTP: prompt bytes per request (UTF-8 text, 4 per token "
                      "id), checked before tokenizing")
+flags.DEFINE_float("http_header_timeout_s", 10.0, "HTTP: a connection that has not sent a whole request line and "
+                   "headers this long after it opened (or after its last response) is closed")
+flags.DEFINE_float("http_body_timeout_s", 30.0, "HTTP: a request body not fully received this long after its "
+                   "headers is answered 408 and its connection closed")
+flags.DEFINE_integer("http_max_connections", 1024, "HTTP: beyond this many open connections requests get 503 "
+                     "(and their connection is closed); /health still answers")
+flags.DEFINE_integer("max_prompt_bytes", 4 << 20, "gRPC: a text prompt longer than this (UTF-8 bytes) is refused "
+                     "before it is tokenized")
+flags.DEFINE_bool("salt_cache_by_api_key", False, "tenant isolation: every request's prefix-cache salt includes "
+                  "a hash of the API key it presented, so clients with different keys never share cached KV "
+                  "(--api_key may list several keys, comma-separated)")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +85,8 @@ def config_from_flags() -> GlobalSchedulerConfig:
              "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
              "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
              "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_ca_file", "insecure", "peer_fetch",
-             "peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s", "peer_link_latency_s")
+             "peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s", "peer_link_latency_s",
+             "salt_cache_by_api_key", "max_prompt_bytes")
     return GlobalSchedulerConfig(**{name: FLAGS[name].value for name in names})
 
 
@@ -92,7 +104,9 @@ async def serve(config: GlobalSchedulerConfig, secrets: Secrets) -> None:
                           served_model_names=FLAGS.served_model_name, chat_template=FLAGS.chat_template,
                           shutdown_grace_s=config.shutdown_grace_s, max_json_depth=FLAGS.http_max_json_depth,
                           max_completions_per_request=FLAGS.http_max_completions_per_request,
-                          max_prompt_bytes=FLAGS.http_max_prompt_bytes)
+                          max_prompt_bytes=FLAGS.http_max_prompt_bytes,
+                          header_timeout_s=FLAGS.http_header_timeout_s, body_timeout_s=FLAGS.http_body_timeout_s,
+                          max_connections=FLAGS.http_max_connections)
         await front.start()
         logging.info("OpenAI HTTP API and /metrics on %s", front.url)
     stop = asyncio.Event()

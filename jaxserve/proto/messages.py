@@ -8,6 +8,11 @@ from typing import Sequence
 
 from jaxserve.proto.v1 import instance_pb2, scheduler_pb2
 
+# Trailing metadata of a failed Prefill whose decode target (not the prefill instance) failed the KV transfer:
+# the scheduler charges the failure to the decode instance and retries on another one.
+FAILED_PEER_KEY = "jaxserve-failed-peer"
+FAILED_PEER_DECODE = "decode_target"
+
 
 def set_prompt(request: scheduler_pb2.GenerateRequest, prompt: str | Sequence[int], max_tokens: int | None):
     """A text or token-id prompt, and max_tokens if given (else the scheduler's default)."""

@@ -57,6 +57,11 @@ class GlobalSchedulerConfig:
     # certificate and shows its own cert/key as client certificate). Clients of the scheduler need no cert.
     tls_ca_file: str | None = None
     insecure: bool = False               # allow a non-loopback bind with no API key / cluster secret
+    # Tenant isolation: every request's prefix-cache salt includes a hash of the API key it presented (HTTP
+    # Authorization / gRPC authorization metadata), so clients with different keys never share cached KV.
+    salt_cache_by_api_key: bool = False
+    # A text prompt longer than this (UTF-8 bytes) is refused before it is tokenized (INVALID_ARGUMENT).
+    max_prompt_bytes: int = 4 << 20
 
     def __post_init__(self):
         _require(0 <= self.port < 65536, f"port must be in [0, 65536), got {self.port}")
@@ -76,6 +81,7 @@ class GlobalSchedulerConfig:
         _require(self.stall_timeout_s is None or self.stall_timeout_s > 0,
                  f"stall_timeout_s must be > 0 or None, got {self.stall_timeout_s}")
         _require(self.no_instance_wait_s >= 0, f"no_instance_wait_s must be >= 0, got {self.no_instance_wait_s}")
+        _require(self.max_prompt_bytes >= 1, f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
         _require(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         _require(not self.peer_fetch or self.policy == "kv_pool",
                  f"peer_fetch needs policy kv_pool, got {self.policy!r}")

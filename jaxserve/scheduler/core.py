@@ -20,6 +20,8 @@ import uuid
 
 import grpc
 
+from jaxserve.cache_salt import salt_tokens
+from jaxserve.proto.messages import FAILED_PEER_DECODE, FAILED_PEER_KEY
 from jaxserve.proto.v1 import common_pb2, instance_pb2, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.errors import DeadlineExceeded, InstanceError, Overloaded, SchedulerError, Unavailable
@@ -41,6 +43,20 @@ _MIGRATE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELL
 # Of those, the ones that say the instance itself may be gone: probe it now.
 _SUSPECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                             grpc.StatusCode.INTERNAL})
+
+
+def _decode_target_failed(error: grpc.aio.AioRpcError) -> bool:
+    """A failed Prefill says its decode target failed the KV transfer (trailing metadata)."""
+    metadata = error.trailing_metadata() or ()
+    return any(k == FAILED_PEER_KEY and v == FAILED_PEER_DECODE for k, v in metadata)
+
+
+async def _abort_quietly(record: InstanceRecord, request_id: str) -> None:
+    stub = record.stub
+    if stub is None:
+        return
+    with contextlib.suppress(Exception):
+        await stub.Abort(instance_pb2.AbortRequest(request_id=request_id), timeout=5.0)
 
 
 class _InstanceFailed(Exception):
@@ -165,7 +181,7 @@ class SchedulerCore:
         arrival = time.monotonic()
         try:
             return validate(request, self.model, self.instances.max_model_len(), self.config.default_max_tokens,
-                            request.request_id or uuid.uuid4().hex, arrival)
+                            request.request_id or uuid.uuid4().hex, arrival, self.config.max_prompt_bytes)
         except SchedulerError:
             self.stats["num_rejected"] += 1
             if self.observer is not None:
@@ -204,7 +220,9 @@ class SchedulerCore:
         if deadline is not None:
             wait_until = min(wait_until, deadline)
         while True:
-            decision = self.router.route(valid.prompt_ids, valid.session_id, exclude)
+            # The prompt trees hold the instances' index keys: salted for a salted request.
+            decision = self.router.route(tuple(salt_tokens(valid.prompt_ids, valid.cache_salt)), valid.session_id,
+                                         exclude)
             if decision is not None:
                 return decision
             left = wait_until - time.monotonic()
@@ -222,7 +240,8 @@ class SchedulerCore:
     def _instance_request(valid: ValidRequest, generated: list[int]) -> instance_pb2.InstanceGenerateRequest:
         return instance_pb2.InstanceGenerateRequest(
             request_id=valid.request_id, prompt_token_ids=valid.prompt_ids, generated_token_ids=generated,
-            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id)
+            max_tokens=valid.max_tokens - len(generated), sampling=valid.sampling, session_id=valid.session_id,
+            cache_salt=valid.cache_salt)
 
     def _classify(self, record: InstanceRecord, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
@@ -309,6 +328,7 @@ class SchedulerCore:
     async def _disaggregated(self, decision: RouteDecision, valid: ValidRequest, generated: list[int],
                              deadline: float | None):
         prefill, decode = decision.prefill, decision.instance
+        completed = False
         p_attempt = self._attempt(prefill, decision.estimate_s)
         d_attempt = self._attempt(decode, 0.0)
         try:
@@ -324,11 +344,15 @@ class SchedulerCore:
                     raise _InstanceFailed(prefill, p_attempt.lost) from None
                 raise
             except grpc.aio.AioRpcError as e:
-                raise self._classify(prefill, e) from None
+                # A transfer its decode target failed is the decode instance's failure: retry on another one.
+                blamed = decode if _decode_target_failed(e) else prefill
+                raise self._classify(blamed, e) from None
             p_attempt.close()
             if self.observer is not None:
                 self.observer.on_kv_transfer(prefill.instance_id, decode.instance_id, first.transferred_tokens,
                                              getattr(first, "transferred_bytes", 0))
+            if first.finish_reason:
+                completed = True  # nothing went to the decode instance
             yield ([first.first_token_id], first.finish_reason, first.usage,
                    [first.first_token_logprobs] if first.HasField("first_token_logprobs") else [],
                    first.stop_reason if first.HasField("stop_reason") else None)
@@ -341,9 +365,15 @@ class SchedulerCore:
             async with contextlib.aclosing(self._stream_from(d_attempt.call, d_attempt)) as chunks:
                 async for chunk in chunks:
                     yield chunk
+            completed = True
         finally:
             p_attempt.close()
             d_attempt.close()
+            if not completed:
+                # Abandoned (client gone, deadline, failure): the decode instance may hold the request, admitted
+                # at commit and decoding, that no Decode call will claim; it would run until its transfer
+                # timeout. Abort it there now (best effort; the prefill side aborts its own on cancel).
+                self.instances.spawn(_abort_quietly(decode, valid.request_id))
 
     # ------------------------------------------------------------------------------------------ serving
     async def _serve(self, valid: ValidRequest, deadline: float | None):
@@ -360,6 +390,12 @@ class SchedulerCore:
         observer = self.observer
         gaps: list[float] | None = [] if observer is not None else None  # inter-token latencies
         last_token_at = None
+        # The request id goes in the first message only (a client's id may be 128 characters; per chunk that
+        # would multiply the stream). `rid()` hands it out once.
+        unsent = [valid.request_id]
+
+        def rid() -> str:
+            return unsent.pop() if unsent else ""
         while True:
             decision = await self._route(valid, exclude, deadline, failures)
             if observer is not None:
@@ -398,13 +434,12 @@ class SchedulerCore:
                             last_token_at = now
                         if not finish:
                             if token_ids or delta:
-                                yield scheduler_pb2.GenerateResponse(request_id=valid.request_id,
-                                                                     token_ids=token_ids, text=delta,
-                                                                     logprobs=logprobs)
+                                yield scheduler_pb2.GenerateResponse(request_id=rid(), token_ids=token_ids,
+                                                                     text=delta, logprobs=logprobs)
                             continue
                         self._account(decision, len(prompt), cached_tokens or 0)
                         final = scheduler_pb2.GenerateResponse(
-                            request_id=valid.request_id, token_ids=token_ids, text=delta + text.flush(),
+                            request_id=rid(), token_ids=token_ids, text=delta + text.flush(),
                             finish_reason=finish, logprobs=logprobs,
                             stop_reason=stop_reason if finish == STOP else None,
                             usage=scheduler_pb2.Usage(

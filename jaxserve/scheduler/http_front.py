@@ -27,8 +27,10 @@ JSON and SSE bodies); this one holds the app, its middleware (API key, errors, m
 Sampling fields: temperature (default 1.0 as in the OpenAI API), top_p, top_k, seed, stop,
 stop_token_ids, ignore_eos, max_tokens (chat: max_completion_tokens or max_tokens; absent: the scheduler's
 default_max_tokens), n (n > 1 runs n requests; with a seed, copy j uses seed + j), echo (completions).
-Extensions: session_id (routing affinity for the `session` policy). Refused with 400 because the engine
-cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/frequency penalties,
+Extensions: session_id (routing affinity for the `session` policy), cache_salt (vLLM's: requests with
+different salts never share prefix-cache KV; with the scheduler's salt_cache_by_api_key the salt is also
+bound to the presented API key, so tenants never share whatever salt they send; `api_key` may be a list).
+Refused with 400 because the engine cannot do them: logprobs, top_logprobs, best_of > n, suffix, non-zero presence/frequency penalties,
 repetition_penalty != 1, logit_bias, response_format other than text, tools (unless tool_choice is "none"),
 non-text content parts.
 
@@ -37,7 +39,11 @@ a body must be valid Unicode (a lone surrogate such as \\ud800 is a 400 naming t
 most `max_json_depth` (64) deep (checked without recursion), a request asks for at most
 `max_completions_per_request` (256) prompts x n, and its prompts total at most `max_prompt_bytes` (4 MiB;
 UTF-8 text, 4 bytes per token id), checked before anything is tokenized. chat_template_kwargs may not set
-messages, add_generation_prompt, bos_token or eos_token. Each is a 400 naming the limit.
+messages, add_generation_prompt, bos_token or eos_token. Each is a 400 naming the limit. Connections:
+a connection that has not sent a whole request line and headers `header_timeout_s` (10 s) after it opened or
+after its last response is closed (slowloris); a body not received within `body_timeout_s` (30 s) is a 408
+and the connection closes; beyond `max_connections` (1024) open connections requests get 503 and their
+connection closes, while /health still answers.
 
 Chat template: `chat_template` given to HttpFront (a path or the template text; `--chat_template`), else
 the model folder's `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (rendered with
@@ -68,6 +74,7 @@ from jaxserve.scheduler.http_requests import HttpError, bad_request
 from jaxserve.scheduler.http_responses import Job, error_response, respond
 from jaxserve.scheduler.metrics import CONTENT_TYPE, SchedulerMetrics, kv_bytes_per_token
 from jaxserve.scheduler.tokenizer import resolve_model_path
+from jaxserve.scheduler.validation import tenant_cache_salt
 from jaxserve.security import TlsFiles, check_bind
 
 log = logging.getLogger("jaxserve.scheduler.http")
@@ -78,15 +85,19 @@ class HttpFront:
                  served_model_names: list[str] | None = None, chat_template: str | None = None,
                  model_path=None, metrics: SchedulerMetrics | None = None, shutdown_grace_s: float = 1.0,
                  max_body_bytes: int = 64 << 20, max_json_depth: int = 64, max_completions_per_request: int = 256,
-                 max_prompt_bytes: int = 4 << 20, tls: TlsFiles | None = None, insecure: bool = False):
+                 max_prompt_bytes: int = 4 << 20, tls: TlsFiles | None = None, insecure: bool = False,
+                 header_timeout_s: float = 10.0, body_timeout_s: float = 30.0, max_connections: int = 1024):
         """tls: serve HTTPS with tls.cert_file / key_file; insecure: allow a non-loopback bind without an
-        API key."""
+        API key; api_key: one key, several comma-separated or a list (one per tenant)."""
         self.scheduler = scheduler
         self.tls = tls
         self.insecure = insecure
         self.host = host
         self.requested_port = port
-        self.api_key = api_key or None
+        # One key, or several (one per tenant: with the scheduler's salt_cache_by_api_key they never share KV).
+        keys = api_key.split(",") if isinstance(api_key, str) else list(api_key or ())
+        self.api_keys = [k for k in keys if k]
+        self.api_key = self.api_keys[0] if self.api_keys else None
         self.names = list(served_model_names or [scheduler.model.name])
         folder = Path(model_path) if model_path is not None else resolve_model_path(scheduler.model.name)
         folder = folder if folder.is_dir() else None
@@ -104,6 +115,13 @@ class HttpFront:
         self.max_json_depth = max_json_depth
         self.max_completions_per_request = max_completions_per_request
         self.max_prompt_bytes = max_prompt_bytes
+        for name, value in (("header_timeout_s", header_timeout_s), ("body_timeout_s", body_timeout_s),
+                            ("max_connections", max_connections)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
         self.created = int(time.time())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -121,8 +139,11 @@ class HttpFront:
     async def start(self) -> int:
         check_bind(self.host, self.api_key, self.insecure, "HTTP front")
         ssl_context = self.tls.ssl_context() if self.tls is not None else None
+        # aiohttp closes a connection that has not sent a whole request line and headers within the keep-alive
+        # timeout, counted from the connection's start and from the end of each response: our header timeout
+        # (slowloris holding connections with half-sent headers).
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=self.shutdown_grace_s)
+                               shutdown_timeout=self.shutdown_grace_s, keepalive_timeout=self.header_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.requested_port, ssl_context=ssl_context)
         await site.start()
@@ -147,13 +168,29 @@ class HttpFront:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             token = ""
-        return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        token = token.strip().encode()
+        # Every key compared, so the time taken says nothing about which one (if any) matched.
+        return sum(hmac.compare_digest(token, key.encode()) for key in self.api_keys) > 0
+
+    def _salt(self, request: web.Request, body: dict, reqs) -> None:
+        """Sets each request's cache_salt: the body's, bound to the presented API key when the scheduler
+        salts by key (tenant isolation of the prefix cache)."""
+        salt = hr.cache_salt(body)
+        if self.scheduler.config.salt_cache_by_api_key:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            salt = tenant_cache_salt(token.strip() if scheme.lower() == "bearer" else "", salt)
+        for r in reqs:
+            r.cache_salt = salt
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         try:
-            if self.api_key and request.path != "/health" and not self._authorized(request):
+            if request.path != "/health" and self._over_capacity():
+                response = error_response(503, f"Too many connections: this server serves at most "
+                                               f"{self.max_connections} at once; try again later.")
+                response.force_close()
+            elif self.api_key and request.path != "/health" and not self._authorized(request):
                 response = error_response(401, "Unauthorized: a valid API key is required "
                                                 "(Authorization: Bearer <key>).")
             else:
@@ -162,6 +199,8 @@ class HttpFront:
             if e.status == 400 and not e.counted:
                 self.metrics.on_rejected("invalid")
             response = error_response(e.status, e.message, e.param)
+            if e.status == 408:
+                response.force_close()  # the rest of a half-sent body is never read: the connection ends
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -173,6 +212,12 @@ class HttpFront:
             response = error_response(500, "Internal server error.")
         self.metrics.on_http(route, request.method, response.status)
         return response
+
+    def _over_capacity(self) -> bool:
+        """More connections open than max_connections (the newest get 503 and are closed; /health still
+        answers, so a full server is not mistaken for a dead one)."""
+        server = self._runner.server if self._runner is not None else None
+        return server is not None and len(server.connections) > self.max_connections
 
     # ----------------------------------------------------------------------------------- simple routes
     async def _health(self, request):
@@ -191,7 +236,12 @@ class HttpFront:
     # --------------------------------------------------------------------------------------- requests
     async def _body(self, request) -> dict:
         try:
-            body = json.loads(await request.read())
+            data = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"The request body did not arrive within {self.body_timeout_s:g} s "
+                                 "(body_timeout_s).") from None
+        try:
+            body = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"The request body is not valid JSON: {e}.") from None
         except RecursionError:
@@ -220,6 +270,7 @@ class HttpFront:
                               "compute: drop one of them.", "echo")
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests(prompts, sampling, seed, n, max_tokens, session, rid)
+        self._salt(request, body, reqs)
         echoes = [self._prompt_text(p) if echo else "" for p in prompts for _ in range(n)]
         return await self._run(request, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes,
                                                   **self._extras(body, sampling, prompts, n, stream)))
@@ -271,6 +322,7 @@ class HttpFront:
             else ""
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests([ids], sampling, seed, n, max_tokens, session, rid)
+        self._salt(request, body, reqs)
         return await self._run(request, reqs, Job(rid, self.names[0], True, n, stream, include_usage,
                                                   [echo] * len(reqs), **self._extras(body, sampling, [ids], n, stream)))
 

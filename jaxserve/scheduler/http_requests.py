@@ -8,6 +8,7 @@ import re
 
 from jaxserve.proto.messages import set_prompt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
+from jaxserve.cache_salt import MAX_SALT_BYTES
 from jaxserve.scheduler.validation import SEED_LIMIT
 
 INT32_MAX = 2**31 - 1
@@ -135,6 +136,15 @@ def boolean(body: dict, name: str, default: bool = False) -> bool:
 
 def _string(body: dict, name: str) -> str | None:
     return _typed(body, name, str, "a string")
+
+
+def cache_salt(body: dict) -> str:
+    """vLLM's `cache_salt`: requests with different salts never share prefix-cache KV (empty: no salt)."""
+    salt = _string(body, "cache_salt")
+    if salt is not None and len(salt.encode("utf-8")) > MAX_SALT_BYTES:
+        raise bad_request(f"cache_salt must be at most {MAX_SALT_BYTES} bytes (UTF-8), got "
+                          f"{len(salt.encode('utf-8'))}.", "cache_salt")
+    return salt or ""
 
 
 def _is_int(v) -> bool:

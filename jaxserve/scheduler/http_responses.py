@@ -23,7 +23,8 @@ from jaxserve.scheduler.http_requests import HttpError
 log = logging.getLogger("jaxserve.scheduler.http")
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowedError", 413: "RequestEntityTooLargeError", 415: "UnsupportedMediaTypeError",
+                405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestEntityTooLargeError",
+                415: "UnsupportedMediaTypeError",
                 429: "RateLimitError", 499: "ClientClosedRequestError", 500: "InternalServerError",
                 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 # The scheduler core's errors (by their gRPC status name) as HTTP statuses; anything else is a 500.

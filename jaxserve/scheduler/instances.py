@@ -133,7 +133,10 @@ class InstanceRegistry:
             old = self.router.add(record)
         except ValueError as e:
             raise RegistrationRefused(str(e)) from None
-        record.channel = self.link.channel(request.address, options=CHANNEL_OPTIONS)
+        # Its own subchannels: a channel to the same address left by an earlier registration (an instance
+        # restarted there) may sit in reconnect back-off, and a shared subchannel would make this one wait too.
+        record.channel = self.link.channel(request.address,
+                                           options=CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
         record.stub = instance_pb2_grpc.InstanceStub(record.channel)
         record.health_stub = health_pb2_grpc.HealthStub(record.channel)
         if old is not None:

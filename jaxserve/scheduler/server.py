@@ -25,6 +25,7 @@ from jaxserve.scheduler.errors import SchedulerError
 from jaxserve.scheduler.instances import CHANNEL_OPTIONS, InstanceRegistry, RegistrationRefused
 from jaxserve.scheduler.router import DRAINING
 from jaxserve.scheduler.tokenizer import ModelInfo
+from jaxserve.scheduler.validation import tenant_cache_salt
 from jaxserve.security import AuthInterceptor, LinkSecurity, Secrets, check_bind, serve_port
 
 log = logging.getLogger("jaxserve.scheduler")
@@ -104,6 +105,19 @@ class Scheduler:
         await self._server.wait_for_termination()
 
 
+def _salted_by_key(request, context):
+    """`request` with its cache_salt bound to the bearer token of its `authorization` metadata."""
+    token = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+    salted = scheduler_pb2.GenerateRequest()
+    salted.CopyFrom(request)
+    salted.cache_salt = tenant_cache_salt(token, request.cache_salt)
+    return salted
+
+
 async def _abort(context, error: SchedulerError):
     await context.abort(grpc.StatusCode[error.status], str(error))
 
@@ -120,6 +134,8 @@ class _Servicer(scheduler_pb2_grpc.SchedulerServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
+            if self.s.config.salt_cache_by_api_key:
+                request = _salted_by_key(request, context)
             valid = self.core.validate(request)
             async with contextlib.aclosing(self.core.generate(valid, deadline)) as responses:
                 async for response in responses:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxserve.cache_salt import MAX_SALT_BYTES, api_key_salt
 from jaxserve.proto.v1 import common_pb2, scheduler_pb2
 from jaxserve.scheduler.errors import InvalidRequest
 from jaxserve.scheduler.tokenizer import ModelInfo
@@ -23,6 +24,7 @@ class ValidRequest:
     sampling: common_pb2.SamplingParams
     session_id: str
     arrival: float = 0.0  # time.monotonic() when the request arrived (TTFT and queue time count from it)
+    cache_salt: str = ""  # tenant isolation of the prefix cache (jaxserve.cache_salt)
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -75,10 +77,26 @@ def check_request_id(request_id: str) -> None:
                              f"'~'), got {request_id[:80]!r}.")
 
 
+def check_cache_salt(salt: str) -> None:
+    if len(salt.encode("utf-8")) > MAX_SALT_BYTES:
+        raise InvalidRequest(f"cache_salt must be at most {MAX_SALT_BYTES} bytes (UTF-8), got "
+                             f"{len(salt.encode('utf-8'))}.")
+
+
+def tenant_cache_salt(api_key: str, salt: str) -> str:
+    """The salt of a request under `salt_cache_by_api_key`: its tenant's (a hash of the API key it presented)
+    combined with its own `salt`, so tenants never share KV whatever salts they choose."""
+    check_cache_salt(salt)
+    return api_key_salt(f"{len(api_key)}:{api_key}{salt}")
+
+
 def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model_len: int,
-             default_max_tokens: int, request_id: str, arrival: float = 0.0) -> ValidRequest:
-    """Raises InvalidRequest with the client-facing message."""
+             default_max_tokens: int, request_id: str, arrival: float = 0.0,
+             max_prompt_bytes: int = 4 << 20) -> ValidRequest:
+    """Raises InvalidRequest with the client-facing message. The prompt's size is checked before it is
+    tokenized or scanned: text at most `max_prompt_bytes` (UTF-8), token ids fewer than `max_model_len`."""
     check_request_id(request.request_id)
+    check_cache_salt(request.cache_salt)
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("The request has no prompt: set either text or token_ids.")
@@ -92,11 +110,20 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     if kind == "text":
         if not request.text:
             raise InvalidRequest("The prompt cannot be empty.")
+        size = len(request.text.encode("utf-8"))
+        if size > max_prompt_bytes:
+            raise InvalidRequest(f"The prompt is {size} bytes; this server takes at most {max_prompt_bytes} bytes "
+                                 "of prompt text per request (max_prompt_bytes).")
         if model.tokenizer is None:
             raise InvalidRequest(f"This scheduler has no tokenizer for model {model.name!r}: send the prompt "
                                  "as token_ids.")
         prompt = tuple(model.tokenizer.encode(request.text))
     else:
+        if len(request.token_ids.ids) >= max_model_len:
+            n = len(request.token_ids.ids)
+            raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                 f"requested {n} tokens in the messages, which leaves no room for the completion. "
+                                 "Please reduce the length of the messages.")
         prompt = tuple(request.token_ids.ids)
         if not prompt:
             raise InvalidRequest("The prompt cannot be empty.")
@@ -120,4 +147,5 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo, max_model
     else:
         max_tokens = min(default_max_tokens, max_model_len - n)
     return ValidRequest(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
-                        sampling=request.sampling, session_id=request.session_id, arrival=arrival)
+                        sampling=request.sampling, session_id=request.session_id, arrival=arrival,
+                        cache_salt=request.cache_salt)

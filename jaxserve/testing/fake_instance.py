@@ -18,6 +18,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jaxserve.cache_salt import salt_tokens
 from jaxserve.mempool.prefix_cache import PrefixCache
 from jaxserve.proto.messages import decode_request
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc, scheduler_pb2
@@ -231,7 +232,8 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         self.requests.append(request)
         t0 = time.monotonic()
         with self._running(request.request_id):
-            context_ids = [*request.prompt_token_ids, *request.generated_token_ids]
+            # Keyed as a real instance keys them (salted by cache_salt); only their number feeds the fake tokens.
+            context_ids = salt_tokens([*request.prompt_token_ids, *request.generated_token_ids], request.cache_salt)
             if role == common_pb2.ROLE_COLOCATED:
                 cached, queued = await self._prefill(context_ids)
             else:
@@ -269,7 +271,7 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
         self.requests.append(request)
         t0 = time.monotonic()
         with self._running(inner.request_id):
-            context_ids = [*inner.prompt_token_ids, *inner.generated_token_ids]
+            context_ids = salt_tokens([*inner.prompt_token_ids, *inner.generated_token_ids], inner.cache_salt)
             cached, queued = await self._prefill(context_ids)
             seed = inner.sampling.seed if inner.sampling.HasField("seed") else 0
             first = fake_token(len(context_ids), seed)
