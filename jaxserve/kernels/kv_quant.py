@@ -6,7 +6,7 @@ as 4 little-endian bytes, all stored as uint8 `[..., head_dim + 4]`. The scale i
 amax(|row|) / the format's largest value, so a token written alone into a half-filled page never changes the
 scales of the tokens already there (a per-page scale would need either a fixed guess at the first write or
 a re-quantization of the page on every write). uint8 because XLA:CPU scatters it in place, while a float8
-scatter converts the whole cache through f32 (measured: docs/drafts/quant.md).
+scatter converts the whole cache through f32 (measured: docs/notes-issue-19.md).
 
 `kv_cache_dtype`: "auto" (the model's dtype; rows are plain [..., head_dim]), "fp8_e4m3", "fp8_e5m2", "int8".
 """
