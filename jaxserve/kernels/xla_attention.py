@@ -33,6 +33,25 @@ def default_block_q(num_tokens: int, max_seqs: int) -> int:
     return max(16, min(128, 1 << (per_seq.bit_length() - 1)))
 
 
+def _accumulate(carry, s, mask, v, pv_spec: str):
+    """One key block of an online softmax: carry (running max m, normaliser l, output acc, all f32), scores
+    s [..., K] (MASK_VALUE where masked), `mask` broadcastable to s, values v for `pv_spec` (an einsum of
+    probabilities [..., K] and v into acc's shape) -> the new carry."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    acc = acc * alpha[..., None] + jnp.einsum(pv_spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+
+
+def _normalize(m, l, acc):
+    """The online softmax's end: (out = acc / l, lse over the keys); rows that saw no key give 0 and -inf."""
+    has_key = l > 0
+    out = acc / jnp.where(has_key, l, 1.0)[..., None]
+    return out, jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
                                              "block_k", "kv_cache_dtype"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
@@ -81,29 +100,20 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
             lo = jnp.maximum(bottom - sliding_window + 1, 0) // block_k
 
         def visit(b, carry):
-            m, l, acc = carry
             pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
             rows = kv_pages[pages].reshape(block_k, 2 * num_kv_heads, kv_pages.shape[3])
             k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
             s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
             v = jnp.where(valid[:, None, None], v, 0)
-            alpha = jnp.exp(m - m_new)
-            acc = acc * alpha[..., None] + jnp.einsum("hgqk,khd->hgqd", p.astype(v.dtype), v,
-                                                      preferred_element_type=jnp.float32)
-            return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+            return _accumulate(carry, s, mask, v, "hgqk,khd->hgqd")
 
         init = (jnp.full((num_kv_heads, group, block_q), MASK_VALUE, jnp.float32),
                 jnp.zeros((num_kv_heads, group, block_q), jnp.float32),
                 jnp.zeros((num_kv_heads, group, block_q, head_dim), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
-        has_key = l > 0
-        out = acc / jnp.where(has_key, l, 1.0)[..., None]
-        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -jnp.inf)
+        out, lse = _normalize(*jax.lax.fori_loop(lo, hi, visit, init))
         out = jnp.transpose(out, (2, 0, 1, 3)).reshape(block_q, num_q_heads, head_dim)
         lse = jnp.transpose(lse, (2, 0, 1)).reshape(block_q, num_q_heads)
         if sinks is not None:
@@ -163,8 +173,7 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         lo = jnp.min(jnp.where(live, jnp.maximum(q_pos - sliding_window + 1, 0), hi * block_k)) // block_k
         lo = jnp.minimum(lo, hi)
 
-    def visit(b, carry):
-        m, l, acc = carry  # [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
+    def visit(b, carry):  # carry (m, l, acc): [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
         pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block, axis=1)
         rows = kv_pages[pages].reshape(num_seqs, block_k, 2 * num_kv_heads, kv_pages.shape[3])
         k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
@@ -176,22 +185,15 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
         # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
         v = jnp.where(mask[:, :, None, None], v, 0)
-        alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[..., None] + jnp.einsum("shgk,skhd->shgd", p.astype(v.dtype), v,
-                                                  preferred_element_type=jnp.float32)
-        return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+        return _accumulate(carry, s, mask[:, None, None, :], v, "shgk,skhd->shgd")
 
     init = (jnp.full((num_seqs, num_kv_heads, group), MASK_VALUE, jnp.float32),
             jnp.zeros((num_seqs, num_kv_heads, group), jnp.float32),
             jnp.zeros((num_seqs, num_kv_heads, group, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
-    has_key = l > 0
-    out = (acc / jnp.where(has_key, l, 1.0)[..., None]).reshape(num_seqs, num_q_heads, head_dim)
-    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -jnp.inf).reshape(num_seqs, num_q_heads)
+    out, lse = _normalize(*jax.lax.fori_loop(lo, hi, visit, init))
+    out, lse = out.reshape(num_seqs, num_q_heads, head_dim), lse.reshape(num_seqs, num_q_heads)
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
