@@ -128,7 +128,11 @@ async def serve(args) -> int:
         print(f"jaxserve serve: {e}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    max_model_len = max_model_len_for(args.model, args.max_model_len)
+    try:
+        max_model_len = max_model_len_for(args.model, args.max_model_len)
+    except (OSError, ValueError) as e:
+        print(f"jaxserve serve: cannot serve {args.model!r}: {e}", file=sys.stderr)
+        return 2
     scheduler_config = dict(profile_instances=not args.no_profile)
     if args.peer_fetch:
         scheduler_config["peer_fetch"] = True

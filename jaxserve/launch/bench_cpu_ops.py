@@ -1,6 +1,6 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
-expert), and the CPU attention path's key-block size.
+expert), the CPU attention path's key-block size, and the decode attention before/after session 5.
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -93,6 +93,23 @@ def _rows():
                 q, kv, *bb, sm_scale=0.1, block_k=bk))
             rows.append((f"CPU attention, {length}-token prefill, one layer", f"block_k {block_k}",
                          _ms(fn, q, kv, *batch)))
+
+    # Decode attention, one layer (1 KV head of 128, 2 query heads, 2048-page pool): the batched gather of
+    # every page in the power-of-two bucket (the CPU path before session 5) vs the blocked loop up to the
+    # longest live sequence over one table width for every step (engine's path now: one compile per batch).
+    rs = np.random.RandomState(2)
+    kv = jnp.asarray(rs.randn(2048, 16, 2, 128).astype(np.float32))
+    for seqs, context in ((8, 300), (32, 600), (32, 1800)):
+        q = jnp.asarray(rs.randn(seqs, 2, 128).astype(np.float32))
+        lens = jnp.full((seqs,), context, jnp.int32)
+        bucket = 1 << (-(-context // 16) - 1).bit_length()
+        narrow = jnp.asarray(rs.randint(1, 2048, (seqs, bucket)).astype(np.int32))
+        wide = jnp.asarray(rs.randint(1, 2048, (seqs, 128)).astype(np.int32))
+        what = f"CPU decode attention, {seqs} seqs x {context} tokens, one layer"
+        rows.append((what, f"gather of the {bucket}-page bucket", _ms(
+            lambda q, p: reference.decode_paged_attention_xla(q, kv, lens, p, sm_scale=0.1), q, narrow)))
+        rows.append((what, "blocked, 128-page table", _ms(
+            lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
     return rows
 
 
