@@ -257,6 +257,8 @@ def test_pool_index_matches_brute_force(host_pages, docs, ops):
         assert len(toks) % PS == 0 and keys
         if kind == "insert":
             cached.update(keys[:i + 1] for i in range(len(keys)))
+        elif kind == "offload":  # moved to the host tier: still cached
+            assert keys in cached, f"offloaded prefix {keys} was not cached"
         else:
             assert keys in cached, f"evicted prefix {keys} was not cached"
             cached.difference_update({q for q in cached if q[:len(keys)] == keys})

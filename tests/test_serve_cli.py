@@ -1,6 +1,8 @@
 """`jaxserve serve` (issue 17): one command, driven as a subprocess with the official `openai` client; the
-greedy answer equals the offline `LLM`'s; a scheduler refuses an instance that serves another model; SIGTERM
-stops every process without an error line."""
+greedy answer equals the offline `LLM`'s, also through vLLM's extras (logprobs, also streamed with one event
+per token; penalties; n > 1; json_schema output that parses and validates against its schema with
+`jsonschema`; /tokenize); a scheduler refuses an instance that serves another model; SIGTERM stops every
+process without an error line. One server for the module."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import subprocess
 import sys
 import threading
 
+import json
+import urllib.request
+
 import grpc
 import pytest
 
@@ -21,6 +26,7 @@ from jaxserve.scheduler.tokenizer import model_architecture, tokenizer_fingerpri
 from jaxserve.util import resolve_model_path
 
 openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
 
 SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--num-pages", "128", "--max-model-len", "256",
          "--compilation-cache", "off"]
@@ -82,14 +88,19 @@ def server():
         proc.wait()
 
 
-def test_serve_answers_like_the_offline_llm(server):
+@pytest.fixture(scope="module")
+def llm():
+    from jaxserve import LLM
+    return LLM("demo", max_model_len=256, num_pages=128, max_num_seqs=4, max_num_batched_tokens=64,
+               compilation_cache="off")
+
+
+def test_serve_answers_like_the_offline_llm(server, llm):
     proc, url, _ = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     prompt = "def fibonacci(n):"
     out = client.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=0)
-    from jaxserve import LLM, SamplingParams
-    llm = LLM("demo", max_model_len=256, num_pages=128, max_num_seqs=4, max_num_batched_tokens=64,
-              compilation_cache="off")
+    from jaxserve import SamplingParams
     want = llm.generate([prompt], SamplingParams(max_tokens=12))[0].text
     assert out.choices[0].text == want
     chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
@@ -99,6 +110,51 @@ def test_serve_answers_like_the_offline_llm(server):
     assert [m.id for m in models.data] == ["demo"]
 
 
+SCHEMA = {"type": "object", "properties": {"name": {"enum": ["fib", "fact"]}, "args": {"type": "integer",
+                                                                                      "maximum": 9}},
+          "required": ["name", "args"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[1]
+
+
+def test_serve_extras_match_the_offline_llm(url, llm):
+    from jaxserve import SamplingParams
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    prompt = "def fibonacci(n):"
+    want = llm.generate([prompt], SamplingParams(max_tokens=10, logprobs=2, frequency_penalty=0.8))[0].outputs[0]
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                                  frequency_penalty=0.8)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(
+        [d[t].logprob for t, d in zip(want.token_ids, want.logprobs)], abs=1e-3)
+    events = list(client.completions.create(model="demo", prompt=prompt, max_tokens=10, temperature=0, logprobs=1,
+                                            frequency_penalty=0.8, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len([e for e in events if e.choices]) == events[-1].usage.completion_tokens == len(want.token_ids)
+    assert "".join(e.choices[0].text for e in events if e.choices) == want.text
+
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert len(r.choices) == 3 and r.usage.completion_tokens == sum(
+        len(llm.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, seed=5 + j))[0].token_ids)
+        for j in range(3))
+
+    chat = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "describe fib as JSON"}], max_tokens=60, temperature=0,
+        logprobs=True, top_logprobs=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+
+    req = urllib.request.Request(url + "/tokenize", data=json.dumps({"prompt": prompt}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    tok = json.loads(urllib.request.urlopen(req).read())
+    assert tok["tokens"] == llm.tokenizer.encode(prompt) and tok["count"] == len(tok["tokens"])
+
+
+# Last: it stops the module's server.
 def test_sigterm_stops_every_process_cleanly(server):
     proc, url, output = server
     proc.send_signal(signal.SIGTERM)
