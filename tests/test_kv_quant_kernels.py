@@ -165,3 +165,17 @@ def test_quantized_kernels_lower_for_gpu(fmt):
         assert "triton" in jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="not supported by the TPU"):
         ragged_paged_attention(*(jnp.zeros(x.shape, x.dtype) for x in args), backend="tpu", kv_cache_dtype=fmt)
+
+
+@pytest.mark.parametrize("decode_only", [False, True], ids=["ragged", "decode"])
+def test_tpu_dispatch_reads_quantized_pages_through_the_xla_path(monkeypatch, decode_only):
+    """The Mosaic (TPU) variant refuses 8-bit pages, so on TPU the Pallas dispatch sends a quantized cache to
+    the XLA path: same answer as the XLA path itself (the platform is faked; nothing runs on a TPU)."""
+    from jaxserve.kernels import dispatch, pallas_dispatch
+    seqs = [(1, 19), (1, 8), (1, 30)] if decode_only else [(5, 19), (1, 8), (3, 30)]
+    _, _, qargs, _ = _batch(4, "int8", seqs, num_kv_heads=2, group=4, head_dim=32, page_size=4, pad_tokens=0)
+    monkeypatch.setattr(pallas_dispatch, "platform_backend", lambda platform=None: ("tpu", False))
+    kw = dict(sm_scale=0.2, decode_only=decode_only, kv_cache_dtype="int8")
+    out = pallas_dispatch.paged_attention(*qargs, **kw)
+    want = dispatch.paged_attention(*qargs, impl="reference", **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))

@@ -3,7 +3,8 @@
 Per platform:
   gpu  decode_only -> flash-decoding kernel (decode_attention.py), Triton lowering;
        otherwise   -> ragged kernel, GPU variant, Triton lowering.
-  tpu  both        -> ragged kernel, Mosaic TPU variant (decode = one query per sequence).
+  tpu  both        -> ragged kernel, Mosaic TPU variant (decode = one query per sequence); an 8-bit KV
+                     cache takes the XLA path (the Mosaic variant does not read quantized pages yet).
   cpu  same kernels as gpu, in Pallas interpret mode (slow; for tests).
 
 `decode_only` promises every live sequence has exactly one query and T == S; as in the reference path
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import jax
 
+from jaxserve.kernels import kv_quant
 from jaxserve.kernels.decode_attention import decode_paged_attention
 from jaxserve.kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -32,6 +34,12 @@ def platform_backend(platform: str | None = None) -> tuple[str, bool]:
 def paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, decode_only,
                     soft_cap=None, sliding_window=None, sinks=None, kv_cache_dtype="auto"):
     backend, interpret = platform_backend()
+    if backend == "tpu" and kv_quant.is_quantized(kv_cache_dtype):
+        # The Mosaic variant does not read 8-bit pages yet; the XLA path does (correct, not tuned for TPU).
+        from jaxserve.kernels import dispatch
+        return dispatch.paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                                        decode_only=decode_only, impl="reference", soft_cap=soft_cap,
+                                        sliding_window=sliding_window, sinks=sinks, kv_cache_dtype=kv_cache_dtype)
     if decode_only:
         return decode_paged_attention(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
                                       soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
