@@ -26,6 +26,11 @@ def default_block_k(context: int) -> int:
     return 512 if context >= 4096 else 256
 
 
+# Keys per block of the decode path: each sequence visits whole blocks up to the batch's longest context, so a
+# small block wastes little on short contexts (`jaxserve.launch.bench_cpu_ops`).
+DECODE_BLOCK_K = 64
+
+
 def default_block_q(num_tokens: int, max_seqs: int) -> int:
     """Rows per tile: big tiles for long prefill chunks (fewer KV re-reads), 16 when the step is mostly
     one-token decodes (each sequence wastes up to a tile)."""
@@ -53,18 +58,22 @@ def _normalize(m, l, acc):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
-                                             "block_k", "kv_cache_dtype"))
+                                             "block_k", "kv_cache_dtype", "layer"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
-                               sinks=None, kv_cache_dtype="auto"):
+                               sinks=None, kv_cache_dtype="auto", layer=None):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf)."""
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, kv_cache_dtype)
+    # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
+    # pages from it (a layer sliced before the loop is copied into it on every step).
+    validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
+                    kv_cache_dtype)
+    layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
     validate_sinks(sinks, q.shape[1])
     num_tokens, num_q_heads, head_dim = q.shape
     max_seqs, pages_per_seq = page_indices.shape
-    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    page_size, num_kv_heads = layer_shape[1], layer_shape[2] // 2
     group = num_q_heads // num_kv_heads
     block_q = block_q or default_block_q(num_tokens, max_seqs)
     block_k = block_k or default_block_k(pages_per_seq * page_size)
@@ -101,7 +110,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
         def visit(b, carry):
             pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
-            rows = kv_pages[pages].reshape(block_k, 2 * num_kv_heads, kv_pages.shape[3])
+            gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+            rows = gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3])
             k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
@@ -144,9 +154,10 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
-                                             "kv_cache_dtype"))
+                                             "kv_cache_dtype", "layer"))
 def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
-                                   soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto"):
+                                   soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto",
+                                   layer=None):
     """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
     softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
     follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
@@ -158,9 +169,10 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
-    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
+    page_size, num_kv_heads = layer_shape[1], layer_shape[2] // 2
     group = num_q_heads // num_kv_heads
-    pages_per_block = max(1, min(pages_per_seq, (block_k or 256) // page_size))
+    pages_per_block = max(1, min(pages_per_seq, (block_k or DECODE_BLOCK_K) // page_size))
     block_k = pages_per_block * page_size
     num_blocks = -(-pages_per_seq // pages_per_block)
     table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
@@ -175,7 +187,10 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
 
     def visit(b, carry):  # carry (m, l, acc): [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
         pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block, axis=1)
-        rows = kv_pages[pages].reshape(num_seqs, block_k, 2 * num_kv_heads, kv_pages.shape[3])
+        # With `layer`, kv_pages is the whole stacked cache and the gather reads the layer's pages from it:
+        # slicing the layer first makes XLA copy the whole layer into the loop on every step.
+        gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+        rows = gathered.reshape(num_seqs, block_k, 2 * num_kv_heads, layer_shape[3])
         k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
         k_pos = b * block_k + jnp.arange(block_k)
         mask = k_pos[None, :] <= q_pos[:, None]  # [S, K]: also k_pos < kv_len

@@ -69,9 +69,10 @@ class Attention(nn.Module):
         else:
             kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets,
                                           cfg.kv_cache_dtype)
-            out = dispatch.paged_attention(q, kv_cache[layer], batch.kv_lens, batch.page_indices, batch.cu_q_lens,
+            out = dispatch.paged_attention(q, kv_cache, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
                                            batch.num_seqs, sm_scale=cfg.sm_scale, decode_only=decode_only,
-                                           impl=self.attention_impl, soft_cap=soft_cap, sliding_window=window,
+                                           impl=self.attention_impl, layer=layer, soft_cap=soft_cap,
+                                           sliding_window=window,
                                            sinks=sinks, kv_cache_dtype=cfg.kv_cache_dtype)
         return self.o_proj(out.reshape(*lead, cfg.num_heads * cfg.head_dim)), kv_cache
 
