@@ -8,9 +8,8 @@ uuid, the sender's address and the arrays' shapes over some control plane (proto
 from __future__ import annotations
 
 import datetime
-import itertools
+import secrets
 import threading
-import time
 
 import jax
 
@@ -21,8 +20,6 @@ from jaxserve.mempool.transfer.state import TransferError
 class TransferServer:
     """This process's `jax.experimental.transfer` server plus a cache of connections to peers."""
 
-    _uuids = itertools.count(int(time.time() * 1000) % 10**9 * 1000)
-    _uuid_lock = threading.Lock()
 
     def __init__(self, client=None, address: str = "127.0.0.1:0"):
         from jax.experimental import transfer as jtransfer
@@ -37,16 +34,13 @@ class TransferServer:
         return self._server.address()
 
     def next_uuid(self) -> int:
-        with self._uuid_lock:
-            return next(self._uuids)
+        return self.reserve_uuids(1)
 
     def reserve_uuids(self, n: int) -> int:
-        """The first of n consecutive fresh uuids (one per receiver process of a per-shard transfer)."""
-        with self._uuid_lock:
-            first = next(self._uuids)
-            for _ in range(max(int(n), 1) - 1):
-                next(self._uuids)
-        return first
+        """The first of n consecutive fresh uuids (one per receiver process of a per-shard transfer). Random
+        (62 bits): the transfer server has no authentication of its own, so a parked offer can be pulled only
+        by whoever was told its uuid, over the authenticated (and with TLS, encrypted) gRPC control plane."""
+        return secrets.randbits(62)
 
     def offer(self, uuid: int, arrays: list[jax.Array]) -> None:
         self._server.await_pull(uuid, arrays)
