@@ -134,66 +134,56 @@ class PromptTree:
     def evict(self, instance_id: str, token_ids: Sequence[int]) -> int:
         """The instance dropped the last page of token_ids and everything extending it; returns the tokens
         it no longer holds."""
-        ps, tokens = self.page_size, self._whole_pages(token_ids)
-        n = len(tokens)
-        if n == 0:
+        child = self._last_page_node(instance_id, token_ids)
+        if child is None:
             return 0
-        start = n - ps  # the evicted page begins here
-        node, pos = self._root, 0
-        while True:
-            child = node.children.get(tokens[pos:pos + ps])
-            if child is None or instance_id not in child.holders:
-                return 0
-            m = self._common(child.tokens, tokens, pos)
-            if pos + m <= start:
-                if m < len(child.tokens):
-                    return 0  # the path diverges before the evicted page: it was never indexed
-                node, pos = child, pos + m
-                continue
-            # The evicted page lies inside this node: cut the node so that a node begins at `start`.
-            if start > pos:
-                upper = self._split(child, start - pos)
-                child = next(iter(upper.children.values()))
-            lost = self._drop_subtree(child, instance_id)
-            self._held_tokens[instance_id] -= lost
-            if not self._held_tokens[instance_id]:
-                del self._held_tokens[instance_id]
-            self._compact(child)
-            return lost
+        lost = self._drop_subtree(child, instance_id)
+        self._held_tokens[instance_id] -= lost
+        if not self._held_tokens[instance_id]:
+            del self._held_tokens[instance_id]
+        self._compact(child)
+        return lost
 
     def offload(self, instance_id: str, token_ids: Sequence[int]) -> int:
         """The instance moved the last page of token_ids, and every page it holds extending it, to its host
         tier (still cached there); returns the tokens newly marked host-only."""
-        ps, tokens = self.page_size, self._whole_pages(token_ids)
-        n = len(tokens)
-        if n == 0:
+        child = self._last_page_node(instance_id, token_ids)
+        if child is None:
             return 0
-        start = n - ps
+        moved = 0
+        stack = [child]
+        while stack:
+            cur = stack.pop()
+            if instance_id not in cur.host:
+                cur.host.add(instance_id)
+                moved += len(cur.tokens)
+            stack.extend(c for c in cur.children.values() if instance_id in c.holders)
+        self._add_host(instance_id, moved)
+        self._compact(child)
+        return moved
+
+    def _last_page_node(self, instance_id: str, token_ids: Sequence[int]):
+        """The node, held by instance_id, that begins at the last whole page of token_ids (split so that one
+        begins there); None when the instance does not hold that page on this path."""
+        ps, tokens = self.page_size, self._whole_pages(token_ids)
+        if not tokens:
+            return None
+        start = len(tokens) - ps  # the page begins here
         node, pos = self._root, 0
         while True:
             child = node.children.get(tokens[pos:pos + ps])
             if child is None or instance_id not in child.holders:
-                return 0
+                return None
             m = self._common(child.tokens, tokens, pos)
             if pos + m <= start:
                 if m < len(child.tokens):
-                    return 0
+                    return None  # the path diverges before the page: it was never indexed
                 node, pos = child, pos + m
                 continue
-            if start > pos:
+            if start > pos:  # the page lies inside this node: cut it so that a node begins at `start`
                 upper = self._split(child, start - pos)
                 child = next(iter(upper.children.values()))
-            moved = 0
-            stack = [child]
-            while stack:
-                cur = stack.pop()
-                if instance_id not in cur.host:
-                    cur.host.add(instance_id)
-                    moved += len(cur.tokens)
-                stack.extend(c for c in cur.children.values() if instance_id in c.holders)
-            self._add_host(instance_id, moved)
-            self._compact(child)
-            return moved
+            return child
 
     def _add_host(self, instance_id: str, delta: int) -> None:
         left = self._host_tokens.get(instance_id, 0) + delta
