@@ -112,7 +112,7 @@ flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long a jaxserve process gets to exit before SIGKILL")
 FLAGS = flags.FLAGS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (jaxserve/launch/ -> ../..)
 MIN_MAP_COUNT = 262144  # vm.max_map_count that fits --precompile of the default shapes (see max_map_count())
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 of the test tokenizer; prompts use ids from 3 on
 

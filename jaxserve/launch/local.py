@@ -64,7 +64,7 @@ flags.DEFINE_string("tls_ca_file", None, "CA (PEM) that signed the certificates:
 flags.DEFINE_bool("insecure", False, "allow binding a non-loopback address with no API key / cluster secret")
 FLAGS = flags.FLAGS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (jaxserve/launch/ -> ../..)
 _PR_SET_PDEATHSIG = 1
 
 
