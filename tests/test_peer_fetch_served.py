@@ -22,11 +22,14 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
 from jaxserve.scheduler.metrics import SchedulerMetrics
 from jaxserve.scheduler.router import COLOCATED
+from timeouts import scaled
 
 CFG = ModelConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, max_position_embeddings=512)
 PAGE = 8
-FAST = dict(health_interval_s=0.2, health_timeout_s=0.5, unhealthy_after=2, no_instance_wait_s=2.0,
+# Health probes that time out on a loaded box would take the holder out of routing (then nothing is pulled):
+# their limits scale with the load.
+FAST = dict(health_interval_s=0.2, health_timeout_s=scaled(2.0), unhealthy_after=3, no_instance_wait_s=2.0,
             shutdown_grace_s=0.0, profile_instances=False, report_interval_s=0.1)
 
 
