@@ -111,7 +111,7 @@ def main(argv):
                    computed_tokens=n, prefill_ms=round(t * 1e3, 2))
         results["baseline_normal_step"] = results.get("baseline_normal_step", []) + [row]
         print(row, flush=True)
-    del pool
+    pool = None  # free the baseline's cache before the meshes' pools
 
     # ---- end-to-end prefill
     base = {}
@@ -135,7 +135,7 @@ def main(argv):
                        prefill_ms=round(t * 1e3, 2), speedup=round(speedup, 3), efficiency=round(speedup / n, 3))
             results["prefill"].append(row)
             print(row, flush=True)
-        del pool, params, sp
+        pool = params = sp = None
 
     # ---- ring-attention overlap and balance (one layer, no prefix)
     rng = np.random.default_rng(1)
