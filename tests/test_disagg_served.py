@@ -58,6 +58,24 @@ async def clean(address) -> bool:
             and s.load.num_queued_requests == 0 and s.kv_pending == 0 and s.kv_held_pages == 0)
 
 
+async def pd_turn(prefill, decode, decode_address, ref, prompt, rid, n=6, timeout=30):
+    """One request through a prefill and a decode instance over the instance API (Prefill with the decode
+    instance as target, then Decode on the handle); its tokens must equal `ref`'s uncached colocated run.
+    Returns the PrefillResponse and the tokens."""
+    req = instance_pb2.InstanceGenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, max_tokens=n, sampling=common_pb2.SamplingParams(ignore_eos=True))
+    r = await prefill.Prefill(instance_pb2.PrefillRequest(
+        request=req, decode_target=instance_pb2.KvTarget(address=decode_address)), timeout=timeout)
+    req.generated_token_ids.append(r.first_token_id)
+    req.max_tokens = n - 1
+    tokens = [r.first_token_id]
+    async for m in decode.Decode(instance_pb2.DecodeRequest(request=req, kv_handle=r.kv_handle), timeout=timeout):
+        tokens += m.token_ids
+    want = ref.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+    assert tokens == list(want)
+    return r, tokens
+
+
 def spawn(role, scheduler, env, die_before_commit=None, **extra):
     """jaxserve.launch.instance as a process; die_before_commit=PATH: tests/kv_fault_instance.py instead, which exits
     when a CommitKvTransfer arrives once PATH exists."""
@@ -177,21 +195,9 @@ def test_basic_mode_in_process_sends_everything_and_checks_roles():
             async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:
                 ps, ds = instance_pb2_grpc.InstanceStub(pc), instance_pb2_grpc.InstanceStub(dc)
 
-                async def turn(prompt, rid, n=6):
-                    req = instance_pb2.InstanceGenerateRequest(
-                        request_id=rid, prompt_token_ids=prompt, max_tokens=n,
-                        sampling=common_pb2.SamplingParams(ignore_eos=True))
-                    r = await ps.Prefill(instance_pb2.PrefillRequest(
-                        request=req, decode_target=instance_pb2.KvTarget(address=d.address)), timeout=30)
+                async def turn(prompt, rid):
+                    r, tokens = await pd_turn(ps, ds, d.address, ref, prompt, rid)
                     assert r.transferred_tokens == len(prompt) and r.transferred_bytes > 0
-                    req.generated_token_ids.append(r.first_token_id)
-                    req.max_tokens = n - 1
-                    tokens = [r.first_token_id]
-                    async for m in ds.Decode(instance_pb2.DecodeRequest(request=req, kv_handle=r.kv_handle),
-                                             timeout=30):
-                        tokens += m.token_ids
-                    want = ref.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
-                    assert tokens == list(want)
                     return tokens
 
                 prompt = list(range(1, 21))
@@ -246,21 +252,8 @@ def test_caching3_in_process_sends_decode_kv_back(per_shard, monkeypatch):
             async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:
                 ps, ds = instance_pb2_grpc.InstanceStub(pc), instance_pb2_grpc.InstanceStub(dc)
 
-                async def turn(prompt, rid, n=6):
-                    req = instance_pb2.InstanceGenerateRequest(
-                        request_id=rid, prompt_token_ids=prompt, max_tokens=n,
-                        sampling=common_pb2.SamplingParams(ignore_eos=True))
-                    r = await ps.Prefill(instance_pb2.PrefillRequest(
-                        request=req, decode_target=instance_pb2.KvTarget(address=d.address)), timeout=30)
-                    req.generated_token_ids.append(r.first_token_id)
-                    req.max_tokens = n - 1
-                    tokens = [r.first_token_id]
-                    async for m in ds.Decode(instance_pb2.DecodeRequest(request=req, kv_handle=r.kv_handle),
-                                             timeout=30):
-                        tokens += m.token_ids
-                    want = ref.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
-                    assert tokens == list(want)
-                    return r, tokens
+                def turn(prompt, rid):
+                    return pd_turn(ps, ds, d.address, ref, prompt, rid)
 
                 prompt = list(range(1, 20))  # 19 tokens: the prefill side indexes 2 whole pages (16)
                 r1, out1 = await turn(prompt, "a")

@@ -8,11 +8,11 @@ import grpc
 import jax
 import pytest
 
-from jaxserve import LLM, SamplingParams
+from jaxserve import LLM
 from jaxserve.instance import InstanceConfig, InstanceServer
-from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
+from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler.router import DECODE, PREFILL, InstanceRecord, Router
-from test_disagg_served import CFG, eventually, run, stats
+from test_disagg_served import CFG, eventually, pd_turn, run, stats
 
 FP8 = "fp8_e4m3"
 
@@ -38,21 +38,8 @@ def test_fp8_caching3_per_shard_over_grpc():
             async with grpc.aio.insecure_channel(p.address) as pc, grpc.aio.insecure_channel(d.address) as dc:
                 ps, ds = instance_pb2_grpc.InstanceStub(pc), instance_pb2_grpc.InstanceStub(dc)
 
-                async def turn(prompt, rid, n=6):
-                    req = instance_pb2.InstanceGenerateRequest(
-                        request_id=rid, prompt_token_ids=prompt, max_tokens=n,
-                        sampling=common_pb2.SamplingParams(ignore_eos=True))
-                    r = await ps.Prefill(instance_pb2.PrefillRequest(
-                        request=req, decode_target=instance_pb2.KvTarget(address=d.address)), timeout=60)
-                    req.generated_token_ids.append(r.first_token_id)
-                    req.max_tokens = n - 1
-                    tokens = [r.first_token_id]
-                    async for m in ds.Decode(instance_pb2.DecodeRequest(request=req, kv_handle=r.kv_handle),
-                                             timeout=60):
-                        tokens += m.token_ids
-                    want = ref.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
-                    assert tokens == list(want)
-                    return r, tokens
+                def turn(prompt, rid):
+                    return pd_turn(ps, ds, d.address, ref, prompt, rid, timeout=60)
 
                 prompt = list(range(1, 20))
                 r1, out1 = await turn(prompt, "a")
