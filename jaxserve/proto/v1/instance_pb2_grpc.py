@@ -64,6 +64,11 @@ class InstanceStub:
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
                 _registered_method=True)
+        self.FetchKv = channel.unary_stream(
+                '/jaxserve.v1.Instance/FetchKv',
+                request_serializer=jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_instance__pb2.KvChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/jaxserve.v1.Instance/Abort',
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.AbortRequest.SerializeToString,
@@ -138,6 +143,16 @@ class InstanceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchKv(self, request, context):
+        """The "grpc" KV transport (CommitKvTransferRequest.kv_transport): the receiver of a transfer pulls the
+        block the sender parked under pull_uuid, as raw bytes in order, over this instance's authenticated (and
+        with TLS, mTLS-encrypted) gRPC link. An offer is served once: it is freed when fetched or when it
+        expires; an unknown, expired or already fetched uuid answers NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Abort a request by id (for requests whose stream the caller no longer holds, e.g. a decode
         reservation whose prefill failed). Unknown ids are not an error.
@@ -198,6 +213,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.PushKv,
                     request_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.FromString,
                     response_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.SerializeToString,
+            ),
+            'FetchKv': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchKv,
+                    request_deserializer=jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_instance__pb2.KvChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -382,6 +402,33 @@ class Instance:
             '/jaxserve.v1.Instance/PushKv',
             jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
             jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jaxserve.v1.Instance/FetchKv',
+            jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.SerializeToString,
+            jaxserve_dot_v1_dot_instance__pb2.KvChunk.FromString,
             options,
             channel_credentials,
             insecure,
