@@ -138,3 +138,167 @@ def test_selection():
         resolve_kv_transport("grpc", tls=False, per_shard=True)
     with pytest.raises(ValueError, match="kv_transport"):
         InstanceConfig(kv_transport="tcp")
+
+
+# ---------------------------------------------------------------------------------------------- served
+async def stats(address, tls: TlsFiles | None = None):
+    channel = (grpc.aio.secure_channel(address, tls.channel_credentials()) if tls is not None
+               else grpc.aio.insecure_channel(address))
+    async with channel:
+        return await instance_pb2_grpc.InstanceStub(channel).GetStats(instance_pb2.InstanceStatsRequest(),
+                                                                      metadata=MD, timeout=scaled(10))
+
+
+async def clean(address, tls=None) -> bool:
+    s = await stats(address, tls)
+    return (s.load.num_free_pages == s.load.num_total_pages and s.load.num_running_requests == 0
+            and s.kv_pending == 0 and s.kv_held_pages == 0)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    pytest.importorskip("cryptography")
+    from jaxserve.testing.certs import CertificateAuthority
+    ca = CertificateAuthority(tmp_path_factory.mktemp("pki"))
+    return {name: TlsFiles(p.cert_file, p.key_file, ca.ca_file)
+            for name, p in ((n, ca.issue(n)) for n in ("scheduler", "prefill", "decode", "user"))}
+
+
+def test_pd_over_tls_moves_kv_over_grpc_and_matches_offline_greedy(pki):
+    """kv_transport auto with TLS files = grpc: PD-Caching-3 (prefill -> decode, and the decode-phase KV sent
+    back) moves every byte over FetchKv on the mTLS link; no jax transfer server is ever started."""
+    prompt = list(range(3, 40))
+    want = greedy(prompt)
+
+    async def body():
+        t = pki["scheduler"]
+        scheduler = Scheduler(GlobalSchedulerConfig(port=0, tls_cert_file=t.cert_file, tls_key_file=t.key_file,
+                                                    tls_ca_file=t.ca_file, **FAST),
+                              ModelInfo.byte_level(512), secrets=Secrets(api_key=API_KEY, cluster_secret=SECRET))
+        await scheduler.start()
+        servers = []
+        try:
+            for k, role in enumerate(("prefill", "decode")):
+                t = pki[role]
+                servers.append(await InstanceServer(tiny(True, k).engine, InstanceConfig(
+                    role=role, pd_mode="caching3", scheduler_address=scheduler.address, instance_id=role,
+                    tls_cert_file=t.cert_file, tls_key_file=t.key_file, tls_ca_file=t.ca_file,
+                    kv_transfer_timeout_s=scaled(10), shutdown_grace_s=0),
+                    secrets=Secrets(cluster_secret=SECRET)).start())
+            p, d = servers
+            for s in servers:
+                assert isinstance(s.kv_transport, tr.GrpcStreamTransport) and s.transfer_server is None
+            with open(t.ca_file, "rb") as f:
+                user = tls_credentials(f.read())
+            async with AsyncClient(scheduler.address, credentials=user, api_key=API_KEY,
+                                   retry=RetryPolicy(max_attempts=1)) as client:
+                got = await client.generate(prompt, max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
+            assert list(got.token_ids) == want
+            assert got.usage.prefill_instance_id == "prefill" and got.usage.instance_id == "decode"
+            user_tls = pki["user"]
+
+            async def sent_back():
+                s = await stats(d.address, user_tls)
+                return s.kv_sent_back_tokens > 0 or s.kv_send_back_failures > 0
+            await eventually(sent_back, 20, "the caching3 send-back")
+            sp, sd = await stats(p.address, user_tls), await stats(d.address, user_tls)
+            assert sd.kv_send_back_failures == 0 and sp.kv_transfer_failures == 0
+            assert sp.kv_sent_bytes > 0 and sd.kv_received_bytes == sp.kv_sent_bytes
+            assert sp.kv_received_bytes == sd.kv_sent_back_bytes > 0  # the send-back rode FetchKv too
+            assert p.kv_transport.parked.counters["fetched"] == 1 and len(p.kv_transport.parked) == 0
+            assert d.kv_transport.parked.counters["fetched"] == 1 and len(d.kv_transport.parked) == 0
+            assert p.kv_transport.counts.device_put == 1 and d.kv_transport.counts.device_put == 1
+            assert p.transfer_server is None and d.transfer_server is None  # no plaintext KV port, ever
+
+            # FetchKv needs the cluster secret (on top of the mTLS certificate); an unknown uuid is NOT_FOUND.
+            async with grpc.aio.secure_channel(p.address, user_tls.channel_credentials()) as ch:
+                stub = instance_pb2_grpc.InstanceStub(ch)
+                request = instance_pb2.FetchKvRequest(pull_uuid=12345)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in stub.FetchKv(request, timeout=scaled(10)):
+                        pass
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in stub.FetchKv(request, metadata=MD, timeout=scaled(10)):
+                        pass
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            for s in servers:
+                await eventually(lambda: clean(s.address, user_tls), 20, f"{s.instance_id} clean")
+                s.engine.pool.check_invariants()
+        finally:
+            for s in servers:
+                await s.stop(0)
+            await scheduler.stop(0)
+    run(body(), 300)
+
+
+@contextlib.asynccontextmanager
+async def peer_cluster():
+    scheduler = Scheduler(GlobalSchedulerConfig(port=0, policy="kv_pool", peer_fetch=True, kv_bytes_per_token=256,
+                                                peer_link_bytes_s=1e9, **FAST), ModelInfo.byte_level(512))
+    await scheduler.start()
+    servers = {}
+    client = AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1))
+    try:
+        for k, name in enumerate("abc"):
+            servers[name] = await InstanceServer(tiny(True, k).engine, InstanceConfig(
+                role="colocated", scheduler_address=scheduler.address, instance_id=name, peer_fetch=True,
+                kv_transport="grpc", kv_transfer_timeout_s=scaled(5), shutdown_grace_s=0)).start()
+        yield scheduler, servers, client
+    finally:
+        await client.close()
+        for s in servers.values():
+            with contextlib.suppress(Exception):
+                await s.stop(0)
+        await scheduler.stop(0)
+
+
+async def put_prefix_on(server, scheduler, prefix):
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        req = instance_pb2.InstanceGenerateRequest(request_id="warm", prompt_token_ids=prefix, max_tokens=2,
+                                                   sampling=common_pb2.SamplingParams(ignore_eos=True))
+        async for _ in instance_pb2_grpc.InstanceStub(ch).Generate(req, timeout=scaled(60)):
+            pass
+
+    async def indexed():
+        tree = scheduler.router.trees.get(COLOCATED)
+        return tree is not None and tree.match(tuple(prefix)).get(server.instance_id, 0) >= len(prefix)
+    await eventually(indexed, 20, "the prefix in the scheduler's prompt tree")
+    scheduler.router.instances[server.instance_id].pending_prefill_s = 1e3  # busy: requests go elsewhere
+
+
+def test_peer_fetch_over_grpc_and_an_expired_offer_means_recompute():
+    """Peer fetch (issue 18) with kv_transport grpc: the routed instance pulls the busy holder's prefix over
+    FetchKv, same greedy tokens. Then the holder's offers expire before anyone fetches them: the target's
+    FetchKv is NOT_FOUND, it recomputes (same tokens, nothing received or indexed half-way), no page leaks."""
+    first = [(7 * i + 3) % 251 + 1 for i in range(64)]
+    second = [(5 * i + 1) % 251 + 1 for i in range(64)]
+    prompts = [first + [9, 8, 7, 6, 5], second + [1, 2, 3]]
+    want = [greedy(p) for p in prompts]
+
+    async def body():
+        async with peer_cluster() as (scheduler, servers, client):
+            a = servers["a"]
+            await put_prefix_on(a, scheduler, first)
+            out = await client.generate(prompts[0], max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
+            assert list(out.token_ids) == want[0]
+            assert out.usage.instance_id in ("b", "c") and out.usage.cached_tokens == 64
+            sa, sb = await stats(a.address), await stats(servers[out.usage.instance_id].address)
+            assert sa.kv_peer_sent_tokens == 64 and sb.kv_received_bytes == sa.kv_peer_sent_bytes > 0
+            assert a.kv_transport.parked.counters["fetched"] == 1 and a.transfer_server is None
+
+            before = {n: (await stats(s.address)).kv_received_bytes for n, s in servers.items()}
+            await put_prefix_on(a, scheduler, second)
+            a.kv_transport.parked.ttl_s = -1.0  # every offer is already expired when its receiver asks
+            out = await client.generate(prompts[1], max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
+            assert list(out.token_ids) == want[1]
+            assert out.usage.instance_id in ("b", "c") and out.usage.cached_tokens == 0  # recomputed
+            target = servers[out.usage.instance_id]
+            st = await stats(target.address)
+            assert st.kv_received_bytes == before[target.instance_id]
+            assert (await stats(a.address)).kv_peer_push_failures == 1 and len(a.kv_transport.parked) == 0
+            assert scheduler.core.peer_fetch["failures"] == 1
+            for s in servers.values():
+                await eventually(lambda: clean(s.address), 20, f"{s.instance_id} clean")
+                s.engine.pool.check_invariants()
+    run(body(), 300)
