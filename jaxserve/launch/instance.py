@@ -187,7 +187,9 @@ def main(argv):
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
-    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret)
+    tls = TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)
+    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret,
+                            tls=tls.op_channel_contexts() if tls is not None else None)
     engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None
