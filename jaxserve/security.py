@@ -44,8 +44,8 @@ ACCESS: dict[str, str] = {
     "/jaxserve.v1.Instance/Decode": CLUSTER,
     "/jaxserve.v1.Instance/PrepareKvTransfer": CLUSTER,
     "/jaxserve.v1.Instance/CommitKvTransfer": CLUSTER,
-    "/jaxserve.v1.Instance/PushKv": CLUSTER,
-    "/jaxserve.v1.Instance/FetchKv": CLUSTER,  # peers pull KV bytes parked for them (kv_transport "grpc")  # scheduler -> holder: offer a cached prefix to another instance
+    "/jaxserve.v1.Instance/PushKv": CLUSTER,  # scheduler -> holder: offer a cached prefix to another instance
+    "/jaxserve.v1.Instance/FetchKv": CLUSTER,  # peers pull KV bytes parked for them (kv_transport "grpc")
     "/jaxserve.v1.Instance/Abort": CLUSTER,
     "/jaxserve.v1.Instance/Profile": CLUSTER,
     "/jaxserve.v1.Instance/GetStats": CLUSTER,

@@ -32,8 +32,9 @@ from jaxserve.mempool.transfer.ops import (OpCounts, chunk_pages, gather_block, 
 from jaxserve.mempool.transfer.receiver import KvReceiver, Reservation
 from jaxserve.mempool.transfer.state import IllegalTransition, State, TransferError, TransferState
 
-__all__ = ["BlockOffer", "CrossProcessTransport", "GrpcStreamTransport", "HeadShard", "IllegalTransition", "InProcessTransport",
-           "KvReceiver", "OpCounts", "ParkedOffers", "Reservation", "ShardSource", "State", "StreamOffer", "TransferError", "TransferServer",
-           "TransferState", "Transport", "chunk_pages", "gather_block", "gather_chunks", "num_head_shards",
-           "offer_block", "offer_shards", "padded_index", "plan_pieces", "pool_layout", "pool_sharding",
-           "pull_block", "receive_shards", "scatter_block", "shard_bytes"]
+__all__ = ["BlockOffer", "CrossProcessTransport", "GrpcStreamTransport", "HeadShard", "IllegalTransition",
+           "InProcessTransport", "KvReceiver", "OpCounts", "ParkedOffers", "Reservation", "ShardSource", "State",
+           "StreamOffer", "TransferError", "TransferServer", "TransferState", "Transport", "chunk_pages",
+           "gather_block", "gather_chunks", "num_head_shards", "offer_block", "offer_shards", "padded_index",
+           "plan_pieces", "pool_layout", "pool_sharding", "pull_block", "receive_shards", "scatter_block",
+           "shard_bytes"]
