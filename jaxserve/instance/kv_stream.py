@@ -9,6 +9,7 @@ receiver's limit) and large enough that per-message costs stay small (see docs/d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 
 import grpc
@@ -42,7 +43,12 @@ class StreamFetch:
 
     def __call__(self, offer: StreamOffer, timeout: float | None) -> bytearray:
         future = asyncio.run_coroutine_threadsafe(self.fetch(offer, timeout), self.loop)
-        return future.result()  # the RPC's own deadline bounds the wait
+        try:
+            # The RPC's deadline ends the call; the margin covers a loop too busy (or stopped) to say so.
+            return future.result(None if timeout is None else timeout + 5.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TransferError(f"FetchKv from {offer.address} did not finish within {timeout:.1f}s") from None
 
     async def fetch(self, offer: StreamOffer, timeout: float | None) -> bytearray:
         want = offer.nbytes

@@ -8,7 +8,8 @@ one `KvPath` (pd_common.py: engine thread, peers, transport selection), the KV p
 
 Role colocated serves Generate. Role prefill serves Prefill: it prefills with `prefill_only`, samples the
 first token and sends the KV its decode target lacks (PrepareKvTransfer / CommitKvTransfer on the target; the
-KV moves by `jax.experimental.transfer`, see `pd_prefill.py`). Role decode serves PrepareKvTransfer,
+KV moves by `jax.experimental.transfer`, or with `kv_transport` "grpc" as bytes over FetchKv on this service,
+see `pd_prefill.py` and `kv_stream.py`). Role decode serves PrepareKvTransfer,
 CommitKvTransfer (admits the request as soon as its KV is in place) and Decode (streams the rest). An RPC a
 role does not serve answers UNIMPLEMENTED. `pd_mode` (basic | caching1 | caching2 | caching3) says what each
 side caches. In caching3 the prefill side names itself in CommitKvTransfer (`send_back_to`); when the request

@@ -120,8 +120,9 @@ class InstanceServicer:
 
     def PrepareKvTransfer(self, request, context):
         """KV transfer control, called by a prefill instance on its decode target (and, in PD-Caching-3, by a
-        decode instance on the prefill instance, to send the decode-phase KV back). Only the control message
-        travels over gRPC; the KV moves by the transfer backend (never pickle).
+        decode instance on the prefill instance, to send the decode-phase KV back). With kv_transport "jax" only
+        the control message travels over gRPC and the KV moves by jax.experimental.transfer; with "grpc" the KV
+        itself comes over this service too (FetchKv), as raw bytes (never pickle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
