@@ -305,3 +305,44 @@ def test_peer_fetch_over_grpc_and_an_expired_offer_means_recompute():
                 await eventually(lambda: clean(s.address), 20, f"{s.instance_id} clean")
                 s.engine.pool.check_invariants()
     run(body(), 300)
+
+
+def test_mixed_pair_each_side_pulls_what_the_other_offers():
+    """The commit names the backend, so the sides need not agree: prefill sends with grpc, decode with jax
+    (PD-Caching-3). The decode side pulls the prompt KV over FetchKv; the prefill side, which runs no transfer
+    server of its own, starts one on first use to pull the decode-phase KV sent back with jax."""
+    prompt = list(range(5, 44))
+    want = greedy(prompt)
+
+    async def body():
+        scheduler = Scheduler(GlobalSchedulerConfig(port=0, **FAST), ModelInfo.byte_level(512))
+        await scheduler.start()
+        servers = []
+        try:
+            for k, (role, backend) in enumerate((("prefill", "grpc"), ("decode", "jax"))):
+                servers.append(await InstanceServer(tiny(True, k).engine, InstanceConfig(
+                    role=role, pd_mode="caching3", scheduler_address=scheduler.address, instance_id=role,
+                    kv_transport=backend, kv_transfer_timeout_s=scaled(10), shutdown_grace_s=0)).start())
+            p, d = servers
+            assert p.transfer_server is None and d.transfer_server is not None
+            async with AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1)) as client:
+                got = await client.generate(prompt, max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
+            assert list(got.token_ids) == want and got.usage.instance_id == "decode"
+
+            async def sent_back():
+                s = await stats(d.address)
+                return s.kv_sent_back_tokens > 0 or s.kv_send_back_failures > 0
+            await eventually(sent_back, 20, "the caching3 send-back")
+            sp, sd = await stats(p.address), await stats(d.address)
+            assert sd.kv_send_back_failures == 0 and sd.kv_received_bytes == sp.kv_sent_bytes > 0
+            assert sp.kv_received_bytes == sd.kv_sent_back_bytes > 0
+            assert p.kv_transport.parked.counters["fetched"] == 1  # prompt KV: grpc
+            assert p.transfer_server is not None and p.kv_path.jax.counts.pull == 1  # send-back: jax, pulled by p
+            for s in servers:
+                await eventually(lambda: clean(s.address), 20, f"{s.instance_id} clean")
+                s.engine.pool.check_invariants()
+        finally:
+            for s in servers:
+                await s.stop(0)
+            await scheduler.stop(0)
+    run(body(), 300)
