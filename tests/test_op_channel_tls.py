@@ -82,3 +82,50 @@ def test_op_channel_refuses_strangers_and_plaintext(pki):
     assert isinstance(wrong["follower"], PermissionError) and isinstance(wrong["leader"], (PermissionError, OSError))
     with pytest.raises(ValueError, match="mTLS"):
         TlsFiles(pki["leader"].cert_file, pki["leader"].key_file).op_channel_contexts()
+
+
+def test_served_two_process_instance_over_tls_matches_offline(pki, tmp_path):
+    """jaxserve.launch.instance --num_processes=2 with TLS files and the cluster secret: the op channel comes up
+    as mTLS + HMAC (the leader says so), the instance registers with a TLS scheduler over mTLS, and greedy
+    tokens equal the offline single-process engine's. Its KV transport resolves to jax (per shard)."""
+    import asyncio
+
+    from test_multihost import (_launch_two_process_instance, _save_tiny_model, _skip_without_cpu_collectives,
+                                _wait_registered, stop_processes)
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.client import AsyncClient, RetryPolicy, tls_credentials
+    from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+    from jaxserve.security import Secrets
+
+    _skip_without_cpu_collectives()
+    folder = _save_tiny_model(tmp_path)
+    prompt = "You are a helpful assistant. What is JAX?"
+    ref = LLM(str(folder), tp=8, page_size=8, num_pages=64, max_num_batched_tokens=64, compilation_cache="off"
+              ).generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].token_ids
+    t = pki["leader"]
+
+    async def body():
+        sch = Scheduler(GlobalSchedulerConfig(port=0, tls_cert_file=t.cert_file, tls_key_file=t.key_file,
+                                              tls_ca_file=t.ca_file), ModelInfo.byte_level(512),
+                        secrets=Secrets(cluster_secret=SECRET))
+        await sch.start()
+        f = pki["follower"]
+        procs, read = _launch_two_process_instance(
+            sch.address, folder, tmp_path, f"--tls_cert_file={f.cert_file}", f"--tls_key_file={f.key_file}",
+            f"--tls_ca_file={f.ca_file}", f"--cluster_secret={SECRET}")
+        try:
+            await _wait_registered(sch, procs, read)
+            with open(t.ca_file, "rb") as ca:
+                credentials = tls_credentials(ca.read())
+            async with AsyncClient(sch.address, credentials=credentials, api_key=SECRET,
+                                   retry=RetryPolicy(max_attempts=1)) as client:
+                got = await client.generate(prompt, max_tokens=8, ignore_eos=True, timeout_s=scaled(60))
+            assert "op channel to 1 followers over mTLS + HMAC handshake" in read(0), read(0)[-3000:]
+            assert "op channel to the leader over mTLS + HMAC handshake" in read(1), read(1)[-3000:]
+            return list(got.token_ids)
+        finally:
+            stop_processes(procs, grace_s=0)
+            await sch.stop(0)
+
+    assert asyncio.run(asyncio.wait_for(body(), scaled(180))) == list(ref)

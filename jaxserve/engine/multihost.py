@@ -123,9 +123,14 @@ def connect(bind_host: str = "127.0.0.1", accept_timeout_s: float = 300.0,
     if jax.process_count() == 1:
         return LocalOps()
     leader_tls, follower_tls = tls if tls is not None else (None, None)
+    how = ("mTLS" if tls is not None else "plain TCP") + (" + HMAC handshake" if secret is not None else "")
     if jax.process_index() == 0:
-        return LeaderOps(SocketSender(_accept_followers(bind_host, accept_timeout_s, secret, leader_tls)))
-    return FollowerOps(SocketReceiver(_connect_to_leader(connect_timeout_s, secret, follower_tls)))
+        socks = _accept_followers(bind_host, accept_timeout_s, secret, leader_tls)
+        log.info("multihost: op channel to %d followers over %s", len(socks), how)
+        return LeaderOps(SocketSender(socks))
+    sock = _connect_to_leader(connect_timeout_s, secret, follower_tls)
+    log.info("multihost: op channel to the leader over %s", how)
+    return FollowerOps(SocketReceiver(sock))
 
 
 def secure_leader(conn: socket.socket, context) -> socket.socket:
