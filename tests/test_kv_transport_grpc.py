@@ -138,6 +138,8 @@ def test_selection():
         resolve_kv_transport("grpc", tls=False, per_shard=True)
     with pytest.raises(ValueError, match="kv_transport"):
         InstanceConfig(kv_transport="tcp")
+    with pytest.raises(ValueError, match="single-process only"):  # refused when the instance is made
+        InstanceServer(tiny(False, 0).engine, InstanceConfig(role="prefill", kv_transport="grpc", kv_per_shard=True))
     from jaxserve.cli import instance_flags, serve_parser
     assert "kv_transport" not in instance_flags(serve_parser().parse_args(["demo"]))  # auto: the launcher's default
     assert instance_flags(serve_parser().parse_args(["demo", "--kv-transport", "grpc"]))["kv_transport"] == "grpc"

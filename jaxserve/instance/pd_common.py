@@ -226,9 +226,8 @@ class KvPath:
         """transfers: this instance's role moves KV (it needs a transport to send with). On the event loop."""
         from jaxserve.instance.kv_stream import StreamFetch
         from jaxserve.mempool.transfer import GrpcStreamTransport, ParkedOffers
-        if self.kv_transport == "grpc" and (self.num_processes > 1 or self.config.kv_per_shard):
-            raise ValueError(resolve_kv_transport("grpc", tls=True, num_processes=self.num_processes,
-                                                  per_shard=self.config.kv_per_shard))
+        if self.kv_transport == "grpc":  # refuses a multi-process / per-shard instance (ValueError)
+            resolve_kv_transport("grpc", tls=True, num_processes=self.num_processes, per_shard=self.config.kv_per_shard)
         # An offer nobody fetched (the receiver died or gave up at its deadline) goes after twice that.
         ttl = 2 * self.config.kv_transfer_timeout_s + 5.0
         self.stream = GrpcStreamTransport(StreamFetch(self.peer, asyncio.get_running_loop()), ParkedOffers(ttl_s=ttl))
