@@ -125,6 +125,8 @@ def test_parked_offers_expire_and_are_bounded():
     c = parked.park([np.arange(10, dtype=np.float32)])
     got = parked.take(c)
     assert b"".join(pieces(got, 7)) == np.arange(10, dtype=np.float32).tobytes() and parked.take(c) is None
+    from jaxserve.mempool.transfer.grpc_stream import host_buffer
+    assert all(host_buffer(n).ctypes.data % 64 == 0 and host_buffer(n).nbytes == n for n in (1, 1000, 4 << 20))
 
 
 def test_selection():

@@ -13,9 +13,10 @@ import concurrent.futures
 import logging
 
 import grpc
+import numpy as np
 
 from jaxserve.mempool.transfer import ParkedOffers, StreamOffer, TransferError
-from jaxserve.mempool.transfer.grpc_stream import pieces
+from jaxserve.mempool.transfer.grpc_stream import host_buffer, pieces
 from jaxserve.proto.v1 import instance_pb2
 
 log = logging.getLogger("jaxserve.instance")
@@ -41,7 +42,7 @@ class StreamFetch:
         """peer(address) -> an InstanceStub on the cached channel to that address (`KvPath.peer`)."""
         self.peer, self.loop = peer, loop
 
-    def __call__(self, offer: StreamOffer, timeout: float | None) -> bytearray:
+    def __call__(self, offer: StreamOffer, timeout: float | None) -> np.ndarray:
         future = asyncio.run_coroutine_threadsafe(self.fetch(offer, timeout), self.loop)
         try:
             # The RPC's deadline ends the call; the margin covers a loop too busy (or stopped) to say so.
@@ -50,9 +51,9 @@ class StreamFetch:
             future.cancel()
             raise TransferError(f"FetchKv from {offer.address} did not finish within {timeout:.1f}s") from None
 
-    async def fetch(self, offer: StreamOffer, timeout: float | None) -> bytearray:
+    async def fetch(self, offer: StreamOffer, timeout: float | None) -> np.ndarray:
         want = offer.nbytes
-        buf = bytearray(want)
+        buf = host_buffer(want)  # aligned: on CPU the device_put that follows aliases it, no second copy
         pos = 0
         try:
             call = self.peer(offer.address).FetchKv(instance_pb2.FetchKvRequest(pull_uuid=offer.uuid),
@@ -62,7 +63,7 @@ class StreamFetch:
                 if pos + n > want:
                     call.cancel()
                     raise TransferError(f"KV offer from {offer.address} is longer than the {want} bytes offered")
-                buf[pos:pos + n] = chunk.data
+                buf[pos:pos + n] = np.frombuffer(chunk.data, np.uint8)
                 pos += n
         except grpc.aio.AioRpcError as e:
             raise TransferError(f"FetchKv from {offer.address} failed: {e.code().name}: {e.details()}") from None

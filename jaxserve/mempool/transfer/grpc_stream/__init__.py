@@ -53,7 +53,16 @@ class StreamOffer:
     sources = ()
 
 
-FetchBytes = Callable[[StreamOffer, "float | None"], "bytes | bytearray | memoryview"]
+FetchBytes = Callable[[StreamOffer, "float | None"], "bytes | bytearray | memoryview | np.ndarray"]
+
+
+def host_buffer(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 host buffer for a fetched block, 64-byte aligned: `jax.device_put` of an aligned
+    numpy array onto a CPU device aliases it instead of copying (measured here: 64 MiB in 0.2 ms instead of
+    ~70 ms); elsewhere it is an ordinary host->device copy. Fill it, then hand it to `fetch` via the seam."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + nbytes]
 
 
 class GrpcStreamTransport(Transport):
@@ -101,4 +110,4 @@ class GrpcStreamTransport(Transport):
         return list(jax.device_put([block[i] for i in range(offer.num_chunks)], pool_sharding(pool)))
 
 
-__all__ = ["FetchBytes", "GrpcStreamTransport", "NAME", "Parked", "ParkedOffers", "StreamOffer", "pieces"]
+__all__ = ["FetchBytes", "GrpcStreamTransport", "NAME", "host_buffer", "Parked", "ParkedOffers", "StreamOffer", "pieces"]
