@@ -9,8 +9,8 @@ writes JSON.
 What is timed: PushKv on the holder (peer fetch, issue 18), which is the whole serving path of one transfer --
 match + one gather + offer on the holder, PrepareKvTransfer / CommitKvTransfer on the target, which pulls,
 device_puts, scatters and indexes, then the answer. Each rep pushes a fresh prefix (the target holds none of
-it). Both instances run in this process on their own CPU device (the gRPC server and client share its
-interpreter): compare the backends with each other, not with a network.
+it). All pairs run in this process (holder on CPU device 0, target on device 1; the gRPC servers and clients
+share its interpreter) and their pushes interleave: compare the backends with each other, not with a network.
 """
 
 from __future__ import annotations
@@ -59,11 +59,10 @@ def tls_files(folder: str) -> dict:
     return {n: TlsFiles(p.cert_file, p.key_file, ca.ca_file) for n, p in ((n, ca.issue(n)) for n in ("a", "b", "me"))}
 
 
-async def measure(transport: str, pki: dict) -> list[dict]:
-    import numpy as np
-
+async def start_pair(transport: str, pki: dict) -> tuple:
+    """Holder and target instances sending with `transport`, and a stub on the holder."""
     from jaxserve.instance import InstanceConfig, InstanceServer
-    from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
+    from jaxserve.proto.v1 import instance_pb2_grpc
     from jaxserve.security import Secrets, aio_channel
     backend, tls = transport.split("+")[0], transport.endswith("+tls")
     servers = []
@@ -71,41 +70,59 @@ async def measure(transport: str, pki: dict) -> list[dict]:
         files = dict(tls_cert_file=pki[name].cert_file, tls_key_file=pki[name].key_file,
                      tls_ca_file=pki[name].ca_file) if tls else {}
         servers.append(await InstanceServer(engine(device), InstanceConfig(
-            instance_id=name, peer_fetch=True, kv_transport=backend, shutdown_grace_s=0, **files),
+            instance_id=f"{transport}-{name}", peer_fetch=True, kv_transport=backend, shutdown_grace_s=0, **files),
             secrets=Secrets(cluster_secret=SECRET)).start())
-    holder, target = servers
-    assert holder.kv_path.kv_transport == backend
-    rows = []
+    assert servers[0].kv_path.kv_transport == backend
+    channel = aio_channel(servers[0].address, secret=SECRET, tls=pki["me"] if tls else None)
+    return servers, channel, instance_pb2_grpc.InstanceStub(channel)
+
+
+async def push_once(stub, target, size: int, tag: str, rng) -> tuple[float, int]:
+    """Prefill a fresh prefix of `size` tokens on the holder, then time its PushKv to `target`."""
+    from jaxserve.proto.v1 import common_pb2, instance_pb2
+    prefix = [int(x) for x in rng.integers(1, 500, size)]
+    async for _ in stub.Generate(instance_pb2.InstanceGenerateRequest(
+            request_id=f"warm-{tag}", prompt_token_ids=prefix, max_tokens=1,
+            sampling=common_pb2.SamplingParams(ignore_eos=True)), timeout=600):
+        pass
+    t0 = time.perf_counter()
+    got = await stub.PushKv(instance_pb2.PushKvRequest(request_id=f"push-{tag}", token_ids=prefix,
+                                                       target=instance_pb2.KvTarget(address=target.address)),
+                            timeout=600)
+    dt = time.perf_counter() - t0
+    if got.sent_tokens != size:
+        raise RuntimeError(f"{tag}: pushed {got.sent_tokens} of {size} tokens")
+    return dt, got.sent_bytes
+
+
+async def measure(pki: dict) -> list[dict]:
+    """Every transport's pair is up at once and the pushes interleave (size by size, rep by rep, transport by
+    transport), so a burst of load on a shared box hits every column alike."""
+    import numpy as np
+    pairs = {t: await start_pair(t, pki) for t in FLAGS.transports}
     rng = np.random.default_rng(0)
+    rows = []
     try:
-        async with aio_channel(holder.address, secret=SECRET, tls=pki["me"] if tls else None) as channel:
-            stub = instance_pb2_grpc.InstanceStub(channel)
-            for size in (int(t) for t in FLAGS.tokens):
-                times, nbytes = [], 0
-                for rep in range(FLAGS.reps + 1):
-                    prefix = [int(x) for x in rng.integers(1, 500, size)]
-                    async for _ in stub.Generate(instance_pb2.InstanceGenerateRequest(
-                            request_id=f"warm-{size}-{rep}", prompt_token_ids=prefix, max_tokens=1,
-                            sampling=common_pb2.SamplingParams(ignore_eos=True)), timeout=600):
-                        pass
-                    t0 = time.perf_counter()
-                    got = await stub.PushKv(instance_pb2.PushKvRequest(
-                        request_id=f"push-{size}-{rep}", token_ids=prefix,
-                        target=instance_pb2.KvTarget(address=target.address)), timeout=600)
-                    dt = time.perf_counter() - t0
-                    if got.sent_tokens != size:
-                        raise RuntimeError(f"{transport}: pushed {got.sent_tokens} of {size} tokens")
+        for size in (int(t) for t in FLAGS.tokens):
+            times: dict[str, list[float]] = {t: [] for t in FLAGS.transports}
+            nbytes = {}
+            for rep in range(FLAGS.reps + 1):
+                for transport, (servers, _, stub) in pairs.items():
+                    dt, nbytes[transport] = await push_once(stub, servers[1], size, f"{transport}-{size}-{rep}", rng)
                     if rep:  # the first push of a size compiles its gather / scatter bucket
-                        times.append(dt)
-                        nbytes = got.sent_bytes
-                med = statistics.median(times)
-                rows.append(dict(transport=transport, tokens=size, bytes=nbytes, median_s=med, min_s=min(times),
-                                 gb_s=nbytes / med / 1e9, reps=len(times)))
-                print(f"  {transport:10s} {size:6d} tok {nbytes / 2**20:8.1f} MiB {1e3 * med:9.1f} ms "
-                      f"{nbytes / med / 1e9:7.3f} GB/s", flush=True)
+                        times[transport].append(dt)
+            for transport in FLAGS.transports:
+                med = statistics.median(times[transport])
+                rows.append(dict(transport=transport, tokens=size, bytes=nbytes[transport], median_s=med,
+                                 min_s=min(times[transport]), gb_s=nbytes[transport] / med / 1e9,
+                                 reps=len(times[transport])))
+                print(f"  {transport:10s} {size:6d} tok {nbytes[transport] / 2**20:8.1f} MiB {1e3 * med:9.1f} ms "
+                      f"{nbytes[transport] / med / 1e9:7.3f} GB/s", flush=True)
     finally:
-        for s in servers:
-            await s.stop(0)
+        for servers, channel, _ in pairs.values():
+            await channel.close()
+            for s in servers:
+                await s.stop(0)
     return rows
 
 
@@ -116,11 +133,9 @@ def main(argv):
     kv_per_token = 2 * FLAGS.layers * FLAGS.kv_heads * FLAGS.head_dim * 4
     print(f"jax {jax.__version__}, {len(jax.devices())} devices, {os.cpu_count()} cores; KV {kv_per_token} B/token "
           f"(float32, {FLAGS.layers} layers x {FLAGS.kv_heads} KV heads x {FLAGS.head_dim})")
-    rows = []
     with tempfile.TemporaryDirectory() as folder:
         pki = tls_files(folder) if any(t.endswith("+tls") for t in FLAGS.transports) else {}
-        for transport in FLAGS.transports:
-            rows += asyncio.run(measure(transport, pki))
+        rows = asyncio.run(measure(pki))
     print(f"\nKV push (PushKv: gather, offer, prepare, pull, scatter, index), median of {FLAGS.reps}")
     print(f"{'tokens':>7s} {'MiB':>8s} " + " ".join(f"{t + ' ms':>13s} {'GB/s':>6s}" for t in FLAGS.transports))
     for size in (int(t) for t in FLAGS.tokens):
