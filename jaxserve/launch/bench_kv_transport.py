@@ -126,6 +126,11 @@ async def measure(pki: dict) -> list[dict]:
     return rows
 
 
+def _cell(row: dict) -> str:
+    ms = f"{1e3 * row['median_s']:.1f} / {1e3 * row['min_s']:.1f}"
+    return f"{ms:>17s} {row['gb_s']:6.3f}"
+
+
 def main(argv):
     del argv
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -136,12 +141,12 @@ def main(argv):
     with tempfile.TemporaryDirectory() as folder:
         pki = tls_files(folder) if any(t.endswith("+tls") for t in FLAGS.transports) else {}
         rows = asyncio.run(measure(pki))
-    print(f"\nKV push (PushKv: gather, offer, prepare, pull, scatter, index), median of {FLAGS.reps}")
-    print(f"{'tokens':>7s} {'MiB':>8s} " + " ".join(f"{t + ' ms':>13s} {'GB/s':>6s}" for t in FLAGS.transports))
+    print(f"\nKV push (PushKv: gather, offer, prepare, pull, scatter, index), ms median / min of {FLAGS.reps}, "
+          "GB/s at the median")
+    print(f"{'tokens':>7s} {'MiB':>8s} " + " ".join(f"{t + ' ms':>17s} {'GB/s':>6s}" for t in FLAGS.transports))
     for size in (int(t) for t in FLAGS.tokens):
         cells = [r for t in FLAGS.transports for r in rows if r["transport"] == t and r["tokens"] == size]
-        print(f"{size:7d} {cells[0]['bytes'] / 2**20:8.1f} " +
-              " ".join(f"{1e3 * r['median_s']:13.1f} {r['gb_s']:6.3f}" for r in cells))
+        print(f"{size:7d} {cells[0]['bytes'] / 2**20:8.1f} " + " ".join(_cell(r) for r in cells))
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(dict(flags={k: getattr(FLAGS, k) for k in ("layers", "kv_heads", "head_dim", "page_size", "tokens",
