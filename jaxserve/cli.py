@@ -70,6 +70,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    "(instead of --num-pages)")
     p.add_argument("--peer-fetch", action="store_true", help="colocated instances pull a cached prefix from "
                    "another instance instead of recomputing it (the kv_pool routing policy)")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "jax", "grpc"],
+                   help="how instances move KV (PD, peer fetch): jax (jax.experimental.transfer, plaintext, for "
+                   "trusted networks), grpc (over the instances' own mTLS gRPC links: encrypted) or auto (grpc "
+                   "when --ssl-ca-certs turns on mTLS, else jax)")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16,
                    help="tokens per KV page (default 16)")
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 (default: float32 on CPU, "
@@ -103,6 +107,8 @@ def instance_flags(args) -> dict:
         flags["kv_cache_memory_gib"] = args.kv_cache_memory_gib
     if args.peer_fetch:
         flags["peer_fetch"] = True
+    if args.kv_transport != "auto":
+        flags["kv_transport"] = args.kv_transport
     if args.compilation_cache:
         flags["compilation_cache"] = args.compilation_cache
     return flags

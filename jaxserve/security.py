@@ -45,6 +45,7 @@ ACCESS: dict[str, str] = {
     "/jaxserve.v1.Instance/PrepareKvTransfer": CLUSTER,
     "/jaxserve.v1.Instance/CommitKvTransfer": CLUSTER,
     "/jaxserve.v1.Instance/PushKv": CLUSTER,  # scheduler -> holder: offer a cached prefix to another instance
+    "/jaxserve.v1.Instance/FetchKv": CLUSTER,  # peers pull KV bytes parked for them (kv_transport "grpc")
     "/jaxserve.v1.Instance/Abort": CLUSTER,
     "/jaxserve.v1.Instance/Profile": CLUSTER,
     "/jaxserve.v1.Instance/GetStats": CLUSTER,
@@ -166,6 +167,25 @@ class TlsFiles:
         """Verify the server with ca_file (system roots without one) and present cert/key when set (mTLS)."""
         return grpc.ssl_channel_credentials(self._read(self.ca_file), self._read(self.key_file),
                                             self._read(self.cert_file))
+
+    def op_channel_contexts(self):
+        """(leader, follower) ssl.SSLContexts for a multi-process instance's device-op channel
+        (jaxserve.engine.multihost): mTLS, each side presents this process's certificate and requires the
+        other's, signed by ca_file. No hostname check: the follower dials the address the leader broadcast
+        (often an IP its certificate need not name); any cluster certificate will do, and the HMAC handshake
+        over the encrypted link still proves the cluster secret."""
+        import ssl
+        if self.cert_file is None or self.ca_file is None:
+            raise ValueError("the op channel's mTLS needs tls_cert_file, tls_key_file and tls_ca_file")
+        leader = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        follower = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        follower.check_hostname = False
+        for context in (leader, follower):
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_cert_chain(self.cert_file, self.key_file)
+            context.load_verify_locations(self.ca_file)
+        return leader, follower
 
     def ssl_context(self):
         """A server-side ssl.SSLContext for HTTPS (clients need no certificate)."""

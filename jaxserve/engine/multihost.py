@@ -25,7 +25,11 @@ the next op must leave its devices idle, since a pending collective blocks the d
 process's transfer server (measured on CPU: a pull from a follower sitting in `broadcast_one_to_all` never
 completes). It is also cheaper (no device work per step), and a follower sees the leader die at once (the
 connection closes) instead of waiting for the jax.distributed heartbeat timeout. Wire format: see
-device_ops.py (int32 header, int32 arrays, JSON for the small arguments).
+device_ops.py (int32 header, int32 arrays, JSON for the small arguments). Security: with the cluster secret,
+an HMAC challenge-response on connect; with TLS files (`tls`: `TlsFiles.op_channel_contexts()`), the
+connection is mTLS first (both sides present a certificate from the cluster's CA), so every op after the
+handshake is encrypted and integrity-protected too. jax.distributed's own coordinator (`initialize`) has no
+authentication or encryption: keep its port on a private network.
 
 KV transfers between instances (`KvShardOps`, bound on every process by the launcher): kv_offer gathers the
 pages and every process offers its own shards' pieces to its own transfer server; kv_receive makes every
@@ -106,22 +110,41 @@ def _broadcast_str(text: str, is_leader: bool, width: int = 256) -> str:
 
 
 def connect(bind_host: str = "127.0.0.1", accept_timeout_s: float = 300.0,
-            connect_timeout_s: float = 60.0, secret: str | None = None) -> DeviceOps:
+            connect_timeout_s: float = 60.0, secret: str | None = None, tls=None) -> DeviceOps:
     """Collective (every process calls it, after `initialize`): the instance's device-op channel, a
     `LeaderOps` on process 0 (listening on `bind_host`: followers on other hosts need a reachable interface,
     the instance's --host) and a `FollowerOps` elsewhere; `LocalOps` on a single-process instance.
     secret (the cluster secret; every process must have the same or none): leader and followers prove they
     know it on connect (HMAC challenge-response, `handshake_leader` / `handshake_follower`), so no stranger can
-    feed a follower device ops or pose as a follower."""
+    feed a follower device ops or pose as a follower. tls: (leader, follower) ssl contexts
+    (`TlsFiles.op_channel_contexts`): the connection is mTLS before the handshake (every process must have
+    them, or none)."""
     import jax
     if jax.process_count() == 1:
         return LocalOps()
+    leader_tls, follower_tls = tls if tls is not None else (None, None)
+    how = ("mTLS" if tls is not None else "plain TCP") + (" + HMAC handshake" if secret is not None else "")
     if jax.process_index() == 0:
-        return LeaderOps(SocketSender(_accept_followers(bind_host, accept_timeout_s, secret)))
-    return FollowerOps(SocketReceiver(_connect_to_leader(connect_timeout_s, secret)))
+        socks = _accept_followers(bind_host, accept_timeout_s, secret, leader_tls)
+        log.info("multihost: op channel to %d followers over %s", len(socks), how)
+        return LeaderOps(SocketSender(socks))
+    sock = _connect_to_leader(connect_timeout_s, secret, follower_tls)
+    log.info("multihost: op channel to the leader over %s", how)
+    return FollowerOps(SocketReceiver(sock))
 
 
-def _accept_followers(bind_host: str, accept_timeout_s: float, secret: str | None = None) -> dict[int, socket.socket]:
+def secure_leader(conn: socket.socket, context) -> socket.socket:
+    """The leader's end of an accepted connection, wrapped in TLS when `context` is given (ssl.SSLError, an
+    OSError, for a peer without a certificate from the cluster's CA, or one speaking plaintext)."""
+    return conn if context is None else context.wrap_socket(conn, server_side=True)
+
+
+def secure_follower(sock: socket.socket, context) -> socket.socket:
+    return sock if context is None else context.wrap_socket(sock)
+
+
+def _accept_followers(bind_host: str, accept_timeout_s: float, secret: str | None = None,
+                      tls=None) -> dict[int, socket.socket]:
     import jax
     listener = socket.create_server((bind_host, 0))
     _broadcast_str(f"{routable_host(bind_host)}:{listener.getsockname()[1]}", True)
@@ -132,6 +155,7 @@ def _accept_followers(bind_host: str, accept_timeout_s: float, secret: str | Non
             conn, peer = listener.accept()
             conn.settimeout(30)
             try:
+                conn = secure_leader(conn, tls)
                 index = handshake_leader(conn, secret)
             except (OSError, ConnectionError, PermissionError) as e:
                 # not one of our followers
@@ -146,7 +170,7 @@ def _accept_followers(bind_host: str, accept_timeout_s: float, secret: str | Non
     return socks
 
 
-def _connect_to_leader(connect_timeout_s: float, secret: str | None = None) -> socket.socket:
+def _connect_to_leader(connect_timeout_s: float, secret: str | None = None, tls=None) -> socket.socket:
     import jax
     host, port = _broadcast_str("", False).rsplit(":", 1)
     deadline = time.monotonic() + connect_timeout_s
@@ -159,6 +183,7 @@ def _connect_to_leader(connect_timeout_s: float, secret: str | None = None) -> s
                 raise
             time.sleep(0.2)
     sock.settimeout(30)
+    sock = secure_follower(sock, tls)
     handshake_follower(sock, jax.process_index(), secret)
     sock.settimeout(None)  # an idle instance may wait for its next op forever
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -3,13 +3,20 @@ engine events to a handler, the request's sampling parameters, the status a fail
 `pump` (a request's sink as InstanceGenerateResponses), `KvPath`: peers, the engine thread, and the transport
 selection -- one whole block, or per-shard pieces when
 either instance has several processes (or `kv_per_shard`), through `CrossProcessTransport` on a single-process
-instance and through the multi-process channel (jaxserve/engine/multihost.py: `offer`, `receive`) otherwise."""
+instance and through the multi-process channel (jaxserve/engine/multihost.py: `offer`, `receive`) otherwise.
+
+Two backends move a whole block (`kv_transport`): "jax" (`jax.experimental.transfer`, fast, plaintext TCP,
+for trusted networks) and "grpc" (`GrpcStreamTransport`: raw bytes over FetchKv on the instance's own
+authenticated, with TLS mTLS-encrypted, link; single-process instances). The sender uses its configured one
+and names it in CommitKvTransfer; a receiver pulls either kind."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import threading
 from typing import Iterator, Sequence
 
 import grpc
@@ -22,6 +29,9 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.security import LinkSecurity
 
 
+log = logging.getLogger("jaxserve.instance")
+
+KV_TRANSPORTS = ("auto", "jax", "grpc")
 PEER_MAX_BACKOFF_MS = 1000
 # Each peer channel has its own subchannels: a fresh channel would otherwise share gRPC's global subchannel
 # for the address, back-off state included, and be no fresher than the one it replaces.
@@ -168,38 +178,111 @@ async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity
             loop_thread.abort(internal_id)
 
 
+def resolve_kv_transport(choice: str, *, tls: bool, num_processes: int = 1, per_shard: bool = False) -> str:
+    """The backend an instance sends KV with: "auto" is "grpc" when the instance has TLS (its KV is then
+    encrypted like every other link), else "jax". "grpc" moves whole blocks from one process: a multi-process
+    (or kv_per_shard) instance refuses it explicitly and, on "auto", stays on "jax" with a warning."""
+    if choice not in KV_TRANSPORTS:
+        raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {choice!r}")
+    whole_block = num_processes == 1 and not per_shard
+    if choice == "grpc" and not whole_block:
+        raise ValueError("--kv_transport=grpc is single-process only: a multi-process (or kv_per_shard) instance "
+                         "moves KV per shard, which only --kv_transport=jax does (plaintext: keep its transfer "
+                         "ports on a private network)")
+    if choice == "auto":
+        if tls and not whole_block:
+            log.warning("kv_transport auto: this instance moves KV per shard, which only the jax backend does: "
+                        "its KV bytes cross the network unencrypted even though its gRPC links use TLS")
+        return "grpc" if tls and whole_block else "jax"
+    return choice
+
+
 class KvPath:
     """What the PD sides share: the engine thread, peers (gRPC channels to other instances) and the KV
-    transport -- one whole block, or per-shard pieces. `start()` creates the transfer server (when the
-    instance did not pass one) and the transport on it; `close()` closes the peers' channels."""
+    transports -- one whole block (backend "jax" or "grpc"), or per-shard pieces (jax). `start()` creates
+    the transports (and a transfer server when the instance sends with "jax" and passed none); `close()`
+    closes the peers' channels."""
 
     def __init__(self, engine, loop_thread, config, *, num_processes: int = 1, transfer_server=None,
-                 transfer_addresses: Sequence[str] | None = None, link: LinkSecurity = LinkSecurity()):
-        """link: how peers are reached (the cluster secret on every call, mTLS when configured)."""
+                 transfer_addresses: Sequence[str] | None = None, link: LinkSecurity = LinkSecurity(),
+                 kv_transport: str = "jax"):
+        """link: how peers are reached (the cluster secret on every call, mTLS when configured); kv_transport:
+        the backend this instance sends with, resolved ("jax" | "grpc", `resolve_kv_transport`)."""
         self.engine, self.loop_thread, self.config = engine, loop_thread, config
         self.link = link
         self.num_processes = num_processes
+        self.kv_transport = kv_transport
         self.transfer_server = transfer_server  # jax.experimental.transfer server (roles prefill and decode)
-        self.transport = None  # CrossProcessTransport on it; owns the OpCounts of this instance's KV
+        self.transport = None  # the sending transport; owns the OpCounts of this instance's KV
+        self.jax = None        # CrossProcessTransport on the transfer server (sends with "jax", pulls jax offers)
+        self.stream = None     # GrpcStreamTransport: always there to pull "grpc" offers; sends with "grpc"
         self.addresses = list(transfer_addresses) if transfer_addresses else None
         self._layout: list[instance_pb2.KvShard] | None = None  # this pool's, for PrepareKvTransfer answers
         self._peers: dict[str, grpc.aio.Channel] = {}
+        self._jax_lock = threading.Lock()
+        self._reaper: asyncio.Task | None = None
 
     def start(self, transfers: bool) -> None:
-        """transfers: this instance's role moves KV (it needs a transfer server)."""
-        if transfers and self.transfer_server is None:
+        """transfers: this instance's role moves KV (it needs a transport to send with). On the event loop."""
+        from jaxserve.instance.kv_stream import StreamFetch
+        from jaxserve.mempool.transfer import GrpcStreamTransport, ParkedOffers
+        if self.kv_transport == "grpc":  # refuses a multi-process / per-shard instance (ValueError)
+            resolve_kv_transport("grpc", tls=True, num_processes=self.num_processes, per_shard=self.config.kv_per_shard)
+        # An offer nobody fetched (the receiver died or gave up at its deadline) goes after twice that.
+        ttl = 2 * self.config.kv_transfer_timeout_s + 5.0
+        self.stream = GrpcStreamTransport(StreamFetch(self.peer, asyncio.get_running_loop()), ParkedOffers(ttl_s=ttl))
+        if transfers and self.transfer_server is None and self.kv_transport == "jax":
             if self.num_processes > 1:
                 raise RuntimeError("a multi-process instance needs the transfer server of every process: pass "
                                    "transfer_server and transfer_addresses (jaxserve.launch.instance does)")
             from jaxserve.mempool.transfer import TransferServer
             self.transfer_server = TransferServer(address=f"{self.config.host}:0")
-        if self.transfer_server is not None and self.addresses is None:
-            self.addresses = [self.transfer_server.address]
         if self.transfer_server is not None:
-            from jaxserve.mempool.transfer import CrossProcessTransport
-            self.transport = CrossProcessTransport(self.transfer_server, self.addresses)
+            self._start_jax()
+        self.transport = self.stream if self.kv_transport == "grpc" else self.jax
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_parked(ttl))
+
+    def _start_jax(self) -> None:
+        from jaxserve.mempool.transfer import CrossProcessTransport
+        if self.addresses is None:
+            self.addresses = [self.transfer_server.address]
+        self.jax = CrossProcessTransport(self.transfer_server, self.addresses)
+
+    def set_address(self, address: str) -> None:
+        """Where peers reach this instance's gRPC server: the address its "grpc" offers name."""
+        if self.stream is not None:
+            self.stream.address = address
+
+    @property
+    def source_address(self) -> str:
+        """The address a commit names for this instance's offers (the transfer server's, or its gRPC server's)."""
+        return self.stream.address if self.kv_transport == "grpc" else self.transfer_server.address
+
+    def transport_for(self, backend: str):
+        """The transport that pulls an offer of `backend` ("" = "jax"). A "grpc" instance pulling a jax offer
+        starts its transfer server on first use (the sender chose the backend)."""
+        if backend == "grpc":
+            return self.stream
+        if backend not in ("", "jax"):
+            raise ValueError(f"unknown kv_transport {backend!r} (this instance knows 'jax' and 'grpc')")
+        with self._jax_lock:
+            if self.jax is None:
+                from jaxserve.mempool.transfer import TransferServer
+                self.transfer_server = TransferServer(address=f"{self.config.host}:0")
+                self._start_jax()
+        return self.jax
+
+    async def _reap_parked(self, ttl: float) -> None:
+        # Frees offers nobody fetched even when no new offer comes to reap them.
+        while True:
+            await asyncio.sleep(max(ttl / 4, 0.5))
+            if self.stream.parked.reap():
+                log.info("dropped KV offers nobody fetched within %.0f s", ttl)
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for channel in self._peers.values():
             await channel.close(grace=0)
         self._peers.clear()
@@ -233,6 +316,9 @@ class KvPath:
         shards = list(prep.receiver_shards)
         if not (self.num_processes > 1 or any(x.process for x in shards) or self.config.kv_per_shard):
             return None
+        if self.kv_transport == "grpc":
+            raise ValueError(f"{peer} has several processes: its KV moves per shard, which kv_transport=grpc does "
+                             "not do (whole blocks from a single process); run this side with --kv_transport=jax")
         if not shards:
             raise ValueError(f"{peer} does not describe its KV layout (PrepareKvTransferResponse.receiver_shards: "
                              "an older version?); per-shard transfers need it")
@@ -243,13 +329,17 @@ class KvPath:
         """Engine thread: gather `pages` and park them for the receiver (as one block, or per shard for the
         receiver `layout`: on a multi-process instance every process offers its own shards). Returns the
         CommitKvTransferRequest fields describing what was offered and the bytes it moves."""
+        if self.kv_transport == "grpc":
+            offer = self.stream.offer(self.engine.pool, pages)
+            return (dict(source_address=offer.address, pull_uuid=offer.uuid, tensors=tensor_specs(offer),
+                         kv_transport=offer.backend), offer.nbytes)
         if layout is not None and self.num_processes > 1:
             from jaxserve.engine import multihost
             sources, chunks, _, total = multihost.offer(self.engine, self.transfer_server, self.addresses,
                                                         pages, layout)
-            offer = self.transport.describe(chunks, self.transfer_server.address, sources=sources, nbytes=total)
+            offer = self.jax.describe(chunks, self.transfer_server.address, sources=sources, nbytes=total)
         else:
-            offer = self.transport.offer(self.engine.pool, pages, layout)
+            offer = self.jax.offer(self.engine.pool, pages, layout)
         if not offer.sources:
             return (dict(source_address=offer.address, pull_uuid=offer.uuid, tensors=tensor_specs(offer)),
                     offer.nbytes)

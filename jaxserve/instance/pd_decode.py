@@ -129,7 +129,7 @@ class DecodeSide:
                 self.receiver.begin(tid)  # prepared -> pulling (touches no pool state)
             except (KeyError, tr.IllegalTransition) as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.me}: {e}")
-            block, nbytes, write = None, 0, None
+            block, nbytes, write, transport = None, 0, None, None
             timeout = self.config.kv_transfer_timeout_s
             if r.new_pages:
                 if not request.tensors:
@@ -155,9 +155,16 @@ class DecodeSide:
                     write = functools.partial(multihost.receive, self.engine, self.kv.transfer_server, sources, shape,
                                               spec.dtype, k, timeout=timeout)
                 else:
-                    offer = tr.BlockOffer(request.source_address, request.pull_uuid, tuple(shape), spec.dtype,
-                                          spec.num_shards, k, sources)
-                    pull = functools.partial(self.kv.transport.fetch, self.engine.pool, offer, timeout)
+                    try:  # the sender names its backend; either kind is pulled here
+                        transport = self.kv.transport_for("jax" if sources else request.kv_transport)
+                    except ValueError as e:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.me}: transfer {tid}: {e}")
+                    if request.kv_transport == "grpc":
+                        offer = tr.StreamOffer(request.source_address, request.pull_uuid, tuple(shape), spec.dtype, k)
+                    else:
+                        offer = tr.BlockOffer(request.source_address, request.pull_uuid, tuple(shape), spec.dtype,
+                                              spec.num_shards, k, sources)
+                    pull = functools.partial(transport.fetch, self.engine.pool, offer, timeout)
                     try:
                         block = await asyncio.get_running_loop().run_in_executor(self._pulls, pull)
                     except tr.TransferError as e:
@@ -178,7 +185,7 @@ class DecodeSide:
             arrival = time.perf_counter()
 
             def finish():  # engine thread
-                self.receiver.fill(tid, block, self.kv.transport, write=write)
+                self.receiver.fill(tid, block, transport, write=write)
                 got = self.receiver.commit(tid, nbytes)
                 if request.cache_only:  # PD-Caching-3 send-back: the index keeps the pages, we let go
                     self.engine.pool.free(self.receiver.take(tid).pages)

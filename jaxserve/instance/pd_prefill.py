@@ -110,7 +110,7 @@ class PrefillSide:
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.1)
         name = f"decode instance {target.instance_id or target.address}"
-        peer = GrpcPeer(self.kv.peer(target.address), name, inner.request_id, timeout, self.kv.transfer_server.address,
+        peer = GrpcPeer(self.kv.peer(target.address), name, inner.request_id, timeout, self.kv.source_address,
                         kv_cache_dtype=self.kv.engine.pool.kv_cache_dtype,
                         insert=self.config.pd_mode in ("caching2", "caching3"), request=decode_request(inner, first),
                         send_back_to=instance_pb2.KvTarget(instance_id=self.identity.instance_id,

@@ -37,7 +37,7 @@ async def push_prefix(kv: KvPath, request_id: str, tokens: Sequence[int], target
         if n < ps:
             return 0, 0, 0
         seq = seq[:n]
-        peer = GrpcPeer(kv.peer(target_address), name, request_id, timeout, kv.transfer_server.address,
+        peer = GrpcPeer(kv.peer(target_address), name, request_id, timeout, kv.source_address,
                         insert=True, cache_only=True, kv_cache_dtype=kv.engine.pool.kv_cache_dtype)
 
         async def offer(start: int, prepared):  # engine thread: one gather of the missing pages, parked

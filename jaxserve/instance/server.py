@@ -8,7 +8,8 @@ one `KvPath` (pd_common.py: engine thread, peers, transport selection), the KV p
 
 Role colocated serves Generate. Role prefill serves Prefill: it prefills with `prefill_only`, samples the
 first token and sends the KV its decode target lacks (PrepareKvTransfer / CommitKvTransfer on the target; the
-KV moves by `jax.experimental.transfer`, see `pd_prefill.py`). Role decode serves PrepareKvTransfer,
+KV moves by `jax.experimental.transfer`, or with `kv_transport` "grpc" as bytes over FetchKv on this service,
+see `pd_prefill.py` and `kv_stream.py`). Role decode serves PrepareKvTransfer,
 CommitKvTransfer (admits the request as soon as its KV is in place) and Decode (streams the rest). An RPC a
 role does not serve answers UNIMPLEMENTED. `pd_mode` (basic | caching1 | caching2 | caching3) says what each
 side caches. In caching3 the prefill side names itself in CommitKvTransfer (`send_back_to`); when the request
@@ -37,7 +38,8 @@ from grpc_health.v1.health import aio as health_aio
 from jaxserve.engine.disagg import PD_MODES, mode_caching
 from jaxserve.engine.engine import Engine
 from jaxserve.instance.engine_loop import EngineLoop
-from jaxserve.instance.pd_common import Identity, KvPath, add_request, pump
+from jaxserve.instance.kv_stream import serve_fetch_kv
+from jaxserve.instance.pd_common import KV_TRANSPORTS, Identity, KvPath, add_request, pump, resolve_kv_transport
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
 from jaxserve.instance.pd_send_back import SendBack
@@ -97,6 +99,10 @@ class InstanceConfig:
     # Peer fetch (issue 18), colocated instances: serve PushKv (offer a cached prefix to another instance) and
     # take pushed prefixes into the prefix cache (PrepareKvTransfer / CommitKvTransfer cache_only).
     peer_fetch: bool = False
+    # The backend this instance sends KV with (pd_common.resolve_kv_transport): "jax" (jax.experimental.transfer,
+    # plaintext), "grpc" (raw bytes over the instance's own mTLS gRPC link, FetchKv; single-process only) or
+    # "auto" ("grpc" with TLS files, else "jax"). Receivers pull either kind.
+    kv_transport: str = "auto"
 
     def __post_init__(self):
         tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
@@ -112,6 +118,8 @@ class InstanceConfig:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
         if self.peer_fetch and self.role != "colocated":
             raise ValueError(f"peer_fetch is for colocated instances; this one has role {self.role!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         if self.step_timeout_s < 0 or self.compile_grace_s < 0:
             raise ValueError(f"step_timeout_s and compile_grace_s must be >= 0, got {self.step_timeout_s}, "
                              f"{self.compile_grace_s}")
@@ -160,7 +168,9 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         # Disaggregation: the parts the PD RPCs are delegated to.
         self.kv_path = KvPath(engine, self.loop_thread, config, num_processes=self.num_processes,
                               transfer_server=transfer_server, transfer_addresses=transfer_addresses,
-                              link=self.link)
+                              link=self.link, kv_transport=resolve_kv_transport(
+                                  config.kv_transport, tls=self.link.tls is not None,
+                                  num_processes=self.num_processes, per_shard=config.kv_per_shard))
         # The decode side receives KV; in caching3 the prefill side also receives the decode-phase KV back.
         self.send_back = config.pd_mode == "caching3" and self.role in (common_pb2.ROLE_PREFILL,
                                                                          common_pb2.ROLE_DECODE)
@@ -190,7 +200,8 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
 
     @property
     def kv_transport(self):
-        """The instance's CrossProcessTransport (its `counts` are this instance's KV ops), or None."""
+        """The transport this instance sends KV with (CrossProcessTransport or GrpcStreamTransport; its `counts`
+        are this instance's KV ops), or None."""
         return self.kv_path.transport
 
     @property
@@ -218,6 +229,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         await server.start()
         self._server = server
         self.identity.address = self.address
+        self.kv_path.set_address(self.address)
         await self._set_serving(not self.loop_thread.broken)
         if self.config.scheduler_address:
             registration = scheduler_pb2.RegisterRequest(
@@ -337,6 +349,12 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         if self.draining or self._stopped or self.loop_thread.broken:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is not serving")
         return await self.peer_push.push(request, context)
+
+    async def FetchKv(self, request, context):
+        # Any role that offers KV with kv_transport "grpc" serves it; elsewhere nothing is parked (NOT_FOUND).
+        async for chunk in serve_fetch_kv(self.kv_path.stream and self.kv_path.stream.parked, request, context,
+                                          f"instance {self.instance_id or self.address}"):
+            yield chunk
 
     async def Decode(self, request, context):
         await self._require_role(common_pb2.ROLE_DECODE, "Decode", context)

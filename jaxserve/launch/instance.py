@@ -42,6 +42,11 @@ flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
 flags.DEFINE_bool("peer_fetch", False, "colocated: serve PushKv and take prefixes other instances push (the "
                   "scheduler's kv_pool policy with --peer_fetch; issue 18)")
+flags.DEFINE_enum("kv_transport", "auto", ["auto", "jax", "grpc"],
+                  "how this instance sends KV (PD, send-back, peer fetch): jax (jax.experimental.transfer: fast, "
+                  "plaintext TCP, for trusted networks), grpc (raw bytes over the instance's own mTLS gRPC link: "
+                  "encrypted; single-process instances only) or auto (grpc when --tls_* files are given, else "
+                  "jax). Receivers pull either kind")
 flags.DEFINE_float("host_kv_gib", None, "host-tier KV size in GiB (sets num_host_pages from the pool's page size "
                    "at --kv_cache_dtype, scales included; not with --num_host_pages)")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
@@ -107,7 +112,7 @@ def config_from_flags() -> InstanceConfig:
                           instance_id=FLAGS.instance_id, model_name=FLAGS.model,
                           profile_at_start=FLAGS.profile_at_start, shutdown_grace_s=FLAGS.shutdown_grace_s,
                           pd_mode=FLAGS.pd_mode, kv_transfer_timeout_s=FLAGS.kv_transfer_timeout_s,
-                          peer_fetch=FLAGS.peer_fetch,
+                          peer_fetch=FLAGS.peer_fetch, kv_transport=FLAGS.kv_transport,
                           step_timeout_s=FLAGS.step_timeout_s if multiprocess_flags() else 0.0,
                           compile_grace_s=FLAGS.compile_grace_s, tls_cert_file=FLAGS.tls_cert_file,
                           tls_key_file=FLAGS.tls_key_file, tls_ca_file=FLAGS.tls_ca_file, insecure=FLAGS.insecure)
@@ -156,6 +161,9 @@ def main(argv):
         TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)  # the files exist
         check_bind(FLAGS.host, secrets_from_flags().cluster_secret, FLAGS.insecure, "instance",
                    flag="--cluster_secret")
+        if multiprocess_flags():  # refuse --kv_transport=grpc before the processes connect
+            from jaxserve.instance.pd_common import resolve_kv_transport
+            resolve_kv_transport(FLAGS.kv_transport, tls=FLAGS.tls_cert_file is not None, num_processes=2)
     except ValueError as e:
         raise SystemExit(f"jaxserve.launch.instance: {e}") from None
     multiprocess = multiprocess_flags()
@@ -179,7 +187,9 @@ def main(argv):
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
-    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret)
+    tls = TlsFiles.of(FLAGS.tls_cert_file, FLAGS.tls_key_file, FLAGS.tls_ca_file)
+    ops = multihost.connect(bind_host=FLAGS.host, secret=secrets_from_flags().cluster_secret,
+                            tls=tls.op_channel_contexts() if tls is not None else None)
     engine = build_engine(FLAGS.model, ops=ops, **engine_kwargs_from_flags())
     multihost.check_supported(engine)
     server, addresses = None, None

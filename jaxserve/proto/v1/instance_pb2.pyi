@@ -170,7 +170,7 @@ class TensorSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CommitKvTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "request", "send_back_to", "cache_only", "sources")
+    __slots__ = ("transfer_id", "request_id", "start_token", "num_tokens", "source_address", "pull_uuid", "tensors", "insert", "request", "send_back_to", "cache_only", "sources", "kv_transport")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class CommitKvTransferRequest(_message.Message):
     SEND_BACK_TO_FIELD_NUMBER: _ClassVar[int]
     CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
     start_token: int
@@ -195,7 +196,20 @@ class CommitKvTransferRequest(_message.Message):
     send_back_to: KvTarget
     cache_only: bool
     sources: _containers.RepeatedCompositeFieldContainer[KvSource]
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., source_address: _Optional[str] = ..., pull_uuid: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., insert: _Optional[bool] = ..., request: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., send_back_to: _Optional[_Union[KvTarget, _Mapping]] = ..., cache_only: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[KvSource, _Mapping]]] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+
+class FetchKvRequest(_message.Message):
+    __slots__ = ("pull_uuid",)
+    PULL_UUID_FIELD_NUMBER: _ClassVar[int]
+    pull_uuid: int
+    def __init__(self, pull_uuid: _Optional[int] = ...) -> None: ...
+
+class KvChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class CommitKvTransferResponse(_message.Message):
     __slots__ = ("received_tokens", "inserted_tokens", "received_bytes")

@@ -64,6 +64,11 @@ class InstanceStub:
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
                 _registered_method=True)
+        self.FetchKv = channel.unary_stream(
+                '/jaxserve.v1.Instance/FetchKv',
+                request_serializer=jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_instance__pb2.KvChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/jaxserve.v1.Instance/Abort',
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.AbortRequest.SerializeToString,
@@ -115,8 +120,9 @@ class InstanceServicer:
 
     def PrepareKvTransfer(self, request, context):
         """KV transfer control, called by a prefill instance on its decode target (and, in PD-Caching-3, by a
-        decode instance on the prefill instance, to send the decode-phase KV back). Only the control message
-        travels over gRPC; the KV moves by the transfer backend (never pickle).
+        decode instance on the prefill instance, to send the decode-phase KV back). With kv_transport "jax" only
+        the control message travels over gRPC and the KV moves by jax.experimental.transfer; with "grpc" the KV
+        itself comes over this service too (FetchKv), as raw bytes (never pickle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +139,16 @@ class InstanceServicer:
         a prefix to offer it to the instance a request is routed to, which pulls it, indexes it and lets go
         (PrepareKvTransfer / CommitKvTransfer(cache_only) on the target, as PD-Caching-3's send-back). The
         holder's pages are referenced only for the transfer. Answers once the target has committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchKv(self, request, context):
+        """The "grpc" KV transport (CommitKvTransferRequest.kv_transport): the receiver of a transfer pulls the
+        block the sender parked under pull_uuid, as raw bytes in order, over this instance's authenticated (and
+        with TLS, mTLS-encrypted) gRPC link. An offer is served once: it is freed when fetched or when it
+        expires; an unknown, expired or already fetched uuid answers NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +214,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.PushKv,
                     request_deserializer=jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.FromString,
                     response_serializer=jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.SerializeToString,
+            ),
+            'FetchKv': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchKv,
+                    request_deserializer=jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_instance__pb2.KvChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -382,6 +403,33 @@ class Instance:
             '/jaxserve.v1.Instance/PushKv',
             jaxserve_dot_v1_dot_instance__pb2.PushKvRequest.SerializeToString,
             jaxserve_dot_v1_dot_instance__pb2.PushKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jaxserve.v1.Instance/FetchKv',
+            jaxserve_dot_v1_dot_instance__pb2.FetchKvRequest.SerializeToString,
+            jaxserve_dot_v1_dot_instance__pb2.KvChunk.FromString,
             options,
             channel_credentials,
             insecure,
