@@ -293,7 +293,8 @@ def fit_scale(real: dict, fit: dict, wl: Workload) -> tuple[float, list]:
     return min(tried, key=lambda x: abs(x[1]))[0], tried
 
 
-def simulate(real: dict, cost, wl: Workload, phases=("fit", "val")) -> list[dict]:
+def simulate(real: dict, cost, wl: Workload, phases=("fit", "val"), host_tier: bool = True,
+             peer_fetch: bool = True) -> list[dict]:
     from jaxserve.scheduler.kv_pool import KVPool, TransferModel
     from jaxserve.scheduler.policies import LoadGuard
     from jaxserve.scheduler.router import COLOCATED
@@ -304,11 +305,11 @@ def simulate(real: dict, cost, wl: Workload, phases=("fit", "val")) -> list[dict
         sessions += phase(wl, "val", VAL_NS, offset, FLAGS.rate, FLAGS.seed).sessions
     both = Workload("kvpool-validate", sessions, wl.seed, wl.vocab_size)
     sim = Simulator(cost, SimConfig(setting="colocated+cache", policy="kv_pool", num_instances=FLAGS.num_instances,
-                                    seed=FLAGS.seed, host_tier=True, peer_fetch=True))
+                                    seed=FLAGS.seed, host_tier=host_tier, peer_fetch=peer_fetch))
     # The policy decides with the served scheduler's transfer model (configured, not measured), in page units.
     served = TransferModel(kv_bytes_per_token=cost.kv_bytes_per_token * PAGE, link_bytes_s=FLAGS.peer_link_bytes_s,
                            link_latency_s=FLAGS.peer_link_latency_s)
-    sim.router.set_policy(COLOCATED, KVPool(LoadGuard(1.5, 2.0), transfer=served, peer_fetch=True))
+    sim.router.set_policy(COLOCATED, KVPool(LoadGuard(1.5, 2.0), transfer=served, peer_fetch=peer_fetch))
     return sim.run(both)
 
 
@@ -382,18 +383,23 @@ def main(argv):
     fit = fit_overheads(real)
     results = {}
     scale, tried = fit_scale(real, fit, wl)
-    for label, sc in (("profile as measured (scale 1)", 1.0), (f"step scale {scale:.1f} fitted on the fit phase",
-                                                               scale)):
+    fitted = f"step scale {scale:.1f} fitted on the fit phase"
+    # The last two: what the simulator says without its issue-18 models (no host tier; no peer fetch).
+    for label, sc, host, peer in (("profile as measured (scale 1)", 1.0, True, True), (fitted, scale, True, True),
+                                  (fitted + ", sim without host tier", scale, False, True),
+                                  (fitted + ", sim without peer fetch", scale, True, False)):
         cost, err = sim_cost(real, fit, sc)
-        sim_recs = simulate(real, cost, wl)
-        res = compare(real, sim_recs, cost, fit)
+        recs = simulate(real, cost, wl, host_tier=host, peer_fetch=peer)
+        res = compare(real, recs, cost, fit)
         results[label] = res
+        if label == fitted:
+            sim_recs = recs
         print(f"== {label}: {cost.step}")
         print(table_md(res))
     report.write_jsonl(out / "sim.jsonl", sim_recs)
     print(f"step profile fit: relative error mean {statistics.mean(err):.1%}, max {max(err):.1%}; {fit}; host copy "
           f"{cost.host_latency_s * 1e3:.2f} ms + {cost.host_bytes_s / 1e9:.2f} GB/s; scale grid {tried}", flush=True)
-    res = dict(variants=results, ok=res["ok"], fit=fit, scale=scale, scale_grid=tried)
+    res = dict(variants=results, ok=results[fitted]["ok"], fit=fit, scale=scale, scale_grid=tried)
     (out / "validate.json").write_text(json.dumps(res, indent=1))
     md = "\n".join(f"{label}\n\n{table_md(r)}" for label, r in results.items())
     (out / "validate.md").write_text(md)
