@@ -201,12 +201,12 @@ async def real_run(wl: Workload) -> dict:
         out["registered_cost_models"] = {iid: dataclasses.asdict(rec.cost_model)
                                          for iid, rec in cluster.scheduler.router.instances.items()}
         shared = CostModel.fit((s["prompt_len"], s["cached_len"], s["seconds"]) for s in profile)
-        out["routing_cost_model"] = dataclasses.asdict(shared)
+        out["routing_cost_model"] = dataclasses.asdict(shared) if FLAGS.shared_cost_model else None
         if FLAGS.shared_cost_model:
             for rec in cluster.scheduler.router.instances.values():
                 rec.cost_model = shared
         print(f"registered cost models {out['registered_cost_models']}; routing with "
-              f"{out['routing_cost_model'] if FLAGS.shared_cost_model else 'them'}", flush=True)
+              f"{out['routing_cost_model'] or 'them'}", flush=True)
         # Time every PushKv the scheduler makes (holder prepares and offers, target pulls and indexes, commit).
         registry = cluster.scheduler.instances
         pushes: list[dict] = []
