@@ -298,10 +298,10 @@ def fit_overheads(real: dict) -> dict:
 
 
 def fit_scale(real: dict, fit: dict, wl: Workload) -> tuple[float, list]:
-    """The step scale whose simulated fit phase has the real fit phase's mean TTFT (grid 0.5-4)."""
+    """The step scale whose simulated fit phase has the real fit phase's mean TTFT (grid 0.5-6)."""
     want = statistics.mean(r["ttft_s"] for r in real["phases"]["fit"]["records"] if r["ok"])
     tried = []
-    for k in range(36):
+    for k in range(56):
         scale = 0.5 + 0.1 * k
         cost, _ = sim_cost(real, fit, scale)
         recs = simulate(real, cost, wl, phases=("fit",))
@@ -321,7 +321,7 @@ def same_window(real: dict, fit: dict, wl: Workload) -> dict:
         real_recs = [r for r in real["phases"][tag]["records"] if r["ok"]]
         half = {k: [r["ttft_s"] for r in real_recs if _doc_parity(r["session_id"]) == k] for k in (0, 1)}
         best = None
-        for k in range(36):
+        for k in range(56):
             scale = 0.5 + 0.1 * k
             cost, _ = sim_cost(real, fit, scale)
             recs = [r for r in simulate(real, cost, wl, phases=phases) if r["session_id"].startswith(tag + "-")]
