@@ -80,8 +80,9 @@ flags.DEFINE_integer("local_cpu_devices", None, "CPU only (tests): CPU devices p
 flags.DEFINE_float("step_timeout_s", 60.0, "multi-process instance: a step (or KV transfer op) unfinished after this "
                    "many seconds means a process hangs: requests fail, health NOT_SERVING (0: no watchdog)")
 flags.DEFINE_float("compile_grace_s", 600.0, "multi-process instance: extra seconds for a step that compiles first")
-flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode, every KV "
-                  "transfer shape) before registering, so no request waits on a compilation (vLLM does this on TPU)")
+flags.DEFINE_bool("precompile", False, "compile every step shape (and, for roles prefill / decode and "
+                  "--peer_fetch instances, every KV transfer shape) before registering, so no request waits on a "
+                  "compilation (vLLM does this on TPU)")
 flags.DEFINE_string("cluster_secret", None, "secret every caller must present (scheduler, peers) and that this "
                     "instance sends; default $JAXSERVE_CLUSTER_SECRET, then $JAXSERVE_API_KEY; unset: none")
 flags.DEFINE_string("tls_cert_file", None, "mTLS: this instance's certificate (PEM; its server and client identity)")
@@ -182,7 +183,9 @@ def main(argv):
         engine = build_engine(FLAGS.model, **engine_kwargs_from_flags())
         logging.info("%s: model loaded in %.1f s", FLAGS.instance_id or "instance", time.perf_counter() - t0)
         if FLAGS.precompile:
-            precompile_with_progress(engine, transfers=FLAGS.role != "colocated")
+            # KV gather/scatter shapes: PD roles move KV on every request, colocated peer-fetch instances on
+            # every pull (uncompiled, a served run's first pulls stalled 0.7-0.9 s each).
+            precompile_with_progress(engine, transfers=FLAGS.role != "colocated" or FLAGS.peer_fetch)
         asyncio.run(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax

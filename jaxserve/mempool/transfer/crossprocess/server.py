@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import threading
+import time
 
 import jax
 
@@ -60,28 +61,25 @@ class TransferServer:
 
 def wait_ready(x, timeout: float | None) -> None:
     """`block_until_ready` with a deadline. On CPU with jax 0.10.2 the pull's own `timeout` does not fire when
-    the sender never offers the transfer id (the array just never becomes ready), so the wait happens on a
-    helper thread; after a timeout that thread and the unfilled buffer are abandoned (never scattered)."""
+    the sender never offers the transfer id or dies before sending (the array just never becomes ready), so
+    this polls `is_ready` on the caller's thread; after a timeout the unfilled buffer is abandoned (never
+    scattered). No helper thread: one left blocked in `block_until_ready` on a dead sender's array woke up
+    during interpreter shutdown and aborted the process ("FATAL: exception not rethrown", exit 134)."""
     if timeout is None:
         jax.block_until_ready(x)
         return
-    err: list[BaseException] = []
-    done = threading.Event()
-
-    def wait():
-        try:
-            jax.block_until_ready(x)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            err.append(e)
-        done.set()
-
-    threading.Thread(target=wait, daemon=True).start()
-    if not done.wait(timeout):
-        raise TransferError(f"pull did not complete within {timeout:.1f}s")
-    if err:
-        raise TransferError(f"pull failed: {err[0]}") from err[0]
-
-
+    leaves = jax.tree_util.tree_leaves(x)
+    deadline = time.monotonic() + timeout
+    pause = 5e-5
+    while not all(a.is_ready() for a in leaves):
+        if time.monotonic() >= deadline:
+            raise TransferError(f"pull did not complete within {timeout:.1f}s")
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    try:
+        jax.block_until_ready(x)  # ready or failed: raises a failure here
+    except Exception as e:  # noqa: BLE001 - one error type for callers
+        raise TransferError(f"pull failed: {e}") from e
 
 
 def pull_checked(server: TransferServer, address: str, uuid: int, specs: list[jax.ShapeDtypeStruct],
