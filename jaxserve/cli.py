@@ -68,8 +68,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="KV storage: the model's dtype, or 8 bits with per-token scales (about 2x the cached tokens)")
     p.add_argument("--kv-cache-memory-gib", type=float, default=None, help="device KV per instance in GiB "
                    "(instead of --num-pages)")
-    p.add_argument("--peer-fetch", action="store_true", help="colocated instances pull a cached prefix from "
-                   "another instance instead of recomputing it (the kv_pool routing policy)")
+    p.add_argument("--peer-fetch", action="store_true", help="colocated (or prefill) instances pull a cached prefix "
+                   "from another instance instead of recomputing it (the kv_pool routing policy)")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "jax", "grpc"],
                    help="how instances move KV (PD, peer fetch): jax (jax.experimental.transfer, plaintext, for "
                    "trusted networks), grpc (over the instances' own mTLS gRPC links: encrypted) or auto (grpc "

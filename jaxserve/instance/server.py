@@ -116,8 +116,12 @@ class InstanceConfig:
             raise ValueError(f"pd_mode must be one of {PD_MODES}, got {self.pd_mode!r}")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
-        if self.peer_fetch and self.role != "colocated":
-            raise ValueError(f"peer_fetch is for colocated instances; this one has role {self.role!r}")
+        if self.peer_fetch and self.role not in ("colocated", "prefill"):
+            raise ValueError(f"peer_fetch is for colocated and prefill instances (they compute prompts); this one "
+                             f"has role {self.role!r}")
+        if self.peer_fetch and self.role == "prefill" and not pd_mode_caching("prefill", self.pd_mode):
+            raise ValueError(f"peer_fetch on a prefill instance needs a pd_mode whose prefill side caches "
+                             f"(caching1-3), got {self.pd_mode!r}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         if self.step_timeout_s < 0 or self.compile_grace_s < 0:

@@ -40,8 +40,8 @@ flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages")
 flags.DEFINE_integer("num_host_pages", 0, "host-tier KV pages")
-flags.DEFINE_bool("peer_fetch", False, "colocated: serve PushKv and take prefixes other instances push (the "
-                  "scheduler's kv_pool policy with --peer_fetch; issue 18)")
+flags.DEFINE_bool("peer_fetch", False, "colocated, or prefill in a caching pd_mode: serve PushKv and take prefixes "
+                  "other instances push (the scheduler's kv_pool policy with --peer_fetch; issue 18)")
 flags.DEFINE_enum("kv_transport", "auto", ["auto", "jax", "grpc"],
                   "how this instance sends KV (PD, send-back, peer fetch): jax (jax.experimental.transfer: fast, "
                   "plaintext TCP, for trusted networks), grpc (raw bytes over the instance's own mTLS gRPC link: "

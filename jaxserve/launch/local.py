@@ -130,6 +130,8 @@ class LocalCluster:
                   "instance_id": f"{role}-{index}", "model": self.model, **self.instance_flags}
         if role != "colocated":
             flags_.setdefault("pd_mode", self.pd_mode)
+        if role == "decode":
+            flags_.pop("peer_fetch", None)  # prefixes are pulled by the instance that computes the prompt
         if self.max_model_len:
             flags_.setdefault("max_model_len", self.max_model_len)
         if self.tls is not None:

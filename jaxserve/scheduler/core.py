@@ -293,7 +293,7 @@ class SchedulerCore:
         attempt = self._attempt(decision.instance, decision.estimate_s)
         try:
             if decision.pull_from is not None and not generated:
-                await self._peer_fetch(decision, valid, deadline)
+                await self._peer_fetch(decision, decision.instance, valid, deadline)
             request = self._instance_request(valid, list(generated))
             attempt.call = decision.instance.stub.Generate(request, timeout=_remaining(deadline))
             async with contextlib.aclosing(self._stream_from(attempt.call, attempt)) as chunks:
@@ -302,18 +302,24 @@ class SchedulerCore:
         finally:
             attempt.close()
 
-    async def _peer_fetch(self, decision: RouteDecision, valid: ValidRequest, deadline: float | None) -> None:
-        """The prefix's holder pushes it to the routed instance (PushKv) before the request goes there; any
-        failure (holder gone, transfer broken, too slow) only means the instance recomputes the prefix."""
-        holder, target = decision.pull_from, decision.instance
+    async def _peer_fetch(self, decision: RouteDecision, target: InstanceRecord, valid: ValidRequest,
+                          deadline: float | None) -> None:
+        """The prefix's holder pushes it to `target` (the colocated or prefill instance the request goes to;
+        PushKv) before the request goes there; any failure (holder gone, transfer broken, too slow) only
+        means the instance recomputes the prefix. Successful pulls are timed into the link model."""
+        holder = decision.pull_from
         remaining = _remaining(deadline)
         timeout = self.config.peer_fetch_timeout_s if remaining is None else min(remaining,
                                                                                   self.config.peer_fetch_timeout_s)
+        cached = decision.cached_tokens if decision.mode == "colocated" else decision.prefill_cached_tokens
         request = instance_pb2.PushKvRequest(
-            request_id=valid.request_id, token_ids=valid.prompt_ids[:decision.cached_tokens],
+            request_id=valid.request_id, token_ids=valid.prompt_ids[:cached],
             target=instance_pb2.KvTarget(instance_id=target.instance_id, address=target.address))
         ok, tokens, nbytes = False, 0, 0
+        t0 = time.monotonic()
         resp = await self.instances.push_kv(holder, request, timeout)
+        if not isinstance(resp, grpc.aio.AioRpcError):
+            self.instances.observe_pull(resp.sent_tokens, resp.sent_bytes, time.monotonic() - t0)
         if isinstance(resp, grpc.aio.AioRpcError):
             self.peer_fetch["failures"] += 1
             log.warning("request %s: peer fetch from %s to %s failed (%s: %s); it recomputes the prefix",
@@ -332,6 +338,8 @@ class SchedulerCore:
         p_attempt = self._attempt(prefill, decision.estimate_s)
         d_attempt = self._attempt(decode, 0.0)
         try:
+            if decision.pull_from is not None and not generated:
+                await self._peer_fetch(decision, prefill, valid, deadline)
             generated = list(generated)
             request = instance_pb2.PrefillRequest(
                 request=self._instance_request(valid, generated),

@@ -18,7 +18,8 @@ from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.cost_model import CostModel, profile_points
 from jaxserve.scheduler.policies import LoadGuard
-from jaxserve.scheduler.router import COLOCATED, DRAINING, HEALTHY, ROLE_NAMES, ROLES, SUSPECT, InstanceRecord, Router
+from jaxserve.scheduler.router import (COLOCATED, DRAINING, HEALTHY, PREFILL, ROLE_NAMES, ROLES, SUSPECT,
+                                      InstanceRecord, Router)
 from jaxserve.scheduler.tokenizer import ModelInfo, identity_mismatch
 from jaxserve.security import LinkSecurity
 
@@ -48,11 +49,16 @@ class InstanceRegistry:
         self.link = link
         guard = LoadGuard(config.load_guard_factor, config.load_guard_slack)
         self.router = Router(config.policy, guard, config.mode)
+        self.links = None
         if config.peer_fetch:
-            from jaxserve.scheduler.kv_pool import KVPool, TransferModel
+            from jaxserve.scheduler.kv_pool import KVPool, MeasuredLinks, TransferModel
             transfer = TransferModel(kv_bytes_per_token=config.kv_bytes_per_token,
                                      link_bytes_s=config.peer_link_bytes_s, link_latency_s=config.peer_link_latency_s)
-            self.router.set_policy(COLOCATED, KVPool(guard, transfer=transfer, peer_fetch=True))
+            self.links = MeasuredLinks(transfer)
+            # The instances that compute prompts pull: colocated ones, and prefill ones when disaggregated.
+            self._kv_pools = [KVPool(guard, transfer=transfer, peer_fetch=True) for _ in (COLOCATED, PREFILL)]
+            for role, policy in zip((COLOCATED, PREFILL), self._kv_pools):
+                self.router.set_policy(role, policy)
         self.health = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
@@ -215,6 +221,13 @@ class InstanceRegistry:
         finally:
             record.pins -= 1
             self._maybe_close_channel(record)
+
+    def observe_pull(self, tokens: int, nbytes: int, seconds: float) -> None:
+        """A timed, successful peer fetch: the kv_pool policies route with the link model refitted to it."""
+        if self.links is not None:
+            model = self.links.observe(tokens, nbytes, seconds)
+            for policy in self._kv_pools:
+                policy.transfer = model
 
     async def push_kv(self, record: InstanceRecord, request: instance_pb2.PushKvRequest,
                       timeout_s: float) -> instance_pb2.PushKvResponse | grpc.aio.AioRpcError:

@@ -54,6 +54,52 @@ class TransferModel:
         return self.host_latency_s + tokens * self.kv_bytes_per_token / self.host_bytes_s
 
 
+class MeasuredLinks:
+    """The served scheduler's peer-link model, fitted to the pulls it has timed (PushKv round trips: the
+    holder's match and gather, the offer, the target's pull, scatter and index): seconds = latency +
+    bytes / bandwidth by Theil-Sen (median of pairwise slopes), robust to a pull that stalled behind a busy
+    holder's step; bytes per token from what the holders report. Until `min_samples` pulls, or while the
+    pulls' sizes are too alike to tell a slope, the configured bandwidth stays and only the latency is
+    measured (the median)."""
+
+    def __init__(self, configured: TransferModel, window: int = 64, min_samples: int = 3):
+        self.configured = configured
+        self.window, self.min_samples = window, min_samples
+        self.samples: list[tuple[int, int, float]] = []  # (tokens, bytes, seconds), newest last
+
+    def observe(self, tokens: int, nbytes: int, seconds: float) -> TransferModel:
+        """Record one successful pull; returns the model to route with from now on."""
+        if tokens > 0 and nbytes > 0 and seconds > 0:
+            self.samples = (self.samples + [(tokens, nbytes, seconds)])[-self.window:]
+        return self.model()
+
+    def model(self) -> TransferModel:
+        base = self.configured
+        if len(self.samples) < self.min_samples:
+            return base
+        per_token = _median([b / t for t, b, _ in self.samples])
+        sizes = [b for _, b, _ in self.samples]
+        slope = None
+        if max(sizes) >= 1.5 * min(sizes):
+            slopes = [(s2 - s1) / (b2 - b1) for i, (_, b1, s1) in enumerate(self.samples)
+                      for _, b2, s2 in self.samples[i + 1:] if b2 != b1]
+            slope = _median(slopes) if slopes else None
+        if slope is not None and slope > 0:
+            bandwidth = 1.0 / slope
+            latency = max(0.0, _median([s - b * slope for _, b, s in self.samples]))
+        else:
+            bandwidth = base.link_bytes_s
+            latency = max(0.0, _median([s - b / bandwidth for _, b, s in self.samples]))
+        return dataclasses.replace(base, kv_bytes_per_token=per_token, link_bytes_s=bandwidth,
+                                   link_latency_s=latency)
+
+
+def _median(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 @dataclasses.dataclass(frozen=True)
 class RoutePlan:
     """Where a request runs and how its cached prefix gets there."""
