@@ -89,6 +89,7 @@ flags.DEFINE_integer("suffix_len", 32, "new tokens after the shared prefix")
 flags.DEFINE_integer("burst", 8, "concurrent requests of a burst")
 flags.DEFINE_integer("ttft_max_tokens", 4, "new tokens of the TTFT requests")
 flags.DEFINE_list("decode_batches", ["8", "32"], "concurrent requests of the decode workloads")
+flags.DEFINE_bool("decode_only", False, "run only the decode workloads (served TPOT vs the offline reference)")
 flags.DEFINE_integer("decode_prompt_len", 32, "prompt tokens of a decode request")
 flags.DEFINE_integer("decode_tokens", 64, "new tokens of a decode request")
 flags.DEFINE_float("request_timeout_s", 300.0, "deadline of every request (whole stream)")
@@ -191,7 +192,8 @@ class Workloads:
 
     def units(self):
         """(name, coroutine factory) of every workload unit, in order; a burst unit is cold then primed."""
-        units = [("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft), ("bursts", self.bursts)]
+        units = [] if FLAGS.decode_only else [("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft),
+                                              ("bursts", self.bursts)]
         for b in map(int, FLAGS.decode_batches):
             units.append((f"decode_b{b}", lambda ep, b=b: self.decode(ep, b)))
         return units
