@@ -109,6 +109,9 @@ flags.DEFINE_bool("async_scheduling", True, "jaxserve instance overlaps host and
 flags.DEFINE_bool("offline_reference", True, "after the servers stop, time the decode workloads offline "
                   "(`LLM.generate` on the same checkpoint and settings, async scheduling on and off): the served "
                   "TPOT over the offline one is the serving overhead")
+flags.DEFINE_bool("offline_interleaved", False, "with --offline_reference: time each decode workload offline (async "
+                  "scheduling, in this process, servers idle) right after its served run, so both see the same load "
+                  "on a shared machine; prints the per-repeat served / offline TPOT ratios")
 flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (load, precompile, register)")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long a jaxserve process gets to exit before SIGKILL")
 FLAGS = flags.FLAGS
@@ -199,10 +202,12 @@ class Workloads:
         return units
 
 
-async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> dict:
+async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, offline=None) -> dict:
+    """offline: an `OfflineDecode` run right after each served decode unit (--offline_interleaved)."""
     w = Workloads(session, rng, vocab)
     rows = {ep.name: {} for ep in endpoints}
     raw = {ep.name: [] for ep in endpoints}
+    paired: dict[str, list[float]] = {}  # batch -> served / offline TPOT per repeat (--offline_interleaved)
     # Same weights, same greedy tokens? (Informational: jaxserve computes in f32 on CPU, a bf16 engine may pick
     # another argmax where a random model's logits nearly tie.)
     probe = random_prompt(rng, 32, vocab)
@@ -231,7 +236,17 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> 
                 summary = ", ".join(f"{k}={v * (1 if k.endswith('tok_s') else 1e3):.1f}"
                                     for k, v in res.items() if k not in ("requests", "detail"))
                 print(f"repeat {rep} {unit:12s} {ep.name:10s} {summary}", flush=True)
-    return dict(rows=rows, raw=raw, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
+            if offline is not None and unit.startswith("decode_b"):
+                batch = int(unit.removeprefix("decode_b"))
+                res = offline.decode(batch)
+                for k, v in res.items():
+                    rows.setdefault("offline", {}).setdefault(k, []).append(v)
+                served = rows[endpoints[0].name][f"decode_b{batch}_tpot_p50_s"][-1]
+                ratio = served / res[f"decode_b{batch}_tpot_p50_s"]
+                paired.setdefault(f"b{batch}", []).append(ratio)
+                print(f"repeat {rep} {unit:12s} {'offline':10s} tpot={res[f'decode_b{batch}_tpot_p50_s'] * 1e3:.2f} "
+                      f"ms; served / offline {ratio:.2f}x", flush=True)
+    return dict(rows=rows, raw=raw, paired_tpot_ratio=paired, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
 
 
 # ------------------------------------------------------------------------------------------------ jaxserve
@@ -407,40 +422,57 @@ async def amain() -> dict:
             if FLAGS.other_url:
                 endpoints.append(other)
             result["endpoints"] = [dataclasses.asdict(e) for e in endpoints]
+            offline = None
+            if FLAGS.offline_reference and FLAGS.offline_interleaved:
+                offline = OfflineDecode(model, rng, vocab, FLAGS.async_scheduling)
             print(f"load average before measuring: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab), FLAGS.run_timeout_s)
+            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab, offline),
+                                           FLAGS.run_timeout_s)
             server.check_alive()
             result.update(bench)
     finally:
         server.stop()
-    if FLAGS.offline_reference:
+    if FLAGS.offline_reference and not FLAGS.offline_interleaved:
         for name, overlap in (("offline", True), ("offline sync", False)):
             result["rows"][name] = offline_decode(model, rng, vocab, overlap)
     result["loadavg_end"] = os.getloadavg()
     return result
 
 
-def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
-    """The decode workloads through `LLM.generate` in this process, same checkpoint and engine settings as the
-    served instance: per repeat tok/s (tokens after each first / (last - first token)) and median TPOT."""
-    from jaxserve import LLM, SamplingParams
+class OfflineDecode:
+    """The decode workload of one batch size through `LLM.generate` (same checkpoint and engine settings as the
+    served instance), one run at a time; every batch size runs once unmeasured first (compiles)."""
 
-    llm = LLM(model, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
-              max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-              max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype, async_scheduling=async_scheduling)
-    params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
-    rows: dict[str, list] = {}
-    for rep in range(FLAGS.repeats + 1):  # the first pass compiles
+    def __init__(self, model: str, rng, vocab: int, async_scheduling: bool):
+        from jaxserve import LLM, SamplingParams
+        self.llm = LLM(model, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
+                       max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
+                       max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype, async_scheduling=async_scheduling)
+        self.params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
+        self.rng, self.vocab = rng, vocab
         for batch in map(int, FLAGS.decode_batches):
-            start = time.perf_counter()
-            outs = llm.generate([random_prompt(rng, FLAGS.decode_prompt_len, vocab) for _ in range(batch)], params)
-            first = start + min(o.ttft_s for o in outs)
-            last = start + max(o.e2e_s for o in outs)
-            tpots = [(o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs]
-            if rep:
-                rows.setdefault(f"decode_b{batch}_tok_s", []).append(
-                    sum(len(o.token_ids) - 1 for o in outs) / (last - first))
-                rows.setdefault(f"decode_b{batch}_tpot_p50_s", []).append(statistics.median(tpots))
+            self.decode(batch)
+
+    def decode(self, batch: int) -> dict:
+        start = time.perf_counter()
+        outs = self.llm.generate([random_prompt(self.rng, FLAGS.decode_prompt_len, self.vocab)
+                                  for _ in range(batch)], self.params)
+        first = start + min(o.ttft_s for o in outs)
+        last = start + max(o.e2e_s for o in outs)
+        tpots = [(o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs]
+        return {f"decode_b{batch}_tok_s": sum(len(o.token_ids) - 1 for o in outs) / (last - first),
+                f"decode_b{batch}_tpot_p50_s": statistics.median(tpots)}
+
+
+def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
+    """The decode workloads offline after the servers stopped: per repeat tok/s (tokens after each first /
+    (last - first token)) and median TPOT."""
+    offline = OfflineDecode(model, rng, vocab, async_scheduling)  # compiles
+    rows: dict[str, list] = {}
+    for _ in range(FLAGS.repeats):
+        for batch in map(int, FLAGS.decode_batches):
+            for k, v in offline.decode(batch).items():
+                rows.setdefault(k, []).append(v)
     print(f"offline ({'async' if async_scheduling else 'sync'}): "
           + ", ".join(f"{k}={statistics.median(v) * (1 if k.endswith('tok_s') else 1e3):.2f}" for k, v in rows.items()),
           flush=True)
@@ -464,6 +496,9 @@ def main(argv):
           f"{FLAGS.repeats} A/B repeats; TTFT/TPOT lower is better, tok/s higher; ratios are jaxserve / other"
           + (f"; {FLAGS.other_name} {other.get('version', '')}" if other else "") + "\n")
     print(table)
+    for b, ratios in result.get("paired_tpot_ratio", {}).items():
+        print(f"served / offline TPOT {b}, paired per repeat: median {statistics.median(ratios):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})")
     la0, la1 = result["loadavg_start"], result["loadavg_end"]
     print(f"\nload average: start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}")
     result["table"] = table

@@ -274,8 +274,9 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
                 async for i, r in responses:
                     if r.finish_reason:
                         usages[i] = r.usage
-                    for event in events(i, r):
-                        await resp.write(event)
+                    out = events(i, r)
+                    if out:  # one write (one syscall) per response, still one SSE event per token
+                        await resp.write(out[0] if len(out) == 1 else b"".join(out))
         except SchedulerError as e:
             err = http_error(e)
             await resp.write(b"data: " + json.dumps(error_body(err.status, err.message)).encode() + b"\n\n")
