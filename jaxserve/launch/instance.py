@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
 from jaxserve.security import Secrets, TlsFiles, check_bind
+from jaxserve.util import run_async
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -175,7 +176,7 @@ def main(argv):
         logging.info("%s: model loaded in %.1f s", FLAGS.instance_id or "instance", time.perf_counter() - t0)
         if FLAGS.precompile:
             precompile_with_progress(engine, transfers=FLAGS.role != "colocated")
-        asyncio.run(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
+        run_async(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
@@ -198,7 +199,7 @@ def main(argv):
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
         precompile_with_progress(engine)
     try:
-        asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
+        run_async(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
                                          transfer_addresses=addresses, secrets=secrets_from_flags())))
     finally:
         try:

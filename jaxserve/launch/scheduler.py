@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
 from jaxserve.scheduler.config import MODES
 from jaxserve.security import Secrets, TlsFiles, check_bind
+from jaxserve.util import run_async
 
 flags.DEFINE_string("model", "demo", "model folder (or a bundled name) for the tokenizer and context length")
 flags.DEFINE_integer("max_model_len", None, "cap on the model's context length")
@@ -133,7 +134,7 @@ def main(argv):
             check_bind(FLAGS.http_host or config.host, secrets.api_key, config.insecure, "HTTP front")
     except ValueError as e:
         raise SystemExit(f"jaxserve.launch.scheduler: {e}") from None
-    asyncio.run(serve(config, secrets))
+    run_async(serve(config, secrets))
 
 
 if __name__ == "__main__":
