@@ -147,6 +147,16 @@ class Identity:
     address: str = ""
 
 
+def event_response(event: tuple) -> instance_pb2.InstanceGenerateResponse:
+    """A sink's "tokens" or "finish" event as the message Generate streams."""
+    if event[0] == "tokens":
+        return instance_pb2.InstanceGenerateResponse(token_ids=event[1], logprobs=logprobs_messages(event[2]))
+    _, reason, usage, last, extra = event
+    return instance_pb2.InstanceGenerateResponse(
+        token_ids=last, finish_reason=FINISH_REASON_CODES[reason], usage=common_pb2.InstanceUsage(**usage),
+        logprobs=logprobs_messages(extra.get("logprobs")), stop_reason=stop_reason_message(extra.get("stop_reason")))
+
+
 async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity: Identity):
     """Yield a running request's InstanceGenerateResponses from its sink; if the call goes away first
     (cancelled, deadline), abort the request in the engine, which frees its pages."""
@@ -165,11 +175,7 @@ async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity
                 yield instance_pb2.InstanceGenerateResponse(token_ids=ids, logprobs=logprobs_messages(lps))
             elif event[0] == "finish":
                 done = True
-                _, reason, usage, last, extra = event
-                yield instance_pb2.InstanceGenerateResponse(
-                    token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
-                    usage=common_pb2.InstanceUsage(**usage), logprobs=logprobs_messages(extra.get("logprobs")),
-                    stop_reason=stop_reason_message(extra.get("stop_reason")))
+                yield event_response(event)
                 return
             else:
                 done = True
