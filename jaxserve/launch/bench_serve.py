@@ -202,9 +202,21 @@ class Workloads:
         return units
 
 
-async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, offline=None) -> dict:
-    """offline: an `OfflineDecode` run right after each served decode unit (--offline_interleaved)."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (None: this one), from /proc (Linux)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, offline=None,
+                        pids: dict[str, int] | None = None) -> dict:
+    """offline: an `OfflineDecode` run right after each served decode unit (--offline_interleaved). pids: the
+    jaxserve processes (name -> pid) whose CPU time per generated token each decode unit records, beside this
+    process's (the client's; offline: the whole engine's)."""
     w = Workloads(session, rng, vocab)
+    cpu: dict[str, list[float]] = {}  # "b{batch} {process}" -> CPU ms per generated token, per repeat
     rows = {ep.name: {} for ep in endpoints}
     raw = {ep.name: [] for ep in endpoints}
     paired: dict[str, list[float]] = {}  # batch -> served / offline TPOT per repeat (--offline_interleaved)
@@ -228,7 +240,14 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
     for rep in range(FLAGS.repeats):
         for unit, fn in w.units():
             for ep in endpoints:  # A B: every unit on each engine in turn
+                procs = dict(pids or {}, client=None) if ep is endpoints[0] and unit.startswith("decode_b") else {}
+                before = {name: cpu_seconds(pid) for name, pid in procs.items()}
                 res = await fn(ep)
+                if procs:
+                    batch = int(unit.removeprefix("decode_b"))
+                    for name, pid in procs.items():
+                        cpu.setdefault(f"b{batch} {name}", []).append(
+                            (cpu_seconds(pid) - before[name]) * 1e3 / (batch * FLAGS.decode_tokens))
                 raw[ep.name].append(dict(repeat=rep, unit=unit, **res))
                 for k, v in res.items():
                     if k not in ("requests", "detail"):
@@ -238,7 +257,10 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
                 print(f"repeat {rep} {unit:12s} {ep.name:10s} {summary}", flush=True)
             if offline is not None and unit.startswith("decode_b"):
                 batch = int(unit.removeprefix("decode_b"))
+                t0 = cpu_seconds()
                 res = offline.decode(batch)
+                cpu.setdefault(f"b{batch} offline", []).append(
+                    (cpu_seconds() - t0) * 1e3 / (batch * FLAGS.decode_tokens))
                 for k, v in res.items():
                     rows.setdefault("offline", {}).setdefault(k, []).append(v)
                 served = rows[endpoints[0].name][f"decode_b{batch}_tpot_p50_s"][-1]
@@ -246,7 +268,7 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
                 paired.setdefault(f"b{batch}", []).append(ratio)
                 print(f"repeat {rep} {unit:12s} {'offline':10s} tpot={res[f'decode_b{batch}_tpot_p50_s'] * 1e3:.2f} "
                       f"ms; served / offline {ratio:.2f}x", flush=True)
-    return dict(rows=rows, raw=raw, paired_tpot_ratio=paired, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
+    return dict(rows=rows, raw=raw, paired_tpot_ratio=paired, cpu_ms_per_token=cpu, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
 
 
 # ------------------------------------------------------------------------------------------------ jaxserve
@@ -426,7 +448,8 @@ async def amain() -> dict:
             if FLAGS.offline_reference and FLAGS.offline_interleaved:
                 offline = OfflineDecode(model, rng, vocab, FLAGS.async_scheduling)
             print(f"load average before measuring: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab, offline),
+            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab, offline,
+                                                         {name: p.pid for name, p in server.procs}),
                                            FLAGS.run_timeout_s)
             server.check_alive()
             result.update(bench)
@@ -499,6 +522,8 @@ def main(argv):
     for b, ratios in result.get("paired_tpot_ratio", {}).items():
         print(f"served / offline TPOT {b}, paired per repeat: median {statistics.median(ratios):.2f}x "
               f"({', '.join(f'{r:.2f}' for r in ratios)})")
+    for key, values in result.get("cpu_ms_per_token", {}).items():
+        print(f"CPU ms per generated token, {key}: median {statistics.median(values):.3f}")
     la0, la1 = result["loadavg_start"], result["loadavg_end"]
     print(f"\nload average: start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}")
     result["table"] = table
