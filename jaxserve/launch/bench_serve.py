@@ -436,6 +436,9 @@ async def amain() -> dict:
                                 "XLA:CPU (~350 mappings per shape; 1024 tokens x 2048 context is ~290 shapes): "
                                 "sysctl -w vm.max_map_count=%d", maps, MIN_MAP_COUNT)
             result["vm_max_map_count"] = maps
+            offline = None
+            if FLAGS.offline_reference and FLAGS.offline_interleaved:  # before the servers (it blocks the loop)
+                offline = OfflineDecode(model, rng, vocab, FLAGS.async_scheduling)
             t0 = time.monotonic()
             server.start()
             jax_ep = Endpoint("jaxserve", server.url, await server.wait_ready(session), {"ignore_eos": True})
@@ -444,9 +447,6 @@ async def amain() -> dict:
             if FLAGS.other_url:
                 endpoints.append(other)
             result["endpoints"] = [dataclasses.asdict(e) for e in endpoints]
-            offline = None
-            if FLAGS.offline_reference and FLAGS.offline_interleaved:
-                offline = OfflineDecode(model, rng, vocab, FLAGS.async_scheduling)
             print(f"load average before measuring: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
             bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab, offline,
                                                          {name: p.pid for name, p in server.procs}),
