@@ -206,6 +206,23 @@ async def _complete(gens, firsts, job: Job) -> web.Response:
                               "choices": choices, "usage": _usage(usages, job.n)})
 
 
+def sse_head(rid: str, obj: str, created: int, model: str) -> bytes:
+    """The bytes of a chunk event up to its choices, as `json.dumps` writes them (see `token_event`)."""
+    return ("data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model},
+                                  ensure_ascii=False)[:-1] + ', "choices": [').encode()
+
+
+def token_event(head: bytes, i: int, text: str, chat: bool) -> bytes:
+    """One token's chunk event without logprobs, finish or usage: the same bytes as json.dumps of the whole
+    chunk, at half its cost (the hot path: one event per generated token per request)."""
+    t = json.dumps(text, ensure_ascii=False)
+    if chat:
+        body = f'{{"index": {i}, "delta": {{"content": {t}}}, "logprobs": null, "finish_reason": null}}]}}\n\n'
+    else:
+        body = f'{{"index": {i}, "text": {t}, "logprobs": null, "finish_reason": null}}]}}\n\n'
+    return head + body.encode()
+
+
 async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
     created = int(time.time())
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -222,6 +239,9 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
             return None
         prompt = job.prompt_lens[i] if i < len(job.prompt_lens) else 0
         return {"prompt_tokens": prompt, "completion_tokens": generated[i], "total_tokens": prompt + generated[i]}
+
+    head = sse_head(job.rid, obj, created, job.model)
+    plain = not (job.include_usage or job.continuous_usage)  # token events may take `token_event`
 
     def chunk(choices, usage=None) -> bytes:
         data = {"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices}
@@ -256,6 +276,9 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
         for j, (tid, lp) in enumerate(zip(ids, lps)):
             last = j == len(ids) - 1
             generated[i] += 1
+            if plain and lp is None and (not last or finish is None):
+                out.append(token_event(head, i, r.text if last else "", chat))
+                continue
             out.append(chunk([choice(i, r.text if last else "", finish if last else None,
                                      token_logprobs(i, tid, lp) if lp is not None else None,
                                      stop if last else None, token=True)], running_usage(i)))
