@@ -161,3 +161,41 @@ def test_token_event_bytes_are_json_dumps(chat, text):
     want = b"data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
                                    "choices": [choice]}, ensure_ascii=False).encode() + b"\n\n"
     assert token_event(sse_head(rid, obj, created, model), 3, text, chat) == want
+
+
+def test_a_steps_events_reach_each_loop_in_one_callback():
+    from jaxserve.instance.engine_loop import Sink, deliver
+
+    class Loop:
+        def __init__(self):
+            self.callbacks = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.callbacks.append((fn, args))
+
+    class Staged(Sink):
+        def __init__(self, loop, got):
+            self.loop, self.got = loop, got
+
+        def stage(self, event):
+            return self.loop, self.got.append
+
+    class Plain(Sink):
+        def __init__(self):
+            self.pushed = []
+
+        def push(self, event):
+            self.pushed.append(event)
+
+    a, b = Loop(), Loop()
+    got_a1, got_a2, got_b = [], [], []
+    plain = Plain()
+    sinks = [Staged(a, got_a1), Staged(a, got_a2), Staged(b, got_b), plain]
+    deliver([(sinks[0], ("tokens", [1], None)), (sinks[1], ("tokens", [2], None)), (sinks[3], ("tokens", [3], None)),
+             (sinks[2], ("tokens", [4], None)), (sinks[0], ("finish", "length", {}, [5], {}))])
+    assert len(a.callbacks) == 1 and len(b.callbacks) == 1 and plain.pushed == [("tokens", [3], None)]
+    for loop in (a, b):
+        for fn, args in loop.callbacks:
+            fn(*args)
+    assert got_a1 == [("tokens", [1], None), ("finish", "length", {}, [5], {})]
+    assert got_a2 == [("tokens", [2], None)] and got_b == [("tokens", [4], None)]
