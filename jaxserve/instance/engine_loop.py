@@ -27,6 +27,7 @@ from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.index_mirror import IndexMirror  # noqa: F401 - re-exported
 from jaxserve.instance.profiling import time_to_first_token
+from jaxserve.instance.sink import Sink, deliver  # noqa: F401 - Sink re-exported
 from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.enums import FINISH_REASON_CODES
 
@@ -34,43 +35,6 @@ log = logging.getLogger("jaxserve.instance")
 
 # Consecutive failed engine steps after which the engine counts as broken (health NOT_SERVING).
 _BROKEN_AFTER = 3
-
-
-class Sink:
-    """Where one request's events go. Called on the engine thread; implementations must be thread-safe.
-    Events: ("tokens", [ids], logprobs), ("finish", reason, usage dict, [last ids], {"logprobs", "stop_reason"}),
-    ("error", grpc.StatusCode, message); logprobs: None (not asked for) or one (logprob, [(id, logprob)]) or
-    None per token (see `_logprobs`).
-
-    A sink that hands events to an asyncio loop may also define `stage(event) -> (loop, fn)`: the engine thread
-    then delivers a whole step's events with one `loop.call_soon_threadsafe` per loop (one wake-up of the loop
-    per step instead of one per request per step), calling fn(event) on that loop in push order."""
-
-    def push(self, event: tuple) -> None:
-        raise NotImplementedError
-
-
-def deliver(outbox: list[tuple[Sink, tuple]]) -> None:
-    """Hand a step's (sink, event) pairs over: sinks with `stage` batched per asyncio loop, the rest pushed."""
-    by_loop: dict = {}
-    for sink, event in outbox:
-        stage = getattr(sink, "stage", None)
-        if stage is None:
-            sink.push(event)
-            continue
-        loop, fn = stage(event)
-        calls = by_loop.get(loop)
-        if calls is None:
-            calls = by_loop[loop] = []
-        calls.append((fn, event))
-    for loop, calls in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(_call_all, calls)
-
-
-def _call_all(calls: list) -> None:
-    for fn, event in calls:
-        fn(event)
 
 
 @dataclasses.dataclass

@@ -65,6 +65,7 @@ from pathlib import Path  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
+from jaxserve.bench.offline_decode import OfflineDecode, cpu_seconds  # noqa: E402
 from jaxserve.bench.openai_client import (Endpoint, decode_stats, format_table, free_port, get_json,  # noqa: E402
                                           metric_list, random_prompt, stream_completion)
 
@@ -200,14 +201,6 @@ class Workloads:
         for b in map(int, FLAGS.decode_batches):
             units.append((f"decode_b{b}", lambda ep, b=b: self.decode(ep, b)))
         return units
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process (None: this one), from /proc (Linux)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, offline=None,
@@ -438,7 +431,7 @@ async def amain() -> dict:
             result["vm_max_map_count"] = maps
             offline = None
             if FLAGS.offline_reference and FLAGS.offline_interleaved:  # before the servers (it blocks the loop)
-                offline = OfflineDecode(model, rng, vocab, FLAGS.async_scheduling)
+                offline = make_offline(model, rng, vocab, FLAGS.async_scheduling)
             t0 = time.monotonic()
             server.start()
             jax_ep = Endpoint("jaxserve", server.url, await server.wait_ready(session), {"ignore_eos": True})
@@ -462,35 +455,17 @@ async def amain() -> dict:
     return result
 
 
-class OfflineDecode:
-    """The decode workload of one batch size through `LLM.generate` (same checkpoint and engine settings as the
-    served instance), one run at a time; every batch size runs once unmeasured first (compiles)."""
-
-    def __init__(self, model: str, rng, vocab: int, async_scheduling: bool):
-        from jaxserve import LLM, SamplingParams
-        self.llm = LLM(model, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
-                       max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-                       max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype, async_scheduling=async_scheduling)
-        self.params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
-        self.rng, self.vocab = rng, vocab
-        for batch in map(int, FLAGS.decode_batches):
-            self.decode(batch)
-
-    def decode(self, batch: int) -> dict:
-        start = time.perf_counter()
-        outs = self.llm.generate([random_prompt(self.rng, FLAGS.decode_prompt_len, self.vocab)
-                                  for _ in range(batch)], self.params)
-        first = start + min(o.ttft_s for o in outs)
-        last = start + max(o.e2e_s for o in outs)
-        tpots = [(o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs]
-        return {f"decode_b{batch}_tok_s": sum(len(o.token_ids) - 1 for o in outs) / (last - first),
-                f"decode_b{batch}_tpot_p50_s": statistics.median(tpots)}
+def make_offline(model: str, rng, vocab: int, async_scheduling: bool) -> OfflineDecode:
+    return OfflineDecode(model, rng, vocab, batches=map(int, FLAGS.decode_batches), prompt_len=FLAGS.decode_prompt_len,
+                         new_tokens=FLAGS.decode_tokens, async_scheduling=async_scheduling, page_size=FLAGS.page_size,
+                         num_pages=FLAGS.num_pages, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                         max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype)
 
 
 def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
     """The decode workloads offline after the servers stopped: per repeat tok/s (tokens after each first /
     (last - first token)) and median TPOT."""
-    offline = OfflineDecode(model, rng, vocab, async_scheduling)  # compiles
+    offline = make_offline(model, rng, vocab, async_scheduling)  # compiles
     rows: dict[str, list] = {}
     for _ in range(FLAGS.repeats):
         for batch in map(int, FLAGS.decode_batches):
