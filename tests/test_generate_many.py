@@ -151,16 +151,19 @@ def test_client_gone_and_deadline_abort_on_the_instance(engine):
     run(body())
 
 
+@pytest.mark.parametrize("usage", [False, True])
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("text", ["", " t12", 'quote " back\\slash \n nl', "ünï 漢字 \u2028 \x01"])
-def test_token_event_bytes_are_json_dumps(chat, text):
+def test_token_event_bytes_are_json_dumps(chat, text, usage):
     from jaxserve.scheduler.http_responses import sse_head, token_event
     rid, obj, created, model = "cmpl-ab\"c", "chat.completion.chunk" if chat else "text_completion", 17, "m/ö"
     choice = ({"index": 3, "delta": {"content": text}, "logprobs": None, "finish_reason": None} if chat else
               {"index": 3, "text": text, "logprobs": None, "finish_reason": None})
-    want = b"data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                   "choices": [choice]}, ensure_ascii=False).encode() + b"\n\n"
-    assert token_event(sse_head(rid, obj, created, model), 3, text, chat) == want
+    data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if usage:
+        data["usage"] = None
+    want = b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    assert token_event(sse_head(rid, obj, created, model), 3, text, chat, usage) == want
 
 
 def test_a_steps_events_reach_each_loop_in_one_callback():

@@ -212,14 +212,16 @@ def sse_head(rid: str, obj: str, created: int, model: str) -> bytes:
                                   ensure_ascii=False)[:-1] + ', "choices": [').encode()
 
 
-def token_event(head: bytes, i: int, text: str, chat: bool) -> bytes:
-    """One token's chunk event without logprobs, finish or usage: the same bytes as json.dumps of the whole
-    chunk, at half its cost (the hot path: one event per generated token per request)."""
+def token_event(head: bytes, i: int, text: str, chat: bool, usage_null: bool = False) -> bytes:
+    """One token's chunk event without logprobs, finish or running usage (usage_null: with `"usage": null`, as
+    when the final chunk carries the usage): the same bytes as json.dumps of the whole chunk, at half its
+    cost (the hot path: one event per generated token per request)."""
     t = json.dumps(text, ensure_ascii=False)
+    end = ', "usage": null}\n\n' if usage_null else '}\n\n'
     if chat:
-        body = f'{{"index": {i}, "delta": {{"content": {t}}}, "logprobs": null, "finish_reason": null}}]}}\n\n'
+        body = f'{{"index": {i}, "delta": {{"content": {t}}}, "logprobs": null, "finish_reason": null}}]{end}'
     else:
-        body = f'{{"index": {i}, "text": {t}, "logprobs": null, "finish_reason": null}}]}}\n\n'
+        body = f'{{"index": {i}, "text": {t}, "logprobs": null, "finish_reason": null}}]{end}'
     return head + body.encode()
 
 
@@ -241,7 +243,7 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
         return {"prompt_tokens": prompt, "completion_tokens": generated[i], "total_tokens": prompt + generated[i]}
 
     head = sse_head(job.rid, obj, created, job.model)
-    plain = not (job.include_usage or job.continuous_usage)  # token events may take `token_event`
+    plain = not job.continuous_usage  # token events may take `token_event`
 
     def chunk(choices, usage=None) -> bytes:
         data = {"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices}
@@ -277,7 +279,7 @@ async def _stream(request, gens, firsts, job: Job) -> web.StreamResponse:
             last = j == len(ids) - 1
             generated[i] += 1
             if plain and lp is None and (not last or finish is None):
-                out.append(token_event(head, i, r.text if last else "", chat))
+                out.append(token_event(head, i, r.text if last else "", chat, job.include_usage))
                 continue
             out.append(chunk([choice(i, r.text if last else "", finish if last else None,
                                      token_logprobs(i, tid, lp) if lp is not None else None,
