@@ -25,6 +25,7 @@ import sys
 import time
 
 from jaxserve.scheduler.policies import POLICIES
+from jaxserve.util import run_async
 
 ABSL_VERBOSITY = {"debug": 1, "info": 0, "warning": -1, "error": -2}
 DEFAULT_MAX_MODEL_LEN = 2048  # a checkpoint's own context can be 32k+: pages and shapes grow with it
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         args = serve_parser().parse_args(rest)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-        return asyncio.run(serve(args))
+        return run_async(serve(args))
     if command in COMMANDS:
         return _run_launcher(COMMANDS[command], rest)
     print(f"jaxserve: unknown command {command!r}\n{usage}", file=sys.stderr, end="")

@@ -40,6 +40,7 @@ ACCESS: dict[str, str] = {
     # and peer fetch).
     # Requiring the secret on Prefill is what keeps an instance from dialling addresses for strangers.
     "/jaxserve.v1.Instance/Generate": CLUSTER,
+    "/jaxserve.v1.Instance/GenerateMany": CLUSTER,
     "/jaxserve.v1.Instance/Prefill": CLUSTER,
     "/jaxserve.v1.Instance/Decode": CLUSTER,
     "/jaxserve.v1.Instance/PrepareKvTransfer": CLUSTER,

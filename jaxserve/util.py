@@ -23,3 +23,18 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     if isinstance(name, str) and name in NAMED_MODELS:
         return NAMED_MODELS[name]
     return Path(name)
+
+
+def run_async(main) -> object:
+    """asyncio.run(main) on uvloop when it is installed (and JAXSERVE_UVLOOP is not "0"): the launchers' event
+    loops carry every streamed token (gRPC and SSE), and uvloop's loop halves grpc.aio's per-call latency on
+    this project's CPU boxes (docs/drafts/served-overhead.md)."""
+    import asyncio
+    if os.environ.get("JAXSERVE_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

@@ -39,8 +39,10 @@ def test_services_have_the_documented_methods():
     instance = instance_pb2.DESCRIPTOR.services_by_name["Instance"]
     assert {m.name for m in instance.methods} == {
         "Generate", "Prefill", "Decode", "PrepareKvTransfer", "CommitKvTransfer", "Abort", "Profile", "GetStats",
-        "Drain", "PushKv", "FetchKv"}
+        "Drain", "PushKv", "FetchKv", "GenerateMany"}
     assert instance.methods_by_name["Decode"].server_streaming and instance.methods_by_name["FetchKv"].server_streaming
+    many = instance.methods_by_name["GenerateMany"]
+    assert many.server_streaming and many.client_streaming
     assert hasattr(scheduler_pb2_grpc, "SchedulerStub") and hasattr(instance_pb2_grpc, "InstanceStub")
 
 

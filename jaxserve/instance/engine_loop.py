@@ -27,6 +27,7 @@ from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.instance.index_mirror import IndexMirror  # noqa: F401 - re-exported
 from jaxserve.instance.profiling import time_to_first_token
+from jaxserve.instance.sink import Sink, deliver  # noqa: F401 - Sink re-exported
 from jaxserve.instance.throughput_log import ThroughputLog
 from jaxserve.proto.enums import FINISH_REASON_CODES
 
@@ -34,16 +35,6 @@ log = logging.getLogger("jaxserve.instance")
 
 # Consecutive failed engine steps after which the engine counts as broken (health NOT_SERVING).
 _BROKEN_AFTER = 3
-
-
-class Sink:
-    """Where one request's events go. Called on the engine thread; implementations must be thread-safe.
-    Events: ("tokens", [ids], logprobs), ("finish", reason, usage dict, [last ids], {"logprobs", "stop_reason"}),
-    ("error", grpc.StatusCode, message); logprobs: None (not asked for) or one (logprob, [(id, logprob)]) or
-    None per token (see `_logprobs`)."""
-
-    def push(self, event: tuple) -> None:
-        raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -88,6 +79,10 @@ class EngineLoop:
         self.broken: str | None = None    # why the engine stopped working, once it has
         self.on_broken: Callable[[str], None] | None = None  # called once (engine thread) when it breaks
         self.load: dict = {}              # replaced (never mutated) after each step: safe to read anywhere
+        # While busy the load is refreshed at most every load_interval_s (its free-page count walks the prompt
+        # index: O(cached prefixes), several % of a decode step with a large cache); always when idle.
+        self.load_interval_s = 0.05
+        self._load_at = 0.0
         self.counters = dict(num_requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
         self.throughput_log = throughput_log or ThroughputLog("instance")
         engine.pool.set_event_listener(self._index_event)
@@ -209,7 +204,10 @@ class EngineLoop:
             try:
                 if self.engine.has_unfinished():
                     self._step()
-                self._update_load()
+                now = time.monotonic()
+                if not self.engine.has_unfinished() or now - self._load_at >= self.load_interval_s:
+                    self._load_at = now
+                    self._update_load()
                 self.throughput_log.observe(self.counters, self.load)
             except Exception as e:  # noqa: BLE001 - a dead engine thread would hang every request
                 log.exception("engine loop error")
@@ -290,20 +288,24 @@ class EngineLoop:
         for live in self._live.values():
             if live.scheduled_at is None and live.req.admitted_once:
                 live.scheduled_at = t0
-        for req in updated:
-            live = self._live.get(req.request_id)
-            if live is None:
-                continue  # a profiling request
-            known = req.num_known_tokens - len(req.prompt_token_ids)  # outputs on the host (no PENDING)
-            new = req.output_token_ids[live.sent:known]
-            live.sent = known
-            self.counters["generated_tokens"] += len(new)
-            if req.finish_reason == "prefilled":
-                self._prefilled(live)
-            elif req.finished:
-                self._finish(live, new)
-            elif new:
-                live.sink.push(("tokens", new, _logprobs(req, known - len(new), known)))
+        outbox: list[tuple[Sink, tuple]] = []  # this step's events, handed over together (`deliver`)
+        try:
+            for req in updated:
+                live = self._live.get(req.request_id)
+                if live is None:
+                    continue  # a profiling request
+                known = req.num_known_tokens - len(req.prompt_token_ids)  # outputs on the host (no PENDING)
+                new = req.output_token_ids[live.sent:known]
+                live.sent = known
+                self.counters["generated_tokens"] += len(new)
+                if req.finish_reason == "prefilled":
+                    outbox.append((live.sink, self._prefilled(live)))
+                elif req.finished:
+                    outbox.append((live.sink, self._finish(live, new)))
+                elif new:
+                    outbox.append((live.sink, ("tokens", new, _logprobs(req, known - len(new), known))))
+        finally:
+            deliver(outbox)
         return updated
 
     def _step_failed(self, e: Exception) -> None:
@@ -423,8 +425,9 @@ class EngineLoop:
                     ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),
                     prefill_time_s=max(first - scheduled, 0.0))
 
-    def _prefilled(self, live: _Live) -> None:
-        """A prefill-only request has its first token: it keeps its pages (held) until `release`."""
+    def _prefilled(self, live: _Live) -> tuple:
+        """A prefill-only request has its first token: it keeps its pages (held) until `release`. Returns the
+        sink's event."""
         req = live.req
         del self._live[req.request_id]
         self._held[req.request_id] = live
@@ -432,9 +435,10 @@ class EngineLoop:
         self.counters["prompt_tokens"] += usage["prompt_tokens"]
         self.counters["cached_tokens"] += req.num_cached_tokens
         n = len(req.output_token_ids)
-        live.sink.push(("prefilled", req.output_token_ids[-1], usage, _logprobs(req, n - 1, n)))
+        return "prefilled", req.output_token_ids[-1], usage, _logprobs(req, n - 1, n)
 
-    def _finish(self, live: _Live, new: list[int]) -> None:
+    def _finish(self, live: _Live, new: list[int]) -> tuple:
+        """The request is done: forget it; returns the sink's finish event."""
         req = live.req
         del self._live[req.request_id]
         self.engine.requests.pop(req.request_id, None)
@@ -443,13 +447,13 @@ class EngineLoop:
         context_len = len(req.prompt_token_ids) + live.num_resumed
         self.counters["prompt_tokens"] += context_len
         self.counters["cached_tokens"] += req.num_cached_tokens
-        live.sink.push(("finish", req.finish_reason if req.finish_reason in FINISH_REASON_CODES else "length", dict(
+        return ("finish", req.finish_reason if req.finish_reason in FINISH_REASON_CODES else "length", dict(
             prompt_tokens=context_len, cached_tokens=req.num_cached_tokens,
             completion_tokens=len(req.output_token_ids) - live.num_resumed,
             ttft_s=max(first - live.arrival, 0.0), queue_time_s=max(scheduled - live.arrival, 0.0),
             prefill_time_s=max(first - scheduled, 0.0)), new,
             dict(logprobs=_logprobs(req, len(req.output_token_ids) - len(new), len(req.output_token_ids)),
-                 stop_reason=req.stop_reason)))
+                 stop_reason=req.stop_reason))
 
     def _index_event(self, kind: str, tokens: tuple) -> None:
         getattr(self.mirror, kind)(tokens)  # insert, evict or offload

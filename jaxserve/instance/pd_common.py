@@ -58,7 +58,9 @@ class QueueSink(Sink):
         self.tokens = list(context) if on_finish is not None else None
         self.on_finish = on_finish
 
-    def push(self, event: tuple) -> None:
+    def stage(self, event: tuple):
+        """Engine thread: note the event; returns (loop, fn) for `fn(event)` on the loop (`engine_loop.deliver`
+        batches a step's events into one call)."""
         if self.tokens is not None:
             if event[0] == "tokens":
                 self.tokens += event[1]
@@ -67,8 +69,12 @@ class QueueSink(Sink):
                 if event[1] != "abort":
                     with contextlib.suppress(RuntimeError):
                         self.loop.call_soon_threadsafe(self.on_finish, list(self.tokens))
+        return self.loop, self.queue.put_nowait
+
+    def push(self, event: tuple) -> None:
+        loop, fn = self.stage(event)
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            loop.call_soon_threadsafe(fn, event)
         except RuntimeError:
             pass  # the event loop is closed: nobody is listening any more
 
@@ -151,23 +157,35 @@ class Identity:
     address: str = ""
 
 
+def event_response(event: tuple) -> instance_pb2.InstanceGenerateResponse:
+    """A sink's "tokens" or "finish" event as the message Generate streams."""
+    if event[0] == "tokens":
+        return instance_pb2.InstanceGenerateResponse(token_ids=event[1], logprobs=logprobs_messages(event[2]))
+    _, reason, usage, last, extra = event
+    return instance_pb2.InstanceGenerateResponse(
+        token_ids=last, finish_reason=FINISH_REASON_CODES[reason], usage=common_pb2.InstanceUsage(**usage),
+        logprobs=logprobs_messages(extra.get("logprobs")), stop_reason=stop_reason_message(extra.get("stop_reason")))
+
+
 async def pump(sink: QueueSink, internal_id: str, context, loop_thread, identity: Identity):
     """Yield a running request's InstanceGenerateResponses from its sink; if the call goes away first
     (cancelled, deadline), abort the request in the engine, which frees its pages."""
     done = False
+    queue = sink.queue
     try:
         while True:
-            event = await sink.queue.get()
+            event = await queue.get()
             if event[0] == "tokens":
-                yield instance_pb2.InstanceGenerateResponse(token_ids=event[1],
-                                                            logprobs=logprobs_messages(event[2]))
+                ids, lps = event[1], event[2]
+                # Token events that queued up while this stream was behind go out as one message.
+                while not queue.empty() and queue._queue[0][0] == "tokens":  # noqa: SLF001 - peek
+                    more = queue.get_nowait()
+                    ids = ids + more[1]
+                    lps = None if lps is None else lps + more[2]
+                yield instance_pb2.InstanceGenerateResponse(token_ids=ids, logprobs=logprobs_messages(lps))
             elif event[0] == "finish":
                 done = True
-                _, reason, usage, last, extra = event
-                yield instance_pb2.InstanceGenerateResponse(
-                    token_ids=last, finish_reason=FINISH_REASON_CODES[reason],
-                    usage=common_pb2.InstanceUsage(**usage), logprobs=logprobs_messages(extra.get("logprobs")),
-                    stop_reason=stop_reason_message(extra.get("stop_reason")))
+                yield event_response(event)
                 return
             else:
                 done = True

@@ -39,6 +39,7 @@ from jaxserve.engine.disagg import PD_MODES, mode_caching
 from jaxserve.engine.engine import Engine
 from jaxserve.instance.engine_loop import EngineLoop
 from jaxserve.instance.kv_stream import serve_fetch_kv
+from jaxserve.instance.mux import generate_many
 from jaxserve.instance.pd_common import KV_TRANSPORTS, Identity, KvPath, add_request, pump, resolve_kv_transport
 from jaxserve.instance.pd_decode import DecodeSide
 from jaxserve.instance.pd_prefill import PrefillSide
@@ -241,7 +242,7 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
                 page_size=self.engine.pool.page_size, max_model_len=self.engine.max_model_len,
                 vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1,
                 kv_cache_dtype=self.engine.pool.kv_cache_dtype, kv_page_bytes=self.engine.pool.page_bytes,
-                **model_identity(self.config.model_name))
+                generate_many=self.role == common_pb2.ROLE_COLOCATED, **model_identity(self.config.model_name))
             if self.config.profile_at_start:
                 from jaxserve.scheduler.cost_model import profile_points
                 samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)
@@ -316,6 +317,13 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"Generate needs role colocated; this instance's role is {ROLE_NAMES[self.role]}")
         async for response in self._stream_request(request, context):
+            yield response
+
+    async def GenerateMany(self, request_iterator, context):
+        if self.role != common_pb2.ROLE_COLOCATED:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"GenerateMany needs role colocated; this instance's role is {ROLE_NAMES[self.role]}")
+        async for response in generate_many(self, request_iterator, context):
             yield response
 
     # ------------------------------------------------------------------------------- disaggregation

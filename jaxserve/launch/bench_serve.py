@@ -65,6 +65,7 @@ from pathlib import Path  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
+from jaxserve.bench.offline_decode import OfflineDecode, cpu_seconds  # noqa: E402
 from jaxserve.bench.openai_client import (Endpoint, decode_stats, format_table, free_port, get_json,  # noqa: E402
                                           metric_list, random_prompt, stream_completion)
 
@@ -89,6 +90,7 @@ flags.DEFINE_integer("suffix_len", 32, "new tokens after the shared prefix")
 flags.DEFINE_integer("burst", 8, "concurrent requests of a burst")
 flags.DEFINE_integer("ttft_max_tokens", 4, "new tokens of the TTFT requests")
 flags.DEFINE_list("decode_batches", ["8", "32"], "concurrent requests of the decode workloads")
+flags.DEFINE_bool("decode_only", False, "run only the decode workloads (served TPOT vs the offline reference)")
 flags.DEFINE_integer("decode_prompt_len", 32, "prompt tokens of a decode request")
 flags.DEFINE_integer("decode_tokens", 64, "new tokens of a decode request")
 flags.DEFINE_float("request_timeout_s", 300.0, "deadline of every request (whole stream)")
@@ -108,6 +110,9 @@ flags.DEFINE_bool("async_scheduling", True, "jaxserve instance overlaps host and
 flags.DEFINE_bool("offline_reference", True, "after the servers stop, time the decode workloads offline "
                   "(`LLM.generate` on the same checkpoint and settings, async scheduling on and off): the served "
                   "TPOT over the offline one is the serving overhead")
+flags.DEFINE_bool("offline_interleaved", False, "with --offline_reference: time each decode workload offline (async "
+                  "scheduling, in this process, servers idle) right after its served run, so both see the same load "
+                  "on a shared machine; prints the per-repeat served / offline TPOT ratios")
 flags.DEFINE_float("ready_timeout_s", 1200.0, "how long jaxserve gets to start (load, precompile, register)")
 flags.DEFINE_float("shutdown_timeout_s", 10.0, "how long a jaxserve process gets to exit before SIGKILL")
 FLAGS = flags.FLAGS
@@ -191,16 +196,23 @@ class Workloads:
 
     def units(self):
         """(name, coroutine factory) of every workload unit, in order; a burst unit is cold then primed."""
-        units = [("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft), ("bursts", self.bursts)]
+        units = [] if FLAGS.decode_only else [("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft),
+                                              ("bursts", self.bursts)]
         for b in map(int, FLAGS.decode_batches):
             units.append((f"decode_b{b}", lambda ep, b=b: self.decode(ep, b)))
         return units
 
 
-async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> dict:
+async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, offline=None,
+                        pids: dict[str, int] | None = None) -> dict:
+    """offline: an `OfflineDecode` run right after each served decode unit (--offline_interleaved). pids: the
+    jaxserve processes (name -> pid) whose CPU time per generated token each decode unit records, beside this
+    process's (the client's; offline: the whole engine's)."""
     w = Workloads(session, rng, vocab)
+    cpu: dict[str, list[float]] = {}  # "b{batch} {process}" -> CPU ms per generated token, per repeat
     rows = {ep.name: {} for ep in endpoints}
     raw = {ep.name: [] for ep in endpoints}
+    paired: dict[str, list[float]] = {}  # batch -> served / offline TPOT per repeat (--offline_interleaved)
     # Same weights, same greedy tokens? (Informational: jaxserve computes in f32 on CPU, a bf16 engine may pick
     # another argmax where a random model's logits nearly tie.)
     probe = random_prompt(rng, 32, vocab)
@@ -221,7 +233,14 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> 
     for rep in range(FLAGS.repeats):
         for unit, fn in w.units():
             for ep in endpoints:  # A B: every unit on each engine in turn
+                procs = dict(pids or {}, client=None) if ep is endpoints[0] and unit.startswith("decode_b") else {}
+                before = {name: cpu_seconds(pid) for name, pid in procs.items()}
                 res = await fn(ep)
+                if procs:
+                    batch = int(unit.removeprefix("decode_b"))
+                    for name, pid in procs.items():
+                        cpu.setdefault(f"b{batch} {name}", []).append(
+                            (cpu_seconds(pid) - before[name]) * 1e3 / (batch * FLAGS.decode_tokens))
                 raw[ep.name].append(dict(repeat=rep, unit=unit, **res))
                 for k, v in res.items():
                     if k not in ("requests", "detail"):
@@ -229,7 +248,20 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int) -> 
                 summary = ", ".join(f"{k}={v * (1 if k.endswith('tok_s') else 1e3):.1f}"
                                     for k, v in res.items() if k not in ("requests", "detail"))
                 print(f"repeat {rep} {unit:12s} {ep.name:10s} {summary}", flush=True)
-    return dict(rows=rows, raw=raw, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
+            if offline is not None and unit.startswith("decode_b"):
+                batch = int(unit.removeprefix("decode_b"))
+                t0 = cpu_seconds()
+                res = offline.decode(batch)
+                cpu.setdefault(f"b{batch} offline", []).append(
+                    (cpu_seconds() - t0) * 1e3 / (batch * FLAGS.decode_tokens))
+                for k, v in res.items():
+                    rows.setdefault("offline", {}).setdefault(k, []).append(v)
+                served = rows[endpoints[0].name][f"decode_b{batch}_tpot_p50_s"][-1]
+                ratio = served / res[f"decode_b{batch}_tpot_p50_s"]
+                paired.setdefault(f"b{batch}", []).append(ratio)
+                print(f"repeat {rep} {unit:12s} {'offline':10s} tpot={res[f'decode_b{batch}_tpot_p50_s'] * 1e3:.2f} "
+                      f"ms; served / offline {ratio:.2f}x", flush=True)
+    return dict(rows=rows, raw=raw, paired_tpot_ratio=paired, cpu_ms_per_token=cpu, probe=dict(prompt=probe, tokens=texts, agreeing_prefix=agree))
 
 
 # ------------------------------------------------------------------------------------------------ jaxserve
@@ -397,6 +429,9 @@ async def amain() -> dict:
                                 "XLA:CPU (~350 mappings per shape; 1024 tokens x 2048 context is ~290 shapes): "
                                 "sysctl -w vm.max_map_count=%d", maps, MIN_MAP_COUNT)
             result["vm_max_map_count"] = maps
+            offline = None
+            if FLAGS.offline_reference and FLAGS.offline_interleaved:  # before the servers (it blocks the loop)
+                offline = make_offline(model, rng, vocab, FLAGS.async_scheduling)
             t0 = time.monotonic()
             server.start()
             jax_ep = Endpoint("jaxserve", server.url, await server.wait_ready(session), {"ignore_eos": True})
@@ -406,39 +441,36 @@ async def amain() -> dict:
                 endpoints.append(other)
             result["endpoints"] = [dataclasses.asdict(e) for e in endpoints]
             print(f"load average before measuring: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab), FLAGS.run_timeout_s)
+            bench = await asyncio.wait_for(run_benchmark(endpoints, session, rng, vocab, offline,
+                                                         {name: p.pid for name, p in server.procs}),
+                                           FLAGS.run_timeout_s)
             server.check_alive()
             result.update(bench)
     finally:
         server.stop()
-    if FLAGS.offline_reference:
+    if FLAGS.offline_reference and not FLAGS.offline_interleaved:
         for name, overlap in (("offline", True), ("offline sync", False)):
             result["rows"][name] = offline_decode(model, rng, vocab, overlap)
     result["loadavg_end"] = os.getloadavg()
     return result
 
 
-def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
-    """The decode workloads through `LLM.generate` in this process, same checkpoint and engine settings as the
-    served instance: per repeat tok/s (tokens after each first / (last - first token)) and median TPOT."""
-    from jaxserve import LLM, SamplingParams
+def make_offline(model: str, rng, vocab: int, async_scheduling: bool) -> OfflineDecode:
+    return OfflineDecode(model, rng, vocab, batches=map(int, FLAGS.decode_batches), prompt_len=FLAGS.decode_prompt_len,
+                         new_tokens=FLAGS.decode_tokens, async_scheduling=async_scheduling, page_size=FLAGS.page_size,
+                         num_pages=FLAGS.num_pages, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                         max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype)
 
-    llm = LLM(model, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
-              max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-              max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype, async_scheduling=async_scheduling)
-    params = SamplingParams(max_tokens=FLAGS.decode_tokens, ignore_eos=True)
+
+def offline_decode(model: str, rng, vocab: int, async_scheduling: bool) -> dict:
+    """The decode workloads offline after the servers stopped: per repeat tok/s (tokens after each first /
+    (last - first token)) and median TPOT."""
+    offline = make_offline(model, rng, vocab, async_scheduling)  # compiles
     rows: dict[str, list] = {}
-    for rep in range(FLAGS.repeats + 1):  # the first pass compiles
+    for _ in range(FLAGS.repeats):
         for batch in map(int, FLAGS.decode_batches):
-            start = time.perf_counter()
-            outs = llm.generate([random_prompt(rng, FLAGS.decode_prompt_len, vocab) for _ in range(batch)], params)
-            first = start + min(o.ttft_s for o in outs)
-            last = start + max(o.e2e_s for o in outs)
-            tpots = [(o.e2e_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs]
-            if rep:
-                rows.setdefault(f"decode_b{batch}_tok_s", []).append(
-                    sum(len(o.token_ids) - 1 for o in outs) / (last - first))
-                rows.setdefault(f"decode_b{batch}_tpot_p50_s", []).append(statistics.median(tpots))
+            for k, v in offline.decode(batch).items():
+                rows.setdefault(k, []).append(v)
     print(f"offline ({'async' if async_scheduling else 'sync'}): "
           + ", ".join(f"{k}={statistics.median(v) * (1 if k.endswith('tok_s') else 1e3):.2f}" for k, v in rows.items()),
           flush=True)
@@ -462,6 +494,11 @@ def main(argv):
           f"{FLAGS.repeats} A/B repeats; TTFT/TPOT lower is better, tok/s higher; ratios are jaxserve / other"
           + (f"; {FLAGS.other_name} {other.get('version', '')}" if other else "") + "\n")
     print(table)
+    for b, ratios in result.get("paired_tpot_ratio", {}).items():
+        print(f"served / offline TPOT {b}, paired per repeat: median {statistics.median(ratios):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})")
+    for key, values in result.get("cpu_ms_per_token", {}).items():
+        print(f"CPU ms per generated token, {key}: median {statistics.median(values):.3f}")
     la0, la1 = result["loadavg_start"], result["loadavg_end"]
     print(f"\nload average: start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}")
     result["table"] = table

@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
 from jaxserve.security import Secrets, TlsFiles, check_bind
+from jaxserve.util import run_async
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -186,7 +187,7 @@ def main(argv):
             # KV gather/scatter shapes: PD roles move KV on every request, colocated peer-fetch instances on
             # every pull (uncompiled, a served run's first pulls stalled 0.7-0.9 s each).
             precompile_with_progress(engine, transfers=FLAGS.role != "colocated" or FLAGS.peer_fetch)
-        asyncio.run(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
+        run_async(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax
     # The device-op channel first (collective): every process's engine runs its device work through it.
@@ -211,7 +212,7 @@ def main(argv):
     if FLAGS.precompile:  # the steps only: the followers compile them too, from the broadcast
         precompile_with_progress(engine)
     try:
-        asyncio.run(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
+        run_async(serve(InstanceServer(engine, config_from_flags(), transfer_server=server,
                                          transfer_addresses=addresses, secrets=secrets_from_flags())))
     finally:
         try:

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info
 from jaxserve.scheduler.config import MODES
 from jaxserve.security import Secrets, TlsFiles, check_bind
+from jaxserve.util import run_async
 
 flags.DEFINE_string("model", "demo", "model folder (or a bundled name) for the tokenizer and context length")
 flags.DEFINE_integer("max_model_len", None, "cap on the model's context length")
@@ -37,6 +38,8 @@ flags.DEFINE_float("health_timeout_s", 1.0, "health probe timeout")
 flags.DEFINE_integer("unhealthy_after", 2, "failed probes in a row before an instance is taken out")
 flags.DEFINE_integer("max_migrations", 2, "times a request may move after instance failures")
 flags.DEFINE_float("stall_timeout_s", None, "a started stream silent this long counts as a failure")
+flags.DEFINE_bool("generate_many", True, "colocated requests to an instance share one GenerateMany call (a message "
+                  "per engine step); false: a Generate call per request")
 flags.DEFINE_float("no_instance_wait_s", 5.0, "how long a request waits for an instance to come up")
 flags.DEFINE_bool("profile_instances", True, "calibrate each instance's cost model with Instance.Profile")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
@@ -83,7 +86,7 @@ FLAGS = flags.FLAGS
 def config_from_flags() -> GlobalSchedulerConfig:
     names = ("host", "port", "policy", "mode", "max_queued_requests", "max_queued_tokens", "default_max_tokens",
              "max_model_len", "load_guard_factor", "load_guard_slack", "health_interval_s", "health_timeout_s",
-             "unhealthy_after", "max_migrations", "stall_timeout_s", "no_instance_wait_s", "profile_instances",
+             "unhealthy_after", "max_migrations", "stall_timeout_s", "generate_many", "no_instance_wait_s", "profile_instances",
              "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_ca_file", "insecure", "peer_fetch",
              "peer_fetch_timeout_s", "kv_bytes_per_token", "peer_link_bytes_s", "peer_link_latency_s",
              "salt_cache_by_api_key", "max_prompt_bytes")
@@ -133,7 +136,7 @@ def main(argv):
             check_bind(FLAGS.http_host or config.host, secrets.api_key, config.insecure, "HTTP front")
     except ValueError as e:
         raise SystemExit(f"jaxserve.launch.scheduler: {e}") from None
-    asyncio.run(serve(config, secrets))
+    run_async(serve(config, secrets))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class GlobalSchedulerConfig:
     max_migrations: int = 2              # times one request may be sent again after an instance failure
     # A started stream silent this long counts as its instance failing (None: only health probes decide).
     stall_timeout_s: float | None = None
+    # Colocated requests to an instance that serves GenerateMany share one call to it (a message per engine
+    # step for all of them, jaxserve/scheduler/mux.py); False: one Generate call per request.
+    generate_many: bool = True
     no_instance_wait_s: float = 5.0      # how long a request waits for an instance to come up
     report_interval_s: float = 0.5       # load reports wanted from instances
     profile_instances: bool = True       # calibrate each instance's cost model with Instance.Profile

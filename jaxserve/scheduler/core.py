@@ -26,6 +26,7 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.errors import DeadlineExceeded, InstanceError, Overloaded, SchedulerError, Unavailable
 from jaxserve.scheduler.instances import InstanceRegistry, cancelled_from_outside
+from jaxserve.scheduler.mux import InstanceMux
 from jaxserve.scheduler.router import InstanceRecord, RouteDecision
 from jaxserve.scheduler.tokenizer import ModelInfo, TextStream
 from jaxserve.scheduler.validation import ValidRequest, validate
@@ -288,6 +289,15 @@ class SchedulerCore:
             if resp.finish_reason:
                 return
 
+    def _generate_call(self, record: InstanceRecord, request, deadline: float | None):
+        """The instance's token stream for `request`: a stream on its shared GenerateMany call when it serves
+        one (and the config allows), else a Generate call of its own."""
+        if self.config.generate_many and record.generate_many:
+            if record.mux is None:
+                record.mux = InstanceMux(record.stub)
+            return record.mux.open(request, deadline)
+        return record.stub.Generate(request, timeout=_remaining(deadline))
+
     async def _colocated(self, decision: RouteDecision, valid: ValidRequest, generated: list[int],
                          deadline: float | None):
         attempt = self._attempt(decision.instance, decision.estimate_s)
@@ -295,7 +305,7 @@ class SchedulerCore:
             if decision.pull_from is not None and not generated:
                 await self._peer_fetch(decision, decision.instance, valid, deadline)
             request = self._instance_request(valid, list(generated))
-            attempt.call = decision.instance.stub.Generate(request, timeout=_remaining(deadline))
+            attempt.call = self._generate_call(decision.instance, request, deadline)
             async with contextlib.aclosing(self._stream_from(attempt.call, attempt)) as chunks:
                 async for chunk in chunks:
                     yield chunk

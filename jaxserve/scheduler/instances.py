@@ -134,7 +134,8 @@ class InstanceRegistry:
         record = InstanceRecord(instance_id=instance_id, address=request.address, role=request.role,
                                 page_size=request.page_size, max_model_len=request.max_model_len,
                                 vocab_size=request.vocab_size, num_pages=request.num_pages, model=request.model,
-                                kv_cache_dtype=request.kv_cache_dtype or "auto", kv_page_bytes=request.kv_page_bytes)
+                                kv_cache_dtype=request.kv_cache_dtype or "auto", kv_page_bytes=request.kv_page_bytes,
+                                generate_many=request.generate_many)
         try:
             old = self.router.add(record)
         except ValueError as e:

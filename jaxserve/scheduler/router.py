@@ -62,6 +62,8 @@ class InstanceRecord:
     pins: int = 0  # other calls on its channel (Drain) that must outlive its retirement
     channel: Any = None
     stub: Any = None
+    generate_many: bool = False  # serves Instance.GenerateMany
+    mux: Any = None              # its `InstanceMux`, once a request used it
     health_stub: Any = None
 
     @property

@@ -39,6 +39,34 @@ class InstanceGenerateResponse(_message.Message):
     stop_reason: _common_pb2.StopReason
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, _Mapping]] = ...) -> None: ...
 
+class MuxRequest(_message.Message):
+    __slots__ = ("stream_id", "generate", "abort")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    generate: InstanceGenerateRequest
+    abort: bool
+    def __init__(self, stream_id: _Optional[int] = ..., generate: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class MuxItem(_message.Message):
+    __slots__ = ("stream_id", "response", "error_code", "error_message")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    response: InstanceGenerateResponse
+    error_code: int
+    error_message: str
+    def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[InstanceGenerateResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class MuxResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[MuxItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[MuxItem, _Mapping]]] = ...) -> None: ...
+
 class KvTarget(_message.Message):
     __slots__ = ("instance_id", "address")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class InstanceStub:
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/jaxserve.v1.Instance/GenerateMany',
+                request_serializer=jaxserve_dot_v1_dot_instance__pb2.MuxRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_instance__pb2.MuxResponse.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/jaxserve.v1.Instance/Prefill',
                 request_serializer=jaxserve_dot_v1_dot_instance__pb2.PrefillRequest.SerializeToString,
@@ -97,6 +102,15 @@ class InstanceServicer:
     def Generate(self, request, context):
         """Role colocated: prefill and decode; streams the new token ids. Cancelling the call (or its deadline
         passing) aborts the request and frees its pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Role colocated: Generate for many requests on one call (the scheduler keeps one per instance): each
+        request is a stream id; every response carries the new tokens of every stream an engine step advanced.
+        An abort (or the call ending) aborts the stream's request (or all of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +204,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     request_deserializer=jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateRequest.FromString,
                     response_serializer=jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateResponse.SerializeToString,
             ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=jaxserve_dot_v1_dot_instance__pb2.MuxRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_instance__pb2.MuxResponse.SerializeToString,
+            ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=jaxserve_dot_v1_dot_instance__pb2.PrefillRequest.FromString,
@@ -268,6 +287,33 @@ class Instance:
             '/jaxserve.v1.Instance/Generate',
             jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateRequest.SerializeToString,
             jaxserve_dot_v1_dot_instance__pb2.InstanceGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jaxserve.v1.Instance/GenerateMany',
+            jaxserve_dot_v1_dot_instance__pb2.MuxRequest.SerializeToString,
+            jaxserve_dot_v1_dot_instance__pb2.MuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

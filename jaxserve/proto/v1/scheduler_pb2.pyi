@@ -198,7 +198,7 @@ class DrainInstanceResponse(_message.Message):
     def __init__(self, num_unfinished: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile", "kv_cache_dtype", "kv_page_bytes", "architecture", "tokenizer_fingerprint")
+    __slots__ = ("instance_id", "address", "role", "model", "page_size", "max_model_len", "vocab_size", "num_pages", "profile", "kv_cache_dtype", "kv_page_bytes", "architecture", "tokenizer_fingerprint", "generate_many")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class RegisterRequest(_message.Message):
     KV_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_MANY_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     role: _common_pb2.Role
@@ -225,7 +226,8 @@ class RegisterRequest(_message.Message):
     kv_page_bytes: int
     architecture: str
     tokenizer_fingerprint: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_page_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    generate_many: bool
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_page_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., generate_many: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("instance_id", "report_interval_s")
