@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -24,7 +25,8 @@ import numpy as np
 
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
-from jaxserve.engine.sampling import sample_extended, sample_tokens, sampling_arrays, sampling_extras
+from jaxserve.engine.sampling import (neutral_extras, sample_extended, sample_tokens, sampling_arrays,
+                                      sampling_extras)
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.decoder import Decoder
@@ -43,12 +45,16 @@ class StepInputs(NamedTuple):
     extra: dict | None = None   # the extended sampler's inputs (sampling.sampling_extras), None: plain sampler
 
 
-def _shape_key(inputs: StepInputs) -> tuple:
-    """What selects a compiled step: one compilation per distinct key."""
-    key = inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
-    # The extended sampler (logprobs, penalties, bias, ...) is a second executable per shape, compiled on
-    # first use; plain keys stay the 4-tuples engine/precompile.py enumerates.
-    return key if inputs.extra is None else key + ("extended",)
+def _step_key(inputs: StepInputs) -> tuple:
+    """What selects a compiled step: (decode_only, tokens T, slots S, pages per sequence P)."""
+    return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
+
+
+def _shape_keys(inputs: StepInputs) -> list[tuple]:
+    """The compiled programs a step runs: its step shape, and ("extended", S) when the extended sampler
+    (logprobs, penalties, bias, ...) runs on its logits (one program per slot count S)."""
+    key = _step_key(inputs)
+    return [key] if inputs.extra is None else [key, ("extended", key[2])]
 
 
 def token_bucket(n: int, minimum: int = 16) -> int:
@@ -76,21 +82,33 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
     def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, sampling,
-             decode_only, extra=None):
+             decode_only):
         """last_tokens i32[M]: the previous step's samples, padded to the runner's slot maximum. Returns
-        (sampled i32[S], the logprobs of `sample_extended` or None, the same samples padded to [M] for the
-        next step, the updated cache). `extra` None (the common case) compiles the plain sampler only."""
+        (sampled i32[S] by the plain sampler, logits f32[S, V], each row's last input token i32[S], the samples
+        padded to [M] for the next step, the updated cache). The extended sampler is a program of its own
+        (`jitted_extended_sampler`) that runs on the logits after the step, so it costs one small compilation
+        per slot count, not a second step executable per shape."""
         token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        if extra is None:
-            sampled, logprobs = sample_tokens(logits, **sampling), None
-        else:
-            sampled, logprobs = sample_extended(logits, sampling, extra, token_ids[logits_indices],
-                                                prev_slots[logits_indices] >= 0)
-        return sampled, logprobs, jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache
+        sampled = sample_tokens(logits, **sampling)
+        return (sampled, logits, token_ids[logits_indices],
+                jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache)
 
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_extended_sampler():
+    """`(logits f32[S, V], last_tokens i32[M], sampling, extra, fed i32[S], fed_pending bool[S]) -> (tokens
+    i32[S], (sampled logprob, top ids, top logprobs), tokens padded to [M])`: `sample_extended` on a step's
+    logits (`fed`: the step's last input token per row; `fed_pending`: it was read on the device)."""
+
+    def sample(logits, last_tokens, sampling, extra, fed, fed_pending):
+        tokens, logprobs = sample_extended(logits, sampling, extra, fed, fed_pending)
+        return tokens, logprobs, jnp.zeros_like(last_tokens).at[:tokens.shape[0]].set(tokens)
+
+    return jax.jit(sample)
 
 
 def standalone_step(model_config, attention_impl: str, mesh=None):
@@ -100,9 +118,9 @@ def standalone_step(model_config, attention_impl: str, mesh=None):
 
     def run(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
         slots = max(8, len(logits_indices))
-        sampled, _, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
-                                    np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
-                                    sampling, decode_only=decode_only)
+        sampled, _, _, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
+                                          np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
+                                          sampling, decode_only=decode_only)
         return sampled, kv_cache
 
     return run
@@ -125,6 +143,8 @@ class ModelRunner:
         self.fixed_page_table = attention_impl != "pallas"
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
+        self._extended_sampler = jitted_extended_sampler()
+        self.executables: dict[tuple, object] = {}  # key -> executable compiled ahead (compile_ahead)
         # The last step's samples stay on the device so the next step can start before the host reads them.
         self.max_slots = max(next_pow2(max_num_seqs), 8)
         self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
@@ -147,7 +167,7 @@ class ModelRunner:
         meaningful where the entry reached the end of its known tokens). A PENDING last token of a request is
         read on the device from the previous step's slot `req.pending_slot`."""
         inputs = self.prepare(batch)
-        if self.on_new_shape is not None and _shape_key(inputs) not in self.shapes_seen:
+        if self.on_new_shape is not None and not self.shapes_seen.issuperset(_shape_keys(inputs)):
             self.on_new_shape()  # this step compiles first
         return self.submit(inputs)
 
@@ -229,10 +249,88 @@ class ModelRunner:
     def execute(self, inputs: "StepInputs"):
         """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token
         of every slot (padding included) as a device array, without waiting for it; with the extended sampler,
-        (tokens, sampled logprob, top ids, top logprobs)."""
-        self.shapes_seen.add(_shape_key(inputs))
-        tokens, logprobs, self._last_tokens, self.pool.kv_cache = self._step(
-            self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
-            inputs.positions, inputs.attn, inputs.logits_indices, inputs.sampling, decode_only=inputs.decode_only,
-            extra=inputs.extra)
-        return tokens if logprobs is None else (tokens, *logprobs)
+        (tokens, sampled logprob, top ids, top logprobs). A shape compiled ahead (`compile_ahead`) runs its
+        executable; any other goes through the jit (compiling on first use)."""
+        key = _step_key(inputs)
+        self.shapes_seen.add(key)
+        sampling = inputs.sampling
+        if inputs.extra is not None:  # the plain sampler's draw is discarded: make it an argmax
+            sampling = dict(sampling, temperature=np.zeros_like(sampling["temperature"]))
+        args = (self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
+                inputs.positions, inputs.attn, inputs.logits_indices, sampling)
+        compiled = self.executables.get(key)
+        out = compiled(*args) if compiled is not None else self._step(*args, decode_only=inputs.decode_only)
+        tokens, logits, fed, self._last_tokens, self.pool.kv_cache = out
+        if inputs.extra is None:
+            return tokens
+        skey = ("extended", key[2])
+        self.shapes_seen.add(skey)
+        sampler = self.executables.get(skey) or self._extended_sampler
+        fed_pending = inputs.prev_slots[inputs.logits_indices] >= 0
+        tokens, logprobs, self._last_tokens = sampler(logits, self._last_tokens, inputs.sampling, inputs.extra,
+                                                      fed, fed_pending)
+        return (tokens, *logprobs)
+
+    # ----------------------------------------------------------------------------------- compile ahead
+    @property
+    def can_compile_ahead(self) -> bool:
+        """Single process, single device: executables compiled from `lower()` run as they are (on a mesh, an
+        input placed differently from the lowering would be refused instead of recompiled)."""
+        return not self.ops.is_multiprocess and len(self.pool.kv_cache.sharding.device_set) == 1
+
+    def compile_ahead(self, keys, inputs_of: Callable[[tuple], "StepInputs"], workers: int = 2,
+                      progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile the programs of `keys` (step keys and ("extended", S)) into `self.executables`, lowering
+        here and compiling in `workers` threads (XLA compiles without the GIL, so lowering the next shape and
+        compiling overlap, and with 2+ cores two compiles run at once); the persistent compilation cache
+        applies as for the jit. `inputs_of(key)`: dummy inputs of a step key. `progress(done, total)`."""
+        keys = [k for k in keys if k not in self.executables]
+        steps = [k for k in keys if k[0] != "extended"]
+        samplers = [k for k in keys if k[0] == "extended"]
+        step_out: dict[int, tuple] = {}  # slots -> (logits, fed, last tokens) shapes, from a lowered step
+        done = 0
+
+        def finished(key, future):
+            nonlocal done
+            self.executables[key] = future.result()
+            self.shapes_seen.add(key)
+            done += 1
+            if progress is not None:
+                progress(done, len(keys))
+
+        last = jax.ShapeDtypeStruct((self.max_slots,), jnp.int32)
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            futures = []
+            for key in steps:
+                x = inputs_of(key)
+                lowered = self._step.lower(self.params, self.pool.kv_cache, last, x.token_ids, x.prev_slots,
+                                           x.positions, x.attn, x.logits_indices, x.sampling,
+                                           decode_only=x.decode_only)
+                step_out.setdefault(key[2], tuple(lowered.out_info[1:4]))
+                futures.append((key, pool.submit(lowered.compile)))
+            for key in samplers:
+                slots = key[1]
+                if slots not in step_out:  # its steps were compiled before: their output shapes
+                    x = inputs_of(next(k for k in self.step_keys() if k[2] == slots))
+                    step_out[slots] = tuple(jax.eval_shape(
+                        functools.partial(self._step, decode_only=x.decode_only), self.params, self.pool.kv_cache,
+                        last, x.token_ids, x.prev_slots, x.positions, x.attn, x.logits_indices, x.sampling)[1:4])
+                logits, fed, last_out = step_out[slots]
+                x = neutral_extras(slots, self.model_config.vocab_size)
+                lowered = self._extended_sampler.lower(logits, last_out, sampling_arrays([], [], [], slots), x, fed,
+                                                       np.zeros(slots, bool))
+                futures.append((key, pool.submit(lowered.compile)))
+            for key, future in futures:
+                finished(key, future)
+        return len(keys)
+
+    def step_keys(self) -> list[tuple]:
+        """Every step key `prepare` can produce: (decode_only, tokens T, slots S, pages per sequence P)."""
+        pages = self.page_buckets()
+        keys = [(True, s, s, p) for s in self.slot_buckets(True) for p in pages]
+        return keys + [(False, t, s, p) for t in token_buckets(16, self.max_tokens_bucket)
+                       for s in self.slot_buckets(False) for p in pages]
+
+    def sampler_keys(self) -> list[tuple]:
+        """The extended sampler's programs: one per slot count a step can have."""
+        return [("extended", s) for s in sorted({k[2] for k in self.step_keys()})]
