@@ -1,15 +1,17 @@
 """Turns a scheduled batch into padded device arrays and runs the jitted model step + sampler.
 
-Shapes come from a small set of buckets so the number of compilations stays bounded:
-- decode-only steps: S = T = next power of two of the batch size;
-- mixed steps: T = `token_bucket` of the token count (powers of two >= 16, and 1.5x steps above 128),
-  S = 8 or the slot maximum (padding sequence slots cost no attention, their tiles are skipped, only lm_head
-  rows: a prefill step's cost is its tokens, so two slot buckets halve the mixed shapes for ~1 ms);
+Shapes come from a small set of buckets so the number of compilations stays bounded (and all of them are
+compiled before a server says ready, `precompile.py`); measured choices in docs/drafts/time-to-ready.md:
+- decode-only steps: S = T = the next power of two of the batch size, at least MIN_DECODE_SLOTS (8): on CPU a
+  decode step of 1-8 rows costs the same (the weights are read once either way);
+- mixed steps: T = `token_bucket` of the token count (powers of two from MIN_TOKEN_BUCKET (32), and 1.5x steps
+  above 128), S = 8 or the slot maximum (padding slots cost no attention, their tiles are skipped, only
+  lm_head rows and tile bookkeeping: 32 slots instead of 8 cost 2x at 64 tokens, +8% at 256);
 - pages per sequence: on the XLA (CPU) path one width, the context maximum, since its attention loops over key
   blocks up to the longest live sequence and costs nothing per unused column; the Pallas kernels' grids
   follow the table width, so there it is the next power of two of the longest sequence's pages.
-The CPU shapes are then (decode, S) for S = 1, 2, 4, ... and (mixed, T, S in {8, max}): ~20 compilations at
-the defaults instead of ~190, so every shape is compiled before a server says ready (`precompile.py`).
+The CPU shapes are then (decode, S) for S = 8, 16, ..., max and (mixed, T, S in {8, max}): 13 at the serving
+defaults (32 seqs, 256-token budget), and the extended sampler's program per slot count (3).
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def _shape_keys(inputs: StepInputs) -> list[tuple]:
     return [key] if inputs.extra is None else [key, ("extended", key[2])]
 
 
-def token_bucket(n: int, minimum: int = 16) -> int:
+MIN_DECODE_SLOTS = 8
+MIN_TOKEN_BUCKET = 32
+
+
+def token_bucket(n: int, minimum: int = MIN_TOKEN_BUCKET) -> int:
     """Padded token count of a mixed step: powers of two up to 128, then also 1.5x steps (192, 384, 768, ...),
     so a long prefill chunk pads by at most a third instead of up to double (544 tokens: 768, not 1024)."""
     pow2 = next_pow2(n, minimum)
@@ -138,7 +144,7 @@ class ModelRunner:
         self.pool = pool
         self.page_size = pool.page_size
         self.max_num_seqs = max_num_seqs
-        self.max_tokens_bucket = token_bucket(max_num_batched_tokens, 16)
+        self.max_tokens_bucket = token_bucket(max_num_batched_tokens)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.fixed_page_table = attention_impl != "pallas"
         self.shapes_seen: set[tuple] = set()
@@ -182,13 +188,13 @@ class ModelRunner:
 
     def slot_bucket(self, num_entries: int, decode_only: bool) -> int:
         if decode_only:
-            return next_pow2(num_entries)
+            return max(next_pow2(num_entries), MIN_DECODE_SLOTS)
         return 8 if num_entries <= 8 else self.max_slots
 
     def slot_buckets(self, decode_only: bool) -> list[int]:
         """Every value `slot_bucket` can return."""
         if decode_only:
-            return sorted({next_pow2(n) for n in range(1, self.max_num_seqs + 1)})
+            return sorted({self.slot_bucket(n, True) for n in range(1, self.max_num_seqs + 1)})
         return sorted({8, self.max_slots})
 
     def page_bucket(self, num_pages: int) -> int:
@@ -206,7 +212,7 @@ class ModelRunner:
         decode_only = batch.decode_only
         ps = self.page_size
         num_slots = self.slot_bucket(len(entries), decode_only)
-        num_tokens = num_slots if decode_only else min(token_bucket(batch.num_tokens, 16), self.max_tokens_bucket)
+        num_tokens = num_slots if decode_only else min(token_bucket(batch.num_tokens), self.max_tokens_bucket)
         pages_per_seq = self.page_bucket(max(len(r.pages) for r, _ in entries))
 
         token_ids = np.zeros(num_tokens, np.int32)
@@ -328,7 +334,7 @@ class ModelRunner:
         """Every step key `prepare` can produce: (decode_only, tokens T, slots S, pages per sequence P)."""
         pages = self.page_buckets()
         keys = [(True, s, s, p) for s in self.slot_buckets(True) for p in pages]
-        return keys + [(False, t, s, p) for t in token_buckets(16, self.max_tokens_bucket)
+        return keys + [(False, t, s, p) for t in token_buckets(MIN_TOKEN_BUCKET, self.max_tokens_bucket)
                        for s in self.slot_buckets(False) for p in pages]
 
     def sampler_keys(self) -> list[tuple]:

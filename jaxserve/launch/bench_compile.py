@@ -26,6 +26,8 @@ flags.DEFINE_integer("repeats", 10, "timed runs per shape (least kept)")
 flags.DEFINE_integer("max_num_seqs", 32, "as `jaxserve serve`")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "as `jaxserve serve`")
 flags.DEFINE_integer("max_model_len", 2048, "as `jaxserve serve`")
+flags.DEFINE_integer("layers", 0, "> 0: a random-weight model of issue 14's shape with this many layers instead "
+                     "of --model (compile cost against depth)")
 flags.DEFINE_string("label", "", "a name for this run in the JSON")
 flags.DEFINE_string("out", "out/bench_compile.json", "JSON output (appended to a list)")
 FLAGS = flags.FLAGS
@@ -55,7 +57,13 @@ def main(argv):
     events: dict[str, float] = collections.defaultdict(float)
     monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.__setitem__(name, events[name] + secs))
     t0 = time.perf_counter()
-    llm = LLM(model=FLAGS.model, max_num_seqs=FLAGS.max_num_seqs, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+    model = FLAGS.model
+    if FLAGS.layers:
+        from jaxserve.config import ModelConfig
+        model = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=FLAGS.layers,
+                            num_heads=2, num_kv_heads=1, head_dim=128, max_position_embeddings=4096,
+                            weight_dtype="bfloat16")
+    llm = LLM(model=model, max_num_seqs=FLAGS.max_num_seqs, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
               max_model_len=FLAGS.max_model_len, num_pages=512, compilation_cache="off")
     runner = llm.engine.runner
     load_s = time.perf_counter() - t0
