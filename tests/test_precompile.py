@@ -36,8 +36,9 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
     llm = LLM(model=CFG, page_size=8, num_pages=64, num_host_pages=96, max_num_batched_tokens=64, max_num_seqs=8,
               seed=0, compilation_cache="off", max_model_len=256)
     result = precompile(llm.engine)
-    # 3 step shapes (decode 8 slots, mixed 32 and 64 tokens x 8 slots) and the extended sampler for 8 slots.
-    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) == 3 + 1
+    # 3 step shapes (decode 8 slots, mixed 32 and 64 tokens x 8 slots) and the samplers for 8 slots (plain
+    # and extended).
+    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) == 3 + 2
     rng = np.random.default_rng(3)
     shared = list(rng.integers(0, 256, 40))
     # Short and long prompts (chunked prefill), shared prefixes (cache hits), batches of 1-8, greedy and

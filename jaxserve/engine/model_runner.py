@@ -11,7 +11,8 @@ compiled before a server says ready, `precompile.py`); measured choices in docs/
   blocks up to the longest live sequence and costs nothing per unused column; the Pallas kernels' grids
   follow the table width, so there it is the next power of two of the longest sequence's pages.
 The CPU shapes are then (decode, S) for S = 8, 16, ..., max and (mixed, T, S in {8, max}): 13 at the serving
-defaults (32 seqs, 256-token budget), and the extended sampler's program per slot count (3).
+defaults (32 seqs, 256-token budget), and per slot count (3) a sampler program and an extended one (logprobs,
+penalties, ...), run on the step's logits when a row samples (an all-greedy step is the step alone).
 """
 
 from __future__ import annotations
@@ -52,13 +53,24 @@ def _step_key(inputs: StepInputs) -> tuple:
     return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
 
 
+def _sampler_key(inputs: StepInputs) -> tuple | None:
+    """The sampler program a step's logits go through, by slot count S: ("extended", S) when a row needs the
+    extended sampler (logprobs, penalties, bias, ...), ("sample", S) when a row samples, None when every row
+    is greedy (the step's own argmax)."""
+    if inputs.extra is not None:
+        return "extended", len(inputs.logits_indices)
+    if np.any(inputs.sampling["temperature"] > 0):
+        return "sample", len(inputs.logits_indices)
+    return None
+
+
 def _shape_keys(inputs: StepInputs) -> list[tuple]:
-    """The compiled programs a step runs: its step shape, and ("extended", S) when the extended sampler
-    (logprobs, penalties, bias, ...) runs on its logits (one program per slot count S)."""
-    key = _step_key(inputs)
-    return [key] if inputs.extra is None else [key, ("extended", key[2])]
+    """The compiled programs a step runs: its step shape and its sampler's, if any."""
+    sampler = _sampler_key(inputs)
+    return [_step_key(inputs)] + ([sampler] if sampler is not None else [])
 
 
+SAMPLERS = ("sample", "extended")  # the first element of a sampler program's key
 MIN_DECODE_SLOTS = 8
 MIN_TOKEN_BUCKET = 32
 
@@ -87,46 +99,55 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     models on several devices (their experts are placed explicitly; everything else follows the params)."""
     model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
-    def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, sampling,
-             decode_only):
+    def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, decode_only):
         """last_tokens i32[M]: the previous step's samples, padded to the runner's slot maximum. Returns
-        (sampled i32[S] by the plain sampler, logits f32[S, V], each row's last input token i32[S], the samples
-        padded to [M] for the next step, the updated cache). The extended sampler is a program of its own
-        (`jitted_extended_sampler`) that runs on the logits after the step, so it costs one small compilation
-        per slot count, not a second step executable per shape."""
+        (greedy tokens i32[S], logits f32[S, V], each row's last input token i32[S], the greedy tokens padded
+        to [M] for the next step, the updated cache). Sampling is a program of its own on the logits
+        (`jitted_sampler`), run only when a row samples: it costs a small compilation per slot count instead
+        of a third of every step's (docs/drafts/time-to-ready.md), and an all-greedy step nothing."""
         token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        sampled = sample_tokens(logits, **sampling)
-        return (sampled, logits, token_ids[logits_indices],
-                jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache)
+        greedy = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # = sample_tokens at T=0
+        return (greedy, logits, token_ids[logits_indices],
+                jnp.zeros_like(last_tokens).at[:greedy.shape[0]].set(greedy), kv_cache)
 
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_extended_sampler():
-    """`(logits f32[S, V], last_tokens i32[M], sampling, extra, fed i32[S], fed_pending bool[S]) -> (tokens
-    i32[S], (sampled logprob, top ids, top logprobs), tokens padded to [M])`: `sample_extended` on a step's
-    logits (`fed`: the step's last input token per row; `fed_pending`: it was read on the device)."""
+def jitted_sampler(extended: bool):
+    """The sampler on a step's logits. Plain: `(logits f32[S, V], last_tokens i32[M], sampling) -> (tokens
+    i32[S], tokens padded to [M])`. Extended (`sample_extended`: logprobs, penalties, bias, min_p):
+    `(logits, last_tokens, sampling, extra, fed i32[S], fed_pending bool[S]) -> (tokens, (sampled logprob, top
+    ids, top logprobs), tokens padded to [M])`, `fed` the step's last input token per row, `fed_pending`
+    whether it was read on the device."""
 
-    def sample(logits, last_tokens, sampling, extra, fed, fed_pending):
+    def plain(logits, last_tokens, sampling):
+        tokens = sample_tokens(logits, **sampling)
+        return tokens, jnp.zeros_like(last_tokens).at[:tokens.shape[0]].set(tokens)
+
+    def with_extras(logits, last_tokens, sampling, extra, fed, fed_pending):
         tokens, logprobs = sample_extended(logits, sampling, extra, fed, fed_pending)
         return tokens, logprobs, jnp.zeros_like(last_tokens).at[:tokens.shape[0]].set(tokens)
 
-    return jax.jit(sample)
+    return jax.jit(with_extras if extended else plain)
 
 
 def standalone_step(model_config, attention_impl: str, mesh=None):
-    """`jitted_step` without the device-side token feed, for tools and tests: `(params, kv_cache, token_ids,
-    positions, batch, logits_indices, sampling, decode_only=...) -> (sampled i32[S], kv_cache)`."""
+    """`jitted_step` + the plain sampler without the device-side token feed, for tools and tests: `(params,
+    kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only=...) -> (sampled i32[S],
+    kv_cache)`."""
     step = jitted_step(model_config, attention_impl, mesh)
 
     def run(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
         slots = max(8, len(logits_indices))
-        sampled, _, _, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
-                                          np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
-                                          sampling, decode_only=decode_only)
+        last = np.zeros(slots, np.int32)
+        sampled, logits, _, _, kv_cache = step(params, kv_cache, last, token_ids,
+                                               np.full(len(token_ids), -1, np.int32), positions, batch,
+                                               logits_indices, decode_only=decode_only)
+        if np.any(np.asarray(sampling["temperature"]) > 0):
+            sampled, _ = jitted_sampler(False)(logits, last, sampling)
         return sampled, kv_cache
 
     return run
@@ -149,7 +170,7 @@ class ModelRunner:
         self.fixed_page_table = attention_impl != "pallas"
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
-        self._extended_sampler = jitted_extended_sampler()
+        self._samplers = {False: jitted_sampler(False), True: jitted_sampler(True)}
         self.executables: dict[tuple, object] = {}  # key -> executable compiled ahead (compile_ahead)
         # The last step's samples stay on the device so the next step can start before the host reads them.
         self.max_slots = max(next_pow2(max_num_seqs), 8)
@@ -253,25 +274,26 @@ class ModelRunner:
         return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling, extra)
 
     def execute(self, inputs: "StepInputs"):
-        """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token
-        of every slot (padding included) as a device array, without waiting for it; with the extended sampler,
-        (tokens, sampled logprob, top ids, top logprobs). A shape compiled ahead (`compile_ahead`) runs its
+        """The "step" op's local function: start the jitted step on prepared inputs (and the sampler on its
+        logits when a row samples or needs the extended sampler); returns the sampled token of every slot
+        (padding included) as a device array, without waiting for it; with the extended sampler, (tokens,
+        sampled logprob, top ids, top logprobs). A program compiled ahead (`compile_ahead`) runs as that
         executable; any other goes through the jit (compiling on first use)."""
         key = _step_key(inputs)
         self.shapes_seen.add(key)
-        sampling = inputs.sampling
-        if inputs.extra is not None:  # the plain sampler's draw is discarded: make it an argmax
-            sampling = dict(sampling, temperature=np.zeros_like(sampling["temperature"]))
         args = (self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
-                inputs.positions, inputs.attn, inputs.logits_indices, sampling)
+                inputs.positions, inputs.attn, inputs.logits_indices)
         compiled = self.executables.get(key)
         out = compiled(*args) if compiled is not None else self._step(*args, decode_only=inputs.decode_only)
         tokens, logits, fed, self._last_tokens, self.pool.kv_cache = out
-        if inputs.extra is None:
-            return tokens
-        skey = ("extended", key[2])
+        skey = _sampler_key(inputs)
+        if skey is None:
+            return tokens  # every row greedy: the step's argmax
         self.shapes_seen.add(skey)
-        sampler = self.executables.get(skey) or self._extended_sampler
+        sampler = self.executables.get(skey) or self._samplers[skey[0] == "extended"]
+        if skey[0] == "sample":
+            tokens, self._last_tokens = sampler(logits, self._last_tokens, inputs.sampling)
+            return tokens
         fed_pending = inputs.prev_slots[inputs.logits_indices] >= 0
         tokens, logprobs, self._last_tokens = sampler(logits, self._last_tokens, inputs.sampling, inputs.extra,
                                                       fed, fed_pending)
@@ -286,48 +308,45 @@ class ModelRunner:
 
     def compile_ahead(self, keys, inputs_of: Callable[[tuple], "StepInputs"], workers: int = 2,
                       progress: Callable[[int, int], None] | None = None) -> int:
-        """Compile the programs of `keys` (step keys and ("extended", S)) into `self.executables`, lowering
-        here and compiling in `workers` threads (XLA compiles without the GIL, so lowering the next shape and
-        compiling overlap, and with 2+ cores two compiles run at once); the persistent compilation cache
-        applies as for the jit. `inputs_of(key)`: dummy inputs of a step key. `progress(done, total)`."""
+        """Compile the programs of `keys` (step keys, ("sample", S) and ("extended", S)) into
+        `self.executables`, lowering here and compiling in `workers` threads (XLA compiles without the GIL:
+        lowering the next program and compiling overlap, and with 2+ cores two compiles run at once); the
+        persistent compilation cache applies as for the jit. `inputs_of(key)`: dummy inputs of a step key.
+        `progress(done, total)`."""
         keys = [k for k in keys if k not in self.executables]
-        steps = [k for k in keys if k[0] != "extended"]
-        samplers = [k for k in keys if k[0] == "extended"]
+        steps = [k for k in keys if k[0] not in SAMPLERS]
+        samplers = [k for k in keys if k[0] in SAMPLERS]
         step_out: dict[int, tuple] = {}  # slots -> (logits, fed, last tokens) shapes, from a lowered step
-        done = 0
-
-        def finished(key, future):
-            nonlocal done
-            self.executables[key] = future.result()
-            self.shapes_seen.add(key)
-            done += 1
-            if progress is not None:
-                progress(done, len(keys))
-
         last = jax.ShapeDtypeStruct((self.max_slots,), jnp.int32)
+
+        def lower_step(x):
+            return self._step.lower(self.params, self.pool.kv_cache, last, x.token_ids, x.prev_slots, x.positions,
+                                    x.attn, x.logits_indices, decode_only=x.decode_only)
+
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             futures = []
             for key in steps:
-                x = inputs_of(key)
-                lowered = self._step.lower(self.params, self.pool.kv_cache, last, x.token_ids, x.prev_slots,
-                                           x.positions, x.attn, x.logits_indices, x.sampling,
-                                           decode_only=x.decode_only)
+                lowered = lower_step(inputs_of(key))
                 step_out.setdefault(key[2], tuple(lowered.out_info[1:4]))
                 futures.append((key, pool.submit(lowered.compile)))
-            for key in samplers:
-                slots = key[1]
+            for kind, slots in samplers:
                 if slots not in step_out:  # its steps were compiled before: their output shapes
                     x = inputs_of(next(k for k in self.step_keys() if k[2] == slots))
-                    step_out[slots] = tuple(jax.eval_shape(
-                        functools.partial(self._step, decode_only=x.decode_only), self.params, self.pool.kv_cache,
-                        last, x.token_ids, x.prev_slots, x.positions, x.attn, x.logits_indices, x.sampling)[1:4])
+                    step_out[slots] = tuple(lower_step(x).out_info[1:4])
                 logits, fed, last_out = step_out[slots]
-                x = neutral_extras(slots, self.model_config.vocab_size)
-                lowered = self._extended_sampler.lower(logits, last_out, sampling_arrays([], [], [], slots), x, fed,
-                                                       np.zeros(slots, bool))
-                futures.append((key, pool.submit(lowered.compile)))
-            for key, future in futures:
-                finished(key, future)
+                sampling = sampling_arrays([], [], [], slots)
+                if kind == "sample":
+                    lowered = self._samplers[False].lower(logits, last_out, sampling)
+                else:
+                    lowered = self._samplers[True].lower(logits, last_out, sampling,
+                                                         neutral_extras(slots, self.model_config.vocab_size), fed,
+                                                         np.zeros(slots, bool))
+                futures.append(((kind, slots), pool.submit(lowered.compile)))
+            for done, (key, future) in enumerate(futures, 1):
+                self.executables[key] = future.result()
+                self.shapes_seen.add(key)
+                if progress is not None:
+                    progress(done, len(futures))
         return len(keys)
 
     def step_keys(self) -> list[tuple]:
@@ -337,6 +356,8 @@ class ModelRunner:
         return keys + [(False, t, s, p) for t in token_buckets(MIN_TOKEN_BUCKET, self.max_tokens_bucket)
                        for s in self.slot_buckets(False) for p in pages]
 
-    def sampler_keys(self) -> list[tuple]:
-        """The extended sampler's programs: one per slot count a step can have."""
-        return [("extended", s) for s in sorted({k[2] for k in self.step_keys()})]
+    def sampler_keys(self, extended: bool = True) -> list[tuple]:
+        """The sampler programs: ("sample", S) and (with `extended`) ("extended", S) per slot count S a step
+        can have."""
+        slots = sorted({k[2] for k in self.step_keys()})
+        return [(kind, s) for kind in SAMPLERS[:1 + extended] for s in slots]

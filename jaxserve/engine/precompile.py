@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from jaxserve.engine.model_runner import StepInputs, next_pow2
+from jaxserve.engine.model_runner import SAMPLERS, StepInputs, next_pow2
 from jaxserve.engine.sampling import neutral_extras, sampling_arrays
 from jaxserve.model.batch import AttentionBatch
 
@@ -30,26 +30,29 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
 
 def step_shapes(runner, extended: bool | None = None) -> list[tuple]:
     """Every program a step can run: the step keys `ModelRunner.prepare` can produce, (decode_only, tokens T,
-    slots S, pages per sequence P), and the extended sampler's ("extended", S) per slot count (logprobs,
-    penalties, bias, grammars: a small program on the step's logits) unless `extended` is False (default:
-    where the runner serves it, i.e. not on a multi-process instance)."""
+    slots S, pages per sequence P), and the samplers' per slot count: ("sample", S), and ("extended", S)
+    (logprobs, penalties, bias, grammars) unless `extended` is False (default: where the runner serves it,
+    i.e. not on a multi-process instance)."""
     if extended is None:
         extended = not runner.ops.is_multiprocess
-    return runner.step_keys() + (runner.sampler_keys() if extended else [])
+    return runner.step_keys() + runner.sampler_keys(extended)
 
 
 def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int, *variant,
                  vocab_size: int = 0) -> StepInputs:
     """A step of the given shape with no live sequence: every token writes to page 0 (the pool's sink).
-    variant ("extended",): with the extended sampler's neutral inputs (needs vocab_size)."""
+    variant ("sample",): every row samples (temperature 1); ("extended",): with the extended sampler's neutral
+    inputs (needs vocab_size)."""
     z = lambda n: np.zeros(n, np.int32)  # noqa: E731
     attn = AttentionBatch(slot_pages=z(num_tokens), slot_offsets=z(num_tokens), kv_lens=z(num_slots),
                           page_indices=np.zeros((num_slots, pages_per_seq), np.int32),
                           cu_q_lens=z(num_slots + 1), num_seqs=z(1))
     no_previous = np.full(num_tokens, -1, np.int32)
     extra = neutral_extras(num_slots, vocab_size) if variant == ("extended",) else None
-    return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots),
-                      sampling_arrays([], [], [], num_slots), extra)
+    sampling = sampling_arrays([], [], [], num_slots)
+    if variant == ("sample",):
+        sampling["temperature"][:] = 1.0
+    return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots), sampling, extra)
 
 
 def precompile_steps(runner, shapes=None, progress=None, workers: int | None = None) -> int:
@@ -66,9 +69,9 @@ def precompile_steps(runner, shapes=None, progress=None, workers: int | None = N
         return runner.compile_ahead(todo, lambda key: dummy_inputs(*key, vocab_size=vocab), workers, progress)
     runs = []
     for key in todo:
-        if key[0] == "extended":  # the sampler runs after a step with that many slots
+        if key[0] in SAMPLERS:  # a sampler runs after a step with that many slots
             step = next(k for k in runner.step_keys() if k[2] == key[1])
-            runs.append(dummy_inputs(*step, "extended", vocab_size=vocab))
+            runs.append(dummy_inputs(*step, key[0], vocab_size=vocab))
         else:
             runs.append(dummy_inputs(*key, vocab_size=vocab))
     # The runner's very first step feeds its last-token buffer from host memory, every later one from the
