@@ -58,9 +58,9 @@ def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_s
 def precompile_steps(runner, shapes=None, progress=None, workers: int | None = None) -> int:
     """Compiles every program in `shapes` (default `step_shapes(runner)`) not yet seen. A single-device runner
     compiles them ahead into executables, `workers` at a time (default: $JAXSERVE_COMPILE_WORKERS, else the
-    CPUs, at most 2: measured in docs/drafts/time-to-ready.md); otherwise one dummy step per shape runs as a "step" device op (so a
-    multi-process instance's followers compile it too). `progress(done, total)` after each (a progress bar).
-    Returns the number of programs compiled."""
+    CPUs, at most 2: measured in docs/drafts/time-to-ready.md); otherwise one dummy step per program runs as
+    a "step" device op (so a multi-process instance's followers compile it too). `progress(done, total)`
+    after each (a progress bar). Returns the number of programs compiled."""
     todo = [s for s in (step_shapes(runner) if shapes is None else shapes) if s not in runner.shapes_seen]
     vocab = runner.model_config.vocab_size
     if runner.can_compile_ahead:

@@ -55,7 +55,11 @@ def main(argv):
     from jaxserve.engine.precompile import dummy_inputs
 
     events: dict[str, float] = collections.defaultdict(float)
-    monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.__setitem__(name, events[name] + secs))
+
+    def on_event(name, secs, **kw):
+        events[name] += secs
+
+    monitoring.register_event_duration_secs_listener(on_event)
     t0 = time.perf_counter()
     model = FLAGS.model
     if FLAGS.layers:
@@ -86,7 +90,8 @@ def main(argv):
                           trace_s=round(got.get("/jax/core/compile/jaxpr_trace_duration", 0.0), 3),
                           lower_s=round(got.get("/jax/core/compile/jaxpr_to_mlir_module_duration", 0.0), 3),
                           compile_s=round(got.get("/jax/core/compile/backend_compile_duration", 0.0), 3),
-                          run_ms=round(1e3 * float(np.min(runs)), 3), run_median_ms=round(1e3 * float(np.median(runs)), 3))
+                          run_ms=round(1e3 * float(np.min(runs)), 3),
+                          run_median_ms=round(1e3 * float(np.median(runs)), 3))
         print(f"{name:10s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     result = dict(label=FLAGS.label, xla_flags=os.environ.get("XLA_FLAGS", ""), load=os.getloadavg(),
                   load_s=round(load_s, 2), rows=rows,
