@@ -221,9 +221,11 @@ def test_precompile_covers_every_shape_and_leaves_outputs_unchanged():
     shapes = set(step_shapes(llm.engine.runner))
     # Whatever the batching produced is in the precompiled list (else a served request would compile).
     assert seen <= shapes, seen - shapes
-    # CPU: one page-table width (the XLA attention loops over live key blocks only), decode slots 1-8, mixed
-    # steps 3 token buckets (16-64) x the one slot bucket (max_num_seqs 8); each also with the extended sampler.
-    assert (True, 1, 1, 64) in shapes and (False, 64, 8, 64, "extended") in shapes and len(shapes) == 2 * (4 + 3)
+    # CPU: one page-table width (the XLA attention loops over live key blocks only), decode 8 slots (1-8
+    # rows), mixed steps 2 token buckets (32, 64) x the one slot bucket (max_num_seqs 8); the samplers'
+    # programs for 8 slots.
+    assert shapes == {(True, 8, 8, 64), (False, 32, 8, 64), (False, 64, 8, 64), ("sample", 8),
+                      ("extended", 8)}, shapes
     # Dummy steps write only the sink page: a fresh engine's outputs are the same after them (the shapes
     # already seen: in-process jit cache hits, so this test compiles nothing new).
     fresh = make_llm(enable_prefix_caching=False)

@@ -36,8 +36,9 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
     llm = LLM(model=CFG, page_size=8, num_pages=64, num_host_pages=96, max_num_batched_tokens=64, max_num_seqs=8,
               seed=0, compilation_cache="off", max_model_len=256)
     result = precompile(llm.engine)
-    # 7 plain step shapes (decode 1-8, mixed 16-64 x 8 slots), each also with the extended sampler.
-    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) == 2 * 7
+    # 3 step shapes (decode 8 slots, mixed 32 and 64 tokens x 8 slots) and the samplers for 8 slots (plain
+    # and extended).
+    assert result["step_shapes"] == len(step_shapes(llm.engine.runner)) == 3 + 2
     rng = np.random.default_rng(3)
     shared = list(rng.integers(0, 256, 40))
     # Short and long prompts (chunked prefill), shared prefixes (cache hits), batches of 1-8, greedy and
@@ -67,3 +68,32 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
     stats = llm.engine.pool.stats()
     assert stats["swapped_out_pages"] > 0 and stats["swapped_in_pages"] > 0, stats  # the host tier was used
     assert COUNTER.count == 0, f"{COUNTER.count} compilations after precompile"
+
+
+def test_start_profile_is_kept_next_to_the_compilation_cache(tmp_path):
+    """A restart with the same engine and the same compilation-cache folder reuses the start-up profile; any
+    change to what the timings depend on (here the points, the engine config) names another file."""
+    import jax
+
+    from jaxserve.instance import profiling
+    llm = LLM(model=CFG, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, seed=0,
+              compilation_cache="off", max_model_len=256)
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert profiling.profile_cache_file(llm.engine, {}, [(32, 0)]) is None  # no cache folder: no file
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        path = profiling.profile_cache_file(llm.engine, {"architecture": "x"}, [(32, 0), (32, 16)])
+        assert path.startswith(str(tmp_path)) and profiling.load_profile(path) is None
+        profiling.store_profile(path, [(32, 0, 0.01), (32, 16, 0.005)])
+        assert profiling.load_profile(path) == [(32, 0, 0.01), (32, 16, 0.005)]
+        assert profiling.profile_cache_file(llm.engine, {"architecture": "x"}, [(32, 0), (32, 16)]) == path
+        assert profiling.profile_cache_file(llm.engine, {"architecture": "x"}, [(32, 0)]) != path
+        other = LLM(model=CFG, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=4, seed=0,
+                    compilation_cache="off", max_model_len=256)
+        assert profiling.profile_cache_file(other.engine, {"architecture": "x"}, [(32, 0), (32, 16)]) != path
+        with open(path, "w") as f:
+            f.write("{not json")
+        assert profiling.load_profile(path) is None  # unreadable: measured again
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)

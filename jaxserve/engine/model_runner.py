@@ -1,21 +1,25 @@
 """Turns a scheduled batch into padded device arrays and runs the jitted model step + sampler.
 
-Shapes come from a small set of buckets so the number of compilations stays bounded:
-- decode-only steps: S = T = next power of two of the batch size;
-- mixed steps: T = `token_bucket` of the token count (powers of two >= 16, and 1.5x steps above 128),
-  S = 8 or the slot maximum (padding sequence slots cost no attention, their tiles are skipped, only lm_head
-  rows: a prefill step's cost is its tokens, so two slot buckets halve the mixed shapes for ~1 ms);
+Shapes come from a small set of buckets so the number of compilations stays bounded (and all of them are
+compiled before a server says ready, `precompile.py`); measured choices in docs/drafts/time-to-ready.md:
+- decode-only steps: S = T = the next power of two of the batch size, at least MIN_DECODE_SLOTS (8): on CPU a
+  decode step of 1-8 rows costs the same (the weights are read once either way);
+- mixed steps: T = `token_bucket` of the token count (powers of two from MIN_TOKEN_BUCKET (32), and 1.5x steps
+  above 128), S = 8 or the slot maximum (padding slots cost no attention, their tiles are skipped, only
+  lm_head rows and tile bookkeeping: 32 slots instead of 8 cost 2x at 64 tokens, +8% at 256);
 - pages per sequence: on the XLA (CPU) path one width, the context maximum, since its attention loops over key
   blocks up to the longest live sequence and costs nothing per unused column; the Pallas kernels' grids
   follow the table width, so there it is the next power of two of the longest sequence's pages.
-The CPU shapes are then (decode, S) for S = 1, 2, 4, ... and (mixed, T, S in {8, max}): ~20 compilations at
-the defaults instead of ~190, so every shape is compiled before a server says ready (`precompile.py`).
+The CPU shapes are then (decode, S) for S = 8, 16, ..., max and (mixed, T, S in {8, max}): 13 at the serving
+defaults (32 seqs, 256-token budget), and per slot count (3) a sampler program and an extended one (logprobs,
+penalties, ...), run on the step's logits when a row samples (an all-greedy step is the step alone).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -24,7 +28,8 @@ import numpy as np
 
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
-from jaxserve.engine.sampling import sample_extended, sample_tokens, sampling_arrays, sampling_extras
+from jaxserve.engine.sampling import (neutral_extras, sample_extended, sample_tokens, sampling_arrays,
+                                      sampling_extras)
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
 from jaxserve.model.decoder import Decoder
@@ -43,15 +48,34 @@ class StepInputs(NamedTuple):
     extra: dict | None = None   # the extended sampler's inputs (sampling.sampling_extras), None: plain sampler
 
 
-def _shape_key(inputs: StepInputs) -> tuple:
-    """What selects a compiled step: one compilation per distinct key."""
-    key = inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
-    # The extended sampler (logprobs, penalties, bias, ...) is a second executable per shape, compiled on
-    # first use; plain keys stay the 4-tuples engine/precompile.py enumerates.
-    return key if inputs.extra is None else key + ("extended",)
+def _step_key(inputs: StepInputs) -> tuple:
+    """What selects a compiled step: (decode_only, tokens T, slots S, pages per sequence P)."""
+    return inputs.decode_only, len(inputs.token_ids), len(inputs.logits_indices), inputs.attn.page_indices.shape[1]
 
 
-def token_bucket(n: int, minimum: int = 16) -> int:
+def _sampler_key(inputs: StepInputs) -> tuple | None:
+    """The sampler program a step's logits go through, by slot count S: ("extended", S) when a row needs the
+    extended sampler (logprobs, penalties, bias, ...), ("sample", S) when a row samples, None when every row
+    is greedy (the step's own argmax)."""
+    if inputs.extra is not None:
+        return "extended", len(inputs.logits_indices)
+    if np.any(inputs.sampling["temperature"] > 0):
+        return "sample", len(inputs.logits_indices)
+    return None
+
+
+def _shape_keys(inputs: StepInputs) -> list[tuple]:
+    """The compiled programs a step runs: its step shape and its sampler's, if any."""
+    sampler = _sampler_key(inputs)
+    return [_step_key(inputs)] + ([sampler] if sampler is not None else [])
+
+
+SAMPLERS = ("sample", "extended")  # the first element of a sampler program's key
+MIN_DECODE_SLOTS = 8
+MIN_TOKEN_BUCKET = 32
+
+
+def token_bucket(n: int, minimum: int = MIN_TOKEN_BUCKET) -> int:
     """Padded token count of a mixed step: powers of two up to 128, then also 1.5x steps (192, 384, 768, ...),
     so a long prefill chunk pads by at most a third instead of up to double (544 tokens: 768, not 1024)."""
     pow2 = next_pow2(n, minimum)
@@ -75,34 +99,55 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
     models on several devices (their experts are placed explicitly; everything else follows the params)."""
     model = Decoder(model_config, attention_impl=attention_impl, mesh=mesh)
 
-    def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, sampling,
-             decode_only, extra=None):
+    def step(params, kv_cache, last_tokens, token_ids, prev_slots, positions, batch, logits_indices, decode_only):
         """last_tokens i32[M]: the previous step's samples, padded to the runner's slot maximum. Returns
-        (sampled i32[S], the logprobs of `sample_extended` or None, the same samples padded to [M] for the
-        next step, the updated cache). `extra` None (the common case) compiles the plain sampler only."""
+        (greedy tokens i32[S], logits f32[S, V], each row's last input token i32[S], the greedy tokens padded
+        to [M] for the next step, the updated cache). Sampling is a program of its own on the logits
+        (`jitted_sampler`), run only when a row samples: it costs a small compilation per slot count instead
+        of a third of every step's (docs/drafts/time-to-ready.md), and an all-greedy step nothing."""
         token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        if extra is None:
-            sampled, logprobs = sample_tokens(logits, **sampling), None
-        else:
-            sampled, logprobs = sample_extended(logits, sampling, extra, token_ids[logits_indices],
-                                                prev_slots[logits_indices] >= 0)
-        return sampled, logprobs, jnp.zeros_like(last_tokens).at[:sampled.shape[0]].set(sampled), kv_cache
+        greedy = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # = sample_tokens at T=0
+        return (greedy, logits, token_ids[logits_indices],
+                jnp.zeros_like(last_tokens).at[:greedy.shape[0]].set(greedy), kv_cache)
 
     return jax.jit(step, static_argnames=("decode_only",), donate_argnums=(1,))
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_sampler(extended: bool):
+    """The sampler on a step's logits. Plain: `(logits f32[S, V], last_tokens i32[M], sampling) -> (tokens
+    i32[S], tokens padded to [M])`. Extended (`sample_extended`: logprobs, penalties, bias, min_p):
+    `(logits, last_tokens, sampling, extra, fed i32[S], fed_pending bool[S]) -> (tokens, (sampled logprob, top
+    ids, top logprobs), tokens padded to [M])`, `fed` the step's last input token per row, `fed_pending`
+    whether it was read on the device."""
+
+    def plain(logits, last_tokens, sampling):
+        tokens = sample_tokens(logits, **sampling)
+        return tokens, jnp.zeros_like(last_tokens).at[:tokens.shape[0]].set(tokens)
+
+    def with_extras(logits, last_tokens, sampling, extra, fed, fed_pending):
+        tokens, logprobs = sample_extended(logits, sampling, extra, fed, fed_pending)
+        return tokens, logprobs, jnp.zeros_like(last_tokens).at[:tokens.shape[0]].set(tokens)
+
+    return jax.jit(with_extras if extended else plain)
+
+
 def standalone_step(model_config, attention_impl: str, mesh=None):
-    """`jitted_step` without the device-side token feed, for tools and tests: `(params, kv_cache, token_ids,
-    positions, batch, logits_indices, sampling, decode_only=...) -> (sampled i32[S], kv_cache)`."""
+    """`jitted_step` + the plain sampler without the device-side token feed, for tools and tests: `(params,
+    kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only=...) -> (sampled i32[S],
+    kv_cache)`."""
     step = jitted_step(model_config, attention_impl, mesh)
 
     def run(params, kv_cache, token_ids, positions, batch, logits_indices, sampling, decode_only):
         slots = max(8, len(logits_indices))
-        sampled, _, _, kv_cache = step(params, kv_cache, np.zeros(slots, np.int32), token_ids,
-                                    np.full(len(token_ids), -1, np.int32), positions, batch, logits_indices,
-                                    sampling, decode_only=decode_only)
+        last = np.zeros(slots, np.int32)
+        sampled, logits, _, _, kv_cache = step(params, kv_cache, last, token_ids,
+                                               np.full(len(token_ids), -1, np.int32), positions, batch,
+                                               logits_indices, decode_only=decode_only)
+        if np.any(np.asarray(sampling["temperature"]) > 0):
+            sampled, _ = jitted_sampler(False)(logits, last, sampling)
         return sampled, kv_cache
 
     return run
@@ -120,11 +165,13 @@ class ModelRunner:
         self.pool = pool
         self.page_size = pool.page_size
         self.max_num_seqs = max_num_seqs
-        self.max_tokens_bucket = token_bucket(max_num_batched_tokens, 16)
+        self.max_tokens_bucket = token_bucket(max_num_batched_tokens)
         self.max_pages_bucket = next_pow2(-(-max_model_len // self.page_size))
         self.fixed_page_table = attention_impl != "pallas"
         self.shapes_seen: set[tuple] = set()
         self._step = jitted_step(model_config, attention_impl, mesh)
+        self._samplers = {False: jitted_sampler(False), True: jitted_sampler(True)}
+        self.executables: dict[tuple, object] = {}  # key -> executable compiled ahead (compile_ahead)
         # The last step's samples stay on the device so the next step can start before the host reads them.
         self.max_slots = max(next_pow2(max_num_seqs), 8)
         self._last_tokens = np.zeros(self.max_slots, np.int32)  # numpy: placed by the step, as its inputs are
@@ -147,7 +194,7 @@ class ModelRunner:
         meaningful where the entry reached the end of its known tokens). A PENDING last token of a request is
         read on the device from the previous step's slot `req.pending_slot`."""
         inputs = self.prepare(batch)
-        if self.on_new_shape is not None and _shape_key(inputs) not in self.shapes_seen:
+        if self.on_new_shape is not None and not self.shapes_seen.issuperset(_shape_keys(inputs)):
             self.on_new_shape()  # this step compiles first
         return self.submit(inputs)
 
@@ -162,13 +209,13 @@ class ModelRunner:
 
     def slot_bucket(self, num_entries: int, decode_only: bool) -> int:
         if decode_only:
-            return next_pow2(num_entries)
+            return max(next_pow2(num_entries), MIN_DECODE_SLOTS)
         return 8 if num_entries <= 8 else self.max_slots
 
     def slot_buckets(self, decode_only: bool) -> list[int]:
         """Every value `slot_bucket` can return."""
         if decode_only:
-            return sorted({next_pow2(n) for n in range(1, self.max_num_seqs + 1)})
+            return sorted({self.slot_bucket(n, True) for n in range(1, self.max_num_seqs + 1)})
         return sorted({8, self.max_slots})
 
     def page_bucket(self, num_pages: int) -> int:
@@ -186,7 +233,7 @@ class ModelRunner:
         decode_only = batch.decode_only
         ps = self.page_size
         num_slots = self.slot_bucket(len(entries), decode_only)
-        num_tokens = num_slots if decode_only else min(token_bucket(batch.num_tokens, 16), self.max_tokens_bucket)
+        num_tokens = num_slots if decode_only else min(token_bucket(batch.num_tokens), self.max_tokens_bucket)
         pages_per_seq = self.page_bucket(max(len(r.pages) for r, _ in entries))
 
         token_ids = np.zeros(num_tokens, np.int32)
@@ -227,12 +274,90 @@ class ModelRunner:
         return StepInputs(decode_only, token_ids, prev_slots, positions, attn, logits_indices, sampling, extra)
 
     def execute(self, inputs: "StepInputs"):
-        """The "step" op's local function: start the jitted step on prepared inputs; returns the sampled token
-        of every slot (padding included) as a device array, without waiting for it; with the extended sampler,
-        (tokens, sampled logprob, top ids, top logprobs)."""
-        self.shapes_seen.add(_shape_key(inputs))
-        tokens, logprobs, self._last_tokens, self.pool.kv_cache = self._step(
-            self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
-            inputs.positions, inputs.attn, inputs.logits_indices, inputs.sampling, decode_only=inputs.decode_only,
-            extra=inputs.extra)
-        return tokens if logprobs is None else (tokens, *logprobs)
+        """The "step" op's local function: start the jitted step on prepared inputs (and the sampler on its
+        logits when a row samples or needs the extended sampler); returns the sampled token of every slot
+        (padding included) as a device array, without waiting for it; with the extended sampler, (tokens,
+        sampled logprob, top ids, top logprobs). A program compiled ahead (`compile_ahead`) runs as that
+        executable; any other goes through the jit (compiling on first use)."""
+        key = _step_key(inputs)
+        self.shapes_seen.add(key)
+        args = (self.params, self.pool.kv_cache, self._last_tokens, inputs.token_ids, inputs.prev_slots,
+                inputs.positions, inputs.attn, inputs.logits_indices)
+        compiled = self.executables.get(key)
+        out = compiled(*args) if compiled is not None else self._step(*args, decode_only=inputs.decode_only)
+        tokens, logits, fed, self._last_tokens, self.pool.kv_cache = out
+        skey = _sampler_key(inputs)
+        if skey is None:
+            return tokens  # every row greedy: the step's argmax
+        self.shapes_seen.add(skey)
+        sampler = self.executables.get(skey) or self._samplers[skey[0] == "extended"]
+        if skey[0] == "sample":
+            tokens, self._last_tokens = sampler(logits, self._last_tokens, inputs.sampling)
+            return tokens
+        fed_pending = inputs.prev_slots[inputs.logits_indices] >= 0
+        tokens, logprobs, self._last_tokens = sampler(logits, self._last_tokens, inputs.sampling, inputs.extra,
+                                                      fed, fed_pending)
+        return (tokens, *logprobs)
+
+    # ----------------------------------------------------------------------------------- compile ahead
+    @property
+    def can_compile_ahead(self) -> bool:
+        """Single process, single device: executables compiled from `lower()` run as they are (on a mesh, an
+        input placed differently from the lowering would be refused instead of recompiled)."""
+        return not self.ops.is_multiprocess and len(self.pool.kv_cache.sharding.device_set) == 1
+
+    def compile_ahead(self, keys, inputs_of: Callable[[tuple], "StepInputs"], workers: int = 2,
+                      progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile the programs of `keys` (step keys, ("sample", S) and ("extended", S)) into
+        `self.executables`, lowering here and compiling in `workers` threads (XLA compiles without the GIL:
+        lowering the next program and compiling overlap, and with 2+ cores two compiles run at once); the
+        persistent compilation cache applies as for the jit. `inputs_of(key)`: dummy inputs of a step key.
+        `progress(done, total)`."""
+        keys = [k for k in keys if k not in self.executables]
+        steps = [k for k in keys if k[0] not in SAMPLERS]
+        samplers = [k for k in keys if k[0] in SAMPLERS]
+        step_out: dict[int, tuple] = {}  # slots -> (logits, fed, last tokens) shapes, from a lowered step
+        last = jax.ShapeDtypeStruct((self.max_slots,), jnp.int32)
+
+        def lower_step(x):
+            return self._step.lower(self.params, self.pool.kv_cache, last, x.token_ids, x.prev_slots, x.positions,
+                                    x.attn, x.logits_indices, decode_only=x.decode_only)
+
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            futures = []
+            for key in steps:
+                lowered = lower_step(inputs_of(key))
+                step_out.setdefault(key[2], tuple(lowered.out_info[1:4]))
+                futures.append((key, pool.submit(lowered.compile)))
+            for kind, slots in samplers:
+                if slots not in step_out:  # its steps were compiled before: their output shapes
+                    x = inputs_of(next(k for k in self.step_keys() if k[2] == slots))
+                    step_out[slots] = tuple(lower_step(x).out_info[1:4])
+                logits, fed, last_out = step_out[slots]
+                sampling = sampling_arrays([], [], [], slots)
+                if kind == "sample":
+                    lowered = self._samplers[False].lower(logits, last_out, sampling)
+                else:
+                    lowered = self._samplers[True].lower(logits, last_out, sampling,
+                                                         neutral_extras(slots, self.model_config.vocab_size), fed,
+                                                         np.zeros(slots, bool))
+                futures.append(((kind, slots), pool.submit(lowered.compile)))
+            for done, (key, future) in enumerate(futures, 1):
+                self.executables[key] = future.result()
+                self.shapes_seen.add(key)
+                if progress is not None:
+                    progress(done, len(futures))
+        return len(keys)
+
+    def step_keys(self) -> list[tuple]:
+        """Every step key `prepare` can produce: (decode_only, tokens T, slots S, pages per sequence P)."""
+        pages = self.page_buckets()
+        keys = [(True, s, s, p) for s in self.slot_buckets(True) for p in pages]
+        return keys + [(False, t, s, p) for t in token_buckets(MIN_TOKEN_BUCKET, self.max_tokens_bucket)
+                       for s in self.slot_buckets(False) for p in pages]
+
+    def sampler_keys(self, extended: bool = True) -> list[tuple]:
+        """The sampler programs: ("sample", S) and (with `extended`) ("extended", S) per slot count S a step
+        can have."""
+        slots = sorted({k[2] for k in self.step_keys()})
+        return [(kind, s) for kind in SAMPLERS[:1 + extended] for s in slots]

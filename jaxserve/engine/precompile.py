@@ -9,12 +9,13 @@ batch sizes on GPU. The shapes are bounded by `model_runner`'s buckets, so this 
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import numpy as np
 
-from jaxserve.engine.model_runner import StepInputs, next_pow2, token_buckets
+from jaxserve.engine.model_runner import SAMPLERS, StepInputs, next_pow2
 from jaxserve.engine.sampling import neutral_extras, sampling_arrays
 from jaxserve.model.batch import AttentionBatch
 
@@ -28,43 +29,56 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
 
 
 def step_shapes(runner, extended: bool | None = None) -> list[tuple]:
-    """Every step key `ModelRunner.prepare` can produce: (decode_only, tokens T, slots S, pages per sequence P),
-    and each again + ("extended",) for the extended sampler (logprobs, penalties, bias, grammars: a second
-    executable per shape) unless `extended` is False (default: where the runner serves it, i.e. not on a
-    multi-process instance)."""
-    pages = runner.page_buckets()
-    shapes = [(True, s, s, p) for s in runner.slot_buckets(True) for p in pages]
-    shapes += [(False, t, s, p) for t in token_buckets(16, runner.max_tokens_bucket)
-               for s in runner.slot_buckets(False) for p in pages]
+    """Every program a step can run: the step keys `ModelRunner.prepare` can produce, (decode_only, tokens T,
+    slots S, pages per sequence P), and the samplers' per slot count: ("sample", S), and ("extended", S)
+    (logprobs, penalties, bias, grammars) unless `extended` is False (default: where the runner serves it,
+    i.e. not on a multi-process instance)."""
     if extended is None:
         extended = not runner.ops.is_multiprocess
-    return shapes + ([s + ("extended",) for s in shapes] if extended else [])
+    return runner.step_keys() + runner.sampler_keys(extended)
 
 
 def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int, *variant,
                  vocab_size: int = 0) -> StepInputs:
     """A step of the given shape with no live sequence: every token writes to page 0 (the pool's sink).
-    variant ("extended",): with the extended sampler's neutral inputs (needs vocab_size)."""
+    variant ("sample",): every row samples (temperature 1); ("extended",): with the extended sampler's neutral
+    inputs (needs vocab_size)."""
     z = lambda n: np.zeros(n, np.int32)  # noqa: E731
     attn = AttentionBatch(slot_pages=z(num_tokens), slot_offsets=z(num_tokens), kv_lens=z(num_slots),
                           page_indices=np.zeros((num_slots, pages_per_seq), np.int32),
                           cu_q_lens=z(num_slots + 1), num_seqs=z(1))
     no_previous = np.full(num_tokens, -1, np.int32)
     extra = neutral_extras(num_slots, vocab_size) if variant == ("extended",) else None
-    return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots),
-                      sampling_arrays([], [], [], num_slots), extra)
+    sampling = sampling_arrays([], [], [], num_slots)
+    if variant == ("sample",):
+        sampling["temperature"][:] = 1.0
+    return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots), sampling, extra)
 
 
-def precompile_steps(runner, shapes=None, progress=None) -> int:
-    """Runs one dummy step per shape not yet seen, as "step" device ops (so a multi-process instance's
-    followers compile them too). `progress(done, total)` after each (a progress bar). Returns the number of
-    shapes compiled."""
+def precompile_steps(runner, shapes=None, progress=None, workers: int | None = None) -> int:
+    """Compiles every program in `shapes` (default `step_shapes(runner)`) not yet seen. A single-device runner
+    compiles them ahead into executables, `workers` at a time (default: $JAXSERVE_COMPILE_WORKERS, else the
+    CPUs, at most 2: measured in docs/drafts/time-to-ready.md); otherwise one dummy step per program runs as
+    a "step" device op (so a multi-process instance's followers compile it too). `progress(done, total)`
+    after each (a progress bar). Returns the number of programs compiled."""
     todo = [s for s in (step_shapes(runner) if shapes is None else shapes) if s not in runner.shapes_seen]
+    vocab = runner.model_config.vocab_size
+    if runner.can_compile_ahead:
+        if workers is None:
+            workers = int(os.environ.get("JAXSERVE_COMPILE_WORKERS", 0)) or min(2, os.cpu_count() or 1)
+        return runner.compile_ahead(todo, lambda key: dummy_inputs(*key, vocab_size=vocab), workers, progress)
+    runs = []
+    for key in todo:
+        if key[0] in SAMPLERS:  # a sampler runs after a step with that many slots
+            step = next(k for k in runner.step_keys() if k[2] == key[1])
+            runs.append(dummy_inputs(*step, key[0], vocab_size=vocab))
+        else:
+            runs.append(dummy_inputs(*key, vocab_size=vocab))
     # The runner's very first step feeds its last-token buffer from host memory, every later one from the
     # device: two jit keys for that step's shape, so the first shape runs once more at the end.
-    again = todo[:1] if runner.first_step_pending else []
-    for k, shape in enumerate(todo + again):
-        runner.submit(dummy_inputs(*shape, vocab_size=runner.model_config.vocab_size))
+    again = runs[:1] if runner.first_step_pending else []
+    for k, inputs in enumerate(runs + again):
+        runner.submit(inputs)
         if progress is not None:
             progress(min(k + 1, len(todo)), len(todo))
     return len(todo)

@@ -237,16 +237,15 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         self.kv_path.set_address(self.address)
         await self._set_serving(not self.loop_thread.broken)
         if self.config.scheduler_address:
+            identity = model_identity(self.config.model_name)
             registration = scheduler_pb2.RegisterRequest(
                 instance_id=self.instance_id, address=self.address, role=self.role, model=self.config.model_name,
                 page_size=self.engine.pool.page_size, max_model_len=self.engine.max_model_len,
                 vocab_size=self.engine.model_config.vocab_size, num_pages=self.engine.pool.num_pages - 1,
                 kv_cache_dtype=self.engine.pool.kv_cache_dtype, kv_page_bytes=self.engine.pool.page_bytes,
-                generate_many=self.role == common_pb2.ROLE_COLOCATED, **model_identity(self.config.model_name))
+                generate_many=self.role == common_pb2.ROLE_COLOCATED, **identity)
             if self.config.profile_at_start:
-                from jaxserve.scheduler.cost_model import profile_points
-                samples = await self.profile(profile_points(self.engine.max_model_len), repeats=3)
-                registration.profile.extend(samples)
+                registration.profile.extend(await self._start_profile(identity))
             self.reporter = InstanceReporter(self.config.scheduler_address, registration,
                                              snapshot_tiers=self.loop_thread.mirror.snapshot_tiers, load=self.load,
                                              credentials=self._scheduler_credentials or (
@@ -379,6 +378,21 @@ class InstanceServer(instance_pb2_grpc.InstanceServicer):
         if self.decode_side is not None:  # a reservation whose prefill gave up, a received request
             found = await self.decode_side.abort(request.request_id) or found
         return instance_pb2.AbortResponse(found=found)
+
+    async def _start_profile(self, identity: dict) -> list[common_pb2.ProfileSample]:
+        """The cost-model profile sent with the registration: reused from the compilation-cache folder when
+        this engine was profiled there before (`profiling.profile_cache_file`), else measured and kept."""
+        from jaxserve.instance import profiling
+        from jaxserve.scheduler.cost_model import profile_points
+        points = profile_points(self.engine.max_model_len)
+        path = profiling.profile_cache_file(self.engine, identity, points)
+        cached = profiling.load_profile(path)
+        if cached is not None:
+            log.info("cost-model profile reused from %s", path)
+            return [common_pb2.ProfileSample(prompt_len=p, cached_len=c, seconds=s) for p, c, s in cached]
+        samples = await self.profile(points, repeats=3)
+        profiling.store_profile(path, [(s.prompt_len, s.cached_len, s.seconds) for s in samples])
+        return samples
 
     async def profile(self, points: Sequence[tuple[int, int]], repeats: int = 3) -> list[common_pb2.ProfileSample]:
         future = self.loop_thread.submit(lambda: self.loop_thread.profile(points, repeats))
