@@ -38,3 +38,25 @@ def run_async(main) -> object:
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+def pin_threads(cores) -> int:
+    """Pin every thread this process has now (and so every thread they start later) to `cores` (Linux; a
+    no-op elsewhere). Used after start-up compilation, which may use every core, so that serving keeps
+    to its share of the machine. Returns how many threads were pinned."""
+    cores = set(int(c) for c in cores)
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return 0
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    pinned = 0
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+            pinned += 1
+        except OSError:  # the thread ended meanwhile
+            pass
+    return pinned
+

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
 from jaxserve.security import Secrets, TlsFiles, check_bind
-from jaxserve.util import run_async
+from jaxserve.util import pin_threads, run_async
 
 flags.DEFINE_enum("role", "colocated", sorted(ROLES), "what the instance does")
 flags.DEFINE_enum("pd_mode", "caching2", list(PD_MODES),
@@ -90,6 +90,8 @@ flags.DEFINE_string("tls_cert_file", None, "mTLS: this instance's certificate (P
 flags.DEFINE_string("tls_key_file", None, "mTLS: the private key of --tls_cert_file")
 flags.DEFINE_string("tls_ca_file", None, "mTLS: the cluster's CA (PEM); verifies the scheduler, peers and callers")
 flags.DEFINE_bool("insecure", False, "allow binding a non-loopback --host with no cluster secret")
+flags.DEFINE_list("cpu_cores", [], "after start-up compilation (which uses every core), pin this process's threads "
+                  "to these CPU cores (Linux), so serving keeps to its share of the machine; empty: no pinning")
 FLAGS = flags.FLAGS
 
 
@@ -187,6 +189,8 @@ def main(argv):
             # KV gather/scatter shapes: PD roles move KV on every request, colocated peer-fetch instances on
             # every pull (uncompiled, a served run's first pulls stalled 0.7-0.9 s each).
             precompile_with_progress(engine, transfers=FLAGS.role != "colocated" or FLAGS.peer_fetch)
+        if FLAGS.cpu_cores:
+            logging.info("pinned %d threads to CPU cores %s", pin_threads(FLAGS.cpu_cores), ",".join(FLAGS.cpu_cores))
         run_async(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
         return
     import jax

@@ -137,10 +137,10 @@ class LocalCluster:
         if self.tls is not None:
             flags_.update(tls_cert_file=self.tls.cert_file, tls_key_file=self.tls.key_file,
                           tls_ca_file=self.tls.ca_file)
-        cmd = [sys.executable, "-m", "jaxserve.launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
         cores = self._cores()
-        if cores and _has_taskset():
-            cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
+        if cores:  # after its start-up compilation, which may use every core
+            flags_.setdefault("cpu_cores", cores[k % len(cores)])
+        cmd = [sys.executable, "-m", "jaxserve.launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
         out = subprocess.DEVNULL if self.quiet else None
         # The secret goes in the environment, not argv (ps shows argv to everyone); without one, the children
         # must not pick one up from ours either, or they would refuse this scheduler.
@@ -191,11 +191,6 @@ class LocalCluster:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
-
-
-def _has_taskset() -> bool:
-    from shutil import which
-    return which("taskset") is not None
 
 
 def cluster_from_flags(**overrides) -> LocalCluster:
