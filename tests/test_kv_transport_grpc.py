@@ -9,7 +9,6 @@ recomputes; no page leaks anywhere."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 
@@ -32,6 +31,7 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc  # noq
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler  # noqa: E402
 from jaxserve.scheduler.router import COLOCATED  # noqa: E402
 from jaxserve.security import Secrets, TlsFiles  # noqa: E402
+from test_peer_fetch_served import kv_pool_cluster  # noqa: E402
 from timeouts import scaled  # noqa: E402
 
 PAGE = 8
@@ -239,25 +239,9 @@ def test_pd_over_tls_moves_kv_over_grpc_and_matches_offline_greedy(pki):
     run(body(), 300)
 
 
-@contextlib.asynccontextmanager
-async def peer_cluster():
-    scheduler = Scheduler(GlobalSchedulerConfig(port=0, policy="kv_pool", peer_fetch=True, kv_bytes_per_token=256,
-                                                peer_link_bytes_s=1e9, **FAST), ModelInfo.byte_level(512))
-    await scheduler.start()
-    servers = {}
-    client = AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1))
-    try:
-        for k, name in enumerate("abc"):
-            servers[name] = await InstanceServer(tiny(True, k).engine, InstanceConfig(
-                role="colocated", scheduler_address=scheduler.address, instance_id=name, peer_fetch=True,
-                kv_transport="grpc", kv_transfer_timeout_s=scaled(5), shutdown_grace_s=0)).start()
-        yield scheduler, servers, client
-    finally:
-        await client.close()
-        for s in servers.values():
-            with contextlib.suppress(Exception):
-                await s.stop(0)
-        await scheduler.stop(0)
+def peer_cluster():
+    return kv_pool_cluster([(name, dict(role="colocated", peer_fetch=True, kv_transport="grpc",
+                                        kv_transfer_timeout_s=scaled(5))) for name in "abc"], make_llm=tiny)
 
 
 async def put_prefix_on(server, scheduler, prefix):

@@ -6,38 +6,20 @@ tokens equal the plain uncached run; no page left held anywhere. The pull's timi
 whose fit is checked on its own against known link parameters."""
 
 import asyncio
-import contextlib
 
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.client import AsyncClient, RetryPolicy
-from jaxserve.instance import InstanceConfig, InstanceServer
-from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler
+from jaxserve.instance import InstanceConfig
 from jaxserve.scheduler.kv_pool import MeasuredLinks, TransferModel
 from jaxserve.scheduler.router import PREFILL
-from test_peer_fetch_served import FAST, PAGE, busy, clean, eventually, stats, tiny
+from test_peer_fetch_served import busy, clean, eventually, kv_pool_cluster, stats, tiny
 
 
-@contextlib.asynccontextmanager
-async def pd_cluster():
-    scheduler = Scheduler(GlobalSchedulerConfig(port=0, policy="kv_pool", peer_fetch=True, kv_bytes_per_token=256,
-                                                peer_link_bytes_s=1e9, **FAST), ModelInfo.byte_level(512))
-    await scheduler.start()
-    servers = {}
-    for k, (name, role) in enumerate((("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"))):
-        servers[name] = await InstanceServer(tiny(True, k).engine, InstanceConfig(
-            role=role, pd_mode="caching2", scheduler_address=scheduler.address, instance_id=name,
-            peer_fetch=role == "prefill", kv_transfer_timeout_s=5, shutdown_grace_s=0)).start()
-    client = AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1))
-    try:
-        yield scheduler, servers, client
-    finally:
-        await client.close()
-        for s in servers.values():
-            with contextlib.suppress(Exception):
-                await s.stop(0)
-        await scheduler.stop(0)
+def pd_cluster():
+    return kv_pool_cluster([(name, dict(role=role, pd_mode="caching2", peer_fetch=role == "prefill",
+                                        kv_transfer_timeout_s=5))
+                            for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"))])
 
 
 def test_prefill_instance_pulls_the_busy_holders_prefix():

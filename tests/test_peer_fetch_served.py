@@ -58,26 +58,38 @@ async def clean(address) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def cluster():
+async def kv_pool_cluster(instances, metrics=None, make_llm=None):
+    """A kv_pool + peer-fetch scheduler and one InstanceServer per (name, InstanceConfig keywords), instance
+    k on CPU device k (`make_llm(caching, device)`, default `tiny`); yields (scheduler, {name: server},
+    client)."""
+    make_llm = make_llm or tiny
     scheduler = Scheduler(GlobalSchedulerConfig(port=0, policy="kv_pool", peer_fetch=True, kv_bytes_per_token=256,
                                                 peer_link_bytes_s=1e9, **FAST), ModelInfo.byte_level(512))
-    metrics = SchedulerMetrics(scheduler, "tiny", kv_bytes_per_token=256)
-    scheduler.observer = metrics
+    if metrics is not None:
+        scheduler.observer = metrics(scheduler)
     await scheduler.start()
     servers = {}
-    for k, name in enumerate("abc"):
-        servers[name] = await InstanceServer(tiny(True, k).engine, InstanceConfig(
-            role="colocated", scheduler_address=scheduler.address, instance_id=name, peer_fetch=True,
-            kv_transfer_timeout_s=3, shutdown_grace_s=0)).start()
     client = AsyncClient(scheduler.address, retry=RetryPolicy(max_attempts=1))
     try:
-        yield scheduler, metrics, servers, client
+        for k, (name, config) in enumerate(instances):
+            servers[name] = await InstanceServer(make_llm(True, k).engine, InstanceConfig(
+                scheduler_address=scheduler.address, instance_id=name, shutdown_grace_s=0, **config)).start()
+        yield scheduler, servers, client
     finally:
         await client.close()
         for s in servers.values():
             with contextlib.suppress(Exception):
                 await s.stop(0)
         await scheduler.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def cluster():
+    colocated = dict(role="colocated", peer_fetch=True, kv_transfer_timeout_s=3)
+    async with kv_pool_cluster([(name, colocated) for name in "abc"],
+                               metrics=lambda s: SchedulerMetrics(s, "tiny", kv_bytes_per_token=256)) as (
+            scheduler, servers, client):
+        yield scheduler, scheduler.observer, servers, client
 
 
 async def put_prefix_on(server, scheduler, prefix):
