@@ -49,13 +49,13 @@ flags.DEFINE_integer("num_docs", 60, "documents")
 flags.DEFINE_integer("questions_per_doc", 3, "questions per document")
 flags.DEFINE_float("doc_mean", 600, "mean document tokens")
 flags.DEFINE_float("output_mean", 8, "mean output tokens")
-flags.DEFINE_integer("num_host_pages", 2048, "host-tier KV pages per instance")
-flags.DEFINE_float("peer_link_bytes_s", 1e9, "the served scheduler's (and the simulated policy's) link bandwidth")
-flags.DEFINE_float("peer_link_latency_s", 5e-3, "the served scheduler's (and the simulated policy's) link latency")
+flags.DEFINE_integer("host_pages", 2048, "host-tier KV pages per instance")
+flags.DEFINE_float("served_link_bytes_s", 1e9, "the served scheduler's (and the simulated policy's) link bandwidth")
+flags.DEFINE_float("served_link_latency_s", 5e-3, "the served scheduler's (and the simulated policy's) link latency")
 flags.DEFINE_bool("shared_cost_model", True, "route with one cost model fitted to the sequential profile of "
                   "all instances (as the simulator does) instead of each instance's registration profile")
 flags.DEFINE_float("gap_s", 3.0, "pause between the fit phase and the measured phase")
-flags.DEFINE_float("tolerance", 0.15, "allowed relative error of the measured phase's mean TTFT")
+flags.DEFINE_float("ttft_tolerance", 0.15, "allowed relative error of the measured phase's mean TTFT")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "out/validate_kvpool")
 FLAGS.set_default("rate", 8.0)        # requests per second (one request per session)
@@ -172,10 +172,10 @@ async def real_run(wl: Workload) -> dict:
     out["host_copy"] = measure_host_copy(FLAGS.num_pages, 64)
     print(f"host copy: {out['host_copy']}", flush=True)
     instance_flags = dict(prefix_caching=True, page_size=PAGE, num_pages=FLAGS.num_pages,
-                          num_host_pages=FLAGS.num_host_pages, max_num_batched_tokens=BUDGET, max_num_seqs=SEQS,
+                          num_host_pages=FLAGS.host_pages, max_num_batched_tokens=BUDGET, max_num_seqs=SEQS,
                           profile_at_start=True, precompile=True, peer_fetch=True, kv_transfer_timeout_s=10)
     sched = dict(peer_fetch=True, kv_bytes_per_token=out["host_copy"]["page_bytes"] // PAGE,
-                 peer_link_bytes_s=FLAGS.peer_link_bytes_s, peer_link_latency_s=FLAGS.peer_link_latency_s,
+                 peer_link_bytes_s=FLAGS.served_link_bytes_s, peer_link_latency_s=FLAGS.served_link_latency_s,
                  profile_instances=True, health_timeout_s=5.0)
     cluster = LocalCluster(model="demo", num_instances=FLAGS.num_instances, port=0, policy="kv_pool", pin=False,
                            instance_flags=instance_flags, scheduler_config=sched, quiet=True, ready_timeout_s=900)
@@ -268,7 +268,7 @@ def sim_cost(real: dict, fit: dict, scale: float = 1.0):
                        transfer_bytes_s=fit["link_bytes_s"], transfer_latency_s=fit["link_latency_s"],
                        page_size=PAGE, kv_pages=FLAGS.num_pages - 1, max_num_batched_tokens=BUDGET,
                        max_num_seqs=SEQS, rpc_overhead_s=fit["rpc_overhead_s"], step_overhead_s=0.0,
-                       host_kv_pages=FLAGS.num_host_pages, host_bytes_s=hc["bytes_s"], host_latency_s=hc["latency_s"],
+                       host_kv_pages=FLAGS.host_pages, host_bytes_s=hc["bytes_s"], host_latency_s=hc["latency_s"],
                        name=f"demo-cpu(profile x{scale:.2f}, measured links)"), err
 
 
@@ -292,7 +292,7 @@ def fit_overheads(real: dict) -> dict:
     decode = [(r["jct_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in recs if r["output_tokens"] > 1]
     ok = [p for p in fp["pushes"] if p["ok"] and p["bytes"] > 0]
     lat, bw = theil_sen([p["bytes"] for p in ok], [p["seconds"] for p in ok]) if len(ok) >= 2 else \
-        (FLAGS.peer_link_latency_s, FLAGS.peer_link_bytes_s)
+        (FLAGS.served_link_latency_s, FLAGS.served_link_bytes_s)
     return dict(rpc_overhead_s=2 * statistics.median(gaps), decode_step_s=statistics.median(decode),
                 link_latency_s=lat, link_bytes_s=bw, link_samples=len(ok), gap_samples=len(gaps))
 
@@ -349,8 +349,8 @@ def simulate(real: dict, cost, wl: Workload, phases=("fit", "val"), host_tier: b
     sim = Simulator(cost, SimConfig(setting="colocated+cache", policy="kv_pool", num_instances=FLAGS.num_instances,
                                     seed=FLAGS.seed, host_tier=host_tier, peer_fetch=peer_fetch))
     # The policy decides with the served scheduler's transfer model (configured, not measured), in page units.
-    served = TransferModel(kv_bytes_per_token=cost.kv_bytes_per_token * PAGE, link_bytes_s=FLAGS.peer_link_bytes_s,
-                           link_latency_s=FLAGS.peer_link_latency_s)
+    served = TransferModel(kv_bytes_per_token=cost.kv_bytes_per_token * PAGE, link_bytes_s=FLAGS.served_link_bytes_s,
+                           link_latency_s=FLAGS.served_link_latency_s)
     sim.router.set_policy(COLOCATED, KVPool(LoadGuard(1.5, 2.0), transfer=served, peer_fetch=peer_fetch))
     if real.get("routing_cost_model"):  # the policy estimates with what the real scheduler routed with
         from jaxserve.scheduler.cost_model import CostModel
@@ -398,8 +398,8 @@ def compare(real: dict, sim_recs: list[dict], cost, fit: dict) -> dict:
                 row[side][f"{m}_p50"] = s[m]["p50"]
             row[f"{m}_err"] = ss[m]["mean"] / rs[m]["mean"] - 1
         rows[tag] = row
-    ok = abs(rows["val"]["ttft_err"]) <= FLAGS.tolerance
-    return dict(rows=rows, ok=ok, cost=cost.to_json(), fit=fit, tolerance=FLAGS.tolerance)
+    ok = abs(rows["val"]["ttft_err"]) <= FLAGS.ttft_tolerance
+    return dict(rows=rows, ok=ok, cost=cost.to_json(), fit=fit, tolerance=FLAGS.ttft_tolerance)
 
 
 def table_md(res: dict) -> str:
@@ -456,7 +456,7 @@ def main(argv):
         v = r["rows"]["val"]
         print(f"{label}: measured phase mean TTFT real {v['real']['ttft_mean'] * 1e3:.1f} ms, sim "
               f"{v['sim']['ttft_mean'] * 1e3:.1f} ms, error {v['ttft_err']:+.1%} -> {'PASS' if r['ok'] else 'FAIL'} "
-              f"(tolerance {FLAGS.tolerance:.0%})")
+              f"(tolerance {FLAGS.ttft_tolerance:.0%})")
     for tag, w in window.items():
         print(f"same window, {tag} phase: scale {w['scale']:.1f} fitted on even documents ({w['fit_err']:+.1%}); odd "
               f"documents ({w['n_odd']} requests) mean TTFT real {w['real_odd_ttft'] * 1e3:.1f} ms, sim "
