@@ -60,3 +60,16 @@ def pin_threads(cores) -> int:
             pass
     return pinned
 
+
+def die_with_parent() -> None:
+    """`preexec_fn` of a child process: it gets SIGTERM when its launcher dies, however it dies (Linux), and
+    has its own process group, so a terminal's Ctrl-C reaches the launcher only, which then stops the
+    children in order."""
+    import contextlib
+    import ctypes
+    import signal
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    os.setpgrp()
+

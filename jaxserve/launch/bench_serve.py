@@ -52,7 +52,6 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -68,6 +67,7 @@ from absl import app, flags, logging  # noqa: E402
 from jaxserve.bench.offline_decode import OfflineDecode, cpu_seconds  # noqa: E402
 from jaxserve.bench.openai_client import (Endpoint, decode_stats, format_table, free_port, get_json,  # noqa: E402
                                           metric_list, random_prompt, stream_completion)
+from jaxserve.util import die_with_parent  # noqa: E402
 
 flags.DEFINE_string("model", None, "Hugging Face folder served by jaxserve (and by the other server)")
 flags.DEFINE_string("make_checkpoint", None, "write issue 14's random Llama (bf16) + tokenizer to this folder "
@@ -265,17 +265,6 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
 
 
 # ------------------------------------------------------------------------------------------------ jaxserve
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when this benchmark dies, however it dies (Linux); own process group,
-    so a terminal's Ctrl-C reaches the benchmark only, which then stops the children in order."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setpgrp()
-
-
 class JaxserveServer:
     """`jaxserve.launch.scheduler --http_port` + one colocated `jaxserve.launch.instance`, as child processes."""
 
@@ -294,7 +283,7 @@ class JaxserveServer:
         logging.info("starting %s: %s", name, " ".join(cmd))
         try:
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 preexec_fn=_die_with_parent)
+                                 preexec_fn=die_with_parent)
         finally:
             log.close()
         self.procs.append((name, p))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from jaxserve.scheduler import POLICIES, GlobalSchedulerConfig, Scheduler, load_model_info  # noqa: E402
 from jaxserve.security import API_KEY_ENV, CLUSTER_SECRET_ENV, Secrets, TlsFiles  # noqa: E402
+from jaxserve.util import die_with_parent  # noqa: E402
 
 flags.DEFINE_string("model", "demo", "model: 'demo', a Hugging Face folder or an Orbax folder")
 flags.DEFINE_integer("num_instances", 2, "colocated instances (ignored when --prefill_instances/--decode_instances "
@@ -65,17 +65,6 @@ flags.DEFINE_bool("insecure", False, "allow binding a non-loopback address with 
 FLAGS = flags.FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (jaxserve/launch/ -> ../..)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launcher dies, however it dies (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    # Own process group: a terminal's Ctrl-C reaches the launcher only, which then stops instances in order.
-    os.setpgrp()
-
-
 class LocalCluster:
     """Scheduler in this process, instances as child processes. `async with LocalCluster(...) as c:` starts
     everything and waits until every instance has registered; `c.address` is the scheduler's address."""
@@ -148,7 +137,7 @@ class LocalCluster:
                if k not in (API_KEY_ENV, CLUSTER_SECRET_ENV)}
         if self.secrets.cluster_secret is not None:
             env[CLUSTER_SECRET_ENV] = self.secrets.cluster_secret
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=_die_with_parent, env=env)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, preexec_fn=die_with_parent, env=env)
 
     async def start(self) -> "LocalCluster":
         self.scheduler = Scheduler(self.config, load_model_info(self.model, self.max_model_len), secrets=self.secrets)

@@ -26,7 +26,7 @@ from jaxserve.proto.v1 import common_pb2, instance_pb2, scheduler_pb2
 from jaxserve.scheduler.config import GlobalSchedulerConfig
 from jaxserve.scheduler.errors import DeadlineExceeded, InstanceError, Overloaded, SchedulerError, Unavailable
 from jaxserve.scheduler.instances import InstanceRegistry, cancelled_from_outside
-from jaxserve.scheduler.mux import InstanceMux
+from jaxserve.scheduler.mux import open_generate
 from jaxserve.scheduler.router import InstanceRecord, RouteDecision
 from jaxserve.scheduler.tokenizer import ModelInfo, TextStream
 from jaxserve.scheduler.validation import ValidRequest, validate
@@ -289,15 +289,6 @@ class SchedulerCore:
             if resp.finish_reason:
                 return
 
-    def _generate_call(self, record: InstanceRecord, request, deadline: float | None):
-        """The instance's token stream for `request`: a stream on its shared GenerateMany call when it serves
-        one (and the config allows), else a Generate call of its own."""
-        if self.config.generate_many and record.generate_many:
-            if record.mux is None:
-                record.mux = InstanceMux(record.stub)
-            return record.mux.open(request, deadline)
-        return record.stub.Generate(request, timeout=_remaining(deadline))
-
     async def _colocated(self, decision: RouteDecision, valid: ValidRequest, generated: list[int],
                          deadline: float | None):
         attempt = self._attempt(decision.instance, decision.estimate_s)
@@ -305,7 +296,8 @@ class SchedulerCore:
             if decision.pull_from is not None and not generated:
                 await self._peer_fetch(decision, decision.instance, valid, deadline)
             request = self._instance_request(valid, list(generated))
-            attempt.call = self._generate_call(decision.instance, request, deadline)
+            attempt.call = open_generate(decision.instance, request, deadline, _remaining(deadline),
+                                         shared=self.config.generate_many)
             async with contextlib.aclosing(self._stream_from(attempt.call, attempt)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -316,20 +308,16 @@ class SchedulerCore:
                           deadline: float | None) -> None:
         """The prefix's holder pushes it to `target` (the colocated or prefill instance the request goes to;
         PushKv) before the request goes there; any failure (holder gone, transfer broken, too slow) only
-        means the instance recomputes the prefix. Successful pulls are timed into the link model."""
-        holder = decision.pull_from
-        remaining = _remaining(deadline)
-        timeout = self.config.peer_fetch_timeout_s if remaining is None else min(remaining,
-                                                                                  self.config.peer_fetch_timeout_s)
+        means the instance recomputes the prefix."""
+        holder, remaining = decision.pull_from, _remaining(deadline)
+        timeout = min(self.config.peer_fetch_timeout_s, self.config.peer_fetch_timeout_s if remaining is None
+                      else remaining)
         cached = decision.cached_tokens if decision.mode == "colocated" else decision.prefill_cached_tokens
         request = instance_pb2.PushKvRequest(
             request_id=valid.request_id, token_ids=valid.prompt_ids[:cached],
             target=instance_pb2.KvTarget(instance_id=target.instance_id, address=target.address))
         ok, tokens, nbytes = False, 0, 0
-        t0 = time.monotonic()
         resp = await self.instances.push_kv(holder, request, timeout)
-        if not isinstance(resp, grpc.aio.AioRpcError):
-            self.instances.observe_pull(resp.sent_tokens, resp.sent_bytes, time.monotonic() - t0)
         if isinstance(resp, grpc.aio.AioRpcError):
             self.peer_fetch["failures"] += 1
             log.warning("request %s: peer fetch from %s to %s failed (%s: %s); it recomputes the prefix",

@@ -233,10 +233,14 @@ class InstanceRegistry:
     async def push_kv(self, record: InstanceRecord, request: instance_pb2.PushKvRequest,
                       timeout_s: float) -> instance_pb2.PushKvResponse | grpc.aio.AioRpcError:
         """Peer fetch: the holder `record` pushes a prefix to another instance. Its channel stays open meanwhile
-        (as for Drain): an instance leaving mid-push must answer with an error, not leave the call hanging."""
+        (as for Drain): an instance leaving mid-push must answer with an error, not leave the call hanging.
+        A successful push is timed into the link model (`observe_pull`)."""
         record.pins += 1
         try:
-            return await record.stub.PushKv(request, timeout=timeout_s)
+            t0 = time.monotonic()
+            resp = await record.stub.PushKv(request, timeout=timeout_s)
+            self.observe_pull(resp.sent_tokens, resp.sent_bytes, time.monotonic() - t0)
+            return resp
         except grpc.aio.AioRpcError as e:
             return e
         finally:

@@ -145,3 +145,14 @@ class InstanceMux:
             call.cancel()
         for stream in streams.values():
             stream.queue.put_nowait(error)
+
+
+def open_generate(record, request, deadline: float | None, timeout: float | None, shared: bool = True):
+    """The instance's token stream for `request`: a stream on its shared GenerateMany call when it serves
+    one (and `shared`), else a Generate call of its own (`timeout` seconds)."""
+    if shared and record.generate_many:
+        if record.mux is None:
+            record.mux = InstanceMux(record.stub)
+        return record.mux.open(request, deadline)
+    return record.stub.Generate(request, timeout=timeout)
+
