@@ -566,6 +566,18 @@ def test_incremental_detokenizer_waits_for_whole_characters():
     assert "\ufffd" not in "".join(pieces)
 
 
+def test_text_stream_is_the_same_however_the_tokens_are_grouped():
+    """Tokens reach the scheduler one per message or several (a lagging stream, GenerateMany): the final text
+    is the whole sequence's decode either way, an unfinished character at the end included (as U+FFFD)."""
+    tok = ByteTokenizer()
+    data = list("pM".encode()) + [0xDB, 0xB1, 0xE2, 0x82]  # "pM", a whole 2-byte character, half of a 3-byte one
+    want = tok.decode(data)
+    assert want.endswith("\ufffd")
+    for groups in ([[b] for b in data], [data], [data[:3], data[3:]], [data[:5], data[5:]]):
+        stream = TextStream(tok, ids("prompt"))
+        assert "".join(stream.push(g) for g in groups) + stream.flush() == want, groups
+
+
 def test_text_stream_holds_back_a_possible_stop_string():
     tok = ByteTokenizer()
     stream = TextStream(tok, (), stop=["END"])

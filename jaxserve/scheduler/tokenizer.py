@@ -141,6 +141,17 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end of the stream: the text of the tokens still waiting for the rest of a character,
+        decoded as they are (U+FFFD where incomplete, as a whole-sequence decode gives), so the final text
+        does not depend on how the tokens were grouped on their way here."""
+        if self._read >= len(self._ids):
+            return ""
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        full_text = self._tok.decode(self._ids[self._prefix:])
+        self._prefix, self._read = self._read, len(self._ids)
+        return full_text[len(prefix_text):]
+
 
 class TextStream:
     """Incremental text of one request with stop strings: the text ends before the first stop string, and
@@ -162,8 +173,11 @@ class TextStream:
         """Feed new tokens; returns the text that may be sent now (sets `stopped` on a stop string)."""
         if self._detok is None or self.stopped:
             return ""
+        return self._extend(self._detok.add(token_ids))
+
+    def _extend(self, new_text: str) -> str:
         old_len = len(self.text)
-        self.text += self._detok.add(token_ids)
+        self.text += new_text
         if self._stop and len(self.text) > old_len:
             start = max(old_len - self._hold, 0)
             hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in self._stop) if i >= 0]
@@ -179,7 +193,8 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
-        """The held-back rest, at the end of the stream."""
-        delta = self.text[self._sent:]
+        """The held-back rest, at the end of the stream (with the detokenizer's rest, stop strings applied)."""
+        first = self._extend(self._detok.flush()) if self._detok is not None and not self.stopped else ""
+        delta = first + self.text[self._sent:]
         self._sent = len(self.text)
         return delta
