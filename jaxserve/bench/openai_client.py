@@ -5,8 +5,10 @@ and the markdown table with ratios. No jax, no flags (so tests can import it bes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import statistics
 import time
@@ -195,3 +197,19 @@ async def get_json(session, url: str, timeout_s: float = 5.0):
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         text = await resp.text()
         return resp.status, (json.loads(text) if text.startswith(("{", "[")) else text)
+
+
+async def wait_other(session, ep: Endpoint) -> tuple[str, dict]:
+    """The other server's model id (given or its first listed one) and what it says about itself."""
+    status, models = await get_json(session, ep.base_url + "/v1/models", 10.0)
+    if status != 200:
+        raise RuntimeError(f"{ep.name} at {ep.base_url}: /v1/models answered {status}: {models}")
+    ids = [m["id"] for m in models.get("data", [])]
+    if ep.model and ep.model not in ids:
+        logging.warning("%s lists %s, not %s", ep.name, ids, ep.model)
+    info = {"models": models.get("data", [])}
+    with contextlib.suppress(Exception):
+        status, version = await get_json(session, ep.base_url + "/version", 5.0)
+        if status == 200:
+            info["version"] = version.get("version") if isinstance(version, dict) else version
+    return ep.model or ids[0], info

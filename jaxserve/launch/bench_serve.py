@@ -66,7 +66,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from jaxserve.bench.offline_decode import OfflineDecode, cpu_seconds  # noqa: E402
 from jaxserve.bench.openai_client import (Endpoint, decode_stats, format_table, free_port, get_json,  # noqa: E402
-                                          metric_list, random_prompt, stream_completion)
+                                          metric_list, random_prompt, stream_completion, wait_other)
 from jaxserve.util import die_with_parent  # noqa: E402
 
 flags.DEFINE_string("model", None, "Hugging Face folder served by jaxserve (and by the other server)")
@@ -359,22 +359,6 @@ def max_map_count() -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(Path("/proc/sys/vm/max_map_count").read_text())
     return None
-
-
-async def wait_other(session, ep: Endpoint) -> tuple[str, dict]:
-    """The other server's model id (given or its first listed one) and what it says about itself."""
-    status, models = await get_json(session, ep.base_url + "/v1/models", 10.0)
-    if status != 200:
-        raise RuntimeError(f"{ep.name} at {ep.base_url}: /v1/models answered {status}: {models}")
-    ids = [m["id"] for m in models.get("data", [])]
-    if ep.model and ep.model not in ids:
-        logging.warning("%s lists %s, not %s", ep.name, ids, ep.model)
-    info = {"models": models.get("data", [])}
-    with contextlib.suppress(Exception):
-        status, version = await get_json(session, ep.base_url + "/version", 5.0)
-        if status == 200:
-            info["version"] = version.get("version") if isinstance(version, dict) else version
-    return ep.model or ids[0], info
 
 
 def _git_rev() -> str | None:
