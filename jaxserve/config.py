@@ -256,6 +256,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 256   # token budget of a step (prefill chunks + decodes)
     max_num_seqs: int = 32              # sequences in one step
     enable_chunked_prefill: bool = True
+    # With chunked prefill: end a step's last prefill chunk at a smaller token bucket when the step would
+    # otherwise pad far past its tokens (the rest runs next step; `engine.buckets.padding_cut`).
+    cut_padding: bool = True
 
     def __post_init__(self):
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")

@@ -57,7 +57,8 @@ class LLM:
 
     def __init__(self, model="demo", *, page_size: int = 16, num_pages: int = 512, num_host_pages: int = 0,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 256, max_num_seqs: int = 32,
-                 enable_chunked_prefill: bool = True, tp: int = 1, device_ids=None, attention_impl: str = "auto",
+                 enable_chunked_prefill: bool = True, cut_padding: bool = True, tp: int = 1, device_ids=None,
+                 attention_impl: str = "auto",
                  max_model_len: int | None = None, dtype: str | None = None, seed: int = 0,
                  compilation_cache: str | None = None, disaggregated: bool = False, prefill_devices=None,
                  decode_devices=None, prefill_tp: int | None = None, decode_tp: int | None = None,
@@ -90,7 +91,8 @@ class LLM:
                                   enable_prefix_caching=caching, kv_cache_dtype=kv_cache_dtype,
                                   memory_bytes=kv_cache_memory_bytes, host_memory_bytes=kv_host_memory_bytes),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                          max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill),
+                                          max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill,
+                                          cut_padding=cut_padding),
                 mesh=MeshConfig(tp=tp, seq=seq, ep=ep_, device_ids=tuple(device_ids) if device_ids else None),
                 attention_impl=attention_impl, max_model_len=max_model_len, seed=seed, sp_threshold=sp_threshold,
                 async_scheduling=async_scheduling)

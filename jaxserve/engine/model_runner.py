@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine.buckets import MIN_TOKEN_BUCKET, token_bucket, token_buckets
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
 from jaxserve.engine.sampling import (neutral_extras, sample_extended, sample_tokens, sampling_arrays,
@@ -72,24 +73,6 @@ def _shape_keys(inputs: StepInputs) -> list[tuple]:
 
 SAMPLERS = ("sample", "extended")  # the first element of a sampler program's key
 MIN_DECODE_SLOTS = 8
-MIN_TOKEN_BUCKET = 32
-
-
-def token_bucket(n: int, minimum: int = MIN_TOKEN_BUCKET) -> int:
-    """Padded token count of a mixed step: powers of two up to 128, then also 1.5x steps (192, 384, 768, ...),
-    so a long prefill chunk pads by at most a third instead of up to double (544 tokens: 768, not 1024)."""
-    pow2 = next_pow2(n, minimum)
-    three_halves = 3 * pow2 // 4
-    return three_halves if pow2 > 128 and n <= three_halves else pow2
-
-
-def token_buckets(minimum: int, maximum: int) -> list[int]:
-    """Every value `token_bucket` can return in [minimum, maximum]."""
-    out, n = [], next_pow2(minimum)
-    while 3 * n // 4 <= maximum:
-        out += [m for m in (3 * n // 4, n) if m >= minimum and m <= maximum and token_bucket(m, minimum) == m]
-        n *= 2
-    return sorted(set(out))
 
 
 @functools.lru_cache(maxsize=None)

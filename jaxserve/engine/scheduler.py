@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from jaxserve.config import SchedulerConfig
+from jaxserve.engine.buckets import padding_cut, token_bucket
 from jaxserve.engine.request import Request, Status
 
 
@@ -102,7 +103,21 @@ class Scheduler:
             i += 1
         if not preempted:
             budget = self._admit(entries, budget)
+        if self.config.enable_chunked_prefill and self.config.cut_padding:
+            self._cut_padding(entries)
         return ScheduledBatch(entries)
+
+    def _cut_padding(self, entries: list[tuple[Request, int]]) -> None:
+        """Shortens the step's last prefill chunk so the step fills a smaller token bucket when that pads much
+        less (`buckets.padding_cut`: a 544-token prompt runs as 512 + 32 tokens, not in one 768-row step); the
+        request keeps its pages and computes the rest next step."""
+        last = next((i for i in range(len(entries) - 1, -1, -1) if entries[i][1] > 1), None)
+        if last is None:
+            return
+        req, n = entries[last]
+        cut = padding_cut(sum(k for _, k in entries), n, token_bucket(self.config.max_num_batched_tokens))
+        if cut:
+            entries[last] = (req, n - cut)
 
     def _match_capped(self, tokens: list[int]) -> tuple[int, list[int]]:
         """Cached whole-page prefix of `tokens` (index tokens: salted; pages referenced for the caller), capped

@@ -80,6 +80,8 @@ flags.DEFINE_string("other_model", None, "model name sent to the second server (
 flags.DEFINE_string("other_extra_body", '{"ignore_eos": true}', "JSON merged into every request to the second "
                     "server (vLLM: ignore_eos / min_tokens)")
 flags.DEFINE_integer("repeats", 2, "measured A/B alternations of every workload")
+flags.DEFINE_float("settle_s", 2.0, "idle seconds before each measured unit, so the engine measured before it has "
+                   "gone quiet (vLLM 0.32's CPU engine keeps a core busy for ~1 s after its last request)")
 flags.DEFINE_bool("warmup", True, "run every workload once, unmeasured, on each engine first")
 flags.DEFINE_string("out", "out/bench_serve.json", "JSON output (jaxserve logs in <out>.logs/)")
 flags.DEFINE_integer("seed", None, "prompt seed (default: fresh entropy, so no prompt is cached from earlier runs)")
@@ -107,6 +109,7 @@ flags.DEFINE_integer("max_model_len", 2048, "jaxserve: context length")
 flags.DEFINE_string("dtype", None, "jaxserve compute dtype (default: the instance's: float32 on CPU)")
 flags.DEFINE_bool("precompile", True, "jaxserve instance compiles every step shape before registering")
 flags.DEFINE_bool("async_scheduling", True, "jaxserve instance overlaps host and device (async scheduling)")
+flags.DEFINE_list("instance_flags", [], "more flags for the jaxserve instance, as given (e.g. --cut_padding=false)")
 flags.DEFINE_bool("offline_reference", True, "after the servers stop, time the decode workloads offline "
                   "(`LLM.generate` on the same checkpoint and settings, async scheduling on and off): the served "
                   "TPOT over the offline one is the serving overhead")
@@ -234,6 +237,7 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
         for unit, fn in w.units():
             for ep in endpoints:  # A B: every unit on each engine in turn
                 procs = dict(pids or {}, client=None) if ep is endpoints[0] and unit.startswith("decode_b") else {}
+                await asyncio.sleep(FLAGS.settle_s)
                 before = {name: cpu_seconds(pid) for name, pid in procs.items()}
                 res = await fn(ep)
                 if procs:
@@ -250,6 +254,7 @@ async def run_benchmark(endpoints: list[Endpoint], session, rng, vocab: int, off
                 print(f"repeat {rep} {unit:12s} {ep.name:10s} {summary}", flush=True)
             if offline is not None and unit.startswith("decode_b"):
                 batch = int(unit.removeprefix("decode_b"))
+                await asyncio.sleep(FLAGS.settle_s)
                 t0 = cpu_seconds()
                 res = offline.decode(batch)
                 cpu.setdefault(f"b{batch} offline", []).append(
@@ -300,7 +305,7 @@ class JaxserveServer:
                 f"--async_scheduling={FLAGS.async_scheduling}", "--profile_at_start"]
         if FLAGS.dtype:
             inst.append(f"--dtype={FLAGS.dtype}")
-        self._spawn("instance", inst)
+        self._spawn("instance", inst + FLAGS.instance_flags)
 
     def check_alive(self) -> None:
         for name, p in self.procs:

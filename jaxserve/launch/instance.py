@@ -59,6 +59,8 @@ flags.DEFINE_bool("prefix_caching", True, "reuse cached prefixes")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per engine step")
 flags.DEFINE_integer("max_num_seqs", 32, "requests per engine step")
 flags.DEFINE_bool("chunked_prefill", True, "split long prefills across steps")
+flags.DEFINE_bool("cut_padding", True, "with chunked prefill: end a step's last prefill chunk at a smaller token "
+                  "bucket when the step would pad far past its tokens (544 tokens: 512 + 32, not one 768-row step)")
 flags.DEFINE_integer("tp", 1, "tensor-parallel degree")
 flags.DEFINE_integer("ep", 1, "expert-parallel degree (MoE models): experts split over ep x tp devices")
 flags.DEFINE_list("device_ids", None, "devices of the mesh (default: the first tp)")
@@ -99,7 +101,8 @@ def engine_kwargs_from_flags() -> dict:
     return dict(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, num_host_pages=FLAGS.num_host_pages,
                 host_kv_gib=FLAGS.host_kv_gib,
                 enable_prefix_caching=pd_mode_caching(FLAGS.role, FLAGS.pd_mode, FLAGS.prefix_caching), max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill, tp=FLAGS.tp,
+                max_num_seqs=FLAGS.max_num_seqs, enable_chunked_prefill=FLAGS.chunked_prefill,
+                cut_padding=FLAGS.cut_padding, tp=FLAGS.tp,
                 ep=FLAGS.ep,
                 device_ids=[int(i) for i in FLAGS.device_ids] if FLAGS.device_ids else None,
                 attention_impl=FLAGS.attention_impl, max_model_len=FLAGS.max_model_len, dtype=FLAGS.dtype,
