@@ -1,6 +1,6 @@
 """A whole cluster on one machine: the global scheduler (in this process) plus N colocated instances, or P
-prefill and D decode instances (disaggregated), each its own process (`jaxserve.launch.instance`), pinned to its own
-core when there are enough of them.
+prefill and D decode instances (disaggregated), each its own process (`jaxserve.launch.instance`), pinned to its
+share of the cores when there are two or more instances.
 
     python -m jaxserve.launch.local --model=demo --num_instances=2 --port=50050
     python -m jaxserve.launch.local --model=demo --prefill_instances=1 --decode_instances=1 --pd_mode=caching2
@@ -41,7 +41,8 @@ flags.DEFINE_float("kv_transfer_timeout_s", 30.0, "disaggregated: deadline of ea
 flags.DEFINE_string("host", "127.0.0.1", "scheduler address to bind")
 flags.DEFINE_integer("port", 50050, "scheduler port (0: any free port)")
 flags.DEFINE_enum("policy", "locality", POLICIES, "routing policy")
-flags.DEFINE_bool("pin", True, "pin instance k to core k (mod the cores available) when there are 2+ cores")
+flags.DEFINE_bool("pin", True, "pin each instance to its share of the cores (fewer instances than cores: a slice "
+                  "each; more: core k mod the cores); a single instance keeps every core")
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", 512, "device KV pages per instance")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
@@ -65,6 +66,8 @@ flags.DEFINE_bool("insecure", False, "allow binding a non-loopback address with 
 FLAGS = flags.FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (jaxserve/launch/ -> ../..)
+
+
 class LocalCluster:
     """Scheduler in this process, instances as child processes. `async with LocalCluster(...) as c:` starts
     everything and waits until every instance has registered; `c.address` is the scheduler's address."""
@@ -109,9 +112,18 @@ class LocalCluster:
     def address(self) -> str:
         return self.scheduler.address
 
-    def _cores(self) -> list[int]:
+    def _cores(self, k: int) -> list[int]:
+        """Instance k's share of this process's cores: a slice each when there are fewer instances than cores,
+        core k mod the cores when there are more; none (no pinning) for a single instance, or without `pin`.
+        (One instance pinned to one core of two was slower on every served row: its prefill lost half its
+        dot rate and its two XLA threads shared a core; docs/notes-issue-14.md.)"""
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        return cores if self.pin and len(cores) > 1 else []
+        n = len(self.roles)
+        if not self.pin or len(cores) < 2 or n < 2:
+            return []
+        if n >= len(cores):
+            return [cores[k % len(cores)]]
+        return cores[k * len(cores) // n:(k + 1) * len(cores) // n]
 
     def _spawn(self, k: int) -> subprocess.Popen:
         role, index = self.roles[k]
@@ -126,9 +138,9 @@ class LocalCluster:
         if self.tls is not None:
             flags_.update(tls_cert_file=self.tls.cert_file, tls_key_file=self.tls.key_file,
                           tls_ca_file=self.tls.ca_file)
-        cores = self._cores()
+        cores = self._cores(k)
         if cores:  # after its start-up compilation, which may use every core
-            flags_.setdefault("cpu_cores", cores[k % len(cores)])
+            flags_.setdefault("cpu_cores", ",".join(map(str, cores)))
         cmd = [sys.executable, "-m", "jaxserve.launch.instance"] + [f"--{name}={value}" for name, value in flags_.items()]
         out = subprocess.DEVNULL if self.quiet else None
         # The secret goes in the environment, not argv (ps shows argv to everyone); without one, the children
