@@ -27,11 +27,10 @@ from jaxserve.instance.pd_common import resolve_kv_transport  # noqa: E402
 from jaxserve.mempool import MemPool  # noqa: E402
 from jaxserve.mempool import transfer as tr  # noqa: E402
 from jaxserve.mempool.transfer.grpc_stream import pieces  # noqa: E402
-from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc  # noqa: E402
+from jaxserve.proto.v1 import instance_pb2, instance_pb2_grpc  # noqa: E402
 from jaxserve.scheduler import GlobalSchedulerConfig, ModelInfo, Scheduler  # noqa: E402
-from jaxserve.scheduler.router import COLOCATED  # noqa: E402
 from jaxserve.security import Secrets, TlsFiles  # noqa: E402
-from test_peer_fetch_served import kv_pool_cluster  # noqa: E402
+from test_peer_fetch_served import busy, kv_pool_cluster, put_prefix_on  # noqa: E402
 from timeouts import scaled  # noqa: E402
 
 PAGE = 8
@@ -244,20 +243,6 @@ def peer_cluster():
                                         kv_transfer_timeout_s=scaled(5))) for name in "abc"], make_llm=tiny)
 
 
-async def put_prefix_on(server, scheduler, prefix):
-    async with grpc.aio.insecure_channel(server.address) as ch:
-        req = instance_pb2.InstanceGenerateRequest(request_id="warm", prompt_token_ids=prefix, max_tokens=2,
-                                                   sampling=common_pb2.SamplingParams(ignore_eos=True))
-        async for _ in instance_pb2_grpc.InstanceStub(ch).Generate(req, timeout=scaled(60)):
-            pass
-
-    async def indexed():
-        tree = scheduler.router.trees.get(COLOCATED)
-        return tree is not None and tree.match(tuple(prefix)).get(server.instance_id, 0) >= len(prefix)
-    await eventually(indexed, 20, "the prefix in the scheduler's prompt tree")
-    scheduler.router.instances[server.instance_id].pending_prefill_s = 1e3  # busy: requests go elsewhere
-
-
 def test_peer_fetch_over_grpc_and_an_expired_offer_means_recompute():
     """Peer fetch (issue 18) with kv_transport grpc: the routed instance pulls the busy holder's prefix over
     FetchKv, same greedy tokens. Then the holder's offers expire before anyone fetches them: the target's
@@ -271,6 +256,7 @@ def test_peer_fetch_over_grpc_and_an_expired_offer_means_recompute():
         async with peer_cluster() as (scheduler, servers, client):
             a = servers["a"]
             await put_prefix_on(a, scheduler, first)
+            busy(scheduler, "a")
             out = await client.generate(prompts[0], max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
             assert list(out.token_ids) == want[0]
             assert out.usage.instance_id in ("b", "c") and out.usage.cached_tokens == 64
@@ -280,6 +266,7 @@ def test_peer_fetch_over_grpc_and_an_expired_offer_means_recompute():
 
             before = {n: (await stats(s.address)).kv_received_bytes for n, s in servers.items()}
             await put_prefix_on(a, scheduler, second)
+            busy(scheduler, "a")
             a.kv_transport.parked.ttl_s = -1.0  # every offer is already expired when its receiver asks
             out = await client.generate(prompts[1], max_tokens=6, ignore_eos=True, timeout_s=scaled(60))
             assert list(out.token_ids) == want[1]

@@ -29,6 +29,7 @@ from jaxserve.instance import InstanceConfig, InstanceServer
 from jaxserve.proto.v1 import common_pb2, instance_pb2, instance_pb2_grpc
 from jaxserve.scheduler import GlobalSchedulerConfig, Scheduler, load_model_info
 from jaxserve.scheduler.router import COLOCATED
+from test_peer_fetch_served import clean, stats
 from timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +45,6 @@ async def eventually(predicate, timeout, what):
         if time.monotonic() > end:
             raise AssertionError(f"timed out ({timeout:.0f} s) waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-async def stats(address):
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await instance_pb2_grpc.InstanceStub(channel).GetStats(instance_pb2.InstanceStatsRequest(),
-                                                                       timeout=scaled(5))
-
-
-async def clean(address) -> bool:
-    s = await stats(address)
-    return (s.load.num_free_pages == s.load.num_total_pages and s.load.num_running_requests == 0
-            and s.kv_pending == 0 and s.kv_held_pages == 0)
 
 
 def holder_process(scheduler_address: str) -> subprocess.Popen:

@@ -48,7 +48,8 @@ async def eventually(predicate, timeout=20.0, what="condition"):
 
 async def stats(address):
     async with grpc.aio.insecure_channel(address) as channel:
-        return await instance_pb2_grpc.InstanceStub(channel).GetStats(instance_pb2.InstanceStatsRequest(), timeout=5)
+        return await instance_pb2_grpc.InstanceStub(channel).GetStats(instance_pb2.InstanceStatsRequest(),
+                                                                       timeout=scaled(5))
 
 
 async def clean(address) -> bool:
@@ -97,14 +98,14 @@ async def put_prefix_on(server, scheduler, prefix):
     async with grpc.aio.insecure_channel(server.address) as ch:
         req = instance_pb2.InstanceGenerateRequest(request_id="warm", prompt_token_ids=prefix, max_tokens=2,
                                                    sampling=common_pb2.SamplingParams(ignore_eos=True))
-        async for _ in instance_pb2_grpc.InstanceStub(ch).Generate(req, timeout=60):
+        async for _ in instance_pb2_grpc.InstanceStub(ch).Generate(req, timeout=scaled(60)):
             pass
     want = len(prefix) // PAGE * PAGE
 
     async def indexed():
         tree = scheduler.router.trees.get(COLOCATED)
         return tree is not None and tree.match(tuple(prefix)).get(server.instance_id, 0) >= want
-    await eventually(indexed, what="the prefix in the scheduler's prompt tree")
+    await eventually(indexed, scaled(20), "the prefix in the scheduler's prompt tree")
 
 
 def busy(scheduler, instance_id):
