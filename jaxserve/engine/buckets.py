@@ -4,6 +4,8 @@ Jax-free: the engine's scheduler decides chunk sizes with the same buckets the m
 
 from __future__ import annotations
 
+import functools
+
 from jaxserve.util import next_pow2
 
 MIN_TOKEN_BUCKET = 32
@@ -17,13 +19,15 @@ def token_bucket(n: int, minimum: int = MIN_TOKEN_BUCKET) -> int:
     return three_halves if pow2 > 128 and n <= three_halves else pow2
 
 
-def token_buckets(minimum: int, maximum: int) -> list[int]:
-    """Every value `token_bucket` can return in [minimum, maximum]."""
+@functools.lru_cache(maxsize=None)
+def token_buckets(minimum: int, maximum: int) -> tuple[int, ...]:
+    """Every value `token_bucket` can return in [minimum, maximum], ascending (cached: the scheduler asks on
+    every mixed step)."""
     out, n = [], next_pow2(minimum)
     while 3 * n // 4 <= maximum:
         out += [m for m in (3 * n // 4, n) if m >= minimum and m <= maximum and token_bucket(m, minimum) == m]
         n *= 2
-    return sorted(set(out))
+    return tuple(sorted(set(out)))
 
 
 def padding_cut(num_tokens: int, chunk: int, max_bucket: int) -> int:
