@@ -1,0 +1,83 @@
+"""Offline time to first token of one request, with the padding cut on and off and with the machine idle or
+busy just before: a fresh prompt (544 tokens: one 768-row step uncut, 512 + 32 cut) and a cached one (512
+cached + 32 new), `LLM.generate(max_tokens=1)` on issue 14's model shape (random weights, bf16 matmul weights
+under f32 arithmetic: the CPU default for a bf16 checkpoint), every step shape compiled first.
+
+    python -m jaxserve.launch.bench_prefill_ttft --model=/tmp/ckpt_issue14 --out=out/bench_prefill_ttft.json
+
+`--gaps_s` are idle seconds before each timed request (0: right after the previous one). On a VM that halts
+idle vCPUs at once, the first steps after a gap pay for waking them (docs/notes-issue-14.md, session 7).
+Settings alternate within each repeat. Prints a table (median and least ms) and writes JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("model", None, "Hugging Face folder to load (e.g. bench_serve --make_checkpoint's); default: "
+                    "random weights of issue 14's shape")
+flags.DEFINE_integer("fresh_len", 544, "tokens of the fresh prompt")
+flags.DEFINE_integer("prefix_len", 512, "cached tokens of the cached prompt")
+flags.DEFINE_integer("suffix_len", 32, "new tokens of the cached prompt")
+flags.DEFINE_list("gaps_s", ["0", "0.5"], "idle seconds before each timed request")
+flags.DEFINE_integer("repeats", 10, "timed requests per setting")
+flags.DEFINE_integer("max_num_batched_tokens", 1024, "token budget per step")
+flags.DEFINE_string("out", "out/bench_prefill_ttft.json", "JSON output")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import numpy as np
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine.llm import LLM
+    from jaxserve.engine.precompile import precompile
+    from jaxserve.engine.sampling import SamplingParams
+
+    cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=2,
+                      num_kv_heads=1, head_dim=128, max_position_embeddings=2048, weight_dtype="bfloat16")
+    model = FLAGS.model or cfg
+    llms = {cut: LLM(model=model, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                     num_pages=1024, max_model_len=2048, cut_padding=cut) for cut in (True, False)}
+    for llm in llms.values():
+        precompile(llm.engine)
+    rng = np.random.RandomState(0)
+    one = SamplingParams(max_tokens=1)
+    gaps = [float(g) for g in FLAGS.gaps_s]
+    times: dict[str, list[float]] = {}
+    for _ in range(FLAGS.repeats):
+        for gap in gaps:
+            for cut, llm in llms.items():
+                for kind in ("fresh", "cached"):
+                    # An untimed request of the same kind first (for a cached prompt: the one that caches its
+                    # prefix), so "gap 0" is back to back with the same work.
+                    if kind == "fresh":
+                        llm.generate([rng.randint(3, cfg.vocab_size, FLAGS.fresh_len).tolist()], one)
+                        prompt = rng.randint(3, cfg.vocab_size, FLAGS.fresh_len).tolist()
+                    else:
+                        prefix = rng.randint(3, cfg.vocab_size, FLAGS.prefix_len).tolist()
+                        llm.generate([prefix + rng.randint(3, cfg.vocab_size, FLAGS.suffix_len).tolist()], one)
+                        prompt = prefix + rng.randint(3, cfg.vocab_size, FLAGS.suffix_len).tolist()
+                    time.sleep(gap)
+                    start = time.perf_counter()
+                    llm.generate([prompt], one)
+                    key = f"{kind} | gap {gap:g} s | cut {'on' if cut else 'off'}"
+                    times.setdefault(key, []).append((time.perf_counter() - start) * 1e3)
+    print(f"\nOffline TTFT (max_tokens=1), issue 14's shape, {os.cpu_count()} cores, {FLAGS.repeats} requests each\n")
+    print("| prompt | idle before | padding cut | median ms | least ms |")
+    print("|---|---|---|---|---|")
+    for key, ms in times.items():
+        print(f"| {key} | {statistics.median(ms):.1f} | {min(ms):.1f} |")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(dict(cores=os.cpu_count(), fresh_len=FLAGS.fresh_len, prefix_len=FLAGS.prefix_len,
+                       suffix_len=FLAGS.suffix_len, ms=times), f, indent=1)
+    print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
