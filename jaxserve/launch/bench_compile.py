@@ -63,10 +63,8 @@ def main(argv):
     t0 = time.perf_counter()
     model = FLAGS.model
     if FLAGS.layers:
-        from jaxserve.config import ModelConfig
-        model = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=FLAGS.layers,
-                            num_heads=2, num_kv_heads=1, head_dim=128, max_position_embeddings=4096,
-                            weight_dtype="bfloat16")
+        from jaxserve.bench.models import issue14_config
+        model = issue14_config(num_layers=FLAGS.layers, max_position_embeddings=4096)
     llm = LLM(model=model, max_num_seqs=FLAGS.max_num_seqs, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
               max_model_len=FLAGS.max_model_len, num_pages=512, compilation_cache="off")
     runner = llm.engine.runner

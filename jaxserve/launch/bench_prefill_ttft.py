@@ -33,13 +33,12 @@ FLAGS = flags.FLAGS
 def main(_):
     import numpy as np
 
-    from jaxserve.config import ModelConfig
+    from jaxserve.bench.models import issue14_config
     from jaxserve.engine.llm import LLM
     from jaxserve.engine.precompile import precompile
     from jaxserve.engine.sampling import SamplingParams
 
-    cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=2,
-                      num_kv_heads=1, head_dim=128, max_position_embeddings=2048, weight_dtype="bfloat16")
+    cfg = issue14_config()
     model = FLAGS.model or cfg
     llms = {cut: LLM(model=model, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                      num_pages=1024, max_model_len=2048, cut_padding=cut) for cut in (True, False)}

@@ -52,7 +52,7 @@ def measure() -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxserve.config import ModelConfig
+    from jaxserve.bench.models import issue14_config
     from jaxserve.engine.model_runner import standalone_step
     from jaxserve.engine.sampling import sampling_arrays
     from jaxserve.kernels import xla_attention
@@ -73,9 +73,8 @@ def measure() -> dict[str, float]:
     out["MLP 768 rows, bf16 weights"] = _ms(jax.jit(mlp), x, *w)
 
     page = 16
-    f32_cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=2,
-                          num_kv_heads=1, head_dim=128, max_position_embeddings=2048)
-    cfg = dataclasses.replace(f32_cfg, weight_dtype="bfloat16")
+    cfg = issue14_config()
+    f32_cfg = dataclasses.replace(cfg, weight_dtype=None)
     params = jax.tree.map(lambda p, want: p.astype(want.dtype), init_params(f32_cfg, jax.random.PRNGKey(0)),
                           abstract_params(cfg))
     step = standalone_step(cfg, "reference")
