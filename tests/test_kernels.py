@@ -179,6 +179,49 @@ def test_xla_ragged_matches_oracle(dtype, block_q, block_k, kw):
     assert_lse_close(lse, ref_lse, dtype)
 
 
+# A burst of short suffixes over alike contexts: every live sequence fits one 8-row tile (one live
+# sequence with q_len 0), so the public function takes the slot-tile path.
+SLOT_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
+
+
+@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks"])
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one_loop", "big_and_tail"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_slot_tiles_match_oracle(dtype, block_k, kw):
+    """The slot-tile path (all slots together, big key blocks then small ones), fed NaN in unused pages,
+    padding rows and a dead slot, against the oracle; and equal to the per-tile loop. block_k 16 makes
+    both key loops run (44 keys: two 16-key blocks, then a tail)."""
+    rng = np.random.default_rng([block_k or 0, len(kw), 0 if dtype == jnp.float32 else 1])
+    args, oracle_args = make_batch(rng, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
+                                   dtype=dtype, extra_seqs=1, pad_tokens=5)
+    extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
+    assert bool(xla_attention.use_slot_tiles(args[2], args[4], args[5], 8))
+    run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
+                            block_q=8, block_k=block_k, **extra)
+    out, lse = run()
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    tiled, tiled_lse = run(slot_tiles=False)
+    assert_close(out, tiled, dtype)
+    assert_lse_close(lse, tiled_lse, dtype)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,num_live,taken", [
+    ([32] * 8, [544] * 8, 8, True),                  # a primed burst of 8
+    ([32] * 7 + [0], [544] * 7 + [9], 7, True),      # 7 of 8 slots live (the dead slot's length ignored)
+    ([32] * 7 + [33], [544] * 8, 8, False),          # one suffix longer than a tile
+    ([32] * 4 + [0] * 4, [544] * 4 + [0] * 4, 4, False),  # half the slots dead: 2x the keys
+    ([1] * 7 + [32], [100] * 7 + [1000], 8, False),  # contexts far apart
+], ids=["burst", "seven_of_eight", "long_suffix", "half_empty", "skewed"])
+def test_slot_tiles_taken_only_when_each_sequence_fits_a_tile_and_contexts_are_alike(q_lens, kv_lens, num_live,
+                                                                                     taken):
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    assert bool(xla_attention.use_slot_tiles(jnp.asarray(kv_lens, jnp.int32), cu,
+                                             jnp.asarray([num_live], jnp.int32), 32)) is taken
+
+
 @pytest.mark.parametrize("block_q,pages_per_block", [(None, None), (1, 1), (16, 4)])
 def test_ragged_tilings_dead_sequences_and_empty_queries(block_q, pages_per_block):
     """Tile / KV-block sizes that do and do not divide the lengths; a live sequence with q_len 0;

@@ -1,6 +1,7 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
-expert), the CPU attention path's key-block size, and the decode attention before/after session 5.
+expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, and
+the decode attention before/after session 5.
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -93,6 +94,19 @@ def _rows():
                 q, kv, *bb, sm_scale=0.1, block_k=bk))
             rows.append((f"CPU attention, {length}-token prefill, one layer", f"block_k {block_k}",
                          _ms(fn, q, kv, *batch)))
+
+    # A burst's step: 7 suffixes of 32 tokens over a 512-token cached prefix (a 256-token bucket, 8 slots, the
+    # engine's 128-page table): the per-tile loop vs the slot-tile path the kernel takes for it.
+    kv = jnp.asarray(np.random.RandomState(3).randn(130, 16, 2, 128).astype(np.float32))
+    batch, _ = make_attention_batch([32] * 7, [544] * 7, [list(range(1, 35))] * 7, page_size=16, num_tokens=256,
+                                    max_seqs=8, pages_per_seq=128)
+    q = jnp.asarray(np.random.RandomState(4).randn(256, 2, 128).astype(np.float32))
+    batch = [jnp.asarray(v) for v in batch][2:]
+    for slot_tiles in (False, True):
+        fn = jax.jit(lambda q, kv, *bb, st=slot_tiles: xla_attention.ragged_paged_attention_xla(
+            q, kv, *bb, sm_scale=0.1, slot_tiles=st))
+        rows.append(("CPU attention, 7 x 32 tokens over 544 keys, one layer",
+                     "slot tiles" if slot_tiles else "per-tile loop", _ms(fn, q, kv, *batch)))
 
     # Decode attention, one layer (1 KV head of 128, 2 query heads, 2048-page pool): the batched gather of
     # every page in the power-of-two bucket (the CPU path before session 5) vs the blocked loop up to the

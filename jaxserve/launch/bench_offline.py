@@ -26,6 +26,9 @@ flags.DEFINE_integer("groups", 4, "shared-prefix groups")
 flags.DEFINE_integer("prompts_per_group", 4, "prompts per group")
 flags.DEFINE_integer("system_len", 768, "shared system-prompt tokens")
 flags.DEFINE_integer("question_len", 32, "per-prompt question tokens")
+flags.DEFINE_integer("repeats", 1, "measured rounds of the shared-prefix workload: each round runs caching off and on "
+                     "back to back per mode (the order flipped every round), and the summary is the median of the "
+                     "rounds' ratios, so load that drifts between settings cancels")
 flags.DEFINE_integer("output_len", 8, "new tokens per request in the shared-prefix workload")
 flags.DEFINE_integer("layers", 8, "random model layers")
 flags.DEFINE_integer("hidden", 512, "random model hidden size")
@@ -96,46 +99,59 @@ def main(argv):
         prompts = workload(rng, FLAGS.groups, FLAGS.prompts_per_group, FLAGS.system_len, FLAGS.question_len, 32000)
         warm = workload(np.random.default_rng(1), 1, 2, FLAGS.system_len, FLAGS.question_len, 32000)
         params = SamplingParams(max_tokens=FLAGS.output_len)
-        rows, tokens = {}, {}
-        for caching in (False, True):
+        rounds, tokens = [], {}
+        for r in range(FLAGS.repeats):
+            rows = {}
             for sequential in (True, False):
-                # A fresh engine per setting (so no setting sees another's cache); the jitted step is shared
-                # per model, so only the first one compiles.
-                llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024,
-                          max_num_batched_tokens=512, max_num_seqs=32, page_size=16)
-                if FLAGS.precompile:  # every bucket, once per model (later engines share the jitted step)
-                    from jaxserve.engine.precompile import precompile
-                    precompile(llm.engine)
-                run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
-                name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
-                rows[name], tokens[name] = run_setting(llm, prompts, params, sequential)
-                del llm
+                for caching in ((False, True) if r % 2 == 0 else (True, False)):
+                    # A fresh engine per setting (so no setting sees another's cache); the jitted step is shared
+                    # per model, so only the first one compiles.
+                    llm = LLM(model=folder, enable_prefix_caching=caching, num_pages=1024,
+                              max_num_batched_tokens=512, max_num_seqs=32, page_size=16)
+                    if FLAGS.precompile:  # every bucket, once per model (later engines share the jitted step)
+                        from jaxserve.engine.precompile import precompile
+                        precompile(llm.engine)
+                    run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
+                    name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
+                    rows[name], out = run_setting(llm, prompts, params, sequential)
+                    assert tokens.setdefault(sequential, out) == out, "caching changed greedy output"
+                    del llm
+            rounds.append(rows)
         # Ideal TTFT ratio: prefill tokens the engine computed without vs with caching in the same mode.
         summary = {}
         for mode in ("sequential", "batched"):
-            off, on = rows[f"off/{mode}"], rows[f"on/{mode}"]
-            ideal = off["prefill_tokens_computed"] / on["prefill_tokens_computed"]
-            measured = off["ttft_mean_s"] / on["ttft_mean_s"]
+            per_round = [dict(ideal=rows[f"off/{mode}"]["prefill_tokens_computed"]
+                              / rows[f"on/{mode}"]["prefill_tokens_computed"],
+                              ttft=rows[f"off/{mode}"]["ttft_mean_s"] / rows[f"on/{mode}"]["ttft_mean_s"],
+                              jct=rows[f"off/{mode}"]["jct_mean_s"] / rows[f"on/{mode}"]["jct_mean_s"],
+                              tput=rows[f"on/{mode}"]["throughput_tok_s"] / rows[f"off/{mode}"]["throughput_tok_s"])
+                         for rows in rounds]
+            ideal = per_round[0]["ideal"]
+            measured = statistics.median(x["ttft"] for x in per_round)
             summary[mode] = dict(ttft_ratio_off_on=measured, ideal_ratio=ideal, fraction_of_ideal=measured / ideal,
-                                 jct_ratio_off_on=off["jct_mean_s"] / on["jct_mean_s"],
-                                 throughput_ratio_on_off=on["throughput_tok_s"] / off["throughput_tok_s"])
-            assert tokens[f"off/{mode}"] == tokens[f"on/{mode}"], "caching changed greedy output"
-        results["shared_prefix"] = dict(rows=rows, summary=summary, config=dict(
+                                 fraction_of_ideal_per_round=[x["ttft"] / x["ideal"] for x in per_round],
+                                 jct_ratio_off_on=statistics.median(x["jct"] for x in per_round),
+                                 throughput_ratio_on_off=statistics.median(x["tput"] for x in per_round))
+        rows = {name: {k: statistics.median(rows[name][k] for rows in rounds) for k in rounds[0][name]}
+                for name in sorted(rounds[0], key=lambda n: (n.startswith("on"), n))}
+        results["shared_prefix"] = dict(rows=rows, rounds=rounds, summary=summary, config=dict(
             groups=FLAGS.groups, prompts_per_group=FLAGS.prompts_per_group, system_len=FLAGS.system_len,
             question_len=FLAGS.question_len, output_len=FLAGS.output_len, layers=FLAGS.layers,
-            hidden=FLAGS.hidden))
+            hidden=FLAGS.hidden, repeats=FLAGS.repeats))
         print(f"\nShared-prefix workload ({FLAGS.groups} groups x {FLAGS.prompts_per_group}, system "
               f"{FLAGS.system_len} + question {FLAGS.question_len} tokens; Llama {FLAGS.layers}L/{FLAGS.hidden}H "
-              f"random weights, f32)")
+              f"random weights, f32; median of {FLAGS.repeats} round(s))")
         print(f"{'setting':22s} {'TTFT mean ms':>13s} {'TTFT p50 ms':>12s} {'JCT mean ms':>12s} "
               f"{'tok/s':>8s} {'hit rate':>9s} {'prefill computed':>17s}")
         for name, r in rows.items():
             print(f"{name:22s} {r['ttft_mean_s'] * 1e3:13.1f} {r['ttft_p50_s'] * 1e3:12.1f} "
                   f"{r['jct_mean_s'] * 1e3:12.1f} {r['throughput_tok_s']:8.0f} {r['hit_rate']:9.1%} "
-                  f"{r['prefill_tokens_computed']:17d}")
+                  f"{int(r['prefill_tokens_computed']):17d}")
         for mode, s in summary.items():
             print(f"{mode}: TTFT off/on {s['ttft_ratio_off_on']:.2f}x, ideal {s['ideal_ratio']:.2f}x "
-                  f"({s['fraction_of_ideal']:.0%} of ideal); JCT off/on {s['jct_ratio_off_on']:.2f}x; "
+                  f"({s['fraction_of_ideal']:.0%} of ideal; rounds "
+                  f"{', '.join(f'{x:.0%}' for x in s['fraction_of_ideal_per_round'])}); "
+                  f"JCT off/on {s['jct_ratio_off_on']:.2f}x; "
                   f"throughput on/off {s['throughput_ratio_on_off']:.2f}x")
 
         results["decode"] = decode_bench(folder, hf_model)

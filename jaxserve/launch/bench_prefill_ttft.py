@@ -1,6 +1,7 @@
 """Offline time to first token of one request, with the padding cut on and off and with the machine idle or
 busy just before: a fresh prompt (544 tokens: one 768-row step uncut, 512 + 32 cut) and a cached one (512
-cached + 32 new), `LLM.generate(max_tokens=1)` on issue 14's model shape (random weights, bf16 matmul weights
+cached + 32 new) and a burst of them (`--burst` prompts sharing one cached prefix, submitted together: one
+step), `LLM.generate(max_tokens=1)` on issue 14's model shape (random weights, bf16 matmul weights
 under f32 arithmetic: the CPU default for a bf16 checkpoint), every step shape compiled first.
 
     python -m jaxserve.launch.bench_prefill_ttft --model=/tmp/ckpt_issue14 --out=out/bench_prefill_ttft.json
@@ -23,11 +24,25 @@ flags.DEFINE_string("model", None, "Hugging Face folder to load (e.g. bench_serv
 flags.DEFINE_integer("fresh_len", 544, "tokens of the fresh prompt")
 flags.DEFINE_integer("prefix_len", 512, "cached tokens of the cached prompt")
 flags.DEFINE_integer("suffix_len", 32, "new tokens of the cached prompt")
+flags.DEFINE_integer("burst", 8, "prompts of the burst (each prefix_len cached + suffix_len new)")
+flags.DEFINE_list("kinds", ["fresh", "cached", "burst"], "which prompts to time")
 flags.DEFINE_list("gaps_s", ["0", "0.5"], "idle seconds before each timed request")
 flags.DEFINE_integer("repeats", 10, "timed requests per setting")
 flags.DEFINE_integer("max_num_batched_tokens", 1024, "token budget per step")
 flags.DEFINE_string("out", "out/bench_prefill_ttft.json", "JSON output")
 FLAGS = flags.FLAGS
+
+
+def _prompts(rng, kind: str, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(untimed, timed) prompts of one measurement. The untimed request is of the same kind (for a cached
+    prompt or a burst: one that caches their prefix), so "gap 0" is back to back with the same work."""
+    def tokens(n):
+        return rng.randint(3, vocab, n).tolist()
+    if kind == "fresh":
+        return [tokens(FLAGS.fresh_len)], [tokens(FLAGS.fresh_len)]
+    prefix = tokens(FLAGS.prefix_len)
+    timed = [prefix + tokens(FLAGS.suffix_len) for _ in range(FLAGS.burst if kind == "burst" else 1)]
+    return [prefix + tokens(FLAGS.suffix_len)], timed
 
 
 def main(_):
@@ -51,19 +66,12 @@ def main(_):
     for _ in range(FLAGS.repeats):
         for gap in gaps:
             for cut, llm in llms.items():
-                for kind in ("fresh", "cached"):
-                    # An untimed request of the same kind first (for a cached prompt: the one that caches its
-                    # prefix), so "gap 0" is back to back with the same work.
-                    if kind == "fresh":
-                        llm.generate([rng.randint(3, cfg.vocab_size, FLAGS.fresh_len).tolist()], one)
-                        prompt = rng.randint(3, cfg.vocab_size, FLAGS.fresh_len).tolist()
-                    else:
-                        prefix = rng.randint(3, cfg.vocab_size, FLAGS.prefix_len).tolist()
-                        llm.generate([prefix + rng.randint(3, cfg.vocab_size, FLAGS.suffix_len).tolist()], one)
-                        prompt = prefix + rng.randint(3, cfg.vocab_size, FLAGS.suffix_len).tolist()
+                for kind in FLAGS.kinds:
+                    untimed, prompts = _prompts(rng, kind, cfg.vocab_size)
+                    llm.generate(untimed, one)
                     time.sleep(gap)
                     start = time.perf_counter()
-                    llm.generate([prompt], one)
+                    llm.generate(prompts, one)
                     key = f"{kind} | gap {gap:g} s | cut {'on' if cut else 'off'}"
                     times.setdefault(key, []).append((time.perf_counter() - start) * 1e3)
     print(f"\nOffline TTFT (max_tokens=1), issue 14's shape, {os.cpu_count()} cores, {FLAGS.repeats} requests each\n")
@@ -74,7 +82,7 @@ def main(_):
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(dict(cores=os.cpu_count(), fresh_len=FLAGS.fresh_len, prefix_len=FLAGS.prefix_len,
-                       suffix_len=FLAGS.suffix_len, ms=times), f, indent=1)
+                       suffix_len=FLAGS.suffix_len, burst=FLAGS.burst, ms=times), f, indent=1)
     print(f"\nwrote {FLAGS.out}")
 
 
