@@ -110,6 +110,9 @@ HTTP_CASES = {
     # Unicode and structure
     "prompt-lone-surrogate": (C, body(prompt=LONE), 400, ["prompt", "surrogate"]),
     "prompt-list-lone-surrogate": (C, body(prompt=["ok", LONE]), 400, ["prompt[1]", "surrogate"]),
+    "ids-then-lone-surrogate": (C, body(prompt=[5, 6, LONE]), 400, ["prompt[2]", "surrogate"]),
+    "ids-then-deep-list": (C, b'{"prompt": [5, 6, ' + b"[" * 100 + b"]" * 100 + b"]}", 400, ["nested too deeply"]),
+    "bool-among-ids": (C, body(prompt=[5, True, 7]), 400, ["prompt"]),
     "stop-lone-surrogate": (C, body(stop=[LONE]), 400, ["stop[0]", "surrogate"]),
     "session-lone-surrogate": (C, body(session_id=LONE), 400, ["session_id", "surrogate"]),
     "key-lone-surrogate": (C, json.dumps({**GOOD, LONE: 1}).encode(), 400, ["surrogate"]),

@@ -52,7 +52,12 @@ def check_json(body, max_depth: int) -> None:
         if depth > max_depth:
             raise bad_request(f"The request body is nested too deeply at {path}: JSON arrays and objects may "
                               f"nest at most {max_depth} deep.", _top(path))
-        items = value.items() if isinstance(value, dict) else enumerate(value)
+        if isinstance(value, list):
+            if _all_ints(value):  # token ids: nothing to check, and no path to build per element
+                continue
+            items = ((i, v) for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
+        else:
+            items = value.items()
         for key, v in items:
             if isinstance(key, str):
                 _check_string(key, f"{path}.{key}" if path else key)
@@ -151,6 +156,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _all_ints(values: list) -> bool:
+    """Every element an int and none a bool (`type(...) is int`: a prompt's hundreds of token ids are checked
+    per request, and this is ~3x cheaper than an isinstance pair per element)."""
+    return all(type(v) is int for v in values)
+
+
 def _unsupported(body: dict, chat: bool) -> None:
     # logprobs, penalties, logit_bias, suffix, response_format and the other vLLM extras: http_openai.py.
     if chat and body.get("tools") and body.get("tool_choice") != "none":
@@ -206,6 +217,8 @@ def max_tokens(body: dict, names: tuple[str, ...]) -> int | None:
 
 
 def _check_ids(ids: list, vocab_size: int) -> None:
+    if not ids or (min(ids) >= 0 and max(ids) <= INT32_MAX):  # builtins: the common case in C
+        return
     bad = next((t for t in ids if not 0 <= t <= INT32_MAX), None)
     if bad is not None:
         raise bad_request(f"Token id {bad} is out of vocabulary: this model's vocabulary has {vocab_size} tokens "
@@ -224,12 +237,12 @@ def prompts(body: dict, vocab_size: int) -> list:
         return [p]
     if not isinstance(p, list):
         raise bad_request(shape, "prompt")
-    if not p or all(_is_int(t) for t in p):
+    if not p or _all_ints(p):
         _check_ids(p, vocab_size)
         return [p]
     if all(isinstance(x, str) for x in p):
         return list(p)
-    if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in p):
+    if all(isinstance(x, list) and _all_ints(x) for x in p):
         for x in p:
             _check_ids(x, vocab_size)
         return list(p)
