@@ -93,6 +93,9 @@ flags.DEFINE_integer("burst", 8, "concurrent requests of a burst")
 flags.DEFINE_integer("ttft_max_tokens", 4, "new tokens of the TTFT requests")
 flags.DEFINE_list("decode_batches", ["8", "32"], "concurrent requests of the decode workloads")
 flags.DEFINE_bool("decode_only", False, "run only the decode workloads (served TPOT vs the offline reference)")
+UNITS = ("cold_ttft", "cached_ttft", "bursts", "decode")
+flags.DEFINE_multi_enum("units", list(UNITS), UNITS, "workload units to run (e.g. --units=bursts with more --repeats "
+                        "for an A/B of one row); --decode_only means --units=decode")
 flags.DEFINE_integer("decode_prompt_len", 32, "prompt tokens of a decode request")
 flags.DEFINE_integer("decode_tokens", 64, "new tokens of a decode request")
 flags.DEFINE_float("request_timeout_s", 300.0, "deadline of every request (whole stream)")
@@ -199,10 +202,12 @@ class Workloads:
 
     def units(self):
         """(name, coroutine factory) of every workload unit, in order; a burst unit is cold then primed."""
-        units = [] if FLAGS.decode_only else [("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft),
-                                              ("bursts", self.bursts)]
-        for b in map(int, FLAGS.decode_batches):
-            units.append((f"decode_b{b}", lambda ep, b=b: self.decode(ep, b)))
+        wanted = {"decode"} if FLAGS.decode_only else set(FLAGS.units)
+        units = [(name, fn) for name, fn in (("cold_ttft", self.cold_ttft), ("cached_ttft", self.cached_ttft),
+                                             ("bursts", self.bursts)) if name in wanted]
+        if "decode" in wanted:
+            for b in map(int, FLAGS.decode_batches):
+                units.append((f"decode_b{b}", lambda ep, b=b: self.decode(ep, b)))
         return units
 
 
@@ -408,7 +413,7 @@ async def amain() -> dict:
                                 "sysctl -w vm.max_map_count=%d", maps, MIN_MAP_COUNT)
             result["vm_max_map_count"] = maps
             offline = None
-            if FLAGS.offline_reference and FLAGS.offline_interleaved:  # before the servers (it blocks the loop)
+            if _offline_reference() and FLAGS.offline_interleaved:  # before the servers (it blocks the loop)
                 offline = make_offline(model, rng, vocab, FLAGS.async_scheduling)
             t0 = time.monotonic()
             server.start()
@@ -426,11 +431,15 @@ async def amain() -> dict:
             result.update(bench)
     finally:
         server.stop()
-    if FLAGS.offline_reference and not FLAGS.offline_interleaved:
+    if _offline_reference() and not FLAGS.offline_interleaved:
         for name, overlap in (("offline", True), ("offline sync", False)):
             result["rows"][name] = offline_decode(model, rng, vocab, overlap)
     result["loadavg_end"] = os.getloadavg()
     return result
+
+
+def _offline_reference() -> bool:
+    return FLAGS.offline_reference and (FLAGS.decode_only or "decode" in FLAGS.units)
 
 
 def make_offline(model: str, rng, vocab: int, async_scheduling: bool) -> OfflineDecode:
