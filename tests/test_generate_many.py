@@ -242,3 +242,74 @@ def test_a_steps_events_reach_each_loop_in_one_callback():
             fn(*args)
     assert got_a1 == [("tokens", [1], None), ("finish", "length", {}, [5], {})]
     assert got_a2 == [("tokens", [2], None)] and got_b == [("tokens", [4], None)]
+
+
+def test_what_queues_during_a_write_goes_in_one_message():
+    """The scheduler's mux sends a lone request as itself and what queued while its previous write was in
+    flight (opens and aborts, in order) as one MuxRequest(batch=...); the end of the call still ends it."""
+    from jaxserve.proto.v1 import instance_pb2
+    from jaxserve.scheduler.mux import InstanceMux
+
+    class Call:
+        def __init__(self, requests):
+            self.requests = requests
+
+        async def read(self):
+            await asyncio.Event().wait()  # no responses in this test
+
+        def cancel(self):
+            pass
+
+    class Stub:
+        def GenerateMany(self, requests):  # noqa: N802 - the gRPC method's name
+            self.call = Call(requests)
+            return self.call
+
+    async def body():
+        stub, req = Stub(), lambda i: instance_pb2.InstanceGenerateRequest(request_id=f"r{i}", max_tokens=1)
+        mux = InstanceMux(stub)
+        first = mux.open(req(0), None)
+        lone = await stub.call.requests.__anext__()
+        assert not lone.batch and lone.stream_id == first.stream_id and lone.generate.request_id == "r0"
+        b, c = mux.open(req(1), None), mux.open(req(2), None)
+        mux.abort(b.stream_id)
+        batched = await stub.call.requests.__anext__()
+        assert [(m.stream_id, m.generate.request_id, m.abort) for m in batched.batch] == [
+            (b.stream_id, "r1", False), (c.stream_id, "r2", False), (b.stream_id, "", True)]
+        mux.open(req(3), None)
+        mux.close()
+        last = await stub.call.requests.__anext__()
+        assert last.generate.request_id == "r3"
+        with pytest.raises(StopAsyncIteration):
+            await stub.call.requests.__anext__()
+    run(body())
+
+
+def test_a_batched_message_starts_every_request_on_the_instance(engine):
+    """Opens queued before the mux's writer runs reach the instance as one batched message, and each request
+    streams to its end (its own count of tokens; not compared with a lone run: another batch shape may flip a
+    random model's greedy argmax)."""
+    from jaxserve.proto.v1 import common_pb2, instance_pb2
+
+    def request(i):
+        return instance_pb2.InstanceGenerateRequest(
+            request_id=f"b{i}", prompt_token_ids=list(PROMPTS[i].encode()), max_tokens=6,
+            sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True))
+
+    async def tokens(call):
+        out = []
+        while True:
+            item = await call.read()
+            out += list(item.token_ids)
+            if item.finish_reason:
+                return out
+
+    async def body():
+        async with served(engine, True) as (scheduler, instance, http):
+            await stream(http, dict(BODIES[0], max_tokens=2))  # opens the shared call
+            mux = scheduler.instances.router.instances["i0"].mux
+            calls = [mux.open(request(i), None) for i in range(3)]  # queued together: one message
+            together = await asyncio.gather(*(tokens(c) for c in calls))
+            assert [len(t) for t in together] == [6, 6, 6]
+            await eventually(lambda: instance.loop_thread.num_live == 0, what="every request to end")
+    run(body(), timeout=120)

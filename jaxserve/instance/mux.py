@@ -129,10 +129,11 @@ async def generate_many(server, request_iterator, context):
     async def read():
         try:
             async for msg in request_iterator:
-                if msg.abort:
-                    mux.abort(msg.stream_id)
-                elif msg.HasField("generate"):
-                    mux.start(msg.stream_id, msg.generate)
+                for one in msg.batch or (msg,):  # a batch is one level deep: its members' own batch is ignored
+                    if one.abort:
+                        mux.abort(one.stream_id)
+                    elif one.HasField("generate"):
+                        mux.start(one.stream_id, one.generate)
         finally:
             mux.out.put_nowait(None)  # the caller is done sending: the call ends when its streams have
 

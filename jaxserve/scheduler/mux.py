@@ -103,7 +103,18 @@ class InstanceMux:
                 msg = await outbox.get()
                 if msg is None:
                     return
-                yield msg
+                # grpc.aio has one write in flight at a time: what queued meanwhile (a burst's other requests)
+                # goes in one message, so the instance sees it at once.
+                batch, end = [msg], False
+                while not outbox.empty():
+                    more = outbox.get_nowait()
+                    if more is None:
+                        end = True
+                        break
+                    batch.append(more)
+                yield msg if len(batch) == 1 else instance_pb2.MuxRequest(batch=batch)
+                if end:
+                    return
 
         call = self._call = self.stub.GenerateMany(requests())
         self._tasks = [asyncio.get_running_loop().create_task(self._read(call))]

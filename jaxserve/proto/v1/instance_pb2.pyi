@@ -40,14 +40,16 @@ class InstanceGenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.InstanceUsage, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, _Mapping]] = ...) -> None: ...
 
 class MuxRequest(_message.Message):
-    __slots__ = ("stream_id", "generate", "abort")
+    __slots__ = ("stream_id", "generate", "abort", "batch")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     generate: InstanceGenerateRequest
     abort: bool
-    def __init__(self, stream_id: _Optional[int] = ..., generate: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., abort: _Optional[bool] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[MuxRequest]
+    def __init__(self, stream_id: _Optional[int] = ..., generate: _Optional[_Union[InstanceGenerateRequest, _Mapping]] = ..., abort: _Optional[bool] = ..., batch: _Optional[_Iterable[_Union[MuxRequest, _Mapping]]] = ...) -> None: ...
 
 class MuxItem(_message.Message):
     __slots__ = ("stream_id", "response", "error_code", "error_message")
