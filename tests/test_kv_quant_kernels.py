@@ -112,6 +112,18 @@ def test_quantized_paths_match_oracle_on_dequantized_pages(fmt):
 
 
 @pytest.mark.parametrize("fmt", QUANT)
+def test_quantized_slot_tiles_match_oracle_on_dequantized_pages(fmt):
+    """The CPU path's slot tiles (a burst: every sequence fits one tile) reading quantized pages, against the
+    oracle on the dequantized pages, through both of its key loops (block_k 16: big blocks, then a tail)."""
+    from test_kernels import SLOT_SEQS
+    _, _, qargs, dq_args = _batch(2, fmt, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
+                                  extra_seqs=1)
+    assert bool(xla_attention.use_slot_tiles(qargs[2], qargs[4], qargs[5], 8))
+    xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_q=8, block_k=16, kv_cache_dtype=fmt)
+    assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
+
+
+@pytest.mark.parametrize("fmt", QUANT)
 def test_quantized_decode_paths_match_oracle(fmt):
     """Decode: the engine's XLA decode path and the flash-decoding Pallas kernel (several KV splits)."""
     seqs = [(1, 19), (1, 8), (1, 30)]
