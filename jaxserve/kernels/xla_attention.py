@@ -70,7 +70,7 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
     `slot_tiles` (static): when at run time every live sequence fits one tile and their contexts are alike
     (`use_slot_tiles`), take `slot_tiles_attention` instead of the per-tile loop (a burst of short suffixes
-    over a shared prefix: one layer 3.0 -> 1.7 ms, `jaxserve.launch.bench_cpu_ops`)."""
+    over a shared prefix, one layer: 2.9 -> 1.7-2.6 ms; `jaxserve.launch.bench_cpu_ops` has the A/B)."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
     validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -81,7 +81,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q, sinks=sinks,
               kv_cache_dtype=kv_cache_dtype, layer=layer)
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    tiled = functools.partial(_tiled_attention, block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]), **kw)
+    tiled = functools.partial(_tiled_attention, **kw,
+                              block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
     if slot_tiles and sliding_window is None and page_indices.shape[0] > 1:
         use = use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q)
         out, lse = jax.lax.cond(use, functools.partial(slot_tiles_attention, block_k=block_k, **kw), tiled, *args)
@@ -92,7 +93,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
 # Keys per block of the slot-tile path, and of its tail: one big block where the context allows, then small
 # ones up to the longest context, so the masked waste is under one small block (a burst of 7 x 32 tokens over
-# 544 keys, one layer: 256-key blocks 2.2 ms, 512 + 32-key tail 1.7 ms, 1024 2.5 ms).
+# 544 keys, one layer, a probe in docs/notes-issue-14.md, session 8: 256 + 32-key tail 2.1 ms, 512 + 32 1.7 ms,
+# 1024 + 64 2.5 ms).
 SLOT_BLOCK_K, SLOT_TAIL_K = 512, 32
 # The slot-tile path visits every slot's keys up to the longest live context; take it while that is at most
 # this many times the keys the live sequences own (at 1.14x it took 57% of the per-tile loop's time).
