@@ -197,8 +197,8 @@ def test_slot_tiles_match_oracle(dtype, block_k, kw):
     extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
     assert bool(xla_attention.use_slot_tiles(args[2], args[4], args[5], 8))
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
-                            block_q=8, block_k=block_k, **extra)
-    out, lse = run()
+                            block_q=8, block_k=block_k, **extra)  # 33 tokens: below SLOT_MIN_TOKENS, so forced
+    out, lse = run(slot_tiles=True)
     ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
     assert out.dtype == dtype
     assert_close(out, ref, dtype)

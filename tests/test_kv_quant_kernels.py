@@ -119,7 +119,8 @@ def test_quantized_slot_tiles_match_oracle_on_dequantized_pages(fmt):
     _, _, qargs, dq_args = _batch(2, fmt, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
                                   extra_seqs=1)
     assert bool(xla_attention.use_slot_tiles(qargs[2], qargs[4], qargs[5], 8))
-    xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_q=8, block_k=16, kv_cache_dtype=fmt)
+    xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_q=8, block_k=16, kv_cache_dtype=fmt,
+                                                   slot_tiles=True)
     assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
 
 

@@ -63,14 +63,16 @@ def _normalize(m, l, acc):
                                              "block_k", "kv_cache_dtype", "layer", "slot_tiles"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
-                               sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=True):
+                               sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=None):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf).
 
     `slot_tiles` (static): when at run time every live sequence fits one tile and their contexts are alike
     (`use_slot_tiles`), take `slot_tiles_attention` instead of the per-tile loop (a burst of short suffixes
-    over a shared prefix, one layer: 2.9 -> 1.7-2.6 ms; `jaxserve.launch.bench_cpu_ops` has the A/B)."""
+    over a shared prefix, one layer: 2.9 -> 1.7-2.6 ms; `jaxserve.launch.bench_cpu_ops` has the A/B). None:
+    for steps of at least SLOT_MIN_TOKENS tokens (the branch is compiled beside the loop, so smaller steps,
+    where it gains little, do not pay for its compile); True: any step; False: never."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
     validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -83,6 +85,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     tiled = functools.partial(_tiled_attention, **kw,
                               block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
+    if slot_tiles is None:
+        slot_tiles = q.shape[0] >= SLOT_MIN_TOKENS
     if slot_tiles and sliding_window is None and page_indices.shape[0] > 1:
         use = use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q)
         out, lse = jax.lax.cond(use, functools.partial(slot_tiles_attention, block_k=block_k, **kw), tiled, *args)
@@ -99,6 +103,9 @@ SLOT_BLOCK_K, SLOT_TAIL_K = 512, 32
 # The slot-tile path visits every slot's keys up to the longest live context; take it while that is at most
 # this many times the keys the live sequences own (at 1.14x it took 57% of the per-tile loop's time).
 SLOT_KEY_OVERHEAD = 1.5
+# Smallest step (padded tokens) that compiles the slot-tile branch by default: 8 slots of 16 rows (a burst of 8
+# x 32 tokens is a 256-token step). The branch made the engine-heavy tests' compile ~18% longer.
+SLOT_MIN_TOKENS = 128
 
 
 def use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q):
