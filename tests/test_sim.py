@@ -199,3 +199,17 @@ def test_miss_weight_reaches_locality_and_sessions_fallback():
         for p in sim.router._policies.values():
             loc = p if policy == "locality" else p._fallback
             assert loc.miss_weight == 0.5
+
+
+def test_a_deferred_follower_keeps_its_place_in_line():
+    # Group 0's three prompts arrive before group 1's. The followers wait for their leader's 768-token prefix
+    # (deferred while it is computed), then run before group 1's leader computes its next chunk.
+    wl = w.shared_prefix(num_groups=2, prompts_per_group=3, system_len=768, question_len=64, seed=0)
+    order = sorted(wl.sessions, key=lambda s: s.session_id)
+    wl = dataclasses.replace(wl, sessions=[dataclasses.replace(s, arrival_s=i * 1e-9) for i, s in enumerate(order)])
+    sim = _one_instance(h200_llama8b(max_num_batched_tokens=512), setting="colocated+cache")
+    first = {r["session_id"]: r["arrival_s"] + r["ttft_s"] for r in sim.run(wl)}
+    leader0, *followers0 = [s.session_id for s in order[:3]]
+    leader1 = order[3].session_id
+    assert sim.instances[0].deferrals > 0
+    assert first[leader0] < max(first[f] for f in followers0) < first[leader1]

@@ -45,6 +45,7 @@ class Request:
     logprobs: dict = dataclasses.field(default_factory=dict)
     grammar: object = None                  # params.json_schema: its engine.structured.Matcher
     admitted_once: bool = False
+    deferred: bool = False                  # waited once for a shared prefix another request was computing
     # Disaggregation hooks. prefill_only: stop after the first token and keep the pages (status FINISHED,
     # finish_reason "prefilled") until the engine `release`s them, e.g. after a transfer. preloaded: the
     # request arrives with `pages` already holding the KV of its first `num_computed` tokens.

@@ -4,7 +4,8 @@ prefill chunks), then admits waiting ones; preempts by recompute when the MemPoo
 Prefix reuse happens at admission: a request `match`es its tokens in the MemPool's prompt index and only
 its uncached suffix is computed. Full pages are offered to the index as soon as they are computed, so a
 request admitted behind another that shares an uncached prefix is deferred until that prefix is in the
-index, then reuses it instead of computing it a second time."""
+index, then reuses it instead of computing it a second time. It keeps its place in line meanwhile: running
+prefills that arrived after it wait for its admission (FCFS by arrival)."""
 
 from __future__ import annotations
 
@@ -71,41 +72,69 @@ class Scheduler:
                 return ScheduledBatch([entry], sequence_parallel=True)
         budget = self.config.max_num_batched_tokens
         entries: list[tuple[Request, int]] = []
-        preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.finishing:  # its last token is being sampled (async scheduling)
-                i += 1
+        # A request deferred behind an in-flight shared prefix keeps its place in line: running prefills that
+        # arrived after it wait until it has been admitted (FCFS by arrival), so a group's followers run the
+        # step after their prefix is computed instead of behind a later group's whole chunk.
+        head = self.waiting[0] if self.waiting and self.waiting[0].deferred else None
+        later: list[Request] = []
+        preempted = stop = False
+        for req in list(self.running):
+            if budget <= 0 or stop:
+                break
+            if req.status is not Status.RUNNING or req.finishing:
+                continue  # preempted for an earlier request's pages, or its last token is being sampled
+            if head is not None and req.is_prefilling and req.arrival_time > head.arrival_time:
+                later.append(req)
                 continue
-            n = min(req.num_uncomputed, budget)
-            if n < req.num_uncomputed and not self.config.enable_chunked_prefill:
-                i += 1
-                continue
-            need = self._pages_for(req.num_computed + n) - len(req.pages)
-            while need > 0 and not self.pool.can_alloc(need):
-                # A finishing request is never the victim: its pages come back when its last step completes.
-                victim = next((r for r in reversed(self.running) if not r.finishing), None)
-                if victim is None:
-                    break
-                self.preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            if req.status is not Status.RUNNING:
-                continue  # req preempted itself; the list shrank, `i` now names the next one
-            if need > 0 and not self.pool.can_alloc(need):
-                break  # only finishing requests are left to free pages: wait for them
-            if need > 0:
-                req.pages.extend(self.pool.alloc(need))
-            entries.append((req, n))
+            n, p, stop = self._continue(req, entries, budget)
             budget -= n
-            i += 1
+            preempted |= p
+        if later and not preempted:
+            n_running = len(self.running)
+            budget = self._admit(entries, budget, arrived_before=min(r.arrival_time for r in later))
+            admitted = self.running[n_running:]
+            del self.running[n_running:]
+            at = self.running.index(later[0])  # the admitted go before the prefills that waited for them
+            self.running[at:at] = admitted
+        for req in later:
+            if budget <= 0 or stop:
+                break
+            if req.status is Status.RUNNING:
+                n, p, stop = self._continue(req, entries, budget)
+                budget -= n
+                preempted |= p
         if not preempted:
             budget = self._admit(entries, budget)
         if self.config.enable_chunked_prefill and self.config.cut_padding:
             self._cut_padding(entries)
         return ScheduledBatch(entries)
+
+    def _continue(self, req: Request, entries, budget: int) -> tuple[int, bool, bool]:
+        """Schedules running `req`'s next tokens (a decode or a prefill chunk) within `budget`, preempting the
+        latest unscheduled requests when pages run out. Returns (tokens scheduled, whether it preempted, whether
+        only finishing requests hold the pages it needs, so nothing after it can run either)."""
+        n = min(req.num_uncomputed, budget)
+        if n < req.num_uncomputed and not self.config.enable_chunked_prefill:
+            return 0, False, False
+        need = self._pages_for(req.num_computed + n) - len(req.pages)
+        preempted = False
+        while need > 0 and not self.pool.can_alloc(need):
+            # Never a request already in this step, nor a finishing one: its pages come back when its last step
+            # completes.
+            scheduled = {id(r) for r, _ in entries}
+            victim = next((r for r in reversed(self.running) if not r.finishing and id(r) not in scheduled), None)
+            if victim is None:
+                break
+            self.preempt(victim)
+            preempted = True
+            if victim is req:
+                return 0, True, False
+        if need > 0 and not self.pool.can_alloc(need):
+            return 0, preempted, True
+        if need > 0:
+            req.pages.extend(self.pool.alloc(need))
+        entries.append((req, n))
+        return n, preempted, False
 
     def _cut_padding(self, entries: list[tuple[Request, int]]) -> None:
         """Shortens the step's last prefill chunk so the step fills a smaller token bucket when that pads much
@@ -142,10 +171,14 @@ class Scheduler:
         req.status = Status.RUNNING
         self.running.append(req)
 
-    def _admit(self, entries, budget: int) -> int:
+    def _admit(self, entries, budget: int, arrived_before: float | None = None) -> int:
+        """Admits waiting requests in order (those that arrived before `arrived_before` only, when given) while
+        budget, sequence slots and pages last; defers those sharing a prefix still being computed."""
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if arrived_before is not None and req.arrival_time >= arrived_before:
+                break
             if req.preloaded:
                 if not self._admit_preloaded(req, entries, budget):
                     break
@@ -155,6 +188,7 @@ class Scheduler:
             n_cached, pages = self._match_capped(tokens)
             if self.enable_prefix_caching and self._shares_prefix_in_flight(tokens, n_cached):
                 self.pool.free(pages)
+                req.deferred = True
                 deferred.append(self.waiting.popleft())
                 self.num_deferred_for_shared_prefix += 1
                 continue

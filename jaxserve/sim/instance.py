@@ -16,7 +16,7 @@ class SimRequest:
     __slots__ = ("rid", "session", "turn", "arrival", "prompt_len", "output_len", "prompt_pages", "full_pages",
                  "seq_pages", "cached", "computed", "generated", "first_t", "finish_t", "instance", "prefill",
                  "decision", "kv_bytes", "est", "pages_held", "on_done", "admit_seq", "resumed", "admitted",
-                 "preemptions", "page_size", "moves")
+                 "preemptions", "page_size", "moves", "deferred")
 
     def __init__(self, rid, session, turn, arrival, prompt_len, output_len, prompt_pages, full_pages, seq_pages,
                  page_size):
@@ -35,6 +35,7 @@ class SimRequest:
         self.admitted = False
         self.preemptions = 0
         self.moves = None      # jaxserve/sim/pool.py Moves: what bringing its prefix to device moved
+        self.deferred = False  # waited once for a prefix another request was computing
 
     # What a (re)admission computes: the prompt, or after a preemption the prompt and the tokens generated.
     @property
@@ -180,6 +181,44 @@ class SimInstance:
         self._admissions += 1
         r.admit_seq = self._admissions
 
+    def _prefill_chunks(self, reqs: list[SimRequest], chunks: list, budget: int) -> int:
+        for r in reqs:
+            if budget <= 0 or r not in self.prefilling:
+                continue
+            n = min(budget, r.target_len - r.computed)
+            if self._grow_or_preempt(r, r.computed + n):
+                chunks.append((r, n))
+                budget -= n
+        return budget
+
+    def _admit_waiting(self, chunks: list, budget: int, arrived_before: float | None = None) -> int:
+        """Admits waiting requests in order (those that arrived before `arrived_before` only, when given),
+        deferring those whose prefix a prefilling request is still computing."""
+        max_seqs = self.sim.cost.max_num_seqs
+        deferred = []
+        while (budget > 0 and self.waiting and len(self.prefilling) + len(self.running) < max_seqs
+               and (arrived_before is None or self.waiting[0].arrival < arrived_before)):
+            r = self.waiting[0]
+            matched = self._match(r)
+            if self.cache is not None and self._shares_in_flight(r, matched):
+                r.deferred = True
+                deferred.append(self.waiting.popleft())
+                self.deferrals += 1
+                continue
+            n = min(budget, r.target_len - matched)
+            if not self._grow(r, matched + n):
+                break
+            self.waiting.popleft()
+            r.computed = matched
+            if not r.admitted:
+                r.cached, r.admitted = matched, True
+            self._admit(r)
+            self.prefilling.append(r)
+            chunks.append((r, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        return budget
+
     def _start_step(self, now: float) -> None:
         c = self.sim.cost
         budget, max_seqs = c.max_num_batched_tokens, c.max_num_seqs
@@ -200,38 +239,25 @@ class SimInstance:
         decodes = [r for r in decodes if r in self.running]
         budget -= len(decodes)
         chunks, tokens, pairs = [], 0, 0.0
-        for r in list(self.prefilling):
-            if budget <= 0 or r not in self.prefilling:
-                continue
-            n = min(budget, r.target_len - r.computed)
-            if self._grow_or_preempt(r, r.computed + n):
-                chunks.append((r, n))
-                budget -= n
+        # Like the engine: prefills that arrived after a request deferred behind an in-flight shared prefix let
+        # it be admitted first (it keeps its place in line).
+        head = self.waiting[0] if self.waiting and self.waiting[0].deferred else None
+        later = [r for r in self.prefilling if head is not None and r.arrival > head.arrival]
+        budget = self._prefill_chunks([r for r in self.prefilling if r not in later], chunks, budget)
+        preempted = self.preemptions > before  # like the engine: no admission in a step that preempted
+        if later and not preempted:
+            n_prefilling = len(self.prefilling)
+            budget = self._admit_waiting(chunks, budget, arrived_before=min(r.arrival for r in later))
+            admitted = self.prefilling[n_prefilling:]
+            del self.prefilling[n_prefilling:]
+            at = self.prefilling.index(later[0])
+            self.prefilling[at:at] = admitted
+        budget = self._prefill_chunks(later, chunks, budget)
         decodes = [r for r in decodes if r in self.running]  # a chunk's pages may have preempted a decode
         budget += sum(n for r, n in chunks if r not in self.prefilling)
-        chunks = [(r, n) for r, n in chunks if r in self.prefilling]
-        preempted = self.preemptions > before  # like the engine: no admission in a step that preempted
-        deferred = []
-        while (not preempted and budget > 0 and self.waiting
-               and len(self.prefilling) + len(self.running) < max_seqs):
-            r = self.waiting[0]
-            matched = self._match(r)
-            if self.cache is not None and self._shares_in_flight(r, matched):
-                deferred.append(self.waiting.popleft())
-                self.deferrals += 1
-                continue
-            n = min(budget, r.target_len - matched)
-            if not self._grow(r, matched + n):
-                break
-            self.waiting.popleft()
-            r.computed = matched
-            if not r.admitted:
-                r.cached, r.admitted = matched, True
-            self._admit(r)
-            self.prefilling.append(r)
-            chunks.append((r, n))
-            budget -= n
-        self.waiting.extendleft(reversed(deferred))
+        chunks[:] = [(r, n) for r, n in chunks if r in self.prefilling]
+        if self.preemptions == before:
+            self._admit_waiting(chunks, budget)
         for r, n in chunks:
             tokens += n
             pairs += n * (2 * r.computed + n + 1) / 2
