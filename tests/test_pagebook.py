@@ -126,3 +126,23 @@ def test_prefix_cache_caches_a_too_long_sequence_as_far_as_it_fits():
     cache = PrefixCache(4, 3)
     assert cache.insert(list(range(20))) == 3 and len(cache) == 3
     assert cache.match(list(range(20))) == 12
+
+
+def test_unreferenced_cached_pages_bound_what_eviction_frees():
+    book = PageBook(page_size=2, num_pages=16)
+    a = book.alloc(3)
+    book.insert([1, 2, 3, 4, 5, 6], a)
+    # A request still holds its pages: nothing is evictable, and the vector count agrees.
+    assert book.num_evictable_pages() == book.num_unreferenced_cached_pages() == 0
+    book.free(a)
+    assert book.num_evictable_pages() == book.num_unreferenced_cached_pages() == 3
+    # A request computed the cached 4-token prefix again in its own pages and indexes a third page under the
+    # index's copy: the index's two pages are unreferenced but not evictable while that page is held.
+    b = book.alloc(3)
+    book.insert([1, 2, 3, 4, 9, 9], b)
+    assert book.refcount(b[2]) == 2 and book.refcount(a[0]) == 1
+    assert book.num_unreferenced_cached_pages() == 3 and book.num_evictable_pages() == 1
+    book.check_invariants()
+    book.free(b)  # once nothing is referenced the two agree again
+    assert book.num_evictable_pages() == book.num_unreferenced_cached_pages() == 4
+    book.check_invariants()

@@ -140,6 +140,13 @@ class PageBook(Eviction):
         """Device pages eviction could free now. O(device index nodes)."""
         return self._evictable()
 
+    def num_unreferenced_cached_pages(self) -> int:
+        """Indexed device pages no request references: one vector pass over the page table (the serving loop
+        reports it as load after steps; `num_evictable_pages` walks the index). Equal to `num_evictable_pages`
+        except when a request computed a cached prefix again and indexed its later pages under the index's
+        copy: that copy is then unreferenced but not evictable before them, so this is an upper bound."""
+        return int(np.count_nonzero(self._indexed & (self.allocator.refcount == 1)))
+
     def can_alloc(self, n: int) -> bool:
         """Whether `alloc(n)` would succeed. O(1) when the free list suffices, else O(device index nodes)."""
         short = int(n) - self.allocator.num_free
@@ -307,6 +314,9 @@ class PageBook(Eviction):
         assert int(rc.sum()) == len(dev) + self._outside_refs, \
             f"device refcounts sum to {int(rc.sum())} but index holds {len(dev)} and callers {self._outside_refs}"
         assert self._outside_refs >= 0 and self._outside_host_refs >= 0
+        assert self.num_evictable_pages() <= self.num_unreferenced_cached_pages(), \
+            f"eviction could free {self.num_evictable_pages()} pages, more than the " \
+            f"{self.num_unreferenced_cached_pages()} indexed pages no request references"
     # ================================================================== internals: memory
     def _check_pages(self, pages: Sequence[int], op: str) -> np.ndarray:
         idx = np.asarray(list(pages) if not isinstance(pages, np.ndarray) else pages, np.int64).reshape(-1)
