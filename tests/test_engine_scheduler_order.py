@@ -78,3 +78,37 @@ def test_without_caching_nothing_is_deferred_and_running_prefills_keep_their_ord
     assert step(sched) == [("A", 10), ("B", 6)]
     assert step(sched) == [("A", 1), ("B", 15)]
     assert sched.num_deferred_for_shared_prefix == 0
+
+
+def _shares_reference(running, tokens, n_cached, page):
+    """The definition: some running prefill shares whole pages with `tokens` (short of its last token) beyond
+    both what `tokens` has cached and what that prefill has computed."""
+    for other in running:
+        if other.num_computed >= len(other.prompt_token_ids):
+            continue
+        theirs = other.all_token_ids
+        common = next((i for i, (a, b) in enumerate(zip(theirs, tokens)) if a != b), min(len(theirs), len(tokens)))
+        shared = min(common, len(tokens) - 1) // page * page
+        if shared > n_cached and other.num_computed < shared:
+            return True
+    return False
+
+
+def test_shares_prefix_in_flight_matches_its_definition():
+    import random
+    rng = random.Random(0)
+    sched = make_scheduler()
+    for case in range(400):
+        base = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+        running = []
+        for i in range(rng.randrange(1, 4)):
+            cut = rng.randrange(len(base) + 1)
+            prompt = base[:cut] + [rng.randrange(4) for _ in range(rng.randrange(0, 12))] or [1]
+            req = Request(f"r{i}", prompt, SamplingParams(), seed=0, max_total_len=256)
+            req.num_computed = rng.randrange(len(prompt) + 1)
+            running.append(req)
+        sched.running = running
+        cut = rng.randrange(len(base) + 1)
+        tokens = base[:cut] + [rng.randrange(4) for _ in range(rng.randrange(0, 12))] or [2]
+        n_cached = rng.randrange(len(tokens) // PAGE + 1) * PAGE
+        assert sched._shares_prefix_in_flight(tokens, n_cached) == _shares_reference(running, tokens, n_cached, PAGE), case

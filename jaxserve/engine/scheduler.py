@@ -12,8 +12,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-import numpy as np
-
 from jaxserve.config import SchedulerConfig
 from jaxserve.engine.buckets import padding_cut, token_bucket
 from jaxserve.engine.request import Request, Status
@@ -31,14 +29,6 @@ class ScheduledBatch:
     @property
     def decode_only(self) -> bool:
         return all(n == 1 for _, n in self.entries)
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
 
 
 class Scheduler:
@@ -248,13 +238,15 @@ class Scheduler:
         return True
 
     def _shares_prefix_in_flight(self, tokens: list[int], n_cached: int) -> bool:
-        """True when a running request is still computing whole pages this one could reuse later."""
+        """True when a running request is still computing whole pages this one could reuse later: they agree on
+        a whole page beyond both what this one has cached and what the other has computed (and short of this
+        one's last token, which it computes itself). One list comparison per running prefill."""
+        cap = (len(tokens) - 1) // self.page_size * self.page_size
         for other in self.running:
             if other.num_computed >= len(other.prompt_token_ids):
                 continue
-            shared = common_prefix_len(other.index_tokens(other.all_token_ids), tokens)
-            shared = min(shared, len(tokens) - 1) // self.page_size * self.page_size
-            if shared > n_cached and other.num_computed < shared:
+            need = (max(n_cached, other.num_computed) // self.page_size + 1) * self.page_size
+            if need <= cap and other.index_tokens(other.all_token_ids[:need]) == tokens[:need]:
                 return True
         return False
 
