@@ -68,6 +68,20 @@ def workload(rng, groups, per_group, system_len, question_len, vocab):
     return prompts
 
 
+def record_steps(llm) -> list[list[int]]:
+    """Tokens per entry of every step `llm` schedules from now on (the step log the notes quote)."""
+    steps, schedule = [], llm.engine.scheduler.schedule
+
+    def logged():
+        batch = schedule()
+        if batch.entries:
+            steps.append([n for _, n in batch.entries])
+        return batch
+
+    llm.engine.scheduler.schedule = logged
+    return steps
+
+
 def run_setting(llm, prompts, params, sequential):
     """sequential: one request at a time (TTFT = its own prefill); else all submitted at once."""
     computed0 = llm.stats()["num_prefill_tokens_computed"]
@@ -113,7 +127,11 @@ def main(argv):
                         precompile(llm.engine)
                     run_setting(llm, warm, params, sequential)  # compile the shapes this mode uses
                     name = f"{'on' if caching else 'off'}/{'sequential' if sequential else 'batched'}"
+                    steps = record_steps(llm)
                     rows[name], out = run_setting(llm, prompts, params, sequential)
+                    rows[name]["steps"] = len(steps)
+                    if name == "on/batched":
+                        step_log = steps
                     assert tokens.setdefault(sequential, out) == out, "caching changed greedy output"
                     del llm
             rounds.append(rows)
@@ -134,6 +152,7 @@ def main(argv):
                                  throughput_ratio_on_off=statistics.median(x["tput"] for x in per_round))
         rows = {name: {k: statistics.median(rows[name][k] for rows in rounds) for k in rounds[0][name]}
                 for name in sorted(rounds[0], key=lambda n: (n.startswith("on"), n))}
+        results["on_batched_step_log"] = step_log  # the last round's: tokens per entry of each step
         results["shared_prefix"] = dict(rows=rows, rounds=rounds, summary=summary, config=dict(
             groups=FLAGS.groups, prompts_per_group=FLAGS.prompts_per_group, system_len=FLAGS.system_len,
             question_len=FLAGS.question_len, output_len=FLAGS.output_len, layers=FLAGS.layers,
@@ -147,6 +166,9 @@ def main(argv):
             print(f"{name:22s} {r['ttft_mean_s'] * 1e3:13.1f} {r['ttft_p50_s'] * 1e3:12.1f} "
                   f"{r['jct_mean_s'] * 1e3:12.1f} {r['throughput_tok_s']:8.0f} {r['hit_rate']:9.1%} "
                   f"{int(r['prefill_tokens_computed']):17d}")
+        print("on/batched, the last round's first steps (tokens per entry; decodes are 1s):")
+        for step in step_log[:8]:
+            print("  ", step)
         for mode, s in summary.items():
             print(f"{mode}: TTFT off/on {s['ttft_ratio_off_on']:.2f}x, ideal {s['ideal_ratio']:.2f}x "
                   f"({s['fraction_of_ideal']:.0%} of ideal; rounds "
