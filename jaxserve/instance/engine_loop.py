@@ -79,8 +79,7 @@ class EngineLoop:
         self.broken: str | None = None    # why the engine stopped working, once it has
         self.on_broken: Callable[[str], None] | None = None  # called once (engine thread) when it breaks
         self.load: dict = {}              # replaced (never mutated) after each step: safe to read anywhere
-        # While busy the load is refreshed at most every load_interval_s; always when idle. (Its free-page count
-        # once walked the prompt index, ~5 us per cached prefix on the engine thread; now one vector pass.)
+        # While busy the load is refreshed at most every load_interval_s; always when idle.
         self.load_interval_s = 0.05
         self._load_at = 0.0
         self.counters = dict(num_requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
