@@ -12,7 +12,7 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
-from jaxserve.engine.sampling import MAX_LOGPROBS, sample_extended, sample_tokens
+from jaxserve.engine.sampling import MAX_LOGPROBS, greedy_tokens, sample_extended, sample_tokens
 from jaxserve.model.decoder import forward_dense
 
 CFG = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -220,3 +220,21 @@ def test_neutral_extras_change_no_token():
     ext, _ = jax.jit(sample_extended)(logits, sampling, neutral_extras(4, 300), np.zeros(4, np.int32),
                                       np.zeros(4, bool))
     assert list(np.asarray(ext)) == list(plain)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (8, 258), (33, 8192)])
+def test_greedy_tokens_is_numpy_argmax(rows, vocab):
+    # numpy's argmax is the reference: the first index of the maximum, a NaN counting as the maximum.
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, vocab)).astype(np.float32)
+    x[0, vocab // 2] = x[0, vocab - 1] = 50.0  # a tie: the first wins
+    if rows > 1:
+        x[1, :] = -np.inf
+        x[-1, 3] = np.inf
+    if rows > 2:
+        x[2, vocab // 3] = x[2, vocab // 2] = np.nan
+        x[3, :] = 1.5
+        x[4, :] = np.round(x[4, :])  # many ties
+    got = np.asarray(greedy_tokens(jax.numpy.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))

@@ -29,7 +29,7 @@ import numpy as np
 from jaxserve.engine.buckets import MIN_TOKEN_BUCKET, token_bucket, token_buckets
 from jaxserve.engine.device_ops import DeviceOps, LocalOps
 from jaxserve.engine.request import PENDING
-from jaxserve.engine.sampling import (neutral_extras, sample_extended, sample_tokens, sampling_arrays,
+from jaxserve.engine.sampling import (greedy_tokens, neutral_extras, sample_extended, sample_tokens, sampling_arrays,
                                       sampling_extras)
 from jaxserve.engine.scheduler import ScheduledBatch
 from jaxserve.model.batch import AttentionBatch
@@ -91,7 +91,7 @@ def jitted_step(model_config, attention_impl: str, mesh=None):
         token_ids = jnp.where(prev_slots >= 0, last_tokens[jnp.maximum(prev_slots, 0)], token_ids)
         logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, batch,
                                        decode_only=decode_only, logits_indices=logits_indices)
-        greedy = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # = sample_tokens at T=0
+        greedy = greedy_tokens(logits.astype(jnp.float32))  # = sample_tokens at T=0
         return (greedy, logits, token_ids[logits_indices],
                 jnp.zeros_like(last_tokens).at[:greedy.shape[0]].set(greedy), kv_cache)
 

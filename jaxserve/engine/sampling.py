@@ -90,6 +90,15 @@ class SamplingParams:
                 or self.min_tokens > 0 or self.json_schema is not None)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """logits [S, V] -> i32[S]: each row's first index of its maximum (a NaN counts as the maximum), as
+    `jnp.argmax`. Two plain reductions instead of argmax's (value, index) one, which XLA:CPU runs as a scalar
+    loop: 32 x 8192 f32 0.62 -> 0.17 ms, 128 rows 2.4 -> 0.5 ms (`bench_cpu_ops`)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), ids, logits.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   seeds: jax.Array, output_index: jax.Array, min_p: jax.Array | None = None) -> jax.Array:
     """logits f32[S, V]; per-row temperature f32[S], top_k i32[S] (-1 off), top_p f32[S], seeds u32[S],
@@ -97,7 +106,7 @@ def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     argmax."""
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     sampling = temperature > 0
     # A full-vocabulary sort costs far more than the model step on CPU (32 x 32k rows: ~0.3 s), so each stage
     # runs only when some row in the batch needs it.

@@ -1,7 +1,7 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
-expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, and
-the decode attention before/after session 5.
+expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, the
+decode attention before/after session 5, and a greedy step's argmax vs two reductions (session 9).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -124,6 +124,15 @@ def _rows():
             lambda q, p: reference.decode_paged_attention_xla(q, kv, lens, p, sm_scale=0.1), q, narrow)))
         rows.append((what, "blocked, 128-page table", _ms(
             lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
+
+    # A greedy step's token choice over an 8k vocabulary: argmax (a (value, index) reduce) vs the engine's two
+    # plain reductions (session 9).
+    from jaxserve.engine.sampling import greedy_tokens
+    for seqs in (8, 32, 128):
+        logits = jnp.asarray(rs.randn(seqs, 8192).astype(np.float32))
+        what = f"greedy token of {seqs} rows x 8192 logits"
+        rows.append((what, "jnp.argmax", _ms(jax.jit(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)), logits)))
+        rows.append((what, "max, then min index of the max (greedy_tokens)", _ms(jax.jit(greedy_tokens), logits)))
     return rows
 
 
