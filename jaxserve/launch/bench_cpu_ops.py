@@ -1,7 +1,8 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
 expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, the
-decode attention before/after session 5, and a greedy step's argmax vs two reductions (session 9).
+decode attention before/after session 5 and its key-block size, and a greedy step's argmax vs two reductions
+(session 9).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -113,7 +114,7 @@ def _rows():
     # longest live sequence over one table width for every step (engine's path now: one compile per batch).
     rs = np.random.RandomState(2)
     kv = jnp.asarray(rs.randn(2048, 16, 2, 128).astype(np.float32))
-    for seqs, context in ((8, 300), (32, 600), (32, 1800)):
+    for seqs, context in ((8, 300), (32, 96), (32, 600), (32, 1800), (128, 300)):
         q = jnp.asarray(rs.randn(seqs, 2, 128).astype(np.float32))
         lens = jnp.full((seqs,), context, jnp.int32)
         bucket = 1 << (-(-context // 16) - 1).bit_length()
@@ -122,7 +123,10 @@ def _rows():
         what = f"CPU decode attention, {seqs} seqs x {context} tokens, one layer"
         rows.append((what, f"gather of the {bucket}-page bucket", _ms(
             lambda q, p: reference.decode_paged_attention_xla(q, kv, lens, p, sm_scale=0.1), q, narrow)))
-        rows.append((what, "blocked, 128-page table", _ms(
+        rows.append((what, "blocked, 128-page table, 64-key blocks (sessions 5-8)", _ms(
+            lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1, block_k=64),
+            q, wide)))
+        rows.append((what, f"blocked, 128-page table, {xla_attention.DECODE_BLOCK_K}-key blocks (default)", _ms(
             lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
 
     # A greedy step's token choice over an 8k vocabulary: argmax (a (value, index) reduce) vs the engine's two
