@@ -255,7 +255,7 @@ class SimInstance:
         budget = self._prefill_chunks(later, chunks, budget)
         decodes = [r for r in decodes if r in self.running]  # a chunk's pages may have preempted a decode
         budget += sum(n for r, n in chunks if r not in self.prefilling)
-        chunks[:] = [(r, n) for r, n in chunks if r in self.prefilling]
+        chunks = [(r, n) for r, n in chunks if r in self.prefilling]
         if self.preemptions == before:
             self._admit_waiting(chunks, budget)
         for r, n in chunks:
