@@ -222,6 +222,52 @@ def test_slot_tiles_taken_only_when_each_sequence_fits_a_tile_and_contexts_are_a
                                              jnp.asarray([num_live], jnp.int32), 32)) is taken
 
 
+@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks"])
+@pytest.mark.parametrize("seq", [(150, 150), (150, 195)], ids=["fresh", "over_context"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_lone_chunk_matches_oracle(dtype, seq, kw):
+    """The lone-chunk path (one live sequence: keys before the chunk in blocks with every row at once, then the
+    chunk's own keys in static causal row tiles), fed NaN in unused pages, padding rows and a dead slot, against
+    the oracle; and equal to the per-tile loop. 150 rows make two row tiles (LONE_BLOCK_Q 128), a context of 45
+    keys before the chunk with 16-key blocks makes the block loop run three times with a partial last block."""
+    rng = np.random.default_rng([seq[1], len(kw), 0 if dtype == jnp.float32 else 1])
+    args, oracle_args = make_batch(rng, [seq], num_kv_heads=2, group=2, head_dim=64, page_size=8, dtype=dtype,
+                                   extra_seqs=1, pad_tokens=5)
+    extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
+    run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
+                            block_k=16, slot_tiles=False, **extra)  # 155 tokens: below LONE_MIN_TOKENS, so forced
+    out, lse = run(lone_chunk=True)
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    tiled, tiled_lse = run(lone_chunk=False)
+    assert_close(out, tiled, dtype)
+    assert_lse_close(lse, tiled_lse, dtype)
+
+
+def test_lone_chunk_path_is_taken_only_for_one_live_sequence():
+    """With the path compiled, a step of several sequences still gets the per-tile loop's answer (the oracle's),
+    and one with a lone sequence gets the lone path's (bit-equal to calling it directly)."""
+    rng = np.random.default_rng(5)
+    many, many_oracle = make_batch(rng, [(40, 40), (30, 70), (1, 9)], num_kv_heads=1, group=2, head_dim=64,
+                                   page_size=8, dtype=jnp.float32, extra_seqs=1)
+    out = xla_attention.ragged_paged_attention_xla(*many, sm_scale=0.3, lone_chunk=True)
+    assert_close(out, ref_ragged(*many_oracle, sm_scale=0.3), jnp.float32)
+    lone, _ = make_batch(rng, [(60, 90)], num_kv_heads=1, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                         extra_seqs=1)
+    out = xla_attention.ragged_paged_attention_xla(*lone, sm_scale=0.3, lone_chunk=True, slot_tiles=False)
+    direct, _ = jax.jit(functools.partial(xla_attention.lone_chunk_attention, sm_scale=0.3, sliding_window=None,
+                                          soft_cap=None, block_q=16, sinks=None, kv_cache_dtype="auto",
+                                          layer=None))(*lone)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
+    # The engine hands the whole stacked cache and a layer: the same answer as that layer's pages alone.
+    stacked = jnp.stack([jnp.full_like(lone[1], jnp.nan), lone[1]])
+    layered = xla_attention.ragged_paged_attention_xla(lone[0], stacked, *lone[2:], sm_scale=0.3, lone_chunk=True,
+                                                       slot_tiles=False, layer=1)
+    np.testing.assert_array_equal(np.asarray(layered), np.asarray(direct))
+
+
 @pytest.mark.parametrize("block_q,pages_per_block", [(None, None), (1, 1), (16, 4)])
 def test_ragged_tilings_dead_sequences_and_empty_queries(block_q, pages_per_block):
     """Tile / KV-block sizes that do and do not divide the lengths; a live sequence with q_len 0;

@@ -125,6 +125,17 @@ def test_quantized_slot_tiles_match_oracle_on_dequantized_pages(fmt):
 
 
 @pytest.mark.parametrize("fmt", QUANT)
+def test_quantized_lone_chunk_matches_oracle_on_dequantized_pages(fmt):
+    """The CPU path's lone chunk (one live sequence, 40 keys before a 30-row chunk) reading quantized pages,
+    against the oracle on the dequantized pages."""
+    _, _, qargs, dq_args = _batch(3, fmt, [(30, 70)], num_kv_heads=2, group=2, head_dim=32, page_size=8,
+                                  extra_seqs=1)
+    xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_k=16, kv_cache_dtype=fmt,
+                                                   lone_chunk=True, slot_tiles=False)
+    assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
+
+
+@pytest.mark.parametrize("fmt", QUANT)
 def test_quantized_decode_paths_match_oracle(fmt):
     """Decode: the engine's XLA decode path and the flash-decoding Pallas kernel (several KV splits)."""
     seqs = [(1, 19), (1, 8), (1, 30)]

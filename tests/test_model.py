@@ -178,6 +178,27 @@ def test_chunked_prefill_mixed_with_other_sequence_matches_dense(loaded):
     assert not np.asarray(cache)[:, untouched].any()
 
 
+def test_long_lone_chunks_match_transformers(loaded):
+    """A 240-token prompt in two 256-token steps with one live sequence each (the CPU attention's lone-chunk
+    path: 150 rows from scratch, then 90 rows over those 150 keys, pages out of order): every row's logits
+    equal transformers'."""
+    m = loaded("llama")
+    prompt = _prompt(8, 240)
+    pages = 64
+    table = np.random.RandomState(9).permutation(np.arange(1, pages + 1)).astype(np.int32)
+    cache = jnp.zeros(kv_cache_shape(m.config, pages + 1, PAGE_SIZE), jnp.float32)
+    rows = []
+    for lo, hi in ((0, 150), (150, 240)):
+        batch, positions = make_attention_batch([hi - lo], [hi], [table], page_size=PAGE_SIZE, num_tokens=256,
+                                                max_seqs=8, pages_per_seq=pages)
+        token_ids = np.zeros(256, np.int32)
+        token_ids[:hi - lo] = prompt[lo:hi]
+        logits, cache = m.prefill(m.params, jnp.asarray(token_ids), jnp.asarray(positions), cache,
+                                  AttentionBatch(*map(jnp.asarray, batch)), jnp.arange(hi - lo, dtype=jnp.int32))
+        rows.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(rows), m.hf_logits(prompt[None])[0], **F32_TOL)
+
+
 def test_bfloat16(loaded):
     """bf16 weights and activations (norms, softmax and logits in f32) against transformers in bf16:
     atol 0.1 on logits of magnitude ~5, and the same argmax at >= 90% of positions."""

@@ -62,10 +62,12 @@ def _normalize(m, l, acc):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
-                                             "block_k", "kv_cache_dtype", "layer", "slot_tiles"))
+                                             "block_k", "kv_cache_dtype", "layer", "slot_tiles",
+                                             "lone_chunk"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
-                               sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=None):
+                               sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=None,
+                               lone_chunk=None):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf).
@@ -74,7 +76,9 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     (`use_slot_tiles`), take `slot_tiles_attention` instead of the per-tile loop (a burst of short suffixes
     over a shared prefix, one layer: 2.9 -> 1.7-2.6 ms; `jaxserve.launch.bench_cpu_ops` has the A/B). None:
     for steps of at least SLOT_MIN_TOKENS tokens (the branch is compiled beside the loop, so smaller steps,
-    where it gains little, do not pay for its compile); True: any step; False: never."""
+    where it gains little, do not pay for its compile); True: any step; False: never. `lone_chunk` (static):
+    likewise for `lone_chunk_attention`, taken when the step holds one live sequence; None: for steps of
+    LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
     validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -89,12 +93,97 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
                               block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
     if slot_tiles is None:
         slot_tiles = q.shape[0] >= SLOT_MIN_TOKENS
+    if lone_chunk is None:
+        lone_chunk = LONE_MIN_TOKENS <= q.shape[0] <= LONE_MAX_TOKENS
+    # Each path beside the per-tile loop is compiled only where it can be taken, and chosen at run time.
+    paths, choices = [tiled], []
     if slot_tiles and sliding_window is None and page_indices.shape[0] > 1:
-        use = use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q)
-        out, lse = jax.lax.cond(use, functools.partial(slot_tiles_attention, block_k=block_k, **kw), tiled, *args)
+        paths.append(functools.partial(slot_tiles_attention, block_k=block_k, **kw))
+        choices.append(use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q))
+    if lone_chunk and sliding_window is None:
+        paths.append(functools.partial(lone_chunk_attention, block_k=block_k, **kw))
+        choices.append(num_seqs[0] == 1)
+    if choices:
+        # The last path whose choice holds (never both: with one live sequence among several slots, its keys are
+        # far fewer than slots x its context, so the slot tiles decline).
+        index = jnp.int32(0)
+        for i, choice in enumerate(choices, 1):
+            index = jnp.where(choice, i, index)
+        out, lse = jax.lax.switch(index, paths, *args)
     else:
         out, lse = tiled(*args)
     return (out, lse) if return_lse else out
+
+
+# Steps (padded tokens) that compile the lone-chunk path by default: below, the loop costs little; at 2048 the
+# two paths take the same time (attention is then dot-bound) and the unrolled row tiles would only grow the program.
+LONE_MIN_TOKENS, LONE_MAX_TOKENS = 256, 1024
+# Query rows per tile of the lone-chunk path. One layer, least of 30 (probe in docs/notes-issue-14.md, session 10),
+# per-tile loop vs this path at 64 / 128 / 256 rows: 256 tokens 1.2 vs 0.72 / 0.69 / 0.73 ms, 512 tokens 3.1 vs
+# 1.55 / 1.58 / 1.58, 1024 tokens 9.2 vs 7.7 / 5.2 / 4.9, 2048 tokens 33 vs 34 / 33 / 31.
+LONE_BLOCK_Q = 256
+
+
+def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
+                         soft_cap, block_q, sinks, kv_cache_dtype, layer, block_k=None):
+    """Same contract as `ragged_paged_attention_xla` (out and lse) when the step holds one live sequence (a
+    prompt's chunk, over any earlier context): every row sees the keys before the chunk, visited in blocks of
+    `block_k` with all rows at once; then the chunk's own keys are gathered once, row by row, and each static
+    tile of LONE_BLOCK_Q rows takes the causal triangle up to its last row in one block. A few big ops instead of
+    a loop over small tiles. No sliding window (the caller keeps those on the per-tile loop)."""
+    del sliding_window, block_q
+    num_tokens, num_q_heads, head_dim = q.shape
+    pages_per_seq = page_indices.shape[1]
+    layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
+    page_size, num_kv_heads = layer_shape[1], layer_shape[2] // 2
+    group = num_q_heads // num_kv_heads
+    pages_per_block = max(1, min(pages_per_seq, (block_k or default_block_k(pages_per_seq * page_size)) // page_size))
+    block_k = pages_per_block * page_size
+    table = jnp.pad(page_indices[0], (0, pages_per_block))  # page 0 pads; its keys sit past the chunk's start
+
+    def rows_of(pages, offsets):
+        """K, V [n, Hkv, D] of the cache rows at (pages, offsets), dequantized."""
+        kv = kv_pages[pages, offsets] if layer is None else kv_pages[layer, pages, offsets]
+        return _split_kv(kv_quant.dequantize(kv, kv_cache_dtype, q.dtype))
+
+    q_len = cu_q_lens[1] - cu_q_lens[0]
+    start = kv_lens[0] - q_len                                     # keys before the chunk
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    q_pos = start + jnp.arange(num_tokens)                         # [T]
+    row_live = jnp.arange(num_tokens) < q_len
+
+    def before(b, carry):
+        pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block)
+        r = jnp.arange(block_k)
+        k, v = rows_of(pages[r // page_size], r % page_size)
+        k_pos = b * block_k + r
+        valid = k_pos < start
+        s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, None)
+        return _accumulate(carry, s, mask, jnp.where(valid[:, None, None], v, 0), "hgqk,khd->hgqd")
+
+    carry = (jnp.full((num_kv_heads, group, num_tokens), MASK_VALUE, jnp.float32),
+             jnp.zeros((num_kv_heads, group, num_tokens), jnp.float32),
+             jnp.zeros((num_kv_heads, group, num_tokens, head_dim), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, (start + block_k - 1) // block_k, before, carry)
+
+    # The chunk's own keys (padding rows clamp into the table and are masked).
+    pos = jnp.minimum(q_pos, pages_per_seq * page_size - 1)
+    k, v = rows_of(page_indices[0][pos // page_size], pos % page_size)
+    v = jnp.where(row_live[:, None, None], v, 0)  # unused pages may hold NaN
+    outs, lses = [], []
+    for t0 in range(0, num_tokens, LONE_BLOCK_Q):
+        t1 = min(num_tokens, t0 + LONE_BLOCK_Q)
+        s, mask = masked_scores(qg[t0:t1], k[:t1], q_pos[t0:t1], q_pos[:t1], row_live[:t1], sm_scale, soft_cap, None)
+        out, lse = _normalize(*_accumulate((m[..., t0:t1], l[..., t0:t1], acc[..., t0:t1, :]), s, mask, v[:t1],
+                                           "hgqk,khd->hgqd"))
+        outs.append(out)
+        lses.append(lse)
+    out = jnp.transpose(jnp.concatenate(outs, axis=2), (2, 0, 1, 3)).reshape(num_tokens, num_q_heads, head_dim)
+    lse = jnp.transpose(jnp.concatenate(lses, axis=2), (2, 0, 1)).reshape(num_tokens, num_q_heads)
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks)
+    out = jnp.where(row_live[:, None, None], out, 0).astype(q.dtype)
+    return out, jnp.where(row_live[:, None], lse, -jnp.inf)
 
 
 # Keys per block of the slot-tile path, and of its tail: one big block where the context allows, then small

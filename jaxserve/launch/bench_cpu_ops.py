@@ -1,8 +1,8 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
 expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, the
-decode attention before/after session 5 and its key-block size, and a greedy step's argmax vs two reductions
-(session 9).
+decode attention before/after session 5 and its key-block size, a greedy step's argmax vs two reductions
+(session 9), and a lone prompt chunk's attention with and without the lone-chunk path (session 10).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -92,9 +92,23 @@ def _rows():
         batch = [jnp.asarray(v) for v in batch][2:]
         for block_k in (256, 512):
             fn = jax.jit(lambda q, kv, *bb, bk=block_k: xla_attention.ragged_paged_attention_xla(
-                q, kv, *bb, sm_scale=0.1, block_k=bk))
-            rows.append((f"CPU attention, {length}-token prefill, one layer", f"block_k {block_k}",
+                q, kv, *bb, sm_scale=0.1, block_k=bk, lone_chunk=False))
+            rows.append((f"CPU attention, {length}-token prefill, one layer", f"per-tile loop, block_k {block_k}",
                          _ms(fn, q, kv, *batch)))
+
+    # A step of one prompt's chunk (the engine's 128-page table, 8 slots): the per-tile loop vs the lone-chunk
+    # path the kernel takes for it (session 10), from scratch and over 512 earlier keys.
+    kv = jnp.asarray(np.random.RandomState(5).randn(130, 16, 2, 128).astype(np.float32))
+    for chunk, before in ((256, 0), (512, 0), (1024, 0), (512, 512)):
+        batch, _ = make_attention_batch([chunk], [chunk + before], [list(range(1, 129))], page_size=16,
+                                        num_tokens=chunk, max_seqs=8, pages_per_seq=128)
+        q = jnp.asarray(np.random.RandomState(6).randn(chunk, 2, 128).astype(np.float32))
+        batch = [jnp.asarray(v) for v in batch][2:]
+        for lone in (False, True):
+            fn = jax.jit(lambda q, kv, *bb, lc=lone: xla_attention.ragged_paged_attention_xla(
+                q, kv, *bb, sm_scale=0.1, lone_chunk=lc))
+            rows.append((f"CPU attention, one {chunk}-token chunk over {before} earlier keys, one layer",
+                         "lone chunk" if lone else "per-tile loop", _ms(fn, q, kv, *batch)))
 
     # A burst's step: 7 suffixes of 32 tokens over a 512-token cached prefix (a 256-token bucket, 8 slots, the
     # engine's 128-page table): the per-tile loop vs the slot-tile path the kernel takes for it.
