@@ -28,11 +28,13 @@ from jaxserve.kernels import kv_quant
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def masked_scores(qg, k, q_pos, k_pos, k_valid, sm_scale: float, soft_cap, sliding_window):
-    """Attention scores f32[Hkv, group, Q, K] of grouped queries qg [Q, Hkv, group, D] against keys k [K, Hkv, D]:
+def masked_scores(qg, k, q_pos, k_pos, k_valid, sm_scale: float, soft_cap, sliding_window, heads_first=False):
+    """Attention scores f32[Hkv, group, Q, K] of grouped queries qg [Q, Hkv, group, D] (with `heads_first`:
+    [Hkv, group, Q, D], the dot's own layout, which saves XLA:CPU a transpose per call) against keys k [K, Hkv, D]:
     scaled, soft-capped (soft_cap), and MASK_VALUE where a key is invalid (k_valid), after its query (causal by
     position) or outside the sliding window; and that mask bool[Q, K]."""
-    s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    spec = "hgqd,khd->hgqk" if heads_first else "qhgd,khd->hgqk"
+    s = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     mask = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])

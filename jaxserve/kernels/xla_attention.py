@@ -148,7 +148,7 @@ def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
 
     q_len = cu_q_lens[1] - cu_q_lens[0]
     start = kv_lens[0] - q_len                                     # keys before the chunk
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    qh = jnp.transpose(q.reshape(num_tokens, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, T, D]
     q_pos = start + jnp.arange(num_tokens)                         # [T]
     row_live = jnp.arange(num_tokens) < q_len
 
@@ -158,7 +158,7 @@ def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
         k, v = rows_of(pages[r // page_size], r % page_size)
         k_pos = b * block_k + r
         valid = k_pos < start
-        s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, None)
+        s, mask = masked_scores(qh, k, q_pos, k_pos, valid, sm_scale, soft_cap, None, heads_first=True)
         return _accumulate(carry, s, mask, jnp.where(valid[:, None, None], v, 0), "hgqk,khd->hgqd")
 
     carry = (jnp.full((num_kv_heads, group, num_tokens), MASK_VALUE, jnp.float32),
@@ -173,7 +173,8 @@ def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
     outs, lses = [], []
     for t0 in range(0, num_tokens, LONE_BLOCK_Q):
         t1 = min(num_tokens, t0 + LONE_BLOCK_Q)
-        s, mask = masked_scores(qg[t0:t1], k[:t1], q_pos[t0:t1], q_pos[:t1], row_live[:t1], sm_scale, soft_cap, None)
+        s, mask = masked_scores(qh[:, :, t0:t1], k[:t1], q_pos[t0:t1], q_pos[:t1], row_live[:t1], sm_scale, soft_cap,
+                                None, heads_first=True)
         out, lse = _normalize(*_accumulate((m[..., t0:t1], l[..., t0:t1], acc[..., t0:t1, :]), s, mask, v[:t1],
                                            "hgqk,khd->hgqd"))
         outs.append(out)
@@ -230,7 +231,8 @@ def slot_tiles_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
     r = jnp.arange(block_q)
     rows = cu_q_lens[:-1, None] + r[None, :]                                     # [S, bq]
     row_live = r[None, :] < q_lens[:, None]
-    qs = q[jnp.minimum(rows, num_tokens - 1)].reshape(max_seqs, block_q, num_kv_heads, group, head_dim)
+    qs = jnp.transpose(q[jnp.minimum(rows, num_tokens - 1)].reshape(max_seqs, block_q, num_kv_heads, group, head_dim),
+                       (0, 2, 3, 1, 4))                                          # [S, Hkv, G, bq, D]
     q_pos = kv_len[:, None] - q_lens[:, None] + r[None, :]                       # [S, bq]
     top = jnp.max(kv_len)
 
@@ -243,7 +245,7 @@ def slot_tiles_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
                                                  kv_cache_dtype, q.dtype))
             k_pos = k0 + jnp.arange(keys)
             valid = k_pos < n
-            s, mask = masked_scores(qg, k, pos, k_pos, valid, sm_scale, soft_cap, None)
+            s, mask = masked_scores(qg, k, pos, k_pos, valid, sm_scale, soft_cap, None, heads_first=True)
             v = jnp.where(valid[:, None, None], v, 0)  # unused pages may hold NaN
             return _accumulate(c, s, mask, v, "hgqk,khd->hgqd")
         return jax.vmap(one_slot)(qs, q_pos, kv_len, table, carry)
@@ -296,10 +298,10 @@ def _tiled_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
     first_tile = tile_end[tile_seq] - tiles_per_seq[tile_seq]
     row0 = cu_q_lens[tile_seq] + (tile_ids - first_tile) * block_q
     q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
+    q_pad = jnp.transpose(q_pad.reshape(-1, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, T + bq, D]
 
     def live_tile(seq, r0, row_live):
-        qt = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=0)
-        qg = qt.reshape(block_q, num_kv_heads, group, head_dim)
+        qg = jax.lax.dynamic_slice_in_dim(q_pad, jnp.minimum(r0, num_tokens), block_q, axis=2)
         kv_len = kv_lens[seq]
         q_pos = kv_len - q_lens[seq] + r0 + jnp.arange(block_q) - cu_q_lens[seq]  # [bq]
         top = jnp.max(jnp.where(row_live, q_pos, 0))
@@ -316,7 +318,7 @@ def _tiled_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
             k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
-            s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window)
+            s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window, heads_first=True)
             # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
             v = jnp.where(valid[:, None, None], v, 0)
             return _accumulate(carry, s, mask, v, "hgqk,khd->hgqd")
