@@ -70,6 +70,24 @@ def test_no_compilation_after_precompile_for_a_mixed_workload():
     assert COUNTER.count == 0, f"{COUNTER.count} compilations after precompile"
 
 
+def test_warm_runs_touch_only_the_sink_page_and_change_no_output():
+    """`precompile` runs every step program on sink-page inputs (one live sequence, every slot live): afterwards
+    every page but the sink is as allocated (zeros), no page is taken, and greedy outputs equal those of an
+    engine that never precompiled."""
+    kw = dict(model=CFG, page_size=8, num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, seed=0,
+              compilation_cache="off", max_model_len=256)
+    warm, plain = LLM(**kw), LLM(**kw)
+    free = warm.engine.pool.num_free_pages()
+    precompile(warm.engine)
+    assert warm.engine.pool.num_free_pages() == free
+    assert not np.asarray(warm.engine.pool.kv_cache)[:, 1:].any(), "a warm run wrote outside the sink page"
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(0, 256, n)) for n in (3, 40, 64, 100)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in warm.generate(prompts, params)] == [o.token_ids for o in plain.generate(prompts,
+                                                                                                         params)]
+
+
 def test_start_profile_is_kept_next_to_the_compilation_cache(tmp_path):
     """A restart with the same engine and the same compilation-cache folder reuses the start-up profile; any
     change to what the timings depend on (here the points, the engine config) names another file."""

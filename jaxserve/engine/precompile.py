@@ -55,6 +55,24 @@ def dummy_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_s
     return StepInputs(decode_only, z(num_tokens), no_previous, z(num_tokens), attn, z(num_slots), sampling, extra)
 
 
+def warm_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_seq: int, live: int, page_size: int,
+                *variant, vocab_size: int = 0) -> StepInputs:
+    """A step of the given shape with `live` sequences of num_tokens // live tokens each (decode: one), every
+    page of every table the sink page 0: it reads and writes only the sink, but runs the attention branch a
+    real step of that make-up takes (one live prompt chunk, or every slot alike)."""
+    inputs = dummy_inputs(decode_only, num_tokens, num_slots, pages_per_seq, *variant, vocab_size=vocab_size)
+    q_len = 1 if decode_only else num_tokens // live
+    pos = np.tile(np.arange(q_len, dtype=np.int32), live)
+    attn = inputs.attn
+    attn.slot_offsets[:len(pos)] = pos % page_size
+    attn.kv_lens[:live] = q_len
+    attn.cu_q_lens[:] = q_len * np.minimum(np.arange(num_slots + 1), live)
+    attn.num_seqs[0] = live
+    inputs.positions[:len(pos)] = pos
+    inputs.logits_indices[:live] = q_len * np.arange(1, live + 1) - 1
+    return inputs
+
+
 def precompile_steps(runner, shapes=None, progress=None, workers: int | None = None) -> int:
     """Compiles every program in `shapes` (default `step_shapes(runner)`) not yet seen. A single-device runner
     compiles them ahead into executables, `workers` at a time (default: $JAXSERVE_COMPILE_WORKERS, else the
@@ -66,7 +84,19 @@ def precompile_steps(runner, shapes=None, progress=None, workers: int | None = N
     if runner.can_compile_ahead:
         if workers is None:
             workers = int(os.environ.get("JAXSERVE_COMPILE_WORKERS", 0)) or min(2, os.cpu_count() or 1)
-        return runner.compile_ahead(todo, lambda key: dummy_inputs(*key, vocab_size=vocab), workers, progress)
+        runner.compile_ahead(todo, lambda key: dummy_inputs(*key, vocab_size=vocab), workers, progress)
+        # A program's first run costs far more than later ones (XLA:CPU materialises code on first use: a
+        # first 544-token prompt after start-up 121 vs 42 ms, docs/notes-issue-14.md, session 10), so each step
+        # runs here on sink-page inputs: once with one live sequence and once with every slot live.
+        ps = runner.page_size
+        for key in todo:
+            if key[0] in SAMPLERS:
+                step = next(k for k in runner.step_keys() if k[2] == key[1])
+                runner.submit(warm_inputs(*step, step[2], ps, key[0], vocab_size=vocab))
+            else:
+                for live in sorted({1, min(key[1], key[2])}):
+                    runner.submit(warm_inputs(*key, live, ps, vocab_size=vocab))
+        return len(todo)
     runs = []
     for key in todo:
         if key[0] in SAMPLERS:  # a sampler runs after a step with that many slots
