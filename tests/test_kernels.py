@@ -179,6 +179,19 @@ def test_xla_ragged_matches_oracle(dtype, block_q, block_k, kw):
     assert_lse_close(lse, ref_lse, dtype)
 
 
+def assert_path_matches_oracle_and_loop(run, path: str, oracle_args, extra, dtype):
+    """`run(**{path: True})` (a CPU attention path forced on) against the oracle, and equal to the per-tile loop
+    (`run(**{path: False})`), outputs and lse."""
+    out, lse = run(**{path: True})
+    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    tiled, tiled_lse = run(**{path: False})
+    assert_close(out, tiled, dtype)
+    assert_lse_close(lse, tiled_lse, dtype)
+
+
 # A burst of short suffixes over alike contexts: every live sequence fits one 8-row tile (one live
 # sequence with q_len 0), so the public function takes the slot-tile path.
 SLOT_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
@@ -198,14 +211,7 @@ def test_slot_tiles_match_oracle(dtype, block_k, kw):
     assert bool(xla_attention.use_slot_tiles(args[2], args[4], args[5], 8))
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
                             block_q=8, block_k=block_k, **extra)  # 33 tokens: below SLOT_MIN_TOKENS, so forced
-    out, lse = run(slot_tiles=True)
-    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype)
-    assert_lse_close(lse, ref_lse, dtype)
-    tiled, tiled_lse = run(slot_tiles=False)
-    assert_close(out, tiled, dtype)
-    assert_lse_close(lse, tiled_lse, dtype)
+    assert_path_matches_oracle_and_loop(run, "slot_tiles", oracle_args, extra, dtype)
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,num_live,taken", [
@@ -222,9 +228,10 @@ def test_slot_tiles_taken_only_when_each_sequence_fits_a_tile_and_contexts_are_a
                                              jnp.asarray([num_live], jnp.int32), 32)) is taken
 
 
-@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks"])
-@pytest.mark.parametrize("seq", [(150, 150), (150, 195)], ids=["fresh", "over_context"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype,seq,kw", [
+    (jnp.float32, (150, 150), "plain"), (jnp.float32, (150, 195), "plain"), (jnp.bfloat16, (150, 195), "plain"),
+    (jnp.float32, (150, 195), "soft_cap"), (jnp.bfloat16, (150, 150), "sinks"), (jnp.float32, (150, 195), "sinks"),
+], ids=["f32-fresh", "f32-over_context", "bf16-over_context", "f32-soft_cap", "bf16-fresh-sinks", "f32-sinks"])
 def test_lone_chunk_matches_oracle(dtype, seq, kw):
     """The lone-chunk path (one live sequence: keys before the chunk in blocks with every row at once, then the
     chunk's own keys in static causal row tiles), fed NaN in unused pages, padding rows and a dead slot, against
@@ -236,14 +243,7 @@ def test_lone_chunk_matches_oracle(dtype, seq, kw):
     extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
                             block_k=16, slot_tiles=False, **extra)  # 155 tokens: below LONE_MIN_TOKENS, so forced
-    out, lse = run(lone_chunk=True)
-    ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype)
-    assert_lse_close(lse, ref_lse, dtype)
-    tiled, tiled_lse = run(lone_chunk=False)
-    assert_close(out, tiled, dtype)
-    assert_lse_close(lse, tiled_lse, dtype)
+    assert_path_matches_oracle_and_loop(run, "lone_chunk", oracle_args, extra, dtype)
 
 
 def test_lone_chunk_path_is_taken_only_for_one_live_sequence():
