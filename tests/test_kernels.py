@@ -242,7 +242,7 @@ def test_lone_chunk_matches_oracle(dtype, seq, kw):
                                    extra_seqs=1, pad_tokens=5)
     extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
-                            block_k=16, slot_tiles=False, **extra)  # 155 tokens: below LONE_MIN_TOKENS, so forced
+                            block_k=16, slot_tiles=False, **extra)  # forced on, then off
     assert_path_matches_oracle_and_loop(run, "lone_chunk", oracle_args, extra, dtype)
 
 

@@ -115,9 +115,10 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     return (out, lse) if return_lse else out
 
 
-# Steps (padded tokens) that compile the lone-chunk path by default: below, the loop costs little; at 2048 the
-# two paths take the same time (attention is then dot-bound) and the unrolled row tiles would only grow the program.
-LONE_MIN_TOKENS, LONE_MAX_TOKENS = 256, 1024
+# Steps (padded tokens) that compile the lone-chunk path by default. It wins from 32 tokens (a cached suffix: 32
+# over 544 keys 0.74 -> 0.40 ms a layer, 64 over 832 1.70 -> 0.81; at 16 tokens the two are equal); at 2048 both
+# take the same time (attention is then dot-bound) and the unrolled row tiles would only grow the program.
+LONE_MIN_TOKENS, LONE_MAX_TOKENS = 32, 1024
 # Query rows per tile of the lone-chunk path. One layer, least of 30 (probe in docs/notes-issue-14.md, session 10),
 # per-tile loop vs this path at 64 / 128 / 256 rows: 256 tokens 1.2 vs 0.72 / 0.69 / 0.73 ms, 512 tokens 3.1 vs
 # 1.55 / 1.58 / 1.58, 1024 tokens 9.2 vs 7.7 / 5.2 / 4.9, 2048 tokens 33 vs 34 / 33 / 31.
