@@ -5,9 +5,10 @@ Queries are cut into tiles of `block_q` rows that never cross a sequence; each l
 softmax over its own sequence's keys in blocks of `block_k`, visiting only the blocks its rows can see
 (causal bound above, sliding window below; a `fori_loop` with traced bounds), so a prefill of L tokens costs
 ~L^2/2 key visits, not L x (bucketed pages x page_size). Padding tiles (unused slots of a shape bucket) are
-skipped with `lax.cond`. When every sequence of the step fits one tile and their contexts are alike (a burst of
-suffixes over a shared prefix), the slots run together instead (`slot_tiles_attention`): on CPU each op in a
-loop costs a dispatch, so a few big batched key blocks beat many per-tile ones.
+skipped with `lax.cond`. On CPU each op in a loop costs a dispatch, so two paths with fewer, bigger blocks are
+chosen at run time where they apply: when every sequence of the step fits one tile and their contexts are alike
+(a burst of suffixes over a shared prefix) the slots run together (`slot_tiles_attention`); when the step holds
+one live sequence (a prompt's chunk, cached prefix or not) its rows run together (`lone_chunk_attention`).
 """
 
 from __future__ import annotations
