@@ -73,6 +73,11 @@ def warm_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_se
     return inputs
 
 
+def _step_before(runner, sampler_key: tuple) -> tuple:
+    """A step key with the sampler's slot count: a sampler runs after such a step."""
+    return next(k for k in runner.step_keys() if k[2] == sampler_key[1])
+
+
 def precompile_steps(runner, shapes=None, progress=None, workers: int | None = None) -> int:
     """Compiles every program in `shapes` (default `step_shapes(runner)`) not yet seen. A single-device runner
     compiles them ahead into executables, `workers` at a time (default: $JAXSERVE_COMPILE_WORKERS, else the
@@ -91,7 +96,7 @@ def precompile_steps(runner, shapes=None, progress=None, workers: int | None = N
         ps = runner.page_size
         for key in todo:
             if key[0] in SAMPLERS:
-                step = next(k for k in runner.step_keys() if k[2] == key[1])
+                step = _step_before(runner, key)
                 runner.submit(warm_inputs(*step, step[2], ps, key[0], vocab_size=vocab))
             else:
                 for live in sorted({1, min(key[1], key[2])}):
@@ -99,8 +104,8 @@ def precompile_steps(runner, shapes=None, progress=None, workers: int | None = N
         return len(todo)
     runs = []
     for key in todo:
-        if key[0] in SAMPLERS:  # a sampler runs after a step with that many slots
-            step = next(k for k in runner.step_keys() if k[2] == key[1])
+        if key[0] in SAMPLERS:
+            step = _step_before(runner, key)
             runs.append(dummy_inputs(*step, key[0], vocab_size=vocab))
         else:
             runs.append(dummy_inputs(*key, vocab_size=vocab))

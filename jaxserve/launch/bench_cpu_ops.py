@@ -97,9 +97,9 @@ def _rows():
                          _ms(fn, q, kv, *batch)))
 
     # A step of one prompt's chunk (the engine's 128-page table, 8 slots): the per-tile loop vs the lone-chunk
-    # path the kernel takes for it (session 10), from scratch and over 512 earlier keys.
+    # path the kernel takes for it (session 10): cached suffixes, from scratch, and over 512 earlier keys.
     kv = jnp.asarray(np.random.RandomState(5).randn(130, 16, 2, 128).astype(np.float32))
-    for chunk, before in ((256, 0), (512, 0), (1024, 0), (512, 512)):
+    for chunk, before in ((32, 512), (64, 768), (256, 0), (512, 0), (1024, 0), (512, 512)):
         batch, _ = make_attention_batch([chunk], [chunk + before], [list(range(1, 129))], page_size=16,
                                         num_tokens=chunk, max_seqs=8, pages_per_seq=128)
         q = jnp.asarray(np.random.RandomState(6).randn(chunk, 2, 128).astype(np.float32))
