@@ -180,8 +180,8 @@ def test_xla_ragged_matches_oracle(dtype, block_q, block_k, kw):
 
 
 def assert_path_matches_oracle_and_loop(run, path: str, oracle_args, extra, dtype):
-    """`run(**{path: True})` (a CPU attention path forced on) against the oracle, and equal to the per-tile loop
-    (`run(**{path: False})`), outputs and lse."""
+    """`run(**{path: True})` (a CPU attention path forced on) against the oracle, and equal to the path it stands
+    in for (`run(**{path: False})`), outputs and lse."""
     out, lse = run(**{path: True})
     ref, ref_lse = ref_ragged(*oracle_args, sm_scale=0.3, return_lse=True, **extra)
     assert out.dtype == dtype
@@ -190,6 +190,28 @@ def assert_path_matches_oracle_and_loop(run, path: str, oracle_args, extra, dtyp
     tiled, tiled_lse = run(**{path: False})
     assert_close(out, tiled, dtype)
     assert_lse_close(lse, tiled_lse, dtype)
+
+
+# A mixed step: decodes, cached suffixes, a prompt chunk over earlier keys, a fresh prompt, a live sequence
+# with q_len 0. With 4-row windows and 16-key blocks every sequence spans several blocks, the longer ones
+# several windows, and windows run past their sequence into the next one's rows.
+MIXED_SEQS = [(1, 40), (9, 45), (1, 17), (30, 52), (0, 12), (1, 1), (13, 13)]
+
+
+@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks", "window5", "window20"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_sequence_blocks_match_oracle_and_the_per_tile_loop(dtype, kw):
+    """The general path (each sequence's key blocks gathered once, run over its rows in windows) on a mixed
+    step fed NaN in unused pages, padding rows and dead slots, against the oracle; and equal to the per-tile
+    loop it replaced. Sliding windows of 5 and 20 keys leave whole blocks and windows unvisited."""
+    rng = np.random.default_rng([len(kw), 0 if dtype == jnp.float32 else 1])
+    args, oracle_args = make_batch(rng, MIXED_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
+                                   dtype=dtype, extra_seqs=2, pad_tokens=6)
+    extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4)),
+                 window5=dict(sliding_window=5), window20=dict(sliding_window=20)).get(kw, {})
+    run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
+                            block_q=4, block_k=16, slot_tiles=False, lone_chunk=False, **extra)
+    assert_path_matches_oracle_and_loop(run, "sequence_blocks", oracle_args, extra, dtype)
 
 
 # A burst of short suffixes over alike contexts: every live sequence fits one 8-row tile (one live
@@ -202,7 +224,7 @@ SLOT_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_slot_tiles_match_oracle(dtype, block_k, kw):
     """The slot-tile path (all slots together, big key blocks then small ones), fed NaN in unused pages,
-    padding rows and a dead slot, against the oracle; and equal to the per-tile loop. block_k 16 makes
+    padding rows and a dead slot, against the oracle; and equal to the general path. block_k 16 makes
     both key loops run (44 keys: two 16-key blocks, then a tail)."""
     rng = np.random.default_rng([block_k or 0, len(kw), 0 if dtype == jnp.float32 else 1])
     args, oracle_args = make_batch(rng, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
@@ -235,7 +257,7 @@ def test_slot_tiles_taken_only_when_each_sequence_fits_a_tile_and_contexts_are_a
 def test_lone_chunk_matches_oracle(dtype, seq, kw):
     """The lone-chunk path (one live sequence: keys before the chunk in blocks with every row at once, then the
     chunk's own keys in static causal row tiles), fed NaN in unused pages, padding rows and a dead slot, against
-    the oracle; and equal to the per-tile loop. 150 rows make two row tiles (LONE_BLOCK_Q 128), a context of 45
+    the oracle; and equal to the general path. 150 rows make two row tiles (LONE_BLOCK_Q 128), a context of 45
     keys before the chunk with 16-key blocks makes the block loop run three times with a partial last block."""
     rng = np.random.default_rng([seq[1], len(kw), 0 if dtype == jnp.float32 else 1])
     args, oracle_args = make_batch(rng, [seq], num_kv_heads=2, group=2, head_dim=64, page_size=8, dtype=dtype,
@@ -247,7 +269,7 @@ def test_lone_chunk_matches_oracle(dtype, seq, kw):
 
 
 def test_lone_chunk_path_is_taken_only_for_one_live_sequence():
-    """With the path compiled, a step of several sequences still gets the per-tile loop's answer (the oracle's),
+    """With the path compiled, a step of several sequences still gets the general path's answer (the oracle's),
     and one with a lone sequence gets the lone path's (bit-equal to calling it directly)."""
     rng = np.random.default_rng(5)
     many, many_oracle = make_batch(rng, [(40, 40), (30, 70), (1, 9)], num_kv_heads=1, group=2, head_dim=64,

@@ -1,14 +1,16 @@
 """The engine's ragged paged attention under plain XLA (the CPU path), same contract as the oracle in
 `reference.py`.
 
-Queries are cut into tiles of `block_q` rows that never cross a sequence; each live tile runs an online
-softmax over its own sequence's keys in blocks of `block_k`, visiting only the blocks its rows can see
-(causal bound above, sliding window below; a `fori_loop` with traced bounds), so a prefill of L tokens costs
-~L^2/2 key visits, not L x (bucketed pages x page_size). Padding tiles (unused slots of a shape bucket) are
-skipped with `lax.cond`. On CPU each op in a loop costs a dispatch, so two paths with fewer, bigger blocks are
-chosen at run time where they apply: when every sequence of the step fits one tile and their contexts are alike
-(a burst of suffixes over a shared prefix) the slots run together (`slot_tiles_attention`); when the step holds
-one live sequence (a prompt's chunk, cached prefix or not) its rows run together (`lone_chunk_attention`).
+The general path (`sequence_blocks_attention`) walks the live sequences; each gathers its key blocks once,
+up to its own length, and runs an online softmax of each block over its rows in windows of `block_q` rows,
+visiting only the (block, window) pairs the rows can see (causal bound above, sliding window below; `fori_loop`s
+with traced bounds), so a prefill of L tokens costs ~L^2/2 key visits, not L x (bucketed pages x page_size).
+On CPU each op in a loop costs a dispatch and a page gather costs memory traffic, so two paths with fewer,
+bigger blocks are chosen at run time where they apply: when every sequence of the step fits one tile and their
+contexts are alike (a burst of suffixes over a shared prefix) the slots run together (`slot_tiles_attention`);
+when the step holds one live sequence (a prompt's chunk, cached prefix or not) its rows run together
+(`lone_chunk_attention`). The per-tile loop the general path replaced (`_tiled_attention`: every tile of
+`block_q` rows gathers its sequence's blocks again) stays as a second implementation to check and time against.
 """
 
 from __future__ import annotations
@@ -64,11 +66,11 @@ def _normalize(m, l, acc):
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
                                              "block_k", "kv_cache_dtype", "layer", "slot_tiles",
-                                             "lone_chunk"))
+                                             "lone_chunk", "sequence_blocks"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
                                sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=None,
-                               lone_chunk=None):
+                               lone_chunk=None, sequence_blocks=True):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf).
@@ -79,7 +81,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     for steps of at least SLOT_MIN_TOKENS tokens (the branch is compiled beside the loop, so smaller steps,
     where it gains little, do not pay for its compile); True: any step; False: never. `lone_chunk` (static):
     likewise for `lone_chunk_attention`, taken when the step holds one live sequence; None: for steps of
-    LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens."""
+    LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens. `sequence_blocks` (static): the general path is
+    `sequence_blocks_attention` (True) or the per-tile loop it replaced (False, for checks and timings)."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
     validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -90,8 +93,11 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q, sinks=sinks,
               kv_cache_dtype=kv_cache_dtype, layer=layer)
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    tiled = functools.partial(_tiled_attention, **kw,
-                              block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
+    if sequence_blocks:
+        tiled = functools.partial(sequence_blocks_attention, **kw, block_k=block_k or sequence_block_k(block_q))
+    else:
+        tiled = functools.partial(_tiled_attention, **kw,
+                                  block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
     if slot_tiles is None:
         slot_tiles = q.shape[0] >= SLOT_MIN_TOKENS
     if lone_chunk is None:
@@ -267,6 +273,95 @@ def slot_tiles_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
     return _scatter_rows(out.astype(q.dtype), lse, jnp.where(row_live, rows, num_tokens).reshape(-1), num_tokens)
 
 
+def sequence_block_k(block_q: int) -> int:
+    """Keys per block of the general path: 4 x the row window, within [128, 512]. Small windows (a mixed step of
+    decodes, suffixes and a prompt chunk) lose to masked keys and wasted rows with big blocks; long chunks (128-row
+    windows) lose to per-visit cost with small ones. One layer (8 query / 4 KV heads of 64), 16-row windows,
+    blocks of 64 / 128 / 256 / 512 keys: 13 decodes + 3 x 64 suffixes + a 307-token chunk over ~830 keys 32 /
+    29 / 31 / 48 ms (the per-tile loop: 50); a 4096-token prefill in 128-row windows, 128 / 256 / 512 keys:
+    318 / 301 / 200 ms (the per-tile loop: 259). Probe in docs/notes-issue-14.md, session 11."""
+    return max(128, min(512, 4 * block_q))
+
+
+def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
+                              soft_cap, block_q, block_k, sinks, kv_cache_dtype, layer):
+    """The general path, same contract as `ragged_paged_attention_xla` (out and lse): a loop over the live
+    sequences; each gathers its key blocks once (up to its kv_len, from the first block its sliding window
+    reaches) and runs each block over its rows in windows of `block_q` rows, only the windows whose rows see it.
+    The per-row softmax state of the whole step is carried, so a window's rows past its sequence (the next
+    sequence's, or padding) see only masked keys and keep their state."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    pages_per_seq = page_indices.shape[1]
+    layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
+    page_size, num_kv_heads = layer_shape[1], layer_shape[2] // 2
+    group = num_q_heads // num_kv_heads
+    pages_per_block = max(1, min(pages_per_seq, block_k // page_size))
+    block_k = pages_per_block * page_size
+    num_blocks = -(-pages_per_seq // pages_per_block)
+    # Page 0 pads the table to whole key blocks; those keys sit past kv_len and are masked.
+    table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    rows = num_tokens + block_q  # a window that starts at the last row stays in bounds
+    q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
+    qh = jnp.transpose(q_pad.reshape(rows, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, T + bq, D]
+    window_rows = jnp.arange(block_q)
+
+    def one_sequence(seq, carry):
+        r0, kv_len = cu_q_lens[seq], kv_lens[seq]
+        q_len = cu_q_lens[seq + 1] - r0
+        start = kv_len - q_len                         # position of the sequence's first row
+        num_windows = (q_len + block_q - 1) // block_q
+        lo = 0
+        if sliding_window is not None:
+            lo = jnp.maximum(start - sliding_window + 1, 0) // block_k
+        hi = jnp.where(q_len > 0, jnp.minimum((kv_len + block_k - 1) // block_k, num_blocks), lo)
+
+        def one_block(b, carry):
+            pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
+            gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+            k, v = _split_kv(kv_quant.dequantize(gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3]),
+                                                 kv_cache_dtype, q.dtype))
+            k_pos = b * block_k + jnp.arange(block_k)
+            valid = k_pos < kv_len
+            # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
+            v = jnp.where(valid[:, None, None], v, 0)
+            # Once per block, the layout every window's dots read.
+            k, v = jnp.transpose(k, (1, 0, 2)), jnp.transpose(v, (1, 0, 2))    # [Hkv, K, D]
+            first = jnp.maximum(b * block_k - start, 0) // block_q           # rows before it see none of it
+            last = num_windows
+            if sliding_window is not None:  # rows past it whose window starts after the block see none of it
+                reach = (b + 1) * block_k + sliding_window - 2 - start
+                last = jnp.clip(reach // block_q + 1, 0, num_windows)
+
+            def one_window(w, carry):
+                row = r0 + w * block_q
+                q_pos = start + w * block_q + window_rows
+                live = w * block_q + window_rows < q_len
+                qg = jax.lax.dynamic_slice_in_dim(qh, row, block_q, axis=2)
+                s = jnp.einsum("hgqd,hkd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+                if soft_cap is not None:
+                    s = soft_cap * jnp.tanh(s / soft_cap)
+                mask = valid[None, :] & (k_pos[None, :] <= q_pos[:, None]) & live[:, None]
+                if sliding_window is not None:
+                    mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+                s = jnp.where(mask[None, None], s, MASK_VALUE)
+                state = tuple(jax.lax.dynamic_slice_in_dim(x, row, block_q, axis=2) for x in carry)
+                state = _accumulate(state, s, mask, v, "hgqk,hkd->hgqd")
+                return tuple(jax.lax.dynamic_update_slice_in_dim(x, u, row, axis=2) for x, u in zip(carry, state))
+            return jax.lax.fori_loop(first, last, one_window, carry)
+        return jax.lax.fori_loop(lo, hi, one_block, carry)
+
+    carry = (jnp.full((num_kv_heads, group, rows), MASK_VALUE, jnp.float32),
+             jnp.zeros((num_kv_heads, group, rows), jnp.float32),
+             jnp.zeros((num_kv_heads, group, rows, head_dim), jnp.float32))
+    out, lse = _normalize(*jax.lax.fori_loop(0, num_seqs[0], one_sequence, carry))
+    out = jnp.transpose(out, (2, 0, 1, 3)).reshape(rows, num_q_heads, head_dim)[:num_tokens]
+    lse = jnp.transpose(lse, (2, 0, 1)).reshape(rows, num_q_heads)[:num_tokens]
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks)
+    live = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    return jnp.where(live[:, None, None], out, 0).astype(q.dtype), jnp.where(live[:, None], lse, -jnp.inf)
+
+
 def _scatter_rows(out, lse, dest, num_tokens):
     """Tile rows back to packed token order; dead rows (dest == num_tokens) go to a sink row past the end."""
     o = jnp.zeros((num_tokens + 1,) + out.shape[1:], out.dtype).at[dest].set(out)[:num_tokens]
@@ -275,8 +370,9 @@ def _scatter_rows(out, lse, dest, num_tokens):
 
 def _tiled_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap,
                      block_q, block_k, sinks, kv_cache_dtype, layer):
-    """The general path (out and lse): tiles of `block_q` rows that never cross a sequence, each an online
-    softmax over the key blocks its rows can see."""
+    """The general path before session 11 (out and lse), kept to check and time `sequence_blocks_attention`
+    against: tiles of `block_q` rows that never cross a sequence, each an online softmax over the key blocks its
+    rows can see, gathered again by every tile."""
     layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
     num_tokens, num_q_heads, head_dim = q.shape
     max_seqs, pages_per_seq = page_indices.shape
