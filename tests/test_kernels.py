@@ -210,44 +210,12 @@ def test_sequence_blocks_match_oracle_and_the_per_tile_loop(dtype, kw):
     extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4)),
                  window5=dict(sliding_window=5), window20=dict(sliding_window=20)).get(kw, {})
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
-                            block_q=4, block_k=16, slot_tiles=False, lone_chunk=False, **extra)
+                            block_q=4, block_k=16, lone_chunk=False, **extra)
     assert_path_matches_oracle_and_loop(run, "sequence_blocks", oracle_args, extra, dtype)
 
 
-# A burst of short suffixes over alike contexts: every live sequence fits one 8-row tile (one live
-# sequence with q_len 0), so the public function takes the slot-tile path.
-SLOT_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
-
-
-@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks"])
-@pytest.mark.parametrize("block_k", [None, 16], ids=["one_loop", "big_and_tail"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_slot_tiles_match_oracle(dtype, block_k, kw):
-    """The slot-tile path (all slots together, big key blocks then small ones), fed NaN in unused pages,
-    padding rows and a dead slot, against the oracle; and equal to the general path. block_k 16 makes
-    both key loops run (44 keys: two 16-key blocks, then a tail)."""
-    rng = np.random.default_rng([block_k or 0, len(kw), 0 if dtype == jnp.float32 else 1])
-    args, oracle_args = make_batch(rng, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
-                                   dtype=dtype, extra_seqs=1, pad_tokens=5)
-    extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
-    assert bool(xla_attention.use_slot_tiles(args[2], args[4], args[5], 8))
-    run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
-                            block_q=8, block_k=block_k, **extra)  # 33 tokens: below SLOT_MIN_TOKENS, so forced
-    assert_path_matches_oracle_and_loop(run, "slot_tiles", oracle_args, extra, dtype)
-
-
-@pytest.mark.parametrize("q_lens,kv_lens,num_live,taken", [
-    ([32] * 8, [544] * 8, 8, True),                  # a primed burst of 8
-    ([32] * 7 + [0], [544] * 7 + [9], 7, True),      # 7 of 8 slots live (the dead slot's length ignored)
-    ([32] * 7 + [33], [544] * 8, 8, False),          # one suffix longer than a tile
-    ([32] * 4 + [0] * 4, [544] * 4 + [0] * 4, 4, False),  # half the slots dead: 2x the keys
-    ([1] * 7 + [32], [100] * 7 + [1000], 8, False),  # contexts far apart
-], ids=["burst", "seven_of_eight", "long_suffix", "half_empty", "skewed"])
-def test_slot_tiles_taken_only_when_each_sequence_fits_a_tile_and_contexts_are_alike(q_lens, kv_lens, num_live,
-                                                                                     taken):
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    assert bool(xla_attention.use_slot_tiles(jnp.asarray(kv_lens, jnp.int32), cu,
-                                             jnp.asarray([num_live], jnp.int32), 32)) is taken
+# A burst of short suffixes over alike contexts (one live sequence with q_len 0).
+BURST_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
 
 
 @pytest.mark.parametrize("dtype,seq,kw", [
@@ -264,7 +232,7 @@ def test_lone_chunk_matches_oracle(dtype, seq, kw):
                                    extra_seqs=1, pad_tokens=5)
     extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4))).get(kw, {})
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
-                            block_k=16, slot_tiles=False, **extra)  # forced on, then off
+                            block_k=16, **extra)  # forced on, then off
     assert_path_matches_oracle_and_loop(run, "lone_chunk", oracle_args, extra, dtype)
 
 
@@ -278,7 +246,7 @@ def test_lone_chunk_path_is_taken_only_for_one_live_sequence():
     assert_close(out, ref_ragged(*many_oracle, sm_scale=0.3), jnp.float32)
     lone, _ = make_batch(rng, [(60, 90)], num_kv_heads=1, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
                          extra_seqs=1)
-    out = xla_attention.ragged_paged_attention_xla(*lone, sm_scale=0.3, lone_chunk=True, slot_tiles=False)
+    out = xla_attention.ragged_paged_attention_xla(*lone, sm_scale=0.3, lone_chunk=True)
     direct, _ = jax.jit(functools.partial(xla_attention.lone_chunk_attention, sm_scale=0.3, sliding_window=None,
                                           soft_cap=None, block_q=16, sinks=None, kv_cache_dtype="auto",
                                           layer=None))(*lone)
@@ -286,7 +254,7 @@ def test_lone_chunk_path_is_taken_only_for_one_live_sequence():
     # The engine hands the whole stacked cache and a layer: the same answer as that layer's pages alone.
     stacked = jnp.stack([jnp.full_like(lone[1], jnp.nan), lone[1]])
     layered = xla_attention.ragged_paged_attention_xla(lone[0], stacked, *lone[2:], sm_scale=0.3, lone_chunk=True,
-                                                       slot_tiles=False, layer=1)
+                                                       layer=1)
     np.testing.assert_array_equal(np.asarray(layered), np.asarray(direct))
 
 

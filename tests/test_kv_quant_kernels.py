@@ -13,6 +13,8 @@ that, so the bound there is per format (OUT_TOL).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,16 +114,17 @@ def test_quantized_paths_match_oracle_on_dequantized_pages(fmt):
 
 
 @pytest.mark.parametrize("fmt", QUANT)
-def test_quantized_slot_tiles_match_oracle_on_dequantized_pages(fmt):
-    """The CPU path's slot tiles (a burst: every sequence fits one tile) reading quantized pages, against the
-    oracle on the dequantized pages, through both of its key loops (block_k 16: big blocks, then a tail)."""
-    from test_kernels import SLOT_SEQS
-    _, _, qargs, dq_args = _batch(2, fmt, SLOT_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
+def test_quantized_burst_matches_oracle_on_dequantized_pages(fmt):
+    """The CPU path's general path on a burst of suffixes (several windows and key blocks per sequence) reading
+    quantized pages, against the oracle on the dequantized pages; and equal to the per-tile loop."""
+    from test_kernels import BURST_SEQS
+    _, _, qargs, dq_args = _batch(2, fmt, BURST_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
                                   extra_seqs=1)
-    assert bool(xla_attention.use_slot_tiles(qargs[2], qargs[4], qargs[5], 8))
-    xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_q=8, block_k=16, kv_cache_dtype=fmt,
-                                                   slot_tiles=True)
+    run = functools.partial(xla_attention.ragged_paged_attention_xla, *qargs, sm_scale=0.2, block_q=4, block_k=16,
+                            kv_cache_dtype=fmt)
+    xla = run()
     assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(run(sequence_blocks=False)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", QUANT)
@@ -131,7 +134,7 @@ def test_quantized_lone_chunk_matches_oracle_on_dequantized_pages(fmt):
     _, _, qargs, dq_args = _batch(3, fmt, [(30, 70)], num_kv_heads=2, group=2, head_dim=32, page_size=8,
                                   extra_seqs=1)
     xla = xla_attention.ragged_paged_attention_xla(*qargs, sm_scale=0.2, block_k=16, kv_cache_dtype=fmt,
-                                                   lone_chunk=True, slot_tiles=False)
+                                                   lone_chunk=True)
     assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
 
 

@@ -5,12 +5,12 @@ The general path (`sequence_blocks_attention`) walks the live sequences; each ga
 up to its own length, and runs an online softmax of each block over its rows in windows of `block_q` rows,
 visiting only the (block, window) pairs the rows can see (causal bound above, sliding window below; `fori_loop`s
 with traced bounds), so a prefill of L tokens costs ~L^2/2 key visits, not L x (bucketed pages x page_size).
-On CPU each op in a loop costs a dispatch and a page gather costs memory traffic, so two paths with fewer,
-bigger blocks are chosen at run time where they apply: when every sequence of the step fits one tile and their
-contexts are alike (a burst of suffixes over a shared prefix) the slots run together (`slot_tiles_attention`);
-when the step holds one live sequence (a prompt's chunk, cached prefix or not) its rows run together
-(`lone_chunk_attention`). The per-tile loop the general path replaced (`_tiled_attention`: every tile of
-`block_q` rows gathers its sequence's blocks again) stays as a second implementation to check and time against.
+On CPU each op in a loop costs a dispatch and a page gather costs memory traffic, so when the step holds one
+live sequence (a prompt's chunk, cached prefix or not) a path with fewer, bigger blocks is chosen at run time:
+its rows run together (`lone_chunk_attention`). The per-tile loop the general path replaced (`_tiled_attention`:
+every tile of `block_q` rows gathers its sequence's blocks again) stays as a second implementation to check and
+time against. (Sessions 8-10 also had a slot-tile path for bursts of short suffixes; the general path matches
+it there and beats it on many small sequences, so it went in session 11.)
 """
 
 from __future__ import annotations
@@ -65,23 +65,20 @@ def _normalize(m, l, acc):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
-                                             "block_k", "kv_cache_dtype", "layer", "slot_tiles",
-                                             "lone_chunk", "sequence_blocks"))
+                                             "block_k", "kv_cache_dtype", "layer", "lone_chunk",
+                                             "sequence_blocks"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
-                               sinks=None, kv_cache_dtype="auto", layer=None, slot_tiles=None,
-                               lone_chunk=None, sequence_blocks=True):
+                               sinks=None, kv_cache_dtype="auto", layer=None, lone_chunk=None,
+                               sequence_blocks=True):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf).
 
-    `slot_tiles` (static): when at run time every live sequence fits one tile and their contexts are alike
-    (`use_slot_tiles`), take `slot_tiles_attention` instead of the per-tile loop (a burst of short suffixes
-    over a shared prefix, one layer: 2.9 -> 1.7-2.6 ms; `jaxserve.launch.bench_cpu_ops` has the A/B). None:
-    for steps of at least SLOT_MIN_TOKENS tokens (the branch is compiled beside the loop, so smaller steps,
-    where it gains little, do not pay for its compile); True: any step; False: never. `lone_chunk` (static):
-    likewise for `lone_chunk_attention`, taken when the step holds one live sequence; None: for steps of
-    LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens. `sequence_blocks` (static): the general path is
+    `lone_chunk` (static): take `lone_chunk_attention` instead of the general path when at run time the step
+    holds one live sequence (the branch is compiled beside the general path, so steps where it gains little do
+    not pay for its compile); None: for steps of LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens; True: any step;
+    False: never. `sequence_blocks` (static): the general path is
     `sequence_blocks_attention` (True) or the per-tile loop it replaced (False, for checks and timings)."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
@@ -94,37 +91,25 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
               kv_cache_dtype=kv_cache_dtype, layer=layer)
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if sequence_blocks:
-        tiled = functools.partial(sequence_blocks_attention, **kw, block_k=block_k or sequence_block_k(block_q))
+        general = functools.partial(sequence_blocks_attention, **kw, block_k=block_k or sequence_block_k(block_q))
     else:
-        tiled = functools.partial(_tiled_attention, **kw,
-                                  block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
-    if slot_tiles is None:
-        slot_tiles = q.shape[0] >= SLOT_MIN_TOKENS
+        general = functools.partial(_tiled_attention, **kw,
+                                    block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
     if lone_chunk is None:
         lone_chunk = LONE_MIN_TOKENS <= q.shape[0] <= LONE_MAX_TOKENS
-    # Each path beside the per-tile loop is compiled only where it can be taken, and chosen at run time.
-    paths, choices = [tiled], []
-    if slot_tiles and sliding_window is None and page_indices.shape[0] > 1:
-        paths.append(functools.partial(slot_tiles_attention, block_k=block_k, **kw))
-        choices.append(use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q))
     if lone_chunk and sliding_window is None:
-        paths.append(functools.partial(lone_chunk_attention, block_k=block_k, **kw))
-        choices.append(num_seqs[0] == 1)
-    if choices:
-        # The last path whose choice holds (never both: with one live sequence among several slots, its keys are
-        # far fewer than slots x its context, so the slot tiles decline).
-        index = jnp.int32(0)
-        for i, choice in enumerate(choices, 1):
-            index = jnp.where(choice, i, index)
-        out, lse = jax.lax.switch(index, paths, *args)
+        out, lse = jax.lax.cond(num_seqs[0] == 1, functools.partial(lone_chunk_attention, block_k=block_k, **kw),
+                                general, *args)
     else:
-        out, lse = tiled(*args)
+        out, lse = general(*args)
     return (out, lse) if return_lse else out
 
 
-# Steps (padded tokens) that compile the lone-chunk path by default. It wins from 32 tokens (a cached suffix: 32
-# over 544 keys 0.74 -> 0.40 ms a layer, 64 over 832 1.70 -> 0.81; at 16 tokens the two are equal); at 2048 both
-# take the same time (attention is then dot-bound) and the unrolled row tiles would only grow the program.
+# Steps (padded tokens) that compile the lone-chunk path by default. Against the per-tile loop it won from 32
+# tokens (a cached suffix: 32 over 544 keys 0.74 -> 0.40 ms a layer, 64 over 832 1.70 -> 0.81; at 16 tokens the
+# two were equal); against the general path that replaced the loop it still wins, by less (session 11, one layer:
+# 32 over 512 keys 0.53 -> 0.49 ms, 64 over 768 0.93 -> 0.81, 512 fresh 2.5 -> 2.0, 1024 fresh 8.7 -> 6.3). At
+# 2048 attention is dot-bound and the unrolled row tiles would only grow the program.
 LONE_MIN_TOKENS, LONE_MAX_TOKENS = 32, 1024
 # Query rows per tile of the lone-chunk path. One layer, least of 30 (probe in docs/notes-issue-14.md, session 10),
 # per-tile loop vs this path at 64 / 128 / 256 rows: 256 tokens 1.2 vs 0.72 / 0.69 / 0.73 ms, 512 tokens 3.1 vs
@@ -193,84 +178,6 @@ def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
         out = apply_sinks(out, lse, sinks)
     out = jnp.where(row_live[:, None, None], out, 0).astype(q.dtype)
     return out, jnp.where(row_live[:, None], lse, -jnp.inf)
-
-
-# Keys per block of the slot-tile path, and of its tail: one big block where the context allows, then small
-# ones up to the longest context, so the masked waste is under one small block (a burst of 7 x 32 tokens over
-# 544 keys, one layer, a probe in docs/notes-issue-14.md, session 8: 256 + 32-key tail 2.1 ms, 512 + 32 1.7 ms,
-# 1024 + 64 2.5 ms).
-SLOT_BLOCK_K, SLOT_TAIL_K = 512, 32
-# The slot-tile path visits every slot's keys up to the longest live context; take it while that is at most
-# this many times the keys the live sequences own (at 1.14x it took 57% of the per-tile loop's time).
-SLOT_KEY_OVERHEAD = 1.5
-# Smallest step (padded tokens) that compiles the slot-tile branch by default: 8 slots of 16 rows (a burst of 8
-# x 32 tokens is a 256-token step). The branch made the engine-heavy tests' compile ~18% longer.
-SLOT_MIN_TOKENS = 128
-
-
-def use_slot_tiles(kv_lens, cu_q_lens, num_seqs, block_q):
-    """bool[]: every live sequence has at most block_q queries, and slots x the longest live context is within
-    SLOT_KEY_OVERHEAD of the live sequences' own keys."""
-    live = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
-    q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    kv = jnp.where(live, kv_lens, 0)
-    return (jnp.max(q_lens) <= block_q) & (kv.shape[0] * jnp.max(kv) <= SLOT_KEY_OVERHEAD * jnp.sum(kv))
-
-
-def slot_tiles_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-                         soft_cap, block_q, sinks, kv_cache_dtype, layer, block_k=None):
-    """Same contract as `ragged_paged_attention_xla` (out and lse) when every live sequence has at most
-    `block_q` queries: each sequence slot is one tile, and all slots run together, in big key blocks then
-    small ones, up to the longest live context. Per-op overhead is what a CPU step pays for its loop
-    iterations, so a few batched blocks beat many per-tile ones. Keys past a sequence's kv_len are masked."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    max_seqs, pages_per_seq = page_indices.shape
-    layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
-    page_size, num_kv_heads = layer_shape[1], layer_shape[2] // 2
-    group = num_q_heads // num_kv_heads
-    big_pages = max(1, min(pages_per_seq, (block_k or SLOT_BLOCK_K) // page_size))
-    tail_pages = max(1, min(big_pages, SLOT_TAIL_K // page_size))
-    big_k, tail_k = big_pages * page_size, tail_pages * page_size
-    table = jnp.pad(page_indices, ((0, 0), (0, big_pages)))  # page 0 pads; its keys sit past kv_len, masked
-
-    live = jnp.arange(max_seqs) < num_seqs[0]
-    q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    kv_len = jnp.where(live, kv_lens, 0)
-    r = jnp.arange(block_q)
-    rows = cu_q_lens[:-1, None] + r[None, :]                                     # [S, bq]
-    row_live = r[None, :] < q_lens[:, None]
-    qs = jnp.transpose(q[jnp.minimum(rows, num_tokens - 1)].reshape(max_seqs, block_q, num_kv_heads, group, head_dim),
-                       (0, 2, 3, 1, 4))                                          # [S, Hkv, G, bq, D]
-    q_pos = kv_len[:, None] - q_lens[:, None] + r[None, :]                       # [S, bq]
-    top = jnp.max(kv_len)
-
-    def visit(k0, num_pages, carry):
-        def one_slot(qg, pos, n, pages_row, c):
-            pages = jax.lax.dynamic_slice_in_dim(pages_row, k0 // page_size, num_pages)
-            gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
-            keys = num_pages * page_size
-            k, v = _split_kv(kv_quant.dequantize(gathered.reshape(keys, 2 * num_kv_heads, layer_shape[3]),
-                                                 kv_cache_dtype, q.dtype))
-            k_pos = k0 + jnp.arange(keys)
-            valid = k_pos < n
-            s, mask = masked_scores(qg, k, pos, k_pos, valid, sm_scale, soft_cap, None, heads_first=True)
-            v = jnp.where(valid[:, None, None], v, 0)  # unused pages may hold NaN
-            return _accumulate(c, s, mask, v, "hgqk,khd->hgqd")
-        return jax.vmap(one_slot)(qs, q_pos, kv_len, table, carry)
-
-    carry = (jnp.full((max_seqs, num_kv_heads, group, block_q), MASK_VALUE, jnp.float32),
-             jnp.zeros((max_seqs, num_kv_heads, group, block_q), jnp.float32),
-             jnp.zeros((max_seqs, num_kv_heads, group, block_q, head_dim), jnp.float32))
-    num_big = top // big_k
-    carry = jax.lax.fori_loop(0, num_big, lambda b, c: visit(b * big_k, big_pages, c), carry)
-    num_tail = (top - num_big * big_k + tail_k - 1) // tail_k
-    carry = jax.lax.fori_loop(0, num_tail, lambda t, c: visit(num_big * big_k + t * tail_k, tail_pages, c), carry)
-    out, lse = _normalize(*carry)                                                # [S, Hkv, G, bq(, D)]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(max_seqs * block_q, num_q_heads, head_dim)
-    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(max_seqs * block_q, num_q_heads)
-    if sinks is not None:
-        out = apply_sinks(out, lse, sinks)
-    return _scatter_rows(out.astype(q.dtype), lse, jnp.where(row_live, rows, num_tokens).reshape(-1), num_tokens)
 
 
 def sequence_block_k(block_q: int) -> int:

@@ -1,9 +1,9 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
 dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
-expert), the CPU attention path's key-block size, a burst step's attention with and without slot tiles, the
-decode attention before/after session 5 and its key-block size, a greedy step's argmax vs two reductions
-(session 9), a lone prompt chunk's attention with and without the lone-chunk path (session 10), and steps of
-several sequences under the per-tile loop and the general path that replaced it (session 11).
+expert), the CPU attention path's key-block size, the decode attention before/after session 5 and its
+key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention with
+and without the lone-chunk path (session 10), and steps of several sequences under the per-tile loop and the
+general path that replaced it (session 11).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -109,6 +109,7 @@ def _rows():
              [840] * 13 + [832] * 3 + [832], 512),
             ("two chunks of 320 and 192 tokens, one over 512 earlier keys", [320, 192], [832, 192], 512),
             ("3 x 64-token suffixes over 768 keys", [64] * 3, [832] * 3, 192),
+            ("a burst of 7 x 32-token suffixes over 512 keys", [32] * 7, [544] * 7, 256),
             ("13 decodes over 840 keys", [1] * 13, [840] * 13, 16)):
         starts = np.cumsum([0] + [-(-n // 16) for n in kv_lens])
         batch, _ = make_attention_batch(q_lens, kv_lens, [list(range(1 + a, 1 + b)) for a, b in zip(starts, starts[1:])],
@@ -134,19 +135,6 @@ def _rows():
                 q, kv, *bb, sm_scale=0.1, lone_chunk=lc))
             rows.append((f"CPU attention, one {chunk}-token chunk over {before} earlier keys, one layer",
                          "lone chunk" if lone else "general path", _ms(fn, q, kv, *batch)))
-
-    # A burst's step: 7 suffixes of 32 tokens over a 512-token cached prefix (a 256-token bucket, 8 slots, the
-    # engine's 128-page table): the general path vs the slot-tile path the kernel takes for it.
-    kv = jnp.asarray(np.random.RandomState(3).randn(130, 16, 2, 128).astype(np.float32))
-    batch, _ = make_attention_batch([32] * 7, [544] * 7, [list(range(1, 35))] * 7, page_size=16, num_tokens=256,
-                                    max_seqs=8, pages_per_seq=128)
-    q = jnp.asarray(np.random.RandomState(4).randn(256, 2, 128).astype(np.float32))
-    batch = [jnp.asarray(v) for v in batch][2:]
-    for slot_tiles in (False, True):
-        fn = jax.jit(lambda q, kv, *bb, st=slot_tiles: xla_attention.ragged_paged_attention_xla(
-            q, kv, *bb, sm_scale=0.1, slot_tiles=st))
-        rows.append(("CPU attention, 7 x 32 tokens over 544 keys, one layer",
-                     "slot tiles" if slot_tiles else "general path", _ms(fn, q, kv, *batch)))
 
     # Decode attention, one layer (1 KV head of 128, 2 query heads, 2048-page pool): the batched gather of
     # every page in the power-of-two bucket (the CPU path before session 5) vs the blocked loop up to the
