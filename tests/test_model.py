@@ -5,6 +5,7 @@ Tolerances (float32 on CPU): logits within atol 1e-4 / rtol 1e-4 of transformers
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -248,6 +249,29 @@ def test_bf16_checkpoint_on_cpu_keeps_bf16_weights_under_f32_arithmetic(loaded, 
         ref = hf_f32(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=0.1, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    # The engine's paged step: attention's dots read bf16 too (the CPU paths cast each key block from the f32
+    # cache), within the same bound of transformers in f32.
+    prefill = make_paged_forward(config, decode_only=False)
+    cache = jnp.zeros(kv_cache_shape(config, NUM_PAGES, PAGE_SIZE), jnp.float32)
+    step = functools.partial(_step, prefill, params, [ids[0]], [ids.shape[1]], [_page_table(3)], cache,
+                             num_tokens=32, max_seqs=8, logits_rows=np.arange(ids.shape[1]))
+    paged, _ = step()
+    np.testing.assert_allclose(np.asarray(paged)[:ids.shape[1]], ref[0], atol=0.1, rtol=0)
+    assert (np.asarray(paged)[:ids.shape[1]].argmax(-1) == ref[0].argmax(-1)).mean() >= 0.9
+    attention_dots = [e for e in _equations(jax.make_jaxpr(step)().jaxpr) if e.primitive.name == "dot_general"
+                      and e.invars[0].aval.ndim >= 3 and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert attention_dots, "the paged step's attention dots do not read bf16"
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its loops, conds and calls."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
 
 
 # ------------------------------------------------------------------------------------------ param tree, TP

@@ -45,6 +45,12 @@ def default_block_q(num_tokens: int, max_seqs: int) -> int:
     return max(16, min(128, 1 << (per_seq.bit_length() - 1)))
 
 
+def _kv_in(rows, kv_cache_dtype, dtype):
+    """K, V [..., Hkv, D] of packed cache rows [..., 2*Hkv, D], dequantized or cast to the queries' dtype: bf16
+    queries over an f32 cache make every dot bf16-in, f32-accumulate (the caller's choice for a bf16 model)."""
+    return _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, dtype).astype(dtype))
+
+
 def _accumulate(carry, s, mask, v, pv_spec: str):
     """One key block of an online softmax: carry (running max m, normaliser l, output acc, all f32), scores
     s [..., K] (MASK_VALUE where masked), `mask` broadcastable to s, values v for `pv_spec` (an einsum of
@@ -137,7 +143,7 @@ def lone_chunk_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs
     def rows_of(pages, offsets):
         """K, V [n, Hkv, D] of the cache rows at (pages, offsets), dequantized."""
         kv = kv_pages[pages, offsets] if layer is None else kv_pages[layer, pages, offsets]
-        return _split_kv(kv_quant.dequantize(kv, kv_cache_dtype, q.dtype))
+        return _kv_in(kv, kv_cache_dtype, q.dtype)
 
     q_len = cu_q_lens[1] - cu_q_lens[0]
     start = kv_lens[0] - q_len                                     # keys before the chunk
@@ -225,8 +231,7 @@ def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
         def one_block(b, carry):
             pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
             gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
-            k, v = _split_kv(kv_quant.dequantize(gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3]),
-                                                 kv_cache_dtype, q.dtype))
+            k, v = _kv_in(gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3]), kv_cache_dtype, q.dtype)
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
             # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
@@ -320,7 +325,7 @@ def _tiled_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
             pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
             gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
             rows = gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3])
-            k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
+            k, v = _kv_in(rows, kv_cache_dtype, q.dtype)
             k_pos = b * block_k + jnp.arange(block_k)
             valid = k_pos < kv_len
             s, mask = masked_scores(qg, k, q_pos, k_pos, valid, sm_scale, soft_cap, sliding_window, heads_first=True)
@@ -392,7 +397,7 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         # slicing the layer first makes XLA copy the whole layer into the loop on every step.
         gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
         rows = gathered.reshape(num_seqs, block_k, 2 * num_kv_heads, layer_shape[3])
-        k, v = _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, q.dtype))
+        k, v = _kv_in(rows, kv_cache_dtype, q.dtype)
         k_pos = b * block_k + jnp.arange(block_k)
         mask = k_pos[None, :] <= q_pos[:, None]  # [S, K]: also k_pos < kv_len
         if sliding_window is not None:

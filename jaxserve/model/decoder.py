@@ -46,6 +46,16 @@ class Attention(nn.Module):
         if cfg.attention_sinks:
             self.sinks = self.param("sinks", nn.initializers.zeros, (cfg.num_heads,), dtype)
 
+    def attention_dot_dtype(self):
+        """The dtype paged attention's dots read. A bf16 checkpoint served under f32 arithmetic (the CPU default,
+        `serving_dtypes`) feeds them bf16 as it does every matmul: the XLA paths then cast each gathered key block
+        and accumulate in f32, as transformers and GPU kernels do for a bf16 model (one layer, 512-token chunk
+        1.6-1.7 -> 1.1-1.4 ms; decode 32 x 600 3.9 -> 3.1-3.4; docs/notes-issue-14.md, session 11)."""
+        cfg = self.config
+        if cfg.matmul_dtype == "bfloat16" and cfg.dtype == "float32" and self.attention_impl != "pallas":
+            return jnp.bfloat16
+        return jnp.dtype(cfg.dtype)
+
     def __call__(self, x, positions, kv_cache=None, batch: AttentionBatch | None = None, decode_only: bool = False):
         """x [..., hidden] with positions [...]. Without a cache: dense causal over x [B, L, hidden]. With one:
         packed tokens x [T, hidden], K/V written into layer `self.layer` of the stacked cache, paged attention."""
@@ -69,11 +79,11 @@ class Attention(nn.Module):
         else:
             kv_cache = reference.write_kv(kv_cache, layer, k, v, batch.slot_pages, batch.slot_offsets,
                                           cfg.kv_cache_dtype)
-            out = dispatch.paged_attention(q, kv_cache, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
-                                           batch.num_seqs, sm_scale=cfg.sm_scale, decode_only=decode_only,
-                                           impl=self.attention_impl, layer=layer, soft_cap=soft_cap,
-                                           sliding_window=window,
-                                           sinks=sinks, kv_cache_dtype=cfg.kv_cache_dtype)
+            out = dispatch.paged_attention(q.astype(self.attention_dot_dtype()), kv_cache, batch.kv_lens,
+                                           batch.page_indices, batch.cu_q_lens, batch.num_seqs, sm_scale=cfg.sm_scale,
+                                           decode_only=decode_only, impl=self.attention_impl, layer=layer,
+                                           soft_cap=soft_cap, sliding_window=window, sinks=sinks,
+                                           kv_cache_dtype=cfg.kv_cache_dtype).astype(q.dtype)
         return self.o_proj(out.reshape(*lead, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
