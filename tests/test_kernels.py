@@ -198,8 +198,9 @@ def assert_path_matches_oracle_and_loop(run, path: str, oracle_args, extra, dtyp
 MIXED_SEQS = [(1, 40), (9, 45), (1, 17), (30, 52), (0, 12), (1, 1), (13, 13)]
 
 
-@pytest.mark.parametrize("kw", ["plain", "soft_cap", "sinks", "window5", "window20"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype,kw", [(jnp.float32, "plain"), (jnp.bfloat16, "plain"), (jnp.float32, "soft_cap"),
+                                      (jnp.bfloat16, "sinks"), (jnp.float32, "window5"), (jnp.bfloat16, "window20")],
+                         ids=["f32-plain", "bf16-plain", "f32-soft_cap", "bf16-sinks", "f32-window5", "bf16-window20"])
 def test_sequence_blocks_match_oracle_and_the_per_tile_loop(dtype, kw):
     """The general path (each sequence's key blocks gathered once, run over its rows in windows) on a mixed
     step fed NaN in unused pages, padding rows and dead slots, against the oracle; and equal to the per-tile
