@@ -121,6 +121,8 @@ def _rows():
                 q, kv, *bb, sm_scale=0.1, sequence_blocks=g))
             rows.append((f"CPU attention, {what}, one layer", "general path (sequence blocks)" if general
                          else "per-tile loop", _ms(fn, q, kv, *batch)))
+        rows.append((f"CPU attention, {what}, one layer", "general path, bf16 queries",
+                     _ms(fn, q.astype(jnp.bfloat16), kv, *batch)))
 
     # A step of one prompt's chunk (the engine's 128-page table, 8 slots): the general path vs the lone-chunk
     # path the kernel takes for it (session 10): cached suffixes, from scratch, and over 512 earlier keys.
@@ -135,6 +137,9 @@ def _rows():
                 q, kv, *bb, sm_scale=0.1, lone_chunk=lc))
             rows.append((f"CPU attention, one {chunk}-token chunk over {before} earlier keys, one layer",
                          "lone chunk" if lone else "general path", _ms(fn, q, kv, *batch)))
+        # A bf16 checkpoint's attention reads bf16 queries over the f32 cache (session 11).
+        rows.append((f"CPU attention, one {chunk}-token chunk over {before} earlier keys, one layer",
+                     "lone chunk, bf16 queries", _ms(fn, q.astype(jnp.bfloat16), kv, *batch)))
 
     # Decode attention, one layer (1 KV head of 128, 2 query heads, 2048-page pool): the batched gather of
     # every page in the power-of-two bucket (the CPU path before session 5) vs the blocked loop up to the
