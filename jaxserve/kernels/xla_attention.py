@@ -192,7 +192,8 @@ def sequence_block_k(block_q: int) -> int:
     windows) lose to per-visit cost with small ones. One layer (8 query / 4 KV heads of 64), 16-row windows,
     blocks of 64 / 128 / 256 / 512 keys: 13 decodes + 3 x 64 suffixes + a 307-token chunk over ~830 keys 32 /
     29 / 31 / 48 ms (the per-tile loop: 50); a 4096-token prefill in 128-row windows, 128 / 256 / 512 keys:
-    318 / 301 / 200 ms (the per-tile loop: 259). Probe in docs/notes-issue-14.md, session 11."""
+    318 / 301 / 200 ms (the per-tile loop: 259). A one-off probe (docs/notes-issue-14.md, session 11);
+    `bench_cpu_ops` times the default against the per-tile loop."""
     return max(128, min(512, 4 * block_q))
 
 
