@@ -50,10 +50,11 @@ ref_decode = jax.jit(reference.ref_decode_paged_attention, static_argnames=_STAT
 
 
 def make_batch(rng, seqs, *, num_kv_heads, group, head_dim, page_size, dtype, pad_tokens=3, extra_seqs=0,
-               spare_pages=3):
+               spare_pages=3, shares=None):
     """seqs: [(q_len, kv_len)] of live sequences. Returns (args for the kernel, args for the oracle).
 
-    `extra_seqs` dead sequence slots (index >= num_seqs) get garbage lengths and out-of-range page ids."""
+    `extra_seqs` dead sequence slots (index >= num_seqs) get garbage lengths and out-of-range page ids.
+    `shares` {seq: (other, n)}: seq's first n pages are other's (a shared cached prefix)."""
     num_live = len(seqs)
     max_seqs = num_live + extra_seqs
     pages_per_seq = max(-(-kv // page_size) for _, kv in seqs) + 1  # one spare slot per row
@@ -61,6 +62,8 @@ def make_batch(rng, seqs, *, num_kv_heads, group, head_dim, page_size, dtype, pa
     perm = rng.permutation(num_pages)
     page_indices = np.zeros((max_seqs, pages_per_seq), np.int32)
     page_indices[:num_live] = perm[:num_live * pages_per_seq].reshape(num_live, pages_per_seq)
+    for seq, (other, n) in (shares or {}).items():
+        page_indices[seq, :n] = page_indices[other, :n]
     page_indices[num_live:] = 10 ** 6  # dead rows: must never be dereferenced unclipped
     kv = rng.standard_normal((num_pages, page_size, 2 * num_kv_heads, head_dim)).astype(np.float32)
     valid = np.zeros((num_pages, page_size), bool)
@@ -215,8 +218,45 @@ def test_sequence_blocks_match_oracle_and_the_per_tile_loop(dtype, kw):
     assert_path_matches_oracle_and_loop(run, "sequence_blocks", oracle_args, extra, dtype)
 
 
-# A burst of short suffixes over alike contexts (one live sequence with q_len 0).
-BURST_SEQS = [(7, 40), (8, 37), (0, 40), (5, 44), (8, 40)]
+# A step where a group shares a cached prefix: seq 0 owns it, seqs 1, 3, 4 (a decode) and 6 share its first 5
+# pages (40 keys), seq 2 only its first 3 (24 keys: the group's shared prefix); seq 5 (q_len 0) shares 5 pages but
+# has no rows; seq 7 is a fresh prompt and seq 8 a suffix over pages of its own.
+SHARED_SEQS = [(7, 47), (8, 52), (5, 40), (6, 56), (1, 45), (0, 44), (9, 49), (13, 13), (4, 30)]
+SHARED_PAGES = {1: (0, 5), 2: (0, 3), 3: (0, 5), 4: (0, 5), 5: (0, 5), 6: (0, 5)}
+
+
+@pytest.mark.parametrize("dtype,kw", [(jnp.float32, "plain"), (jnp.bfloat16, "plain"), (jnp.float32, "soft_cap"),
+                                      (jnp.bfloat16, "sinks"), (jnp.float32, "window5"), (jnp.float32, "window20")],
+                         ids=["f32-plain", "bf16-plain", "f32-soft_cap", "bf16-sinks", "f32-window5", "f32-window20"])
+def test_shared_prefix_phase_matches_oracle_and_the_per_tile_loop(dtype, kw):
+    """The general path's shared-prefix phase (a group's common cached pages gathered once and run over every
+    member row at once) on a step where six sequences share leading pages, one of them fewer, beside sequences
+    of their own: the group and its prefix are found (24 keys, the shortest member's), and the answer is the
+    oracle's and the per-tile loop's. Shared-phase windows of 16 rows make windows with and without member rows;
+    sliding windows of 5 and 20 keys hide part or all of the prefix from rows."""
+    rng = np.random.default_rng([len(kw), 2 if dtype == jnp.float32 else 3])
+    args, oracle_args = make_batch(rng, SHARED_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
+                                   dtype=dtype, extra_seqs=2, pad_tokens=6, shares=SHARED_PAGES)
+    ref, shared_len, member = jax.jit(xla_attention.shared_prefix, static_argnums=4)(*args[2:], 8)
+    assert int(shared_len) == 24
+    assert np.asarray(member)[:len(SHARED_SEQS)].tolist() == [True] * 5 + [False, True, False, False]
+    assert int(ref) in (0, 1, 2, 3, 4, 6)
+    extra = dict(soft_cap=dict(soft_cap=5.0), sinks=dict(sinks=make_sinks(rng, 4)),
+                 window5=dict(sliding_window=5), window20=dict(sliding_window=20)).get(kw, {})
+    run = functools.partial(xla_attention.ragged_paged_attention_xla, *args, sm_scale=0.3, return_lse=True,
+                            block_q=4, block_k=16, shared_block_q=16, shared_block_k=16, lone_chunk=False, **extra)
+    assert_path_matches_oracle_and_loop(run, "sequence_blocks", oracle_args, extra, dtype)
+
+
+def test_no_shared_prefix_without_a_group():
+    """Sequences on pages of their own, a lone member, or members with nothing cached form no group."""
+    rng = np.random.default_rng(9)
+    for seqs, shares in (([(7, 47), (8, 52), (1, 30)], None), ([(7, 47), (8, 52)], None),
+                         ([(7, 7), (8, 8)], {1: (0, 1)})):
+        args, _ = make_batch(rng, seqs, num_kv_heads=1, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                             extra_seqs=1, shares=shares)
+        _, shared_len, member = xla_attention.shared_prefix(*args[2:], 8)
+        assert int(shared_len) == 0 and not np.asarray(member).any()
 
 
 @pytest.mark.parametrize("dtype,seq,kw", [

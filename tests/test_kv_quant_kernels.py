@@ -115,13 +115,14 @@ def test_quantized_paths_match_oracle_on_dequantized_pages(fmt):
 
 @pytest.mark.parametrize("fmt", QUANT)
 def test_quantized_burst_matches_oracle_on_dequantized_pages(fmt):
-    """The CPU path's general path on a burst of suffixes (several windows and key blocks per sequence) reading
-    quantized pages, against the oracle on the dequantized pages; and equal to the per-tile loop."""
-    from test_kernels import BURST_SEQS
-    _, _, qargs, dq_args = _batch(2, fmt, BURST_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
-                                  extra_seqs=1)
+    """The CPU path's general path on a burst of suffixes (several windows and key blocks per sequence), most of
+    them over one shared cached prefix (the shared-prefix phase), reading quantized pages, against the oracle on
+    the dequantized pages; and equal to the per-tile loop."""
+    from test_kernels import SHARED_PAGES, SHARED_SEQS
+    _, _, qargs, dq_args = _batch(2, fmt, SHARED_SEQS, num_kv_heads=2, group=2, head_dim=32, page_size=8,
+                                  extra_seqs=1, shares=SHARED_PAGES)
     run = functools.partial(xla_attention.ragged_paged_attention_xla, *qargs, sm_scale=0.2, block_q=4, block_k=16,
-                            kv_cache_dtype=fmt)
+                            shared_block_q=16, shared_block_k=16, kv_cache_dtype=fmt)
     xla = run()
     assert_close(xla, ref_ragged(*dq_args, sm_scale=0.2), jnp.float32)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(run(sequence_blocks=False)), rtol=1e-6, atol=1e-6)

@@ -45,6 +45,11 @@ def default_block_q(num_tokens: int, max_seqs: int) -> int:
     return max(16, min(128, 1 << (per_seq.bit_length() - 1)))
 
 
+# Rows and keys per visit of the shared-prefix phase: every row of the step in windows of this many rows (those
+# without a member row skipped), the prefix's keys in blocks of SHARED_BLOCK_K: few, big dots.
+SHARED_BLOCK_Q, SHARED_BLOCK_K = 256, 512
+
+
 def _kv_in(rows, kv_cache_dtype, dtype):
     """K, V [..., Hkv, D] of packed cache rows [..., 2*Hkv, D], dequantized or cast to the queries' dtype: bf16
     queries over an f32 cache make every dot bf16-in, f32-accumulate (the caller's choice for a bf16 model)."""
@@ -72,11 +77,11 @@ def _normalize(m, l, acc):
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_q",
                                              "block_k", "kv_cache_dtype", "layer", "lone_chunk",
-                                             "sequence_blocks"))
+                                             "sequence_blocks", "shared_block_q", "shared_block_k"))
 def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale=1.0,
                                sliding_window=None, soft_cap=None, return_lse=False, block_q=None, block_k=None,
                                sinks=None, kv_cache_dtype="auto", layer=None, lone_chunk=None,
-                               sequence_blocks=True):
+                               sequence_blocks=True, shared_block_q=SHARED_BLOCK_Q, shared_block_k=SHARED_BLOCK_K):
     """q [T, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`); kv_lens i32[S]; page_indices i32[S, pages_per_seq];
     cu_q_lens i32[S+1]; num_seqs i32[1]; sinks f32[Hq] or None -> out [T, Hq, D] (and lse f32[T, Hq], keys
     only, with `return_lse`). Rows of no live sequence are zero (lse -inf).
@@ -85,7 +90,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     holds one live sequence (the branch is compiled beside the general path, so steps where it gains little do
     not pay for its compile); None: for steps of LONE_MIN_TOKENS to LONE_MAX_TOKENS tokens; True: any step;
     False: never. `sequence_blocks` (static): the general path is
-    `sequence_blocks_attention` (True) or the per-tile loop it replaced (False, for checks and timings)."""
+    `sequence_blocks_attention` (True) or the per-tile loop it replaced (False, for checks and timings);
+    `shared_block_q` / `shared_block_k` (static): its shared-prefix phase's row windows and key blocks."""
     # With `layer` (static), kv_pages is the whole stacked cache [L, P, ...]: the loop gathers that layer's
     # pages from it (a layer sliced before the loop is copied into it on every step).
     validate_inputs(q, kv_pages if layer is None else kv_pages[layer], kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -97,7 +103,8 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
               kv_cache_dtype=kv_cache_dtype, layer=layer)
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if sequence_blocks:
-        general = functools.partial(sequence_blocks_attention, **kw, block_k=block_k or sequence_block_k(block_q))
+        general = functools.partial(sequence_blocks_attention, **kw, block_k=block_k or sequence_block_k(block_q),
+                                    shared_block_q=shared_block_q, shared_block_k=shared_block_k)
     else:
         general = functools.partial(_tiled_attention, **kw,
                                     block_k=block_k or default_block_k(page_indices.shape[1] * layer_shape[1]))
@@ -197,13 +204,37 @@ def sequence_block_k(block_q: int) -> int:
     return max(128, min(512, 4 * block_q))
 
 
+def shared_prefix(kv_lens, page_indices, cu_q_lens, num_seqs, page_size: int):
+    """The key prefix that a group of the step's sequences share: (reference sequence, shared keys, member
+    mask bool[S]). The group is the largest set of live sequences whose first page is the same cached page (a
+    burst over one system prompt, a cached document's questions); the shared keys are the pages every member
+    has in common with the reference from the start, up to each member's cached pages (keys before its first
+    row, so all of its rows see all of them). Fewer than two members: no group (0 keys, no member)."""
+    max_seqs = page_indices.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    live = jnp.arange(max_seqs) < num_seqs[0]
+    cached_pages = jnp.where(live & (q_lens > 0), (kv_lens - q_lens) // page_size, 0)
+    first = page_indices[:, 0]
+    can = cached_pages > 0
+    same_first = (first[:, None] == first[None, :]) & can[:, None] & can[None, :]   # [S, S]
+    count = jnp.sum(same_first, axis=1)
+    ref = jnp.argmax(count).astype(jnp.int32)
+    member = same_first[ref] & (count[ref] >= 2)
+    common = jnp.sum(jnp.cumprod(page_indices == page_indices[ref][None, :], axis=1), axis=1)
+    shared_pages = jnp.min(jnp.where(member, jnp.minimum(common, cached_pages), page_indices.shape[1]))
+    return ref, jnp.where(jnp.any(member), shared_pages * page_size, 0).astype(jnp.int32), member
+
+
 def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-                              soft_cap, block_q, block_k, sinks, kv_cache_dtype, layer):
-    """The general path, same contract as `ragged_paged_attention_xla` (out and lse): a loop over the live
-    sequences; each gathers its key blocks once (up to its kv_len, from the first block its sliding window
-    reaches) and runs each block over its rows in windows of `block_q` rows, only the windows whose rows see it.
-    The per-row softmax state of the whole step is carried, so a window's rows past its sequence (the next
-    sequence's, or padding) see only masked keys and keep their state."""
+                              soft_cap, block_q, block_k, sinks, kv_cache_dtype, layer, shared_block_q=SHARED_BLOCK_Q,
+                              shared_block_k=SHARED_BLOCK_K):
+    """The general path, same contract as `ragged_paged_attention_xla` (out and lse). First the key prefix a
+    group of sequences shares (`shared_prefix`: a burst's common cached prompt) is gathered once and run over
+    the step's rows in big windows, masked to the members' rows. Then a loop over the live sequences; each
+    gathers its remaining key blocks once (up to its kv_len, from the first block its sliding window reaches,
+    past the shared prefix for a member) and runs each block over its rows in windows of `block_q` rows, only the
+    windows whose rows see it. The per-row softmax state of the whole step is carried, so a window's rows past
+    its sequence (the next sequence's, or padding) see only masked keys and keep their state."""
     num_tokens, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
     layer_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
@@ -214,27 +245,74 @@ def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
     num_blocks = -(-pages_per_seq // pages_per_block)
     # Page 0 pads the table to whole key blocks; those keys sit past kv_len and are masked.
     table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
-    rows = num_tokens + block_q  # a window that starts at the last row stays in bounds
-    q_pad = jnp.concatenate([q, jnp.zeros((block_q, num_q_heads, head_dim), q.dtype)], axis=0)
-    qh = jnp.transpose(q_pad.reshape(rows, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, T + bq, D]
+    shared_q = min(shared_block_q, -(-num_tokens // 16) * 16)
+    rows = num_tokens + max(block_q, shared_q)  # a window that starts at the last row stays in bounds
+    q_pad = jnp.concatenate([q, jnp.zeros((rows - num_tokens, num_q_heads, head_dim), q.dtype)], axis=0)
+    qh = jnp.transpose(q_pad.reshape(rows, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, rows, D]
     window_rows = jnp.arange(block_q)
+    ref, shared_len, member = shared_prefix(kv_lens, page_indices, cu_q_lens, num_seqs, page_size)
+
+    def gather(seq_table, b, pages_per_block):
+        """K, V [Hkv, K, D] of key block b of a page table (keys past `valid` zeroed by the caller)."""
+        pages = jax.lax.dynamic_slice_in_dim(seq_table, b * pages_per_block, pages_per_block)
+        gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+        return _kv_in(gathered.reshape(pages_per_block * page_size, 2 * num_kv_heads, layer_shape[3]),
+                      kv_cache_dtype, q.dtype)
+
+    def visit(carry, row, n, qg_pos, k, v, k_pos, mask):
+        """The online softmax of rows [row, row + n) over one key block (k, v [Hkv, K, D]; mask [n, K])."""
+        qg = jax.lax.dynamic_slice_in_dim(qh, row, n, axis=2)
+        s = jnp.einsum("hgqd,hkd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > qg_pos[:, None] - sliding_window
+        s = jnp.where(mask[None, None], s, MASK_VALUE)
+        state = tuple(jax.lax.dynamic_slice_in_dim(x, row, n, axis=2) for x in carry)
+        state = _accumulate(state, s, mask, v, "hgqk,hkd->hgqd")
+        return tuple(jax.lax.dynamic_update_slice_in_dim(x, u, row, axis=2) for x, u in zip(carry, state))
+
+    def shared_phase(carry):
+        shared_pages_per_block = max(1, min(pages_per_seq, shared_block_k // page_size))
+        shared_k = shared_pages_per_block * page_size
+        ref_table = jnp.pad(page_indices[ref], (0, shared_pages_per_block))
+        row_ids = jnp.arange(rows)
+        row_seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], row_ids, side="right"), 0, page_indices.shape[0] - 1)
+        row_member = member[row_seq] & (row_ids < cu_q_lens[num_seqs[0]])
+        row_pos = kv_lens[row_seq] - cu_q_lens[row_seq + 1] + row_ids   # start + (row - r0)
+
+        def one_block(b, carry):
+            k, v = gather(ref_table, b, shared_pages_per_block)
+            k_pos = b * shared_k + jnp.arange(shared_k)
+            valid = k_pos < shared_len
+            v = jnp.where(valid[:, None, None], v, 0)
+            k, v = jnp.transpose(k, (1, 0, 2)), jnp.transpose(v, (1, 0, 2))
+
+            def one_window(w, carry):
+                row = w * shared_q
+                live = jax.lax.dynamic_slice_in_dim(row_member, row, shared_q)
+                pos = jax.lax.dynamic_slice_in_dim(row_pos, row, shared_q)
+                return jax.lax.cond(jnp.any(live), lambda c: visit(c, row, shared_q, pos, k, v, k_pos,
+                                                                   valid[None, :] & live[:, None]),
+                                    lambda c: c, carry)
+            return jax.lax.fori_loop(0, -(-num_tokens // shared_q), one_window, carry)
+        return jax.lax.fori_loop(0, (shared_len + shared_k - 1) // shared_k, one_block, carry)
 
     def one_sequence(seq, carry):
         r0, kv_len = cu_q_lens[seq], kv_lens[seq]
         q_len = cu_q_lens[seq + 1] - r0
         start = kv_len - q_len                         # position of the sequence's first row
         num_windows = (q_len + block_q - 1) // block_q
-        lo = 0
+        skip = jnp.where(member[seq], shared_len, 0)  # keys the shared phase gave its rows
+        lo = skip // block_k
         if sliding_window is not None:
-            lo = jnp.maximum(start - sliding_window + 1, 0) // block_k
+            lo = jnp.maximum(lo, jnp.maximum(start - sliding_window + 1, 0) // block_k)
         hi = jnp.where(q_len > 0, jnp.minimum((kv_len + block_k - 1) // block_k, num_blocks), lo)
 
         def one_block(b, carry):
-            pages = jax.lax.dynamic_slice_in_dim(table[seq], b * pages_per_block, pages_per_block)
-            gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
-            k, v = _kv_in(gathered.reshape(block_k, 2 * num_kv_heads, layer_shape[3]), kv_cache_dtype, q.dtype)
+            k, v = gather(table[seq], b, pages_per_block)
             k_pos = b * block_k + jnp.arange(block_k)
-            valid = k_pos < kv_len
+            valid = (k_pos < kv_len) & (k_pos >= skip)
             # Invisible slots may hold anything, NaN included: 0 * NaN would leak into the sum.
             v = jnp.where(valid[:, None, None], v, 0)
             # Once per block, the layout every window's dots read.
@@ -246,26 +324,17 @@ def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
                 last = jnp.clip(reach // block_q + 1, 0, num_windows)
 
             def one_window(w, carry):
-                row = r0 + w * block_q
                 q_pos = start + w * block_q + window_rows
                 live = w * block_q + window_rows < q_len
-                qg = jax.lax.dynamic_slice_in_dim(qh, row, block_q, axis=2)
-                s = jnp.einsum("hgqd,hkd->hgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-                if soft_cap is not None:
-                    s = soft_cap * jnp.tanh(s / soft_cap)
                 mask = valid[None, :] & (k_pos[None, :] <= q_pos[:, None]) & live[:, None]
-                if sliding_window is not None:
-                    mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-                s = jnp.where(mask[None, None], s, MASK_VALUE)
-                state = tuple(jax.lax.dynamic_slice_in_dim(x, row, block_q, axis=2) for x in carry)
-                state = _accumulate(state, s, mask, v, "hgqk,hkd->hgqd")
-                return tuple(jax.lax.dynamic_update_slice_in_dim(x, u, row, axis=2) for x, u in zip(carry, state))
+                return visit(carry, r0 + w * block_q, block_q, q_pos, k, v, k_pos, mask)
             return jax.lax.fori_loop(first, last, one_window, carry)
         return jax.lax.fori_loop(lo, hi, one_block, carry)
 
     carry = (jnp.full((num_kv_heads, group, rows), MASK_VALUE, jnp.float32),
              jnp.zeros((num_kv_heads, group, rows), jnp.float32),
              jnp.zeros((num_kv_heads, group, rows, head_dim), jnp.float32))
+    carry = shared_phase(carry)
     out, lse = _normalize(*jax.lax.fori_loop(0, num_seqs[0], one_sequence, carry))
     out = jnp.transpose(out, (2, 0, 1, 3)).reshape(rows, num_q_heads, head_dim)[:num_tokens]
     lse = jnp.transpose(lse, (2, 0, 1)).reshape(rows, num_q_heads)[:num_tokens]

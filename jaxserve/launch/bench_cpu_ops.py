@@ -110,10 +110,14 @@ def _rows():
             ("two chunks of 320 and 192 tokens, one over 512 earlier keys", [320, 192], [832, 192], 512),
             ("3 x 64-token suffixes over 768 keys", [64] * 3, [832] * 3, 192),
             ("a burst of 7 x 32-token suffixes over 512 keys", [32] * 7, [544] * 7, 256),
+            ("a burst of 7 x 32-token suffixes over one shared 512-key prefix", [32] * 7, [544] * 7, 256),
             ("13 decodes over 840 keys", [1] * 13, [840] * 13, 16)):
         starts = np.cumsum([0] + [-(-n // 16) for n in kv_lens])
-        batch, _ = make_attention_batch(q_lens, kv_lens, [list(range(1 + a, 1 + b)) for a, b in zip(starts, starts[1:])],
-                                        page_size=16, num_tokens=bucket, max_seqs=32, pages_per_seq=64)
+        tables = [list(range(1 + a, 1 + b)) for a, b in zip(starts, starts[1:])]
+        if "shared" in what:  # the general path's shared-prefix phase (session 12)
+            tables = [tables[0][:32] + t[32:] for t in tables]
+        batch, _ = make_attention_batch(q_lens, kv_lens, tables, page_size=16, num_tokens=bucket, max_seqs=32,
+                                        pages_per_seq=64)
         q = jnp.asarray(np.random.RandomState(8).randn(bucket, 8, 64).astype(np.float32))
         batch = [jnp.asarray(v) for v in batch][2:]
         for general in (False, True):
