@@ -59,13 +59,16 @@ def warm_inputs(decode_only: bool, num_tokens: int, num_slots: int, pages_per_se
                 *variant, vocab_size: int = 0) -> StepInputs:
     """A step of the given shape with `live` sequences of num_tokens // live tokens each (decode: one), every
     page of every table the sink page 0: it reads and writes only the sink, but runs the attention branch a
-    real step of that make-up takes (one live prompt chunk, or every slot alike)."""
+    real step of that make-up takes (one live prompt chunk, or every slot alike). A prompt step's sequences
+    have a cached page before their rows, the same one, so several of them also run the general path's
+    shared-prefix phase (a burst over a cached system prompt)."""
     inputs = dummy_inputs(decode_only, num_tokens, num_slots, pages_per_seq, *variant, vocab_size=vocab_size)
     q_len = 1 if decode_only else num_tokens // live
-    pos = np.tile(np.arange(q_len, dtype=np.int32), live)
+    cached = page_size if not decode_only and q_len + page_size <= pages_per_seq * page_size else 0
+    pos = np.tile(np.arange(cached, cached + q_len, dtype=np.int32), live)
     attn = inputs.attn
     attn.slot_offsets[:len(pos)] = pos % page_size
-    attn.kv_lens[:live] = q_len
+    attn.kv_lens[:live] = cached + q_len
     attn.cu_q_lens[:] = q_len * np.minimum(np.arange(num_slots + 1), live)
     attn.num_seqs[0] = live
     inputs.positions[:len(pos)] = pos
