@@ -4,9 +4,9 @@
 The general path (`sequence_blocks_attention`) walks the live sequences; each gathers its key blocks once,
 up to its own length, and runs an online softmax of each block over its rows in windows of `block_q` rows,
 visiting only the (block, window) pairs the rows can see (causal bound above, sliding window below; `fori_loop`s
-with traced bounds), so a prefill of L tokens costs ~L^2/2 key visits, not L x (bucketed pages x page_size). Keys that a group of
-the step's sequences share (a burst's cached system prompt: the same pages at the start of their tables) are
-gathered once and run over all the members' rows at once before that loop (`shared_prefix`).
+with traced bounds), so a prefill of L tokens costs ~L^2/2 key visits, not L x (bucketed pages x page_size).
+Keys that a group of the step's sequences share (a burst's cached system prompt: the same pages at the start of
+their tables) are gathered once and run over all the members' rows at once before that loop (`shared_prefix`).
 On CPU each op in a loop costs a dispatch and a page gather costs memory traffic, so when the step holds one
 live sequence (a prompt's chunk, cached prefix or not) a path with fewer, bigger blocks is chosen at run time:
 its rows run together (`lone_chunk_attention`). The per-tile loop the general path replaced (`_tiled_attention`:
