@@ -225,6 +225,12 @@ SHARED_SEQS = [(7, 47), (8, 52), (5, 40), (6, 56), (1, 45), (0, 44), (9, 49), (1
 SHARED_PAGES = {1: (0, 5), 2: (0, 3), 3: (0, 5), 4: (0, 5), 5: (0, 5), 6: (0, 5)}
 
 
+def step_shared_prefix(kv_lens, page_indices, cu_q_lens, num_seqs, page_size):
+    """`xla_attention.shared_prefix` of a ragged step, as the general path calls it."""
+    live = jnp.arange(page_indices.shape[0]) < num_seqs[0]
+    return xla_attention.shared_prefix(kv_lens, cu_q_lens[1:] - cu_q_lens[:-1], live, page_indices, page_size)
+
+
 @pytest.mark.parametrize("dtype,kw", [(jnp.float32, "plain"), (jnp.bfloat16, "plain"), (jnp.float32, "soft_cap"),
                                       (jnp.bfloat16, "sinks"), (jnp.float32, "window5"), (jnp.float32, "window20")],
                          ids=["f32-plain", "bf16-plain", "f32-soft_cap", "bf16-sinks", "f32-window5", "f32-window20"])
@@ -237,7 +243,7 @@ def test_shared_prefix_phase_matches_oracle_and_the_per_tile_loop(dtype, kw):
     rng = np.random.default_rng([len(kw), 2 if dtype == jnp.float32 else 3])
     args, oracle_args = make_batch(rng, SHARED_SEQS, num_kv_heads=2, group=2, head_dim=64, page_size=8,
                                    dtype=dtype, extra_seqs=2, pad_tokens=6, shares=SHARED_PAGES)
-    ref, shared_len, member = jax.jit(xla_attention.shared_prefix, static_argnums=4)(*args[2:], 8)
+    ref, shared_len, member = step_shared_prefix(*args[2:], 8)
     assert int(shared_len) == 24
     assert np.asarray(member)[:len(SHARED_SEQS)].tolist() == [True] * 5 + [False, True, False, False]
     assert int(ref) in (0, 1, 2, 3, 4, 6)
@@ -255,7 +261,7 @@ def test_no_shared_prefix_without_a_group():
                          ([(7, 7), (8, 8)], {1: (0, 1)})):
         args, _ = make_batch(rng, seqs, num_kv_heads=1, group=2, head_dim=64, page_size=8, dtype=jnp.float32,
                              extra_seqs=1, shares=shares)
-        _, shared_len, member = xla_attention.shared_prefix(*args[2:], 8)
+        _, shared_len, member = step_shared_prefix(*args[2:], 8)
         assert int(shared_len) == 0 and not np.asarray(member).any()
 
 
@@ -506,6 +512,38 @@ def test_blocked_decode_ignores_table_width(dtype, kw):
     assert_close(out, ref, dtype)
     assert_lse_close(lse, ref_lse, dtype)
     assert np.all(np.asarray(out[kv_lens.index(0)], np.float32) == 0)
+
+
+# Decodes where a group shares a cached prefix: seqs 0-3 and 5 share 4 pages of seq 0's (seq 4 a decode of its
+# own, seq 6 empty); seq 3 shares only 2, which sets the group's prefix to 16 keys.
+SHARED_DECODES = [(1, 37), (1, 45), (1, 33), (1, 29), (1, 20), (1, 40), (1, 0)]
+SHARED_DECODE_PAGES = {1: (0, 4), 2: (0, 4), 3: (0, 2), 5: (0, 4), 6: (0, 4)}
+
+
+@pytest.mark.parametrize("dtype,kw", [(jnp.float32, {}), (jnp.bfloat16, {}), (jnp.float32, dict(soft_cap=4.0)),
+                                      (jnp.float32, dict(sliding_window=25)), (jnp.bfloat16, dict(sinks=True))],
+                         ids=["f32", "bf16", "f32-soft_cap", "f32-window", "bf16-sinks"])
+def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
+    """The CPU decode path with a group sharing a cached prefix (gathered once, every member's query in one dot
+    per block, 8-key shared blocks so there are two) on a wide table with garbage columns and NaN in unused
+    slots: the group (five members, 16 keys) is found and the result is the oracle's; an empty sequence gives 0."""
+    rng = np.random.default_rng([11, 0 if dtype == jnp.float32 else 1, len(kw)])
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
+        rng, SHARED_DECODES, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=dtype,
+        shares=SHARED_DECODE_PAGES)
+    _, shared_len, member = xla_attention.shared_prefix(lens, jnp.ones_like(lens), lens > 0, pi, 8)
+    assert int(shared_len) == 16 and np.asarray(member).tolist() == [True] * 4 + [False, True, False]
+    q = jnp.asarray(rng.standard_normal((len(SHARED_DECODES), 6, 64)), dtype)
+    if kw.get("sinks"):
+        kw = dict(sinks=make_sinks(rng, 6))
+    wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 5), 10 ** 6, jnp.int32)], axis=1)
+    out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
+                                                            block_k=8, shared_block_k=8, **kw)
+    ref, ref_lse = ref_ragged(q, kv_clean, lens, pi_clean, jnp.arange(len(lens) + 1, dtype=jnp.int32),
+                              jnp.array([len(lens)], jnp.int32), sm_scale=0.2, return_lse=True, **kw)
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse[:-1], ref_lse[:-1], dtype)
+    assert np.all(np.asarray(out[-1], np.float32) == 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -206,15 +206,13 @@ def sequence_block_k(block_q: int) -> int:
     return max(128, min(512, 4 * block_q))
 
 
-def shared_prefix(kv_lens, page_indices, cu_q_lens, num_seqs, page_size: int):
+def shared_prefix(kv_lens, q_lens, live, page_indices, page_size: int):
     """The key prefix that a group of the step's sequences share: (reference sequence, shared keys, member
-    mask bool[S]). The group is the largest set of live sequences whose first page is the same cached page (a
-    burst over one system prompt, a cached document's questions); the shared keys are the pages every member
-    has in common with the reference from the start, up to each member's cached pages (keys before its first
-    row, so all of its rows see all of them). Fewer than two members: no group (0 keys, no member)."""
-    max_seqs = page_indices.shape[0]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    live = jnp.arange(max_seqs) < num_seqs[0]
+    mask bool[S]). kv_lens, q_lens i32[S], live bool[S]. The group is the largest set of live sequences whose
+    first page is the same cached page (a burst over one system prompt, a cached document's questions); the
+    shared keys are the pages every member has in common with the reference from the start, up to each
+    member's cached pages (keys before its first row, so all of its rows see all of them). Fewer than two
+    members: no group (0 keys, no member)."""
     cached_pages = jnp.where(live & (q_lens > 0), (kv_lens - q_lens) // page_size, 0)
     first = page_indices[:, 0]
     can = cached_pages > 0
@@ -252,7 +250,8 @@ def sequence_blocks_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
     q_pad = jnp.concatenate([q, jnp.zeros((rows - num_tokens, num_q_heads, head_dim), q.dtype)], axis=0)
     qh = jnp.transpose(q_pad.reshape(rows, num_kv_heads, group, head_dim), (1, 2, 0, 3))  # [Hkv, G, rows, D]
     window_rows = jnp.arange(block_q)
-    ref, shared_len, member = shared_prefix(kv_lens, page_indices, cu_q_lens, num_seqs, page_size)
+    ref, shared_len, member = shared_prefix(kv_lens, cu_q_lens[1:] - cu_q_lens[:-1],
+                                            jnp.arange(page_indices.shape[0]) < num_seqs[0], page_indices, page_size)
 
     def gather(seq_table, b, pages_per_block):
         """K, V [Hkv, K, D] of key block b of a page table (keys past `valid` zeroed by the caller)."""
@@ -432,10 +431,10 @@ def _tiled_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
-                                             "kv_cache_dtype", "layer"))
+                                             "kv_cache_dtype", "layer", "shared_block_k"))
 def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
                                    soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto",
-                                   layer=None):
+                                   layer=None, shared_block_k=SHARED_BLOCK_K):
     """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
     softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
     follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
@@ -443,7 +442,7 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
 
     q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`);
     kv_lens i32[S] (0: no sequence, zeros out); page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None
-    -> out [S, Hq, D] (and lse f32[S, Hq])."""
+    -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix."""
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
@@ -456,12 +455,16 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     table = jnp.pad(page_indices, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
     qg = q.reshape(num_seqs, num_kv_heads, group, head_dim)
     q_pos = kv_lens - 1
+    live = kv_lens > 0
     hi = jnp.minimum((jnp.max(kv_lens) + block_k - 1) // block_k, num_blocks)
-    lo = 0
+    # Keys a group of the sequences share (`shared_prefix`) are gathered once and visited by every member's
+    # query in one dot; the blocks below then start past them for the members.
+    ref, shared_len, member = shared_prefix(kv_lens, jnp.ones_like(kv_lens), live, page_indices, page_size)
+    skip = jnp.where(member, shared_len, 0)
+    first_key = skip
     if sliding_window is not None:
-        live = kv_lens > 0
-        lo = jnp.min(jnp.where(live, jnp.maximum(q_pos - sliding_window + 1, 0), hi * block_k)) // block_k
-        lo = jnp.minimum(lo, hi)
+        first_key = jnp.maximum(first_key, q_pos - sliding_window + 1)
+    lo = jnp.minimum(jnp.min(jnp.where(live, jnp.maximum(first_key, 0), hi * block_k)) // block_k, hi)
 
     def visit(b, carry):  # carry (m, l, acc): [S, Hkv, G], [S, Hkv, G], [S, Hkv, G, D]
         pages = jax.lax.dynamic_slice_in_dim(table, b * pages_per_block, pages_per_block, axis=1)
@@ -471,7 +474,7 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         rows = gathered.reshape(num_seqs, block_k, 2 * num_kv_heads, layer_shape[3])
         k, v = _kv_in(rows, kv_cache_dtype, q.dtype)
         k_pos = b * block_k + jnp.arange(block_k)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [S, K]: also k_pos < kv_len
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= skip[:, None])  # [S, K]: also < kv_len
         if sliding_window is not None:
             mask &= k_pos[None, :] > (q_pos - sliding_window)[:, None]
         s = jnp.einsum("shgd,skhd->shgk", qg, k, preferred_element_type=jnp.float32) * sm_scale
@@ -482,9 +485,30 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         v = jnp.where(mask[:, :, None, None], v, 0)
         return _accumulate(carry, s, mask[:, None, None, :], v, "shgk,skhd->shgd")
 
+    shared_pages_per_block = max(1, min(pages_per_seq, shared_block_k // page_size))
+    shared_k = shared_pages_per_block * page_size
+    ref_table = jnp.pad(page_indices[ref], (0, shared_pages_per_block))
+
+    def shared_visit(b, carry):
+        pages = jax.lax.dynamic_slice_in_dim(ref_table, b * shared_pages_per_block, shared_pages_per_block)
+        gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+        k, v = _kv_in(gathered.reshape(shared_k, 2 * num_kv_heads, layer_shape[3]), kv_cache_dtype, q.dtype)
+        k_pos = b * shared_k + jnp.arange(shared_k)
+        valid = k_pos < shared_len
+        mask = member[:, None] & valid[None, :]  # [S, K]
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > (q_pos - sliding_window)[:, None]
+        k, v = jnp.transpose(k, (1, 0, 2)), jnp.transpose(jnp.where(valid[:, None, None], v, 0), (1, 0, 2))
+        s = jnp.einsum("shgd,hkd->shgk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+        return _accumulate(carry, s, mask[:, None, None, :], v, "shgk,hkd->shgd")
+
     init = (jnp.full((num_seqs, num_kv_heads, group), MASK_VALUE, jnp.float32),
             jnp.zeros((num_seqs, num_kv_heads, group), jnp.float32),
             jnp.zeros((num_seqs, num_kv_heads, group, head_dim), jnp.float32))
+    init = jax.lax.fori_loop(0, (shared_len + shared_k - 1) // shared_k, shared_visit, init)
     out, lse = _normalize(*jax.lax.fori_loop(lo, hi, visit, init))
     out, lse = out.reshape(num_seqs, num_q_heads, head_dim), lse.reshape(num_seqs, num_q_heads)
     if sinks is not None:
