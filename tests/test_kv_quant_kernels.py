@@ -141,10 +141,11 @@ def test_quantized_lone_chunk_matches_oracle_on_dequantized_pages(fmt):
 
 @pytest.mark.parametrize("fmt", QUANT)
 def test_quantized_decode_paths_match_oracle(fmt):
-    """Decode: the engine's XLA decode path and the flash-decoding Pallas kernel (several KV splits)."""
+    """Decode: the engine's XLA decode path and the flash-decoding Pallas kernel (several KV splits). Two of the
+    three sequences share their first 4 pages (the XLA path's shared-prefix phase reads them quantized)."""
     seqs = [(1, 19), (1, 8), (1, 30)]
     args, oracle_args, qargs, dq_args = _batch(2, fmt, seqs, num_kv_heads=2, group=4, head_dim=32, page_size=4,
-                                               pad_tokens=0)
+                                               pad_tokens=0, shares={2: (0, 4)})
     q, _, lens, pi = qargs[:4]
     clean_pi = oracle_args[3]
     ref = reference.ref_decode_paged_attention(q, dq_args[1], lens, clean_pi, sm_scale=0.2)
