@@ -165,6 +165,19 @@ def _rows():
         rows.append((what, f"blocked, 128-page table, {xla_attention.DECODE_BLOCK_K}-key blocks (default)", _ms(
             lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
 
+    # Decodes of requests over one cached 512-token prompt: the shared prefix gathered once, every query in one dot
+    # per block (session 12), against the same lengths on pages of their own.
+    for seqs in (8, 32):
+        q = jnp.asarray(rs.randn(seqs, 2, 128).astype(np.float32))
+        lens = jnp.full((seqs,), 544, jnp.int32)
+        own = np.arange(1, 1 + seqs * 128, dtype=np.int32).reshape(seqs, 128) % 2047 + 1
+        shared = own.copy()
+        shared[:, :32] = own[0, :32]
+        what = f"CPU decode attention, {seqs} seqs x 544 tokens, one layer"
+        for name, table in (("pages of their own", own), ("a 512-token prefix shared (gathered once)", shared)):
+            rows.append((what, name, _ms(lambda q, p: xla_attention.decode_paged_attention_blocked(
+                q, kv, lens, p, sm_scale=0.1), q, jnp.asarray(table))))
+
     # A greedy step's token choice over an 8k vocabulary: argmax (a (value, index) reduce) vs the engine's two
     # plain reductions (session 9).
     from jaxserve.engine.sampling import greedy_tokens
