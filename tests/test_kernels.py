@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.kernels import dispatch, reference, xla_attention
+from jaxserve.kernels import dispatch, reference, xla_attention, xla_decode_attention
 from jaxserve.kernels.decode_attention import decode_paged_attention
 from jaxserve.kernels.ragged_paged_attention import merge_attention, ragged_paged_attention
 
@@ -445,7 +445,7 @@ def test_decode_with_sinks_matches_oracle(dtype, kw, impl):
         out, lse = reference.decode_paged_attention_xla(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
                                                         sinks=sinks, **kw)
     elif impl == "xla_blocked":
-        out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
+        out, lse = xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, pi, sm_scale=0.125, return_lse=True,
                                                                 sinks=sinks, block_k=16, **kw)
     else:
         out, lse = decode_paged_attention(q, kv, lens, pi, sm_scale=0.125, return_lse=True, sinks=sinks,
@@ -506,7 +506,7 @@ def test_blocked_decode_ignores_table_width(dtype, kw):
         rng, [(1, k) for k in kv_lens], num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=dtype)
     q = jnp.asarray(rng.standard_normal((len(kv_lens), 6, 64)), dtype)
     wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 11), 10 ** 6, jnp.int32)], axis=1)
-    out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
+    out, lse = xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
                                                             block_k=16, **kw)
     ref, ref_lse = ref_decode(q, kv_clean, lens, pi_clean, sm_scale=0.2, return_lse=True, **kw)
     assert_close(out, ref, dtype)
@@ -537,7 +537,7 @@ def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     if kw.get("sinks"):
         kw = dict(sinks=make_sinks(rng, 6))
     wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 5), 10 ** 6, jnp.int32)], axis=1)
-    out, lse = xla_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
+    out, lse = xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
                                                             block_k=8, shared_block_k=8, **kw)
     ref, ref_lse = ref_ragged(q, kv_clean, lens, pi_clean, jnp.arange(len(lens) + 1, dtype=jnp.int32),
                               jnp.array([len(lens)], jnp.int32), sm_scale=0.2, return_lse=True, **kw)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_kernels import assert_close, make_batch, random_mix
 
-from jaxserve.kernels import kv_quant, reference, xla_attention
+from jaxserve.kernels import kv_quant, reference, xla_attention, xla_decode_attention
 from jaxserve.kernels.decode_attention import decode_paged_attention
 from jaxserve.kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -151,7 +151,7 @@ def test_quantized_decode_paths_match_oracle(fmt):
     ref = reference.ref_decode_paged_attention(q, dq_args[1], lens, clean_pi, sm_scale=0.2)
     xla = reference.decode_paged_attention_xla(q, qargs[1], lens, clean_pi, sm_scale=0.2, kv_cache_dtype=fmt)
     assert_close(xla, ref, jnp.float32)
-    blocked = xla_attention.decode_paged_attention_blocked(q, qargs[1], lens, pi, sm_scale=0.2, block_k=8,
+    blocked = xla_decode_attention.decode_paged_attention_blocked(q, qargs[1], lens, pi, sm_scale=0.2, block_k=8,
                                                            kv_cache_dtype=fmt)  # the engine's CPU decode path
     assert_close(blocked, ref, jnp.float32)
     pallas = decode_paged_attention(q, qargs[1], lens, pi, sm_scale=0.2, num_kv_splits=2, pages_per_block=2,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxserve.kernels import xla_attention
+from jaxserve.kernels import xla_attention, xla_decode_attention
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -40,7 +40,7 @@ def paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
                                                soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks,
                                                kv_cache_dtype=kv_cache_dtype)
     if decode_only:
-        return xla_attention.decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
+        return xla_decode_attention.decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, sm_scale=sm_scale,
                                                             soft_cap=soft_cap, sliding_window=sliding_window,
                                                             sinks=sinks, kv_cache_dtype=kv_cache_dtype, layer=layer)
     return xla_attention.ragged_paged_attention_xla(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,

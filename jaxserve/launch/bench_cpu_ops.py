@@ -32,7 +32,7 @@ def _rows():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxserve.kernels import reference, xla_attention
+    from jaxserve.kernels import reference, xla_attention, xla_decode_attention
     from jaxserve.model import make_attention_batch
     from jaxserve.model.moe import grouped_matmul
 
@@ -160,10 +160,10 @@ def _rows():
         rows.append((what, f"gather of the {bucket}-page bucket", _ms(
             lambda q, p: reference.decode_paged_attention_xla(q, kv, lens, p, sm_scale=0.1), q, narrow)))
         rows.append((what, "blocked, 128-page table, 64-key blocks (sessions 5-8)", _ms(
-            lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1, block_k=64),
+            lambda q, p: xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1, block_k=64),
             q, wide)))
-        rows.append((what, f"blocked, 128-page table, {xla_attention.DECODE_BLOCK_K}-key blocks (default)", _ms(
-            lambda q, p: xla_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
+        rows.append((what, f"blocked, 128-page table, {xla_decode_attention.DECODE_BLOCK_K}-key blocks (default)", _ms(
+            lambda q, p: xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
 
     # Decodes of requests over one cached 512-token prompt: the shared prefix gathered once, every query in one dot
     # per block (session 12), against the same lengths on pages of their own.
@@ -175,7 +175,7 @@ def _rows():
         shared[:, :32] = own[0, :32]
         what = f"CPU decode attention, {seqs} seqs x 544 tokens, one layer"
         for name, table in (("pages of their own", own), ("a 512-token prefix shared (gathered once)", shared)):
-            rows.append((what, name, _ms(lambda q, p: xla_attention.decode_paged_attention_blocked(
+            rows.append((what, name, _ms(lambda q, p: xla_decode_attention.decode_paged_attention_blocked(
                 q, kv, lens, p, sm_scale=0.1), q, jnp.asarray(table))))
 
     # A greedy step's token choice over an 8k vocabulary: argmax (a (value, index) reduce) vs the engine's two
