@@ -69,12 +69,19 @@ def check_parallelism(model_config: ModelConfig, tp: int, ep: int = 1, seq: int 
                              f"({model_config.architecture}); use sequence_parallel=1")
 
 
-def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None) -> str:
-    """The KV pool's dtype: the model's, except bf16 on CPU, which is stored in f32: XLA:CPU upcasts a bf16
-    scatter through the whole cache (`jaxserve.launch.bench_cpu_ops`: 24-42 ms per layer write of 8 tokens into a 33 MB
-    cache, against 0.009 ms in f32), so the in-place KV write only stays in place in f32 there."""
-    if (platform or jax.default_backend()) == "cpu":
-        return "float32"
+def kv_storage_dtype(model_config: ModelConfig, platform: str | None = None, attention_impl: str = "auto") -> str:
+    """The KV pool's dtype: the model's, except on CPU, where XLA scatters a bf16 cache through f32 (24-42 ms
+    per layer write of 8 tokens into a 33 MB cache, against 0.009 ms in f32: `jaxserve.launch.bench_cpu_ops`).
+    There a model whose matmuls read bf16 (a bf16 checkpoint) stores the bits of its bf16 K/V in uint16, which
+    scatters in place and which the XLA attention paths bitcast back: half the bytes of f32 per page and per
+    decode gather, and the same values, since those paths round every key block to bf16 for the dot anyway
+    (`Attention.attention_dot_dtype`). Other models, and the Pallas kernels (which read the pool as it is), keep
+    f32 on CPU."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        bits = (model_config.matmul_dtype == "bfloat16" and model_config.kv_cache_dtype == "auto"
+                and resolve_impl(attention_impl, platform) == "reference")
+        return "uint16" if bits else "float32"
     return model_config.dtype
 
 
@@ -104,8 +111,8 @@ class Engine:
         # a memory budget in bytes becomes a page count at that storage dtype.
         if model_config.kv_cache_dtype != config.cache.kv_cache_dtype:
             model_config = dataclasses.replace(model_config, kv_cache_dtype=config.cache.kv_cache_dtype)
-        config = dataclasses.replace(config, cache=size_cache(model_config, config.cache,
-                                                              kv_storage_dtype(model_config)))
+        storage = kv_storage_dtype(model_config, attention_impl=config.attention_impl)
+        config = dataclasses.replace(config, cache=size_cache(model_config, config.cache, storage))
         # Called (engine thread) before a step or sequence-parallel prefill whose shapes never ran (it compiles
         # first): `add_new_shape_hook`; a step watchdog extends its deadline.
         self._new_shape_hooks: list[Callable[[], None]] = []
@@ -124,7 +131,7 @@ class Engine:
         self.params = jax.tree.map(
             lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, s)), params, specs)
         kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec())
-        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=kv_storage_dtype(model_config),
+        self.pool = MemPool(model_config, config.cache, sharding=kv_sharding, dtype=storage,
                             ops=self.ops)
         log.info("KV cache: %s, %d device pages + %d host pages of %d bytes (%.1f MiB device); %.0f pages/GiB",
                  config.cache.kv_cache_dtype, self.pool.num_pages, self.pool.num_host_pages, self.pool.page_bytes,

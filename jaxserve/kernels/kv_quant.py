@@ -18,6 +18,9 @@ import jax.numpy as jnp
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8")
 SCALE_BYTES = 4
+# Storage of an unquantized bf16 cache where bf16 scatters are slow (XLA:CPU converts the whole cache through
+# f32 for each write, as for float8): the same bits in uint16, which scatters in place; readers bitcast them back.
+BF16_BITS = jnp.dtype(jnp.uint16)
 
 _FORMATS = {  # name -> (jnp value dtype, largest representable magnitude used for the scale)
     "fp8_e4m3": (jnp.float8_e4m3fn, 448.0),
@@ -84,9 +87,10 @@ def dequantize_values(value_bytes: jax.Array, scale: jax.Array, kv_cache_dtype: 
 
 
 def dequantize(rows: jax.Array, kv_cache_dtype: str | None, dtype=jnp.float32) -> jax.Array:
-    """Packed rows -> values [..., D] in `dtype`; unquantized rows ("auto") are returned as they are."""
+    """Packed rows -> values [..., D] in `dtype`; unquantized rows ("auto") are returned as they are, bf16 bits
+    (`BF16_BITS` storage) as bf16."""
     if not is_quantized(kv_cache_dtype):
-        return rows
+        return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).astype(dtype) if rows.dtype == BF16_BITS else rows
     return dequantize_values(rows[..., :-SCALE_BYTES], row_scale(rows), kv_cache_dtype, dtype)
 
 
@@ -94,4 +98,7 @@ def encode_kv(kv: jax.Array, kv_cache_dtype: str | None, storage: jnp.dtype) -> 
     """K/V rows [..., D] as the cache stores them: quantized rows, or a cast to the storage dtype."""
     if is_quantized(kv_cache_dtype):
         return quantize(kv, kv_cache_dtype)
+    if jnp.dtype(storage) == BF16_BITS:
+        return jax.lax.bitcast_convert_type(kv.astype(jnp.bfloat16), BF16_BITS)
     return kv.astype(storage)
+

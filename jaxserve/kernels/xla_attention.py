@@ -46,8 +46,8 @@ SHARED_BLOCK_Q, SHARED_BLOCK_K = 256, 512
 
 
 def _kv_in(rows, kv_cache_dtype, dtype):
-    """K, V [..., Hkv, D] of packed cache rows [..., 2*Hkv, D], dequantized or cast to the queries' dtype: bf16
-    queries over an f32 cache make every dot bf16-in, f32-accumulate (the caller's choice for a bf16 model)."""
+    """K, V [..., Hkv, D] of packed cache rows [..., 2*Hkv, D], dequantized (bf16 bits bitcast) or cast to the
+    queries' dtype: bf16 queries make every dot bf16-in, f32-accumulate (the caller's choice for a bf16 model)."""
     return _split_kv(kv_quant.dequantize(rows, kv_cache_dtype, dtype).astype(dtype))
 
 

@@ -1,9 +1,10 @@
 """The single-op measurements behind this session's CPU decisions, side by side in one run: matmul rates per
-dtype, the KV write into an f32 vs a bf16 cache, grouped expert matmuls (ragged_dot vs blocked vs every
-expert), the CPU attention path's key-block size, the decode attention before/after session 5 and its
-key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention with
-and without the lone-chunk path (session 10), and steps of several sequences under the per-tile loop and the
-general path that replaced it (session 11).
+dtype, the KV write into an f32, a bf16 and a bf16-bits (uint16) cache, grouped expert matmuls (ragged_dot vs
+blocked vs every expert), the CPU attention path's key-block size, the decode attention before/after session 5
+and its key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention
+with and without the lone-chunk path (session 10), steps of several sequences under the per-tile loop and the
+general path that replaced it (session 11), and a bf16 model's decode over a bf16-bits pool against the f32 one
+(session 13).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -60,8 +61,8 @@ def _rows():
     rows.append(("MLP 768x256x1024", "bf16 weights, bf16 in, f32 acc", _ms(mlp(lambda u: u.astype(bf), False), x, *w)))
     rows.append(("MLP 768x256x1024", "same, weights via f32", _ms(mlp(lambda u: u.astype(bf), True), x, *w)))
 
-    for dtype in (jnp.float32, bf):
-        k = jnp.ones((8, 1, 128), dtype)
+    for dtype in (jnp.float32, bf, jnp.uint16):  # uint16: a bf16 model's KV on CPU, as bf16 bits (session 13)
+        k = jnp.ones((8, 1, 128), jnp.float32 if dtype == jnp.uint16 else dtype)
         slots, offsets = jnp.arange(1, 9, dtype=jnp.int32), jnp.zeros(8, jnp.int32)
         write = jax.jit(lambda c, k: reference.write_kv(c, 1, k, k, slots, offsets), donate_argnums=0)
         state = {"cache": jnp.zeros((4, 1024, 16, 2, 128), dtype)}
@@ -150,6 +151,7 @@ def _rows():
     # longest live sequence over one table width for every step (engine's path now: one compile per batch).
     rs = np.random.RandomState(2)
     kv = jnp.asarray(rs.randn(2048, 16, 2, 128).astype(np.float32))
+    kv_bits = jax.lax.bitcast_convert_type(kv.astype(bf), jnp.uint16)
     for seqs, context in ((8, 300), (32, 96), (32, 600), (32, 1800), (128, 300)):
         q = jnp.asarray(rs.randn(seqs, 2, 128).astype(np.float32))
         lens = jnp.full((seqs,), context, jnp.int32)
@@ -164,6 +166,10 @@ def _rows():
             q, wide)))
         rows.append((what, f"blocked, 128-page table, {xla_decode_attention.DECODE_BLOCK_K}-key blocks (default)", _ms(
             lambda q, p: xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, p, sm_scale=0.1), q, wide)))
+        # A bf16 checkpoint's decode: bf16 queries over the f32 pool (before session 13) or over its bf16 bits.
+        for name, pool in (("bf16 queries, f32 pool", kv), ("bf16 queries, bf16-bits pool (default)", kv_bits)):
+            rows.append((what, name, _ms(lambda q, p, pool=pool: xla_decode_attention.decode_paged_attention_blocked(
+                q, pool, lens, p, sm_scale=0.1), q.astype(bf), wide)))
 
     # Decodes of requests over one cached 512-token prompt: the shared prefix gathered once, every query in one dot
     # per block (session 12), against the same lengths on pages of their own.

@@ -6,7 +6,7 @@ unquantized run (jaxserve/bench/kv_quant_eval.py) when --agreement_prompts > 0.
     python -m jaxserve.launch.bench_kv_quant --out=out/bench_kv_quant.json
 
 The engine shape is bench_cpu_dtype's (hidden 256, 4 layers, 2 heads / 1 KV head of 128, vocab 8192), random
-weights. "auto" is the model's dtype as this platform stores it (f32 on CPU, see engine.kv_storage_dtype); the
+weights. "auto" is the model's dtype as this platform stores it (see engine.kv_storage_dtype); the
 bf16 row of the page table is what a GPU/TPU stores. Timings are the least of `repeats`; the box is shared, so
 compare within one run. Prints a table and writes JSON."""
 

@@ -32,7 +32,7 @@ def _gather_pages(kv: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _scatter_pages(kv: jax.Array, idx: jax.Array, data: jax.Array) -> jax.Array:
-    return kv.at[:, idx].set(jnp.swapaxes(data, 0, 1).astype(kv.dtype))
+    return kv.at[:, idx].set(convert_storage(jnp.swapaxes(data, 0, 1), kv.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +69,24 @@ def _local_heads(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
         if any(sl.indices(n)[:2] != (0, n) for axis, (sl, n) in enumerate(zip(index, shape)) if axis != 3):
             raise ValueError(f"a multi-process pool must be sharded on the KV-head axis only, got {sharding}")
     return ranges[0][0], ranges[-1][1]
+
+
+# An unquantized bf16 pool on CPU stores its rows' bits in uint16 (engine.kv_storage_dtype; the attention
+# kernels bitcast them back, kernels/kv_quant.py): XLA:CPU scatters uint16 in place but a bf16 cache through f32.
+BF16_BITS = np.dtype(np.uint16)
+
+
+def convert_storage(x: jax.Array, storage) -> jax.Array:
+    """Unquantized rows from one storage dtype to another, `BF16_BITS` on either side (a page moved between
+    pools stored differently: a GPU's bf16, a CPU's bf16 bits or f32); the same dtype is left as it is."""
+    storage = jnp.dtype(storage)
+    if x.dtype == storage:
+        return x
+    if x.dtype == BF16_BITS:
+        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    if storage == BF16_BITS:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+    return x.astype(storage)
 
 
 def storage_dtype(cache_cfg: CacheConfig, dtype) -> np.dtype:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxserve.mempool.kv_store import convert_storage
 from jaxserve.mempool.transfer.state import TransferError
 from jaxserve.util import next_pow2
 
@@ -82,7 +83,7 @@ def _scatter_fn(sharding):
     # dynamic_update_slice of [layers, 1, page_size, 2*Hkv, D]: on XLA:CPU this runs near memory-copy speed,
     # while the equivalent `kv.at[:, idx].set(block)` scatter was 2-6x slower (see WORKSPACE_NOTES.md).
     def scatter(kv, idx, n, block):
-        block = block.astype(kv.dtype)
+        block = convert_storage(block, kv.dtype)
 
         def body(j, kv):
             page = jax.lax.dynamic_slice_in_dim(block, j, 1, axis=1)
@@ -108,7 +109,7 @@ def _scatter_chunks_fn(sharding, k: int):
     def scatter(kv, idx, n, *chunks):
         c = chunks[0].shape[1]
         for i, chunk in enumerate(chunks):
-            chunk = chunk.astype(kv.dtype)
+            chunk = convert_storage(chunk, kv.dtype)
 
             def body(j, kv, chunk=chunk, i=i):
                 page = jax.lax.dynamic_slice_in_dim(chunk, j, 1, axis=1)
