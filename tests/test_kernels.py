@@ -546,6 +546,31 @@ def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     assert np.all(np.asarray(out[-1], np.float32) == 0)
 
 
+@pytest.mark.parametrize("lone_min_keys,kw", [(16, {}), (16, dict(sliding_window=20)), (64, {})],
+                         ids=["lone-group", "lone-group-window", "below-threshold"])
+def test_blocked_decode_of_one_live_sequence_in_big_blocks(lone_min_keys, kw):
+    """A decode step whose only live sequence (slot 0 of 4, NaN in unused slots) has at least `lone_min_keys`
+    cached keys takes them through the shared phase as a group of one (32 keys in 8-key blocks), the rest in
+    the loop; below the threshold there is no group. Either way the oracle's result; empty slots give 0."""
+    rng = np.random.default_rng([13, lone_min_keys, len(kw)])
+    seqs = [(1, 37), (1, 0), (1, 0), (1, 0)]
+    (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
+        rng, seqs, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=jnp.float32)
+    _, shared_len, member = xla_attention.shared_prefix(lens, jnp.ones_like(lens), lens > 0, pi, 8,
+                                                        lone_min_keys=lone_min_keys)
+    grouped = lone_min_keys <= 32
+    assert int(shared_len) == (32 if grouped else 0)
+    assert np.asarray(member).tolist() == [grouped, False, False, False]
+    q = jnp.asarray(rng.standard_normal((len(seqs), 6, 64)), jnp.float32)
+    out, lse = xla_decode_attention.decode_paged_attention_blocked(
+        q, kv, lens, pi, sm_scale=0.2, return_lse=True, block_k=8, shared_block_k=8, lone_min_keys=lone_min_keys,
+        **kw)
+    ref, ref_lse = ref_decode(q, kv_clean, lens, pi_clean, sm_scale=0.2, return_lse=True, **kw)
+    assert_close(out[:1], ref[:1], jnp.float32)
+    assert_lse_close(lse[:1], ref_lse[:1], jnp.float32)
+    assert np.all(np.asarray(out[1:]) == 0)
+
+
 # ------------------------------------------------------------------------------------------------
 # TPU (Mosaic) variant under the TPU interpreter
 

@@ -17,13 +17,18 @@ from jaxserve.kernels.xla_attention import SHARED_BLOCK_K, _accumulate, _kv_in, 
 # but the longest (32 x 96 tokens 0.46 vs 0.58 ms a layer, 128 x 300 4.7 vs 5.5, 32 x 1800 equal;
 # `jaxserve.launch.bench_cpu_ops`).
 DECODE_BLOCK_K = 32
+# A step's only live sequence (one user's decode) takes its cached keys through the shared phase's big blocks
+# from this many on, instead of the lockstep 32-key loop, which also runs every padding slot of the step's
+# 8 (issue 14's model, whole decode step over bf16 bits: 600 keys 3.4-3.8 -> 2.3 ms, 1800 keys 10.4 -> 3.1-3.2;
+# below ~256 keys a 512-key block costs more than the few small ones: 32 keys 1.3 -> 1.7 ms).
+LONE_MIN_KEYS = 256
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
-                                             "kv_cache_dtype", "layer", "shared_block_k"))
+                                             "kv_cache_dtype", "layer", "shared_block_k", "lone_min_keys"))
 def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
                                    soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto",
-                                   layer=None, shared_block_k=SHARED_BLOCK_K):
+                                   layer=None, shared_block_k=SHARED_BLOCK_K, lone_min_keys=LONE_MIN_KEYS):
     """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
     softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
     follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
@@ -31,7 +36,8 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
 
     q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`);
     kv_lens i32[S] (0: no sequence, zeros out); page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None
-    -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix."""
+    -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix;
+    `lone_min_keys` (static): cached keys from which the only live sequence takes that phase (LONE_MIN_KEYS)."""
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
@@ -48,7 +54,8 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     hi = jnp.minimum((jnp.max(kv_lens) + block_k - 1) // block_k, num_blocks)
     # Keys a group of the sequences share (`shared_prefix`) are gathered once and visited by every member's
     # query in one dot; the blocks below then start past them for the members.
-    ref, shared_len, member = shared_prefix(kv_lens, jnp.ones_like(kv_lens), live, page_indices, page_size)
+    ref, shared_len, member = shared_prefix(kv_lens, jnp.ones_like(kv_lens), live, page_indices, page_size,
+                                            lone_min_keys=lone_min_keys)
     skip = jnp.where(member, shared_len, 0)
     first_key = skip
     if sliding_window is not None:

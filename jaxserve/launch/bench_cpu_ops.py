@@ -3,8 +3,8 @@ dtype, the KV write into an f32, a bf16 and a bf16-bits (uint16) cache, grouped 
 blocked vs every expert), the CPU attention path's key-block size, the decode attention before/after session 5
 and its key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention
 with and without the lone-chunk path (session 10), steps of several sequences under the per-tile loop and the
-general path that replaced it (session 11), and a bf16 model's decode over a bf16-bits pool against the f32 one
-(session 13).
+general path that replaced it (session 11), and a bf16 model's decode over a bf16-bits pool against the f32 one,
+one live decode in big blocks or the lockstep loop (session 13).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -170,6 +170,18 @@ def _rows():
         for name, pool in (("bf16 queries, f32 pool", kv), ("bf16 queries, bf16-bits pool (default)", kv_bits)):
             rows.append((what, name, _ms(lambda q, p, pool=pool: xla_decode_attention.decode_paged_attention_blocked(
                 q, pool, lens, p, sm_scale=0.1), q.astype(bf), wide)))
+
+    # One user's decode: the only live sequence of an 8-slot step, its cached keys in the lockstep 32-key loop
+    # (which runs the 7 padding slots too) or, as a group of one, in the shared phase's 512-key blocks (session 13).
+    for context in (100, 600, 1800):
+        q = jnp.asarray(rs.randn(8, 2, 128)).astype(bf)
+        lens = jnp.zeros((8,), jnp.int32).at[0].set(context)
+        table = jnp.asarray(rs.randint(1, 2048, (8, 128)).astype(np.int32))
+        what = f"CPU decode attention, 1 live seq of 8 slots x {context} tokens, bf16-bits pool, one layer"
+        for name, lone in (("lockstep loop only", None), (f"a group of one from {xla_decode_attention.LONE_MIN_KEYS} "
+                                                          "cached keys (default)", xla_decode_attention.LONE_MIN_KEYS)):
+            rows.append((what, name, _ms(lambda q, p, lone=lone: xla_decode_attention.decode_paged_attention_blocked(
+                q, kv_bits, lens, p, sm_scale=0.1, lone_min_keys=lone), q, table)))
 
     # Decodes of requests over one cached 512-token prompt: the shared prefix gathered once, every query in one dot
     # per block (session 12), against the same lengths on pages of their own.
