@@ -101,4 +101,3 @@ def encode_kv(kv: jax.Array, kv_cache_dtype: str | None, storage: jnp.dtype) -> 
     if jnp.dtype(storage) == BF16_BITS:
         return jax.lax.bitcast_convert_type(kv.astype(jnp.bfloat16), BF16_BITS)
     return kv.astype(storage)
-
