@@ -448,10 +448,6 @@ def test_a_stream_that_fails_after_it_started_ends_with_an_error_event():
 def test_request_timeout_header_is_a_real_deadline():
     async def body():
         async with cluster(fake=dict(token_delay_s=0.02)) as (http, fakes, client):
-            # A first request opens the scheduler's stream to the instance, so the 0.3 s below is spent serving
-            # (a loaded box took longer than that to connect, and the request then never reached the instance).
-            status, data = await raw(http, "POST", "/v1/completions", dict(model=MODEL, prompt="x", max_tokens=2))
-            assert status == 200, data
             t0 = time.monotonic()
             status, data = await raw(http, "POST", "/v1/completions",
                                      dict(model=MODEL, prompt="slow", max_tokens=200),

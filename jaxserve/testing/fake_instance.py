@@ -243,12 +243,18 @@ class FakeInstance(instance_pb2_grpc.InstanceServicer):
 
     @contextlib.contextmanager
     def _running(self, request_id: str):
-        """Counts a request as running while it is served; a cancelled one is recorded in `cancelled`."""
+        """Counts a request as running while it is served; a cancelled one is recorded in `cancelled`: cancelled
+        while it awaits (CancelledError) or closed while its stream waits at a `yield` (GeneratorExit: the call
+        ended between two responses, as a deadline on a loaded box can)."""
         self.running += 1
         try:
             yield
         except asyncio.CancelledError:
             self.cancelled.add(request_id)
+            raise
+        except GeneratorExit:
+            if request_id not in self.finished:  # not the close after its last response
+                self.cancelled.add(request_id)
             raise
         finally:
             self.running -= 1
