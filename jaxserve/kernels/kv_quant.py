@@ -87,8 +87,8 @@ def dequantize_values(value_bytes: jax.Array, scale: jax.Array, kv_cache_dtype: 
 
 
 def dequantize(rows: jax.Array, kv_cache_dtype: str | None, dtype=jnp.float32) -> jax.Array:
-    """Packed rows -> values [..., D] in `dtype`; unquantized rows ("auto") are returned as they are, bf16 bits
-    (`BF16_BITS` storage) as bf16."""
+    """Packed rows -> values [..., D] in `dtype`; unquantized rows ("auto") are returned as they are, except bf16
+    bits (`BF16_BITS` storage), which are bitcast to bf16 and cast to `dtype`."""
     if not is_quantized(kv_cache_dtype):
         return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).astype(dtype) if rows.dtype == BF16_BITS else rows
     return dequantize_values(rows[..., :-SCALE_BYTES], row_scale(rows), kv_cache_dtype, dtype)
