@@ -11,6 +11,15 @@ import gc
 import pytest
 
 
+def pytest_configure(config):
+    """Every program compiles through JAX's persistent cache, the one `jaxserve serve` uses
+    (~/.cache/jaxserve/xla or $JAXSERVE_COMPILATION_CACHE; "off" disables it), from the first test on: a
+    second run of the suite skips XLA's backend compile of what it compiled before. `LLM(...,
+    compilation_cache="off")` leaves the process's setting as it is."""
+    from jaxserve.engine.llm import enable_compilation_cache
+    enable_compilation_cache()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop every compiled program after each test module. XLA:CPU maps each executable's code into memory;

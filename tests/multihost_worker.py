@@ -36,7 +36,7 @@ def main() -> int:
     # tier, round 4 brings the shared one back from it.
     ops = multihost.connect() if args.num_processes > 1 else None  # collective: every process, before the engine
     llm = LLM(cfg, ops=ops, tp=args.tp, page_size=8, num_pages=24, num_host_pages=32, max_num_batched_tokens=64,
-              max_num_seqs=8, seed=0, compilation_cache="off", enable_prefix_caching=True,
+              max_num_seqs=8, seed=0, enable_prefix_caching=True,
               sequence_parallel=args.seq, sp_threshold=args.sp_threshold)
     assert len(llm.engine.mesh.devices.flat) == args.seq * args.tp, llm.engine.mesh
     system = list(range(1, 41))  # a shared prefix (5 pages of 8)

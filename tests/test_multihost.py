@@ -56,7 +56,7 @@ def _save_tiny_model(tmp_path):
 def _instance_cmd(scheduler_address, folder, *extra):
     return [sys.executable, "-m", "jaxserve.launch.instance", f"--scheduler={scheduler_address}", f"--model={folder}",
             "--page_size=8", "--num_pages=64", "--max_num_batched_tokens=64", "--shutdown_grace_s=0",
-            "--compilation_cache=off", *extra]
+            *extra]
 
 
 def _launch_two_process_instance(scheduler_address, folder, tmp_path, *extra, name="proc"):
