@@ -521,24 +521,29 @@ SHARED_DECODE_PAGES = {1: (0, 4), 2: (0, 4), 3: (0, 2), 5: (0, 4), 6: (0, 4)}
 
 
 @pytest.mark.parametrize("dtype,kw", [(jnp.float32, {}), (jnp.float32, dict(sliding_window=25, soft_cap=4.0)),
-                                      (jnp.bfloat16, dict(sinks=True))],
-                         ids=["f32", "f32-window-soft_cap", "bf16-sinks"])
+                                      (jnp.bfloat16, dict(sinks=True)), (jnp.float32, dict(own_blocks=False))],
+                         ids=["f32", "f32-window-soft_cap", "bf16-sinks", "f32-lockstep-only"])
 def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     """The CPU decode path with a group sharing a cached prefix (gathered once, every member's query in one dot
     per block, 8-key shared blocks so there are two) on a wide table with garbage columns and NaN in unused
-    slots: the group (five members, 16 keys) is found and the result is the oracle's; an empty sequence gives 0."""
+    slots: the group (five members, 16 keys) is found and the result is the oracle's; an empty sequence gives 0.
+    The rest of each member's keys go in its own 8-key blocks (fewer keys than the lockstep loop's), or with
+    own_blocks=False in the loop."""
     rng = np.random.default_rng([11, 0 if dtype == jnp.float32 else 1, len(kw)])
+    own = dict(own_blocks=kw.pop("own_blocks", True))
     (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
         rng, SHARED_DECODES, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=dtype,
         shares=SHARED_DECODE_PAGES)
     _, shared_len, member = xla_attention.shared_prefix(lens, jnp.ones_like(lens), lens > 0, pi, 8)
     assert int(shared_len) == 16 and np.asarray(member).tolist() == [True] * 4 + [False, True, False]
+    first_key = np.maximum(np.where(member, 16, 0), np.asarray(lens) - kw.get("sliding_window", 10 ** 6))
+    assert bool(xla_decode_attention.own_blocks_cheaper(jnp.asarray(first_key), lens, 0, 6, 8, 8))
     q = jnp.asarray(rng.standard_normal((len(SHARED_DECODES), 6, 64)), dtype)
     if kw.get("sinks"):
         kw = dict(sinks=make_sinks(rng, 6))
     wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 5), 10 ** 6, jnp.int32)], axis=1)
     out, lse = xla_decode_attention.decode_paged_attention_blocked(q, kv, lens, wide, sm_scale=0.2, return_lse=True,
-                                                            block_k=8, shared_block_k=8, **kw)
+                                                            block_k=8, shared_block_k=8, **own, **kw)
     ref, ref_lse = ref_ragged(q, kv_clean, lens, pi_clean, jnp.arange(len(lens) + 1, dtype=jnp.int32),
                               jnp.array([len(lens)], jnp.int32), sm_scale=0.2, return_lse=True, **kw)
     assert_close(out, ref, dtype)
@@ -546,29 +551,32 @@ def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     assert np.all(np.asarray(out[-1], np.float32) == 0)
 
 
-@pytest.mark.parametrize("lone_min_keys,kw", [(16, {}), (16, dict(sliding_window=20)), (64, {})],
-                         ids=["lone-group", "lone-group-window", "below-threshold"])
-def test_blocked_decode_of_one_live_sequence_in_big_blocks(lone_min_keys, kw):
-    """A decode step whose only live sequence (slot 0 of 4, NaN in unused slots) has at least `lone_min_keys`
-    cached keys takes them through the shared phase as a group of one (32 keys in 8-key blocks), the rest in
-    the loop; below the threshold there is no group. Either way the oracle's result; empty slots give 0."""
-    rng = np.random.default_rng([13, lone_min_keys, len(kw)])
-    seqs = [(1, 37), (1, 0), (1, 0), (1, 0)]
+@pytest.mark.parametrize("seqs,big_k,kw,own", [
+    ([(1, 37), (1, 0), (1, 0), (1, 0)], 8, {}, True),
+    ([(1, 37), (1, 0), (1, 0), (1, 0)], 8, dict(sliding_window=20), True),
+    ([(1, 37), (1, 0), (1, 5), (1, 0)], 8, dict(soft_cap=4.0), True),
+    ([(1, 37), (1, 30), (1, 20), (1, 12)], 32, {}, False),
+    ([(1, 3), (1, 0), (1, 0), (1, 0)], 32, {}, False),
+], ids=["one-live", "one-live-window", "two-live-soft_cap", "all-live-in-the-loop", "one-short-in-the-loop"])
+def test_blocked_decode_of_few_live_sequences_in_their_own_blocks(seqs, big_k, kw, own):
+    """A decode step (4 slots, NaN in unused pages, garbage page-table columns) whose live sequences would visit fewer keys each in its own
+    `big_k`-key blocks than every slot in the 8-key lockstep loop takes them one after the other; otherwise
+    the loop. The path taken is asserted, and either way the result is the oracle's; empty slots give 0."""
+    rng = np.random.default_rng([13, len(seqs), big_k, len(kw)])
     (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
         rng, seqs, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=jnp.float32)
-    _, shared_len, member = xla_attention.shared_prefix(lens, jnp.ones_like(lens), lens > 0, pi, 8,
-                                                        lone_min_keys=lone_min_keys)
-    grouped = lone_min_keys <= 32
-    assert int(shared_len) == (32 if grouped else 0)
-    assert np.asarray(member).tolist() == [grouped, False, False, False]
+    first_key = np.maximum(np.asarray(lens) - kw.get("sliding_window", 10 ** 6), 0) * (np.asarray(lens) > 0)
+    live = np.asarray(lens) > 0
+    lo, hi = first_key[live].min() // 8, -(-np.asarray(lens).max() // 8)
+    assert bool(xla_decode_attention.own_blocks_cheaper(jnp.asarray(first_key), lens, lo, hi, 8, big_k)) == own
     q = jnp.asarray(rng.standard_normal((len(seqs), 6, 64)), jnp.float32)
+    wide = jnp.concatenate([pi, jnp.full((pi.shape[0], 4), 10 ** 6, jnp.int32)], axis=1)  # as wide as a big block
     out, lse = xla_decode_attention.decode_paged_attention_blocked(
-        q, kv, lens, pi, sm_scale=0.2, return_lse=True, block_k=8, shared_block_k=8, lone_min_keys=lone_min_keys,
-        **kw)
+        q, kv, lens, wide, sm_scale=0.2, return_lse=True, block_k=8, shared_block_k=big_k, **kw)
     ref, ref_lse = ref_decode(q, kv_clean, lens, pi_clean, sm_scale=0.2, return_lse=True, **kw)
-    assert_close(out[:1], ref[:1], jnp.float32)
-    assert_lse_close(lse[:1], ref_lse[:1], jnp.float32)
-    assert np.all(np.asarray(out[1:]) == 0)
+    assert_close(out[live], ref[live], jnp.float32)
+    assert_lse_close(lse[live], ref_lse[live], jnp.float32)
+    assert np.all(np.asarray(out[~live]) == 0)
 
 
 # ------------------------------------------------------------------------------------------------

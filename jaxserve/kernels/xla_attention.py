@@ -199,14 +199,13 @@ def sequence_block_k(block_q: int) -> int:
     return max(128, min(512, 4 * block_q))
 
 
-def shared_prefix(kv_lens, q_lens, live, page_indices, page_size: int, lone_min_keys: int | None = None):
+def shared_prefix(kv_lens, q_lens, live, page_indices, page_size: int):
     """The key prefix that a group of the step's sequences share: (reference sequence, shared keys, member
     mask bool[S]). kv_lens, q_lens i32[S], live bool[S]. The group is the largest set of live sequences whose
     first page is the same cached page (a burst over one system prompt, a cached document's questions); the
     shared keys are the pages every member has in common with the reference from the start, up to each
     member's cached pages (keys before its first row, so all of its rows see all of them). Fewer than two
-    members: no group (0 keys, no member), except that with `lone_min_keys` (static) the step's only live sequence
-    is a group of one when it has that many cached keys, which then go in the phase's big blocks."""
+    members: no group (0 keys, no member)."""
     cached_pages = jnp.where(live & (q_lens > 0), (kv_lens - q_lens) // page_size, 0)
     first = page_indices[:, 0]
     can = cached_pages > 0
@@ -214,8 +213,6 @@ def shared_prefix(kv_lens, q_lens, live, page_indices, page_size: int, lone_min_
     count = jnp.sum(same_first, axis=1)
     ref = jnp.argmax(count).astype(jnp.int32)
     enough = count[ref] >= 2
-    if lone_min_keys is not None:
-        enough |= (jnp.sum(live) == 1) & (cached_pages[ref] * page_size >= lone_min_keys)
     member = same_first[ref] & enough
     common = jnp.sum(jnp.cumprod(page_indices == page_indices[ref][None, :], axis=1), axis=1)
     shared_pages = jnp.min(jnp.where(member, jnp.minimum(common, cached_pages), page_indices.shape[1]))

@@ -17,18 +17,19 @@ from jaxserve.kernels.xla_attention import SHARED_BLOCK_K, _accumulate, _kv_in, 
 # but the longest (32 x 96 tokens 0.46 vs 0.58 ms a layer, 128 x 300 4.7 vs 5.5, 32 x 1800 equal;
 # `jaxserve.launch.bench_cpu_ops`).
 DECODE_BLOCK_K = 32
-# A step's only live sequence (one user's decode) takes its cached keys through the shared phase's big blocks
-# from this many on, instead of the lockstep 32-key loop, which also runs every padding slot of the step's
-# 8 (issue 14's model, whole decode step over bf16 bits: 600 keys 3.4-3.8 -> 2.3 ms, 1800 keys 10.4 -> 3.1-3.2;
-# below ~256 keys a 512-key block costs more than the few small ones: 32 keys 1.3 -> 1.7 ms).
-LONE_MIN_KEYS = 256
-
+# A step whose few live sequences would visit fewer keys each on its own, in big blocks, than in the lockstep loop
+# (which also runs every padding slot of the step's 8 or more) takes them one after the other instead
+# (`own_blocks_cheaper`), counting a key of its own blocks as this many slot-keys of the loop (one layer of issue
+# 14's model, bf16 bits, 8 slots, `bench_cpu_ops`: 0.26-0.41 us a key of its own blocks, 0.13-0.15 us a slot-key
+# of the loop). So 1 live sequence of 600 keys 0.82 -> 0.45 ms, 2 of 1800 1.94 -> 1.12 ms; 4 of 600 stay in the
+# loop (0.87 ms; their own blocks 1.17).
+OWN_KEY_COST = 2
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
-                                             "kv_cache_dtype", "layer", "shared_block_k", "lone_min_keys"))
+                                             "kv_cache_dtype", "layer", "shared_block_k", "own_blocks"))
 def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_scale=1.0, sliding_window=None,
                                    soft_cap=None, return_lse=False, block_k=None, sinks=None, kv_cache_dtype="auto",
-                                   layer=None, shared_block_k=SHARED_BLOCK_K, lone_min_keys=LONE_MIN_KEYS):
+                                   layer=None, shared_block_k=SHARED_BLOCK_K, own_blocks=True):
     """One query per sequence (position kv_len - 1), as `reference.ref_decode_paged_attention`, with an online
     softmax over key blocks up to the batch's longest sequence (a `fori_loop` with a traced bound). Its cost
     follows the live context, not the width of `page_indices`, so the engine can pass one page-table width
@@ -36,8 +37,9 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
 
     q [S, Hq, D]; kv_pages [P, page_size, 2*Hkv, D] (quantized: uint8 rows of D + 4, `kv_cache_dtype`);
     kv_lens i32[S] (0: no sequence, zeros out); page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None
-    -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix;
-    `lone_min_keys` (static): cached keys from which the only live sequence takes that phase (LONE_MIN_KEYS)."""
+    -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix and of
+    a sequence's own blocks; `own_blocks` (static): let a step take each live sequence's keys in its own big
+    blocks when that visits fewer keys than the lockstep loop (`own_blocks_cheaper`); False: the loop only."""
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
@@ -54,8 +56,7 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     hi = jnp.minimum((jnp.max(kv_lens) + block_k - 1) // block_k, num_blocks)
     # Keys a group of the sequences share (`shared_prefix`) are gathered once and visited by every member's
     # query in one dot; the blocks below then start past them for the members.
-    ref, shared_len, member = shared_prefix(kv_lens, jnp.ones_like(kv_lens), live, page_indices, page_size,
-                                            lone_min_keys=lone_min_keys)
+    ref, shared_len, member = shared_prefix(kv_lens, jnp.ones_like(kv_lens), live, page_indices, page_size)
     skip = jnp.where(member, shared_len, 0)
     first_key = skip
     if sliding_window is not None:
@@ -105,9 +106,55 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
             jnp.zeros((num_seqs, num_kv_heads, group), jnp.float32),
             jnp.zeros((num_seqs, num_kv_heads, group, head_dim), jnp.float32))
     init = jax.lax.fori_loop(0, (shared_len + shared_k - 1) // shared_k, shared_visit, init)
-    out, lse = _normalize(*jax.lax.fori_loop(lo, hi, visit, init))
+    first_key = jnp.where(live, jnp.maximum(first_key, 0), 0)
+
+    def own_visit(seq, b, carry):  # one sequence's big block b; carry [Hkv, G], [Hkv, G], [Hkv, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(page_table(seq), b * shared_pages_per_block, shared_pages_per_block)
+        gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+        k, v = _kv_in(gathered.reshape(shared_k, 2 * num_kv_heads, layer_shape[3]), kv_cache_dtype, q.dtype)
+        k_pos = b * shared_k + jnp.arange(shared_k)
+        mask = (k_pos <= q_pos[seq]) & (k_pos >= first_key[seq])  # [K]; first_key holds the window's start
+        s = jnp.einsum("hgd,khd->hgk", qg[seq], k, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask, s, MASK_VALUE)
+        v = jnp.where(mask[:, None, None], v, 0)
+        return _accumulate(carry, s, mask, v, "hgk,khd->hgd")
+
+    def page_table(seq):
+        return jnp.pad(page_indices[seq], (0, shared_pages_per_block))
+
+    def own_sequences(carry):
+        def one_sequence(seq, carry):
+            start, stop = own_block_range(first_key[seq], kv_lens[seq], shared_k)
+            own = jax.lax.fori_loop(start, stop, functools.partial(own_visit, seq), tuple(c[seq] for c in carry))
+            return tuple(c.at[seq].set(o) for c, o in zip(carry, own))
+        return jax.lax.fori_loop(0, num_seqs, one_sequence, carry)
+
+    def lockstep(carry):
+        return jax.lax.fori_loop(lo, hi, visit, carry)
+
+    if own_blocks:
+        cheaper = own_blocks_cheaper(first_key, kv_lens, lo, hi, block_k, shared_k)
+        out, lse = _normalize(*jax.lax.cond(cheaper, own_sequences, lockstep, init))
+    else:
+        out, lse = _normalize(*lockstep(init))
     out, lse = out.reshape(num_seqs, num_q_heads, head_dim), lse.reshape(num_seqs, num_q_heads)
     if sinks is not None:
         out = apply_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def own_block_range(first_key, kv_len, big_k: int):
+    """The big blocks (of `big_k` keys) that hold keys first_key .. kv_len - 1 of one sequence: (start, stop)."""
+    return first_key // big_k, jnp.where(kv_len > first_key, (kv_len + big_k - 1) // big_k, first_key // big_k)
+
+
+def own_blocks_cheaper(first_key, kv_lens, lo, hi, block_k: int, big_k: int):
+    """Whether the step's live sequences (kv_lens > 0), each from its first_key in its own big blocks, cost less
+    than the lockstep loop's every slot over blocks lo .. hi - 1 of block_k keys, a key of their own blocks
+    counted as OWN_KEY_COST slot-keys. i32[S] -> bool."""
+    start, stop = own_block_range(first_key, kv_lens, big_k)
+    own_keys = jnp.sum(jnp.where(kv_lens > 0, stop - start, 0)) * big_k
+    return own_keys * OWN_KEY_COST < kv_lens.shape[0] * (hi - lo) * block_k

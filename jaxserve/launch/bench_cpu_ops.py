@@ -171,17 +171,17 @@ def _rows():
             rows.append((what, name, _ms(lambda q, p, pool=pool: xla_decode_attention.decode_paged_attention_blocked(
                 q, pool, lens, p, sm_scale=0.1), q.astype(bf), wide)))
 
-    # One user's decode: the only live sequence of an 8-slot step, its cached keys in the lockstep 32-key loop
-    # (which runs the 7 padding slots too) or, as a group of one, in the shared phase's 512-key blocks (session 13).
-    for context in (100, 600, 1800):
+    # A few users' decodes: 1, 2 or 4 live sequences of an 8-slot step, their keys in the lockstep 32-key loop
+    # (which runs the padding slots too) or each in its own 512-key blocks (session 14; one live: session 13).
+    for live, context in ((1, 100), (1, 600), (1, 1800), (2, 600), (2, 1800), (4, 600), (4, 1800)):
         q = jnp.asarray(rs.randn(8, 2, 128)).astype(bf)
-        lens = jnp.zeros((8,), jnp.int32).at[0].set(context)
+        lens = jnp.zeros((8,), jnp.int32).at[:live].set(context - jnp.arange(live) * 40)
         table = jnp.asarray(rs.randint(1, 2048, (8, 128)).astype(np.int32))
-        what = f"CPU decode attention, 1 live seq of 8 slots x {context} tokens, bf16-bits pool, one layer"
-        for name, lone in (("lockstep loop only", None), (f"a group of one from {xla_decode_attention.LONE_MIN_KEYS} "
-                                                          "cached keys (default)", xla_decode_attention.LONE_MIN_KEYS)):
-            rows.append((what, name, _ms(lambda q, p, lone=lone: xla_decode_attention.decode_paged_attention_blocked(
-                q, kv_bits, lens, p, sm_scale=0.1, lone_min_keys=lone), q, table)))
+        what = f"CPU decode attention, {live} live seqs of 8 slots x ~{context} tokens, bf16-bits pool, one layer"
+        for name, own in (("lockstep loop only", False), ("each in its own big blocks when fewer keys (default)",
+                                                          True)):
+            rows.append((what, name, _ms(lambda q, p, own=own: xla_decode_attention.decode_paged_attention_blocked(
+                q, kv_bits, lens, p, sm_scale=0.1, own_blocks=own), q, table)))
 
     # Decodes of requests over one cached 512-token prompt: the shared prefix gathered once, every query in one dot
     # per block (session 12), against the same lengths on pages of their own.
