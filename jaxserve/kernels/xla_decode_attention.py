@@ -39,7 +39,8 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     kv_lens i32[S] (0: no sequence, zeros out); page_indices i32[S, pages_per_seq]; sinks f32[Hq] or None
     -> out [S, Hq, D] (and lse f32[S, Hq]). `shared_block_k` (static): keys per block of the shared prefix and of
     a sequence's own blocks; `own_blocks` (static): let a step take each live sequence's keys in its own big
-    blocks when that visits fewer keys than the lockstep loop (`own_blocks_cheaper`); False: the loop only."""
+    blocks when that costs less than the lockstep loop (`own_blocks_cheaper`; compiled only for a table wider
+    than one big block); False: the loop only."""
     validate_sinks(sinks, q.shape[1])
     num_seqs, num_q_heads, head_dim = q.shape
     pages_per_seq = page_indices.shape[1]
@@ -134,7 +135,9 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
     def lockstep(carry):
         return jax.lax.fori_loop(lo, hi, visit, carry)
 
-    if own_blocks:
+    # The own path costs a second loop body to compile (~0.12 s a layer): only where a sequence can hold more
+    # keys than one big block, which is where it pays.
+    if own_blocks and pages_per_seq > shared_pages_per_block:
         cheaper = own_blocks_cheaper(first_key, kv_lens, lo, hi, block_k, shared_k)
         out, lse = _normalize(*jax.lax.cond(cheaper, own_sequences, lockstep, init))
     else:
