@@ -1,6 +1,7 @@
 """The engine's decode attention under plain XLA (the CPU path for steps that only decode): one query per
 sequence, an online softmax over key blocks in lockstep up to the longest live sequence, the prefix a group of
-sequences shares gathered once (`xla_attention.shared_prefix`)."""
+sequences shares gathered once (`xla_attention.shared_prefix`), or, for a step's few live sequences, each one's
+keys in big blocks of its own."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ DECODE_BLOCK_K = 32
 # of the loop). So 1 live sequence of 600 keys 0.82 -> 0.45 ms, 2 of 1800 1.94 -> 1.12 ms; 4 of 600 stay in the
 # loop (0.87 ms; their own blocks 1.17).
 OWN_KEY_COST = 2
+
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse", "block_k",
                                              "kv_cache_dtype", "layer", "shared_block_k", "own_blocks"))
@@ -108,9 +110,10 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
             jnp.zeros((num_seqs, num_kv_heads, group, head_dim), jnp.float32))
     init = jax.lax.fori_loop(0, (shared_len + shared_k - 1) // shared_k, shared_visit, init)
     first_key = jnp.where(live, jnp.maximum(first_key, 0), 0)
+    own_table = jnp.pad(page_indices, ((0, 0), (0, shared_pages_per_block)))
 
     def own_visit(seq, b, carry):  # one sequence's big block b; carry [Hkv, G], [Hkv, G], [Hkv, G, D]
-        pages = jax.lax.dynamic_slice_in_dim(page_table(seq), b * shared_pages_per_block, shared_pages_per_block)
+        pages = jax.lax.dynamic_slice_in_dim(own_table[seq], b * shared_pages_per_block, shared_pages_per_block)
         gathered = kv_pages[pages] if layer is None else kv_pages[layer, pages]
         k, v = _kv_in(gathered.reshape(shared_k, 2 * num_kv_heads, layer_shape[3]), kv_cache_dtype, q.dtype)
         k_pos = b * shared_k + jnp.arange(shared_k)
@@ -121,9 +124,6 @@ def decode_paged_attention_blocked(q, kv_pages, kv_lens, page_indices, *, sm_sca
         s = jnp.where(mask, s, MASK_VALUE)
         v = jnp.where(mask[:, None, None], v, 0)
         return _accumulate(carry, s, mask, v, "hgk,khd->hgd")
-
-    def page_table(seq):
-        return jnp.pad(page_indices[seq], (0, shared_pages_per_block))
 
     def own_sequences(carry):
         def one_sequence(seq, carry):
