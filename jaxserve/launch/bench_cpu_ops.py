@@ -4,7 +4,8 @@ blocked vs every expert), the CPU attention path's key-block size, the decode at
 and its key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention
 with and without the lone-chunk path (session 10), steps of several sequences under the per-tile loop and the
 general path that replaced it (session 11), and a bf16 model's decode over a bf16-bits pool against the f32 one,
-one live decode in big blocks or the lockstep loop (session 13).
+(session 13), and 1, 2 or 4 live decodes of 8 slots each in big blocks of its own or in the lockstep loop
+(sessions 13-14).
 
     python -m jaxserve.launch.bench_cpu_ops --out=out/bench_cpu_ops.json
 
@@ -178,8 +179,7 @@ def _rows():
         lens = jnp.zeros((8,), jnp.int32).at[:live].set(context - jnp.arange(live) * 40)
         table = jnp.asarray(rs.randint(1, 2048, (8, 128)).astype(np.int32))
         what = f"CPU decode attention, {live} live seqs of 8 slots x ~{context} tokens, bf16-bits pool, one layer"
-        for name, own in (("lockstep loop only", False), ("each in its own big blocks when fewer keys (default)",
-                                                          True)):
+        for name, own in (("lockstep loop only", False), ("each in its own big blocks when cheaper (default)", True)):
             rows.append((what, name, _ms(lambda q, p, own=own: xla_decode_attention.decode_paged_attention_blocked(
                 q, kv_bits, lens, p, sm_scale=0.1, own_blocks=own), q, table)))
 
