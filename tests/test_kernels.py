@@ -559,9 +559,10 @@ def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     ([(1, 3), (1, 0), (1, 0), (1, 0)], 32, {}, False),
 ], ids=["one-live", "one-live-window", "two-live-soft_cap", "all-live-in-the-loop", "one-short-in-the-loop"])
 def test_blocked_decode_of_few_live_sequences_in_their_own_blocks(seqs, big_k, kw, own):
-    """A decode step (4 slots, NaN in unused pages, garbage page-table columns) whose live sequences would visit fewer keys each in its own
-    `big_k`-key blocks than every slot in the 8-key lockstep loop takes them one after the other; otherwise
-    the loop. The path taken is asserted, and either way the result is the oracle's; empty slots give 0."""
+    """A decode step (4 slots, NaN in unused pages, garbage page-table columns) whose live sequences would cost
+    less each in its own `big_k`-key blocks than every slot in the 8-key lockstep loop (`own_blocks_cheaper`)
+    takes them one after the other; otherwise the loop. The path taken is asserted, and either way the result
+    is the oracle's; empty slots give 0."""
     rng = np.random.default_rng([13, len(seqs), big_k, len(kw)])
     (_, kv, lens, pi, _, _), (_, kv_clean, _, pi_clean, _, _) = make_batch(
         rng, seqs, num_kv_heads=2, group=3, head_dim=64, page_size=8, dtype=jnp.float32)
