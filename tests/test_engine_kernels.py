@@ -32,7 +32,7 @@ def test_pallas_engine_matches_reference_engine():
 
 
 def test_few_long_decodes_in_their_own_blocks_match_the_lockstep_loop(monkeypatch):
-    """Two live decodes over 600- and 900-token prompts in an 8-slot step: the CPU decode attention takes each
+    """Two live decodes over 590- and 890-token prompts in an 8-slot step: the CPU decode attention takes each
     one's keys in its own big blocks (cheaper than the loop over 8 slots) and the engine's greedy tokens equal
     those of the same engine with the lockstep loop only."""
     import functools

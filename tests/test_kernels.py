@@ -527,7 +527,7 @@ def test_blocked_decode_shared_prefix_matches_oracle(dtype, kw):
     """The CPU decode path with a group sharing a cached prefix (gathered once, every member's query in one dot
     per block, 8-key shared blocks so there are two) on a wide table with garbage columns and NaN in unused
     slots: the group (five members, 16 keys) is found and the result is the oracle's; an empty sequence gives 0.
-    The rest of each member's keys go in its own 8-key blocks (fewer keys than the lockstep loop's), or with
+    The rest of each member's keys go in its own 8-key blocks (cheaper than the lockstep loop), or with
     own_blocks=False in the loop."""
     rng = np.random.default_rng([11, 0 if dtype == jnp.float32 else 1, len(kw)])
     own = dict(own_blocks=kw.pop("own_blocks", True))

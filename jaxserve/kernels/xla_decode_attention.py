@@ -18,12 +18,12 @@ from jaxserve.kernels.xla_attention import SHARED_BLOCK_K, _accumulate, _kv_in, 
 # but the longest (32 x 96 tokens 0.46 vs 0.58 ms a layer, 128 x 300 4.7 vs 5.5, 32 x 1800 equal;
 # `jaxserve.launch.bench_cpu_ops`).
 DECODE_BLOCK_K = 32
-# A step whose few live sequences would visit fewer keys each on its own, in big blocks, than in the lockstep loop
-# (which also runs every padding slot of the step's 8 or more) takes them one after the other instead
-# (`own_blocks_cheaper`), counting a key of its own blocks as this many slot-keys of the loop (one layer of issue
+# A step whose few live sequences would cost less each in big blocks of its own than in the lockstep loop (which
+# also runs every padding slot of the step's 8 or more) takes them one after the other instead
+# (`own_blocks_cheaper`), a key of its own blocks counted as this many slot-keys of the loop (one layer of issue
 # 14's model, bf16 bits, 8 slots, `bench_cpu_ops`: 0.26-0.41 us a key of its own blocks, 0.13-0.15 us a slot-key
-# of the loop). So 1 live sequence of 600 keys 0.82 -> 0.45 ms, 2 of 1800 1.94 -> 1.12 ms; 4 of 600 stay in the
-# loop (0.87 ms; their own blocks 1.17).
+# of the loop). So 1 live sequence of 600 keys 0.81 -> 0.50 ms, 2 of 1800 2.01 -> 1.20 ms; 4 of 600 stay in the
+# loop (counted as 1 slot-key, they took their own blocks: 0.87 -> 1.17 ms; docs/notes-issue-14.md, session 14).
 OWN_KEY_COST = 2
 
 
