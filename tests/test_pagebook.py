@@ -25,7 +25,8 @@ def _submodules(package: str) -> list[str]:
 
 def test_control_plane_and_bookkeeping_import_without_jax():
     modules = (_submodules("jaxserve.scheduler") + _submodules("jaxserve.sim") + _submodules("jaxserve.testing")
-               + ["jaxserve.client"] + BOOKKEEPING)
+               + ["jaxserve.client", "jaxserve.engine.step_trace", "jaxserve.launch.step_trace_summary"]
+               + BOOKKEEPING)
     assert "jaxserve.testing.fake_instance" in modules and "jaxserve.sim.instance" in modules
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
             "jaxish = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib'))\n"

@@ -159,6 +159,9 @@ class Engine:
         self.num_prefill_tokens_computed = 0
         self.num_steps = 0
         self._in_flight = None  # (samples, device tokens) of the dispatched step not yet completed
+        # A served instance's step trace (jaxserve.engine.step_trace.StepTrace, `--step_trace`): called on the
+        # engine thread as `step_trace(event, **fields)`; None: nothing is recorded.
+        self.step_trace: Callable[..., None] | None = None
 
     def add_new_shape_hook(self, hook: Callable[[], None]) -> None:
         """`hook()` runs before every step or sequence-parallel prefill that compiles first (new shapes)."""
@@ -296,7 +299,10 @@ class Engine:
             done = self._complete_in_flight()
             tokens = self.sp.run(batch)
             return done + self._complete(self._advance(batch), tokens)
+        t0 = time.time()
         tokens = self.runner.dispatch(batch)  # reads the requests' progress: before `_advance`
+        if self.step_trace is not None:
+            self.step_trace("dispatch", t0=t0, entries=[[req.request_id, n, req.num_computed] for req, n in batch.entries])
         samples = self._advance(batch)
         done = self._complete_in_flight()
         self._in_flight = (samples, tokens)
@@ -341,7 +347,7 @@ class Engine:
         """Fill in a step's samples (and their logprobs), index what is now known, and apply stop
         conditions."""
         now = time.perf_counter()
-        updated = []
+        updated, first = [], []
         for req, index, slot in samples:
             if req.finished:
                 continue  # aborted while its step ran
@@ -358,6 +364,7 @@ class Engine:
                 self.scheduler.index_computed_pages(req)
             if req.first_token_time is None:
                 req.first_token_time = now
+                first.append(req.request_id)
             reason = self._stop_reason(req, tok, index + 1)
             if reason:
                 del req.output_token_ids[index + 1:]  # a sample of the step after, not wanted
@@ -367,6 +374,8 @@ class Engine:
             elif req.prefill_only:
                 self.scheduler.hold(req)
             updated.append(req)
+        if first and self.step_trace is not None:
+            self.step_trace("first_token", request_ids=first)
         return updated
 
     def _stop_reason(self, req: Request, tok: int, num_outputs: int) -> str | None:

@@ -252,6 +252,8 @@ class EngineLoop:
             req.output_token_ids = list(generated)
         self._live[internal_id] = _Live(req, external_id, sink, len(generated), arrival, sent=len(generated))
         self.counters["num_requests"] += 1
+        if self.engine.step_trace is not None:
+            self.engine.step_trace("arrive", request_id=internal_id, prompt_tokens=context_len)
 
     def _release(self, internal_id: str) -> bool:
         live = self._held.pop(internal_id, None)
@@ -288,6 +290,7 @@ class EngineLoop:
             if live.scheduled_at is None and live.req.admitted_once:
                 live.scheduled_at = t0
         outbox: list[tuple[Sink, tuple]] = []  # this step's events, handed over together (`deliver`)
+        firsts = []  # requests whose first token is in the outbox (the step trace's hand-over)
         try:
             for req in updated:
                 live = self._live.get(req.request_id)
@@ -295,6 +298,8 @@ class EngineLoop:
                     continue  # a profiling request
                 known = req.num_known_tokens - len(req.prompt_token_ids)  # outputs on the host (no PENDING)
                 new = req.output_token_ids[live.sent:known]
+                if new and live.sent == live.num_resumed:
+                    firsts.append(req.request_id)
                 live.sent = known
                 self.counters["generated_tokens"] += len(new)
                 if req.finish_reason == "prefilled":
@@ -305,6 +310,8 @@ class EngineLoop:
                     outbox.append((live.sink, ("tokens", new, _logprobs(req, known - len(new), known))))
         finally:
             deliver(outbox)
+            if firsts and self.engine.step_trace is not None:
+                self.engine.step_trace("handed_over", request_ids=firsts)
         return updated
 
     def _step_failed(self, e: Exception) -> None:

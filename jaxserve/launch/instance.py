@@ -24,6 +24,7 @@ import time
 
 from absl import app, flags, logging
 
+from jaxserve.engine.step_trace import StepTrace
 from jaxserve.instance.server import PD_MODES, ROLES, InstanceConfig, InstanceServer, build_engine, pd_mode_caching
 from jaxserve.security import Secrets, TlsFiles, check_bind
 from jaxserve.util import pin_threads, run_async
@@ -70,6 +71,9 @@ flags.DEFINE_string("dtype", None, "compute dtype (float32 | bfloat16); default:
                     "checkpoint's")
 flags.DEFINE_integer("seed", 0, "engine seed (random weights, unseeded sampling)")
 flags.DEFINE_bool("async_scheduling", True, "dispatch step N+1 before step N's tokens reach the host (overlap)")
+flags.DEFINE_string("step_trace", None, "append a JSON-lines trace of every step and each request's milestones "
+                    "(arrival, dispatch, first token, hand-over) to this file; summarise it with "
+                    "`python -m jaxserve.launch.step_trace_summary FILE` (single-process instances)")
 flags.DEFINE_string("compilation_cache", None, "persistent XLA cache folder ('off' to disable)")
 flags.DEFINE_bool("profile_at_start", False, "time the cost-model points before registering")
 flags.DEFINE_float("shutdown_grace_s", 5.0, "seconds running requests get at shutdown")
@@ -192,6 +196,8 @@ def main(argv):
             # KV gather/scatter shapes: PD roles move KV on every request, colocated peer-fetch instances on
             # every pull (uncompiled, a served run's first pulls stalled 0.7-0.9 s each).
             precompile_with_progress(engine, transfers=FLAGS.role != "colocated" or FLAGS.peer_fetch)
+        if FLAGS.step_trace:  # after precompile: its warm-up runs are not served requests
+            engine.step_trace = StepTrace(FLAGS.step_trace)
         if FLAGS.cpu_cores:
             logging.info("pinned %d threads to CPU cores %s", pin_threads(FLAGS.cpu_cores), ",".join(FLAGS.cpu_cores))
         run_async(serve(InstanceServer(engine, config_from_flags(), secrets=secrets_from_flags())))
