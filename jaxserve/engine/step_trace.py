@@ -9,7 +9,8 @@ One line per event, `{"t": <time.time()>, "event": ..., ...}`, written on the en
   first_token  request_ids                    a completed step gave these requests their first token
   handed_over  request_ids                    those first tokens were handed to the requests' streams
 
-`request_spans` turns a trace into per-request milestones. No jax here: the summary runs anywhere."""
+`request_spans` turns a trace into per-request milestones. A sequence-parallel prefill (a step of its own) is
+not traced, so its request has no span. No jax here: the summary runs anywhere."""
 
 from __future__ import annotations
 
