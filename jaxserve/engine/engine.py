@@ -299,10 +299,11 @@ class Engine:
             done = self._complete_in_flight()
             tokens = self.sp.run(batch)
             return done + self._complete(self._advance(batch), tokens)
-        t0 = time.time()
+        trace = self.step_trace
+        t0 = time.time() if trace is not None else 0.0
         tokens = self.runner.dispatch(batch)  # reads the requests' progress: before `_advance`
-        if self.step_trace is not None:
-            self.step_trace("dispatch", t0=t0, entries=[[req.request_id, n, req.num_computed] for req, n in batch.entries])
+        if trace is not None:
+            trace("dispatch", t0=t0, entries=[[req.request_id, n, req.num_computed] for req, n in batch.entries])
         samples = self._advance(batch)
         done = self._complete_in_flight()
         self._in_flight = (samples, tokens)

@@ -23,22 +23,17 @@ from typing import IO
 
 
 class StepTrace:
-    """Appends events to a file (a path, or an open text file the caller owns). Callable as `trace(event,
-    **fields)`; thread-safe."""
+    """Appends events to a file (a path, opened line-buffered for the process's life, or an open text file).
+    Callable as `trace(event, **fields)`; thread-safe."""
 
     def __init__(self, file: str | Path | IO[str]):
-        self._own = isinstance(file, (str, Path))
-        self._file = open(file, "a", buffering=1) if self._own else file
+        self._file = open(file, "a", buffering=1) if isinstance(file, (str, Path)) else file
         self._lock = threading.Lock()
 
     def __call__(self, event: str, **fields) -> None:
         line = json.dumps({"t": time.time(), "event": event, **fields})
         with self._lock:
             self._file.write(line + "\n")
-
-    def close(self) -> None:
-        if self._own:
-            self._file.close()
 
 
 def read(path: str | Path) -> list[dict]:
@@ -87,7 +82,8 @@ def summary(spans: list[dict]) -> str:
     by_len: dict[tuple[int, int], list[dict]] = {}
     for s in spans:
         by_len.setdefault((s["prompt_tokens"], s["cached_tokens"]), []).append(s)
-    rows = ["| prompt tokens | cached | requests | queued ms | compute ms | hand-over ms |", "|---|---|---|---|---|---|"]
+    rows = ["| prompt tokens | cached | requests | queued ms | compute ms | hand-over ms |",
+            "|---|---|---|---|---|---|"]
     for (n, c), group in sorted(by_len.items()):
         cells = []
         for key in ("queued_ms", "compute_ms", "handover_ms"):

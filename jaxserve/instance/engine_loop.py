@@ -290,7 +290,8 @@ class EngineLoop:
             if live.scheduled_at is None and live.req.admitted_once:
                 live.scheduled_at = t0
         outbox: list[tuple[Sink, tuple]] = []  # this step's events, handed over together (`deliver`)
-        firsts = []  # requests whose first token is in the outbox (the step trace's hand-over)
+        trace = self.engine.step_trace
+        firsts = []  # with a step trace: requests whose first token is in the outbox (its hand-over)
         try:
             for req in updated:
                 live = self._live.get(req.request_id)
@@ -298,7 +299,7 @@ class EngineLoop:
                     continue  # a profiling request
                 known = req.num_known_tokens - len(req.prompt_token_ids)  # outputs on the host (no PENDING)
                 new = req.output_token_ids[live.sent:known]
-                if new and live.sent == live.num_resumed:
+                if trace is not None and new and live.sent == live.num_resumed:
                     firsts.append(req.request_id)
                 live.sent = known
                 self.counters["generated_tokens"] += len(new)
@@ -310,8 +311,8 @@ class EngineLoop:
                     outbox.append((live.sink, ("tokens", new, _logprobs(req, known - len(new), known))))
         finally:
             deliver(outbox)
-            if firsts and self.engine.step_trace is not None:
-                self.engine.step_trace("handed_over", request_ids=firsts)
+            if firsts:
+                trace("handed_over", request_ids=firsts)
         return updated
 
     def _step_failed(self, e: Exception) -> None:

@@ -3,7 +3,7 @@ dtype, the KV write into an f32, a bf16 and a bf16-bits (uint16) cache, grouped 
 blocked vs every expert), the CPU attention path's key-block size, the decode attention before/after session 5
 and its key-block size, a greedy step's argmax vs two reductions (session 9), a lone prompt chunk's attention
 with and without the lone-chunk path (session 10), steps of several sequences under the per-tile loop and the
-general path that replaced it (session 11), and a bf16 model's decode over a bf16-bits pool against the f32 one,
+general path that replaced it (session 11), a bf16 model's decode over a bf16-bits pool against the f32 one
 (session 13), and 1, 2 or 4 live decodes of 8 slots each in big blocks of its own or in the lockstep loop
 (sessions 13-14).
 
