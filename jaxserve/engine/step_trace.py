@@ -9,8 +9,15 @@ One line per event, `{"t": <time.time()>, "event": ..., ...}`, written on the en
   first_token  request_ids                    a completed step gave these requests their first token
   handed_over  request_ids                    those first tokens were handed to the requests' streams
 
-`request_spans` turns a trace into per-request milestones. A sequence-parallel prefill (a step of its own) is
-not traced, so its request has no span. No jax here: the summary runs anywhere."""
+The scheduler's `--step_trace` writes the same lines for the served path around the engine (its request ids are
+the instance's up to the `#`):
+  http_in         t0, request_ids, stream  the HTTP handler started at t0 (before parsing); its requests
+  routed          request_id, instance_id  the request was routed (again, if it moved)
+  first_response  request_id               its first tokens came back from the instance
+  first_write     request_id               its first token was written to the client (streamed requests)
+
+`request_spans` turns one or both traces into per-request milestones. A sequence-parallel prefill (a step of its
+own) is not traced, so its request has no span. No jax here: the summary runs anywhere."""
 
 from __future__ import annotations
 
@@ -41,53 +48,80 @@ def read(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def request_spans(events: list[dict]) -> list[dict]:
-    """Per request that got its first token in the trace: prompt and cached tokens, and milliseconds from its
-    arrival to its first step's dispatch (`queued_ms`), from then to its first token on the host (`compute_ms`,
-    the dispatch time of its first step included) and from then to the hand-over (`handover_ms`)."""
-    arrive: dict[str, dict] = {}
-    first_dispatch: dict[str, float] = {}
-    cached: dict[str, int] = {}
-    first_token: dict[str, float] = {}
-    handed: dict[str, float] = {}
+# Span name -> (from milestone, to milestone), in path order; a span is reported when both ends are known.
+SPANS = {
+    "front_ms": ("http_in", "routed"),            # HTTP parsing, validation, routing
+    "to_engine_ms": ("routed", "arrive"),         # the gRPC hop and the instance until the engine loop has it
+    "queued_ms": ("arrive", "dispatch"),          # until its first step's dispatch began
+    "compute_ms": ("dispatch", "first_token"),    # its steps, dispatch included, to the first token on the host
+    "handover_ms": ("first_token", "handed_over"),
+    "back_ms": ("handed_over", "first_response"),  # the instance's flush and the gRPC hop back
+    "write_ms": ("first_response", "first_write"),
+    "total_ms": ("http_in", "first_write"),
+}
+
+
+def milestones(events: list[dict]) -> dict[str, dict]:
+    """Request id (the scheduler's; an instance's id up to its `#`) -> {"prompt_tokens", "cached_tokens",
+    milestone name -> time (the first occurrence)} from one or both traces' events, in any order."""
+    out: dict[str, dict] = {}
+
+    def at(rid: str, name: str, t: float) -> None:
+        out.setdefault(rid.split("#", 1)[0], {}).setdefault(name, t)
+
     for e in events:
         kind = e["event"]
         if kind == "arrive":
-            arrive[e["request_id"]] = e
+            at(e["request_id"], "arrive", e["t"])
+            out[e["request_id"].split("#", 1)[0]].setdefault("prompt_tokens", e["prompt_tokens"])
         elif kind == "dispatch":
             for rid, _, start in e["entries"]:
-                first_dispatch.setdefault(rid, e["t0"])
-                cached.setdefault(rid, start)
-        elif kind == "first_token":
+                at(rid, "dispatch", e["t0"])
+                out[rid.split("#", 1)[0]].setdefault("cached_tokens", start)
+        elif kind in ("first_token", "handed_over"):
             for rid in e["request_ids"]:
-                first_token.setdefault(rid, e["t"])
-        elif kind == "handed_over":
+                at(rid, kind, e["t"])
+        elif kind == "http_in":
             for rid in e["request_ids"]:
-                handed.setdefault(rid, e["t"])
+                at(rid, "http_in", e["t0"])
+        elif kind in ("routed", "first_response", "first_write"):
+            at(e["request_id"], kind, e["t"])
+    return out
+
+
+def request_spans(events: list[dict]) -> list[dict]:
+    """Per request that got its first token (on the instance, or back at the scheduler): prompt and cached tokens
+    where the instance's trace is given, and each span of `SPANS` in milliseconds whose two ends are known."""
     spans = []
-    for rid, a in arrive.items():
-        if rid not in first_token or rid not in first_dispatch:
+    for rid, m in milestones(events).items():
+        if "first_token" not in m and "first_response" not in m:
             continue
-        span = dict(request_id=rid, prompt_tokens=a["prompt_tokens"], cached_tokens=cached[rid],
-                    queued_ms=(first_dispatch[rid] - a["t"]) * 1e3,
-                    compute_ms=(first_token[rid] - first_dispatch[rid]) * 1e3)
-        if rid in handed:
-            span["handover_ms"] = (handed[rid] - first_token[rid]) * 1e3
+        span = dict(request_id=rid, prompt_tokens=m.get("prompt_tokens"), cached_tokens=m.get("cached_tokens"))
+        for name, (a, b) in SPANS.items():
+            if a in m and b in m:
+                span[name] = (m[b] - m[a]) * 1e3
         spans.append(span)
     return spans
 
 
+def _cell(length: int | None) -> str:
+    return "-" if length is None else str(length)  # the scheduler's trace alone has no lengths
+
+
 def summary(spans: list[dict]) -> str:
-    """A markdown table of the spans' medians (and least), by prompt and cached tokens."""
-    by_len: dict[tuple[int, int], list[dict]] = {}
+    """A markdown table of the spans' medians (and least), by prompt and cached tokens; the columns are the spans
+    some request has."""
+    by_len: dict[tuple, list[dict]] = {}
     for s in spans:
         by_len.setdefault((s["prompt_tokens"], s["cached_tokens"]), []).append(s)
-    rows = ["| prompt tokens | cached | requests | queued ms | compute ms | hand-over ms |",
-            "|---|---|---|---|---|---|"]
-    for (n, c), group in sorted(by_len.items()):
+    names = [n for n in SPANS if any(n in s for s in spans)]
+    rows = ["| prompt tokens | cached | requests | " + " | ".join(n.removesuffix("_ms").replace("_", " ") + " ms"
+                                                               for n in names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
+    for (n, c), group in sorted(by_len.items(), key=lambda kv: tuple(-1 if x is None else x for x in kv[0])):
         cells = []
-        for key in ("queued_ms", "compute_ms", "handover_ms"):
+        for key in names:
             values = [s[key] for s in group if key in s]
             cells.append(f"{statistics.median(values):.2f} ({min(values):.2f})" if values else "-")
-        rows.append(f"| {n} | {c} | {len(group)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {_cell(n)} | {_cell(c)} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

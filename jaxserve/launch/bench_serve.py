@@ -113,6 +113,7 @@ flags.DEFINE_string("dtype", None, "jaxserve compute dtype (default: the instanc
 flags.DEFINE_bool("precompile", True, "jaxserve instance compiles every step shape before registering")
 flags.DEFINE_bool("async_scheduling", True, "jaxserve instance overlaps host and device (async scheduling)")
 flags.DEFINE_list("instance_flags", [], "more flags for the jaxserve instance, as given (e.g. --cut_padding=false)")
+flags.DEFINE_list("scheduler_flags", [], "more flags for the jaxserve scheduler, as given (e.g. --step_trace=FILE)")
 flags.DEFINE_bool("offline_reference", True, "after the servers stop, time the decode workloads offline "
                   "(`LLM.generate` on the same checkpoint and settings, async scheduling on and off): the served "
                   "TPOT over the offline one is the serving overhead")
@@ -301,7 +302,7 @@ class JaxserveServer:
     def start(self) -> None:
         self._spawn("scheduler", ["jaxserve.launch.scheduler", f"--model={self.model}", "--host=127.0.0.1",
                                   f"--port={self.grpc_port}", f"--http_port={self.http_port}",
-                                  f"--max_model_len={FLAGS.max_model_len}"])
+                                  f"--max_model_len={FLAGS.max_model_len}", *FLAGS.scheduler_flags])
         inst = ["jaxserve.launch.instance", "--role=colocated", f"--scheduler=127.0.0.1:{self.grpc_port}",
                 "--host=127.0.0.1", "--port=0", "--instance_id=bench-0", f"--model={self.model}",
                 f"--page_size={FLAGS.page_size}", f"--num_pages={FLAGS.num_pages}",

@@ -80,6 +80,10 @@ flags.DEFINE_integer("max_prompt_bytes", 4 << 20, "gRPC: a text prompt longer th
 flags.DEFINE_bool("salt_cache_by_api_key", False, "tenant isolation: every request's prefix-cache salt includes "
                   "a hash of the API key it presented, so clients with different keys never share cached KV "
                   "(--api_key may list several keys, comma-separated)")
+flags.DEFINE_string("step_trace", None, "append a JSON-lines trace of each served request's milestones here (HTTP "
+                    "request in, routed, first tokens back from the instance, first token written to the client); "
+                    "`python -m jaxserve.launch.step_trace_summary FILE [INSTANCE_FILE]` joins it with an "
+                    "instance's --step_trace")
 FLAGS = flags.FLAGS
 
 
@@ -95,6 +99,9 @@ def config_from_flags() -> GlobalSchedulerConfig:
 
 async def serve(config: GlobalSchedulerConfig, secrets: Secrets) -> None:
     scheduler = Scheduler(config, load_model_info(FLAGS.model, FLAGS.max_model_len), secrets=secrets)
+    if FLAGS.step_trace:
+        from jaxserve.engine.step_trace import StepTrace  # no jax: the trace writer only
+        scheduler.core.step_trace = StepTrace(FLAGS.step_trace)
     await scheduler.start()
     front = None
     if FLAGS.http_port is not None:

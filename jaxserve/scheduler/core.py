@@ -170,6 +170,9 @@ class SchedulerCore:
         # Metrics hooks (`jaxserve.scheduler.metrics.SchedulerMetrics` or None): on_rejected, on_failed,
         # on_route, on_migration, on_kv_transfer, on_finished. Called on the event loop; must not block.
         self.observer = observer
+        # A served request's milestones (`jaxserve.engine.step_trace.StepTrace`, `--step_trace`): called on the
+        # event loop as `step_trace(event, **fields)`; None: nothing is recorded.
+        self.step_trace = None
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
         self.stats = dict(num_requests=0, num_rejected=0, num_failed=0, num_migrations=0, prompt_tokens=0,
                           cached_tokens=0, predicted_cached_tokens=0)
@@ -406,6 +409,8 @@ class SchedulerCore:
             decision = await self._route(valid, exclude, deadline, failures)
             if observer is not None:
                 observer.on_route(decision)
+            if self.step_trace is not None:
+                self.step_trace("routed", request_id=valid.request_id, instance_id=decision.instance.instance_id)
             if dispatched_at is None:
                 dispatched_at = time.monotonic()
                 self.stats["predicted_cached_tokens"] += decision.prefill_cached_tokens if decision.prefill \
@@ -434,6 +439,8 @@ class SchedulerCore:
                         now = time.monotonic()
                         if first_token_at is None and token_ids:
                             first_token_at = now
+                            if self.step_trace is not None:
+                                self.step_trace("first_response", request_id=valid.request_id)
                         elif gaps is not None and token_ids:
                             gaps.append((now - last_token_at) / len(token_ids))
                         if token_ids:

@@ -256,6 +256,7 @@ class HttpFront:
         return body
 
     async def _completions(self, request):
+        t0 = time.time()  # the step trace's `http_in`: parsing and validation count as the front's
         body = await self._body(request)
         vocab = self.scheduler.model.vocab_size
         sampling, seed, n, stream, include_usage, session = hr.options(body, False, vocab)
@@ -272,7 +273,7 @@ class HttpFront:
         reqs = hr.generate_requests(prompts, sampling, seed, n, max_tokens, session, rid)
         self._salt(request, body, reqs)
         echoes = [self._prompt_text(p) if echo else "" for p in prompts for _ in range(n)]
-        return await self._run(request, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes,
+        return await self._run(request, t0, reqs, Job(rid, self.names[0], False, n, stream, include_usage, echoes,
                                                   **self._extras(body, sampling, prompts, n, stream)))
 
     def _extras(self, body, sampling, prompts, n: int, stream: bool) -> dict:
@@ -293,6 +294,7 @@ class HttpFront:
         return tok.decode(prompt) if tok is not None else ""
 
     async def _chat(self, request):
+        t0 = time.time()  # the step trace's `http_in`
         body = await self._body(request)
         sampling, seed, n, stream, include_usage, session = hr.options(body, True, self.scheduler.model.vocab_size)
         ho.set_extras(body, True, sampling, self.scheduler.model.vocab_size)
@@ -323,7 +325,7 @@ class HttpFront:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = hr.generate_requests([ids], sampling, seed, n, max_tokens, session, rid)
         self._salt(request, body, reqs)
-        return await self._run(request, reqs, Job(rid, self.names[0], True, n, stream, include_usage,
+        return await self._run(request, t0, reqs, Job(rid, self.names[0], True, n, stream, include_usage,
                                                   [echo] * len(reqs), **self._extras(body, sampling, [ids], n, stream)))
 
     # ------------------------------------------------------------------------ tokenize / detokenize / version
@@ -372,8 +374,11 @@ class HttpFront:
             raise bad_request(f"This scheduler has no tokenizer for model {self.scheduler.model.name!r}.")
         return tok
 
-    async def _run(self, request, reqs, job: Job):
+    async def _run(self, request, t0: float, reqs, job: Job):
         """The requests through the scheduler core (the same path as gRPC Generate, no loopback call)."""
+        trace = self.scheduler.core.step_trace
+        if trace is not None:
+            trace("http_in", t0=t0, request_ids=[r.request_id for r in reqs], stream=job.stream)
         return await respond(request, self.scheduler.core, reqs, job, self._deadline(request))
 
     def _deadline(self, request) -> float | None:
