@@ -1,7 +1,7 @@
 """A JSON-lines trace of where a served request's time goes: when it reaches the engine, when each step that
 holds it is dispatched, when its first token is on the host and when that token is handed to its stream.
 
-One line per event, `{"t": <time.time()>, "event": ..., ...}`, written on the engine thread:
+One line per event, `{"t": <time.time()>, "event": ..., ...}`; an instance's, written on the engine thread:
   arrive       request_id, prompt_tokens      the engine loop took the request
   dispatch     t0, entries                    a step was dispatched (t0: when its dispatch began); one
                                               [id, tokens, start] per request: its tokens in the step and
@@ -9,8 +9,8 @@ One line per event, `{"t": <time.time()>, "event": ..., ...}`, written on the en
   first_token  request_ids                    a completed step gave these requests their first token
   handed_over  request_ids                    those first tokens were handed to the requests' streams
 
-The scheduler's `--step_trace` writes the same lines for the served path around the engine (its request ids are
-the instance's up to the `#`):
+The scheduler's `--step_trace` writes the served path around the engine, on its event loop (its request ids are
+the instance's up to the `#`; wall-clock times, so two processes on one host line up):
   http_in         t0, request_ids, stream  the HTTP handler started at t0 (before parsing); its requests
   routed          request_id, instance_id  the request was routed (again, if it moved)
   first_response  request_id               its first tokens came back from the instance
