@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m jaxserve.launch.demo_cluster    # the same chat through a local gRPC cluster and the client
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q -x --durations=15 \
+		-n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV)

@@ -74,10 +74,8 @@ class Admission:
     max_tokens, the most a request can hold)."""
 
     def __init__(self, max_requests: int, max_tokens: int):
-        self.max_requests = max_requests
-        self.max_tokens = max_tokens
-        self.requests = 0
-        self.tokens = 0
+        self.max_requests, self.max_tokens = max_requests, max_tokens
+        self.requests = self.tokens = 0
 
     def admit(self, tokens: int) -> str | None:
         """Admits and returns None, or returns why not."""
@@ -104,8 +102,7 @@ class _Attempt:
     __slots__ = ("record", "estimate_s", "prefilling", "call", "lost", "finished", "on_close")
 
     def __init__(self, record: InstanceRecord, estimate_s: float, on_close):
-        self.record = record
-        self.estimate_s = estimate_s
+        self.record, self.estimate_s = record, estimate_s
         self.prefilling = True
         self.call = None
         self.lost: str | None = None
@@ -170,8 +167,7 @@ class SchedulerCore:
         # Metrics hooks (`jaxserve.scheduler.metrics.SchedulerMetrics` or None): on_rejected, on_failed,
         # on_route, on_migration, on_kv_transfer, on_finished. Called on the event loop; must not block.
         self.observer = observer
-        # A served request's milestones (`jaxserve.engine.step_trace.StepTrace`, `--step_trace`): called on the
-        # event loop as `step_trace(event, **fields)`; None: nothing is recorded.
+        # `step_trace(event, **fields)` records a served request's milestones (`--step_trace`); None: off.
         self.step_trace = None
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
         self.stats = dict(num_requests=0, num_rejected=0, num_failed=0, num_migrations=0, prompt_tokens=0,
