@@ -66,26 +66,28 @@ def milestones(events: list[dict]) -> dict[str, dict]:
     milestone name -> time (the first occurrence)} from one or both traces' events, in any order."""
     out: dict[str, dict] = {}
 
-    def at(rid: str, name: str, t: float) -> None:
-        out.setdefault(rid.split("#", 1)[0], {}).setdefault(name, t)
+    def of(rid: str) -> dict:
+        return out.setdefault(rid.split("#", 1)[0], {})
 
     for e in events:
         kind = e["event"]
         if kind == "arrive":
-            at(e["request_id"], "arrive", e["t"])
-            out[e["request_id"].split("#", 1)[0]].setdefault("prompt_tokens", e["prompt_tokens"])
+            m = of(e["request_id"])
+            m.setdefault("arrive", e["t"])
+            m.setdefault("prompt_tokens", e["prompt_tokens"])
         elif kind == "dispatch":
             for rid, _, start in e["entries"]:
-                at(rid, "dispatch", e["t0"])
-                out[rid.split("#", 1)[0]].setdefault("cached_tokens", start)
+                m = of(rid)
+                m.setdefault("dispatch", e["t0"])
+                m.setdefault("cached_tokens", start)
         elif kind in ("first_token", "handed_over"):
             for rid in e["request_ids"]:
-                at(rid, kind, e["t"])
+                of(rid).setdefault(kind, e["t"])
         elif kind == "http_in":
             for rid in e["request_ids"]:
-                at(rid, "http_in", e["t0"])
+                of(rid).setdefault("http_in", e["t0"])
         elif kind in ("routed", "first_response", "first_write"):
-            at(e["request_id"], kind, e["t"])
+            of(e["request_id"]).setdefault(kind, e["t"])
     return out
 
 

@@ -166,7 +166,7 @@ async def respond(request: web.Request, core: SchedulerCore, reqs, job: Job,
     gens, firsts = await _start(core, reqs, deadline)
     try:
         if job.stream:
-            return await _stream(request, gens, firsts, job, core.step_trace, [r.request_id for r in reqs])
+            return await _stream(request, gens, firsts, job, core.step_trace, reqs)
         return await _complete(gens, firsts, job)
     finally:
         await _close(gens)  # normally closed already; not when the client left before the first write
@@ -225,9 +225,9 @@ def token_event(head: bytes, i: int, text: str, chat: bool, usage_null: bool = F
     return head + body.encode()
 
 
-async def _stream(request, gens, firsts, job: Job, trace=None, request_ids=()) -> web.StreamResponse:
+async def _stream(request, gens, firsts, job: Job, trace=None, reqs=()) -> web.StreamResponse:
     """The SSE answer. trace: the core's step trace (None: off), told when each choice's first token is written
-    (`request_ids[i]`: choice i's request)."""
+    (`reqs[i]`: choice i's request)."""
     created = int(time.time())
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     chat = job.chat
@@ -305,7 +305,7 @@ async def _stream(request, gens, firsts, job: Job, trace=None, request_ids=()) -
                     if out:  # one write (one syscall) per response, still one SSE event per token
                         await resp.write(out[0] if len(out) == 1 else b"".join(out))
                         if trace is not None and r.token_ids and generated[i] == len(r.token_ids):
-                            trace("first_write", request_id=request_ids[i])
+                            trace("first_write", request_id=reqs[i].request_id)
         except SchedulerError as e:
             err = http_error(e)
             await resp.write(b"data: " + json.dumps(error_body(err.status, err.message)).encode() + b"\n\n")
