@@ -5,6 +5,11 @@ import os
 # 8 virtual CPU devices so mesh / tensor-parallel tests run on a machine without accelerators.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests fork launcher processes (LocalCluster, subprocess with a preexec_fn) while gRPC threads are live; with
+# gRPC's fork support on, its fork handlers sometimes abort the child before it execs (exit -6; see
+# jaxserve/launch/bench.py). It must be off before anything imports grpc, so here, not in a test module: a test
+# module's own setting comes after the modules collected before it (and every pytest-xdist worker's) import it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import gc
 
